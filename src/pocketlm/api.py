@@ -1,0 +1,167 @@
+"""The LLM Inference API, shaped after MediaPipe's with Python names.
+
+    llm = LlmInference("smollm2-135m", max_tokens=512, temperature=0.0)
+    llm.generate_response("Write a haiku about the sea.")
+    for piece in llm.generate_response_stream("Tell me a story."): print(piece, end="")
+    session = llm.create_session(); session.chat("Hi!"); session.chat("And then?")
+
+`max_tokens` is the whole context (prompt and reply), as in MediaPipe: the KV cache is allocated
+once for it. A session keeps its cache between turns, so a follow-up only prefills new tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
+from .errors import InvalidOptionError
+from .registry import resolve_model
+from .sampling import make_sampler, validate
+
+Listener = Callable[[str, bool], None]  # (text piece, done)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_tokens: int = 512
+    top_k: int = 40
+    top_p: float = 1.0
+    temperature: float = 0.8
+    random_seed: int = 0
+
+    def validated(self) -> "GenerationOptions":
+        validate(self.temperature, self.top_k, self.top_p)
+        if not (isinstance(self.max_tokens, int) and self.max_tokens > 0):
+            raise InvalidOptionError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        return self
+
+
+def load(model: str | os.PathLike | None = None, backend: str = "cpu") -> LoadedModel:
+    """Open a model file (path or short name; None for the default) for low-level use:
+    `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill."""
+    return LoadedModel(resolve_model(model), backend=backend)
+
+
+class LlmInference:
+    """A model opened for text generation, with default sampling options for its sessions.
+
+    `use_chat_template`: None formats prompts as a user turn when the model file carries a chat
+    template (instruct models) and passes them raw otherwise (base models).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, max_tokens: int = 512, top_k: int = 40,
+                 top_p: float = 1.0, temperature: float = 0.8, random_seed: int = 0,
+                 use_chat_template: bool | None = None, backend: str = "cpu"):
+        self.options = GenerationOptions(max_tokens, top_k, top_p, temperature, random_seed).validated()
+        self.model = load(model, backend)
+        self.tokenizer = self.model.tokenizer
+        if use_chat_template is None:
+            use_chat_template = bool(self.tokenizer.chat_template)
+        self.use_chat_template = use_chat_template
+        self.last_stats: GenerationStats | None = None
+
+    def create_session(self, **options) -> "Session":
+        """A new conversation; keyword options override this object's sampling defaults."""
+        return Session(self, replace(self.options, **options).validated())
+
+    def size_in_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def _prompt_session(self, prompt: str) -> "Session":
+        session = self.create_session()
+        if self.use_chat_template:
+            session.add_messages([{"role": "user", "content": prompt}])
+        else:
+            session.add_query_chunk(prompt)
+        return session
+
+    def generate_response(self, prompt: str, listener: Listener | None = None) -> str:
+        """The reply to `prompt`; `listener(piece, done)` is called as pieces arrive, if given."""
+        return self._prompt_session(prompt).generate_response(listener)
+
+    def generate_response_stream(self, prompt: str) -> Iterator[str]:
+        return self._prompt_session(prompt).generate_response_stream()
+
+    def chat(self, messages: list[dict[str, str]], listener: Listener | None = None) -> str:
+        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
+        session = self.create_session()
+        session.add_messages(messages)
+        return session.generate_response(listener)
+
+
+class Session:
+    """One conversation over one KV cache, allocated once for `max_tokens`."""
+
+    def __init__(self, llm: LlmInference, options: GenerationOptions):
+        self._llm, self.options = llm, options
+        self._lm = llm.model
+        self._cache = self._lm.make_cache(options.max_tokens)
+        self._sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.random_seed)
+        self._cached_ids: list[int] = []  # tokens whose keys and values are in the cache
+        self._pending_ids: list[int] = []  # tokens to run before the next reply
+        self._messages: list[dict[str, str]] = []
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token of the conversation so far."""
+        return self._cached_ids + self._pending_ids
+
+    def add_query_chunk(self, text: str) -> None:
+        """Append raw text (no chat formatting) to what the next reply answers."""
+        first = not self.tokens
+        self._pending_ids += self._lm.tokenizer.encode(text, add_bos=None if first else False)
+
+    def add_messages(self, messages: list[dict[str, str]]) -> None:
+        """Append chat messages; the conversation is rendered with the model's template and only
+        the tokens beyond those already in the cache will be prefilled."""
+        self._messages += messages
+        ids = self._lm.tokenizer.encode_chat(self._messages, architecture=self._lm.architecture)
+        if ids[: len(self.tokens)] == self.tokens:
+            self._pending_ids += ids[len(self.tokens):]
+        else:  # the template re-tokenised earlier turns differently: start the cache over
+            self._cache = self._lm.make_cache(self.options.max_tokens)
+            self._cached_ids, self._pending_ids = [], ids
+
+    def chat(self, message: str, listener: Listener | None = None) -> str:
+        """Add a user message and return the reply, which joins the conversation."""
+        self.add_messages([{"role": "user", "content": message}])
+        reply = self.generate_response(listener)
+        self._messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    def generate_response_stream(self) -> Iterator[str]:
+        """Text pieces of the reply to everything added so far."""
+        if not self._pending_ids:
+            raise InvalidOptionError("nothing to answer: add a query chunk or a message first")
+        prompt, self._pending_ids = self._pending_ids, []
+        stats = self.last_stats = self._llm.last_stats = GenerationStats()
+        try:
+            yield from stream_text(self._lm.tokenizer, generate_tokens(self._lm, self._cache, prompt, self._sampler, stats))
+        finally:
+            # The cache offset says how much of prompt + sampled tokens went through the model;
+            # the rest (normally the last sampled token) is fed at the start of the next turn.
+            turn = prompt + stats.token_ids
+            fed = self._cache.offset - len(self._cached_ids)
+            self._cached_ids, self._pending_ids = self._cached_ids + turn[:fed], turn[fed:]
+
+    def generate_response(self, listener: Listener | None = None) -> str:
+        pieces = []
+        for piece in self.generate_response_stream():
+            pieces.append(piece)
+            if listener:
+                listener(piece, False)
+        if listener:
+            listener("", True)
+        return "".join(pieces)
+
+    def clone(self) -> "Session":
+        """An independent copy: same conversation and cache, diverging from here."""
+        twin = Session.__new__(Session)
+        twin.__dict__.update(self.__dict__)
+        twin._cache = self._cache.copy()
+        twin._cached_ids, twin._pending_ids, twin._messages = list(self._cached_ids), list(self._pending_ids), list(self._messages)
+        twin._sampler = make_sampler(self.options.temperature, self.options.top_k, self.options.top_p, self.options.random_seed)
+        return twin

@@ -1,0 +1,120 @@
+"""The CPU backend: the op set architecture files are written in, in numpy.
+
+Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap);
+this reference backend dequantizes a weight the first time a matmul needs it and keeps the
+float32 copy (the fast fused kernels of the speed work replace that). Embedding lookups
+dequantize only the rows they read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..formats.gguf import Tensor
+from ..formats.quants import BLOCK_LAYOUT, dequantize
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self):
+        self._dequantized: dict[str, np.ndarray] = {}
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def dense(self, w: Tensor) -> np.ndarray:
+        """The float32 values of a weight, dequantized once and kept."""
+        if w.name not in self._dequantized:
+            self._dequantized[w.name] = w.dequantize()
+        return self._dequantized[w.name]
+
+    def linear(self, x: np.ndarray, w: Tensor, bias: Tensor | None = None) -> np.ndarray:
+        """x [T, in] @ W[out, in].T (+ bias) -> [T, out]."""
+        y = x @ self.dense(w).T
+        return y + self.dense(bias) if bias is not None else y
+
+    def embedding(self, w: Tensor, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of an embedding table [vocab, D], dequantizing just those rows."""
+        if w.name in self._dequantized:
+            return self._dequantized[w.name][ids]
+        n_rows, dim = w.shape
+        row_bytes = w.nbytes // n_rows
+        rows = w.data.reshape(n_rows, row_bytes)[np.asarray(ids)]
+        return dequantize(rows, w.kind, (len(ids), dim))
+
+    # -- normalisation and activations ----------------------------------------------------------
+
+    def rms_norm(self, x: np.ndarray, w: Tensor | None, eps: float) -> np.ndarray:
+        y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+        return y * self.dense(w) if w is not None else y
+
+    def layer_norm(self, x: np.ndarray, w: Tensor, b: Tensor | None, eps: float) -> np.ndarray:
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        y = (x - mean) / np.sqrt(var + eps) * self.dense(w)
+        return y + self.dense(b) if b is not None else y
+
+    @staticmethod
+    def silu(x: np.ndarray) -> np.ndarray:
+        return x / (1.0 + np.exp(-x))
+
+    @staticmethod
+    def gelu_tanh(x: np.ndarray) -> np.ndarray:
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+    @staticmethod
+    def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+        return np.tanh(x / cap) * cap
+
+    # -- position and attention -----------------------------------------------------------------
+
+    @staticmethod
+    def rope(x: np.ndarray, positions: np.ndarray, base: float, n_dims: int, neox: bool,
+             freq_scale: float = 1.0) -> np.ndarray:
+        """Rotate the first `n_dims` of each head of x [T, H, D] by position.
+
+        `neox` pairs dimension i with i + n_dims/2 (GPT-NeoX / HF rotate_half); otherwise
+        adjacent dimensions (2i, 2i+1) are paired, as llama.cpp's converted Llama weights expect.
+        """
+        half = n_dims // 2
+        inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / n_dims)
+        angles = (positions.astype(np.float64)[:, None] * freq_scale) * inv_freq[None, :]
+        cos = np.cos(angles).astype(np.float32)[:, None, :]
+        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        out = x.copy()
+        if neox:
+            a, b = x[..., :half], x[..., half:n_dims]
+            out[..., :half], out[..., half:n_dims] = a * cos - b * sin, b * cos + a * sin
+        else:
+            a, b = x[..., 0:n_dims:2], x[..., 1:n_dims:2]
+            out[..., 0:n_dims:2], out[..., 1:n_dims:2] = a * cos - b * sin, b * cos + a * sin
+        return out
+
+    @staticmethod
+    def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+                  k_pos: np.ndarray, scale: float, window: int | None = None,
+                  softcap: float | None = None) -> np.ndarray:
+        """Causal (optionally sliding-window) attention; q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq*Dv].
+
+        Query heads share kv heads in groups (GQA / MQA). A key is visible to a query when it is
+        not later and, with a window, fewer than `window` positions back.
+        """
+        T, n_heads, _ = q.shape
+        n_kv = k.shape[1]
+        group = n_heads // n_kv
+        qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3)  # [Hkv, G, T, D]
+        scores = np.einsum("hgtd,shd->hgts", qg, k) * scale
+        if softcap:
+            scores = np.tanh(scores / softcap) * softcap
+        delta = q_pos[:, None] - k_pos[None, :]
+        visible = delta >= 0
+        if window:
+            visible &= delta < window
+        scores = np.where(visible, scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = np.einsum("hgts,shd->thgd", probs, v)
+        return out.reshape(T, -1)

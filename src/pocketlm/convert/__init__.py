@@ -1,0 +1,105 @@
+"""Checkpoint -> GGUF: a Hugging Face folder or another GGUF file, (re)quantized by a policy.
+
+    convert("path/to/hf-checkpoint", "model.gguf", ConversionConfig(quant="q8_0", ffn_bits=4))
+
+Tensors are read, transformed and quantized one at a time while the file is written; the
+output appears only when complete (see `GGUFWriter.write`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import ModelFileError
+from ..formats.gguf import GGUFFile, GGUFWriter
+from ..formats.hf import HFCheckpoint
+from ..formats.quants import GGMLType, quantize
+from .architectures import mapping_for
+from .policy import ConversionConfig
+from .tokenizer import tokenizer_metadata
+
+__all__ = ["ConversionConfig", "convert"]
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, config: ConversionConfig | None = None,
+            progress: bool = True) -> Path:
+    """Write `out` from `src` (a checkpoint folder or a .gguf file); returns the output path."""
+    config = config or ConversionConfig()
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise ModelFileError(f"{src}: no such file or folder")
+    if out.resolve() == src.resolve():
+        raise ModelFileError(f"{out}: the output would overwrite the input; choose another name")
+    if not out.parent.is_dir():
+        raise ModelFileError(f"{out.parent}: output folder does not exist")
+    writer = _from_gguf(GGUFFile(src), config) if src.is_file() else _from_checkpoint(HFCheckpoint(src), config)
+    total = sum(t.nbytes for t in writer.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress,
+              file=sys.stderr) as bar:
+        writer.write(out, on_tensor=lambda t: bar.update(t.nbytes))
+    return out
+
+
+def _quantized(load, kind: GGMLType):
+    return lambda: quantize(load(), kind)
+
+
+def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter:
+    mapping = mapping_for(ckpt.config)
+    writer = GGUFWriter()
+    writer.add("general.architecture", mapping.arch)
+    writer.add("general.name", ckpt.config.get("_name_or_path") or ckpt.folder.name)
+    writer.add("general.file_type", config.file_type)
+    writer.add("general.quantization_version", 2)
+    for key, value in mapping.metadata().items():
+        writer.add(f"{mapping.arch}.{key}", value)
+    vocab_size = None
+    tied = bool(ckpt.config.get("tie_word_embeddings", (ckpt.config.get("text_config") or {}).get("tie_word_embeddings", True)))
+    skipped = []
+    for name in ckpt.names:
+        gguf_name = mapping.map_name(name)
+        if gguf_name is None or (gguf_name == "output.weight" and tied):
+            skipped.append(name)
+            continue
+        shape = ckpt.shape(name)
+        if gguf_name == "token_embd.weight":
+            vocab_size = shape[0]
+        kind = config.tensor_type(gguf_name, shape)
+        load = (lambda n=name, t=mapping.transform(gguf_name): t(ckpt.tensor(n)))
+        writer.add_tensor(gguf_name, kind, shape, _quantized(load, kind))
+    if vocab_size is None:
+        raise ModelFileError(f"{ckpt.folder}: checkpoint has no token embedding")
+    for key, (value, vtype, item_type) in tokenizer_metadata(ckpt, vocab_size).items():
+        writer.add(key, value, vtype, item_type)
+    if any("tower" in s or "projector" in s for s in skipped):
+        print(f"pocketlm: converting the text model only; skipped {len(skipped)} vision/audio tensors", file=sys.stderr)
+    writer.tensors.sort(key=_tensor_order)
+    return writer
+
+
+def _tensor_order(t) -> tuple:
+    """token_embd, then blocks in layer order, then the output tensors (llama.cpp's order)."""
+    parts = t.name.split(".")
+    if parts[0] == "blk":
+        return (1, int(parts[1]), t.name)
+    return (0 if parts[0] == "token_embd" else 2, 0, t.name)
+
+
+def _from_gguf(src: GGUFFile, config: ConversionConfig) -> GGUFWriter:
+    writer = GGUFWriter(alignment=int(src.get("general.alignment", 32)))
+    for key, value in src.metadata.items():
+        if key != "general.alignment":
+            writer.add(key, value, *src.value_types[key])
+    writer.add("general.file_type", config.file_type)
+    for t in src.tensors.values():
+        kind = config.tensor_type(t.name, t.shape)
+        if kind == t.kind:
+            writer.add_tensor(t.name, kind, t.shape, lambda t=t: np.asarray(t.data))
+        else:
+            writer.add_tensor(t.name, kind, t.shape, _quantized(t.dequantize, kind))
+    return writer

@@ -1,0 +1,135 @@
+"""Prefill and decode over one model and one preallocated KV cache, with stop rules.
+
+Three layers, each small: `prefill` / `decode_step` (one forward pass each), `generate_tokens`
+(the token loop), `stream_text` (token ids -> text pieces, never splitting a UTF-8 character).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .backends.cpu import CpuBackend
+from .errors import ContextLengthError, InvalidOptionError
+from .formats.gguf import GGUFFile
+from .kvcache import KVCache
+from .models import build_model
+from .sampling import Sampler
+from .tokenizer import GGUFTokenizer
+
+
+class LoadedModel:
+    """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
+
+    def __init__(self, path: str | os.PathLike, backend: str = "cpu"):
+        if backend != "cpu":
+            raise InvalidOptionError(f"backend {backend!r} is not available (available: cpu)")
+        self.file = GGUFFile(path)
+        self.path = self.file.path
+        self.model = build_model(self.file.metadata, self.file.tensors)
+        self.ops = CpuBackend()
+        self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
+        self.architecture = self.file.architecture
+        self.context_length = int(self.model.args.context_length)
+
+    def make_cache(self, max_tokens: int) -> KVCache:
+        if max_tokens > self.context_length:
+            raise InvalidOptionError(
+                f"max_tokens {max_tokens} exceeds the model's context length {self.context_length}"
+            )
+        return self.model.make_cache(max_tokens)
+
+    def logits(self, token_ids: Iterable[int]) -> np.ndarray:
+        """Logits [n_tokens, vocab] for `token_ids` from one prefill over a fresh cache."""
+        ids = np.asarray(list(token_ids), np.int64)
+        self.check_ids(ids)
+        cache = self.make_cache(max(len(ids), 1))
+        return self.model.forward(self.ops, ids, cache, all_logits=True)
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        vocab = self.model.vocab_size
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+            raise InvalidOptionError(f"token ids must be in [0, {vocab}), got {ids.min()}..{ids.max()}")
+
+
+def check_room(cache: KVCache, n_new: int) -> None:
+    if cache.offset + n_new > cache.max_tokens:
+        raise ContextLengthError(
+            f"{cache.offset + n_new} tokens do not fit in max_tokens={cache.max_tokens} "
+            f"({cache.offset} already in the context, {n_new} new); raise max_tokens or shorten the prompt"
+        )
+
+
+def prefill(lm: LoadedModel, cache: KVCache, ids: list[int]) -> np.ndarray:
+    """Run the whole prompt in one pass; returns the logits of its last token."""
+    check_room(cache, len(ids))
+    return lm.model.forward(lm.ops, np.asarray(ids, np.int64), cache)[-1]
+
+
+def decode_step(lm: LoadedModel, cache: KVCache, token: int) -> np.ndarray:
+    return lm.model.forward(lm.ops, np.array([token], np.int64), cache)[-1]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""  # "stop" (EOS / stop token) or "length" (max_tokens reached)
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        n = self.generated_tokens - 1  # the first token comes from prefill
+        return n / self.decode_seconds if self.decode_seconds and n > 0 else 0.0
+
+
+def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], sampler: Sampler,
+                    stats: GenerationStats | None = None) -> Iterator[int]:
+    """Prefill `prompt_ids`, then sample until a stop token or the cache is full.
+
+    The stop token itself is consumed but not yielded; the last yielded token is left out of the
+    cache (it is fed at the start of the next turn), so a session can continue from here.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    start = time.perf_counter()
+    logits = prefill(lm, cache, prompt_ids)
+    stats.prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    while True:
+        token = sampler(logits)
+        stats.token_ids.append(token)
+        if token in lm.tokenizer.stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.generated_tokens += 1
+        yield token
+        if cache.offset + 1 >= cache.max_tokens:
+            stats.finish_reason = "length"
+            break
+        logits = decode_step(lm, cache, token)
+        stats.decode_seconds = time.perf_counter() - start
+
+
+def stream_text(tokenizer: GGUFTokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces for a token stream; holds back bytes until they form whole characters."""
+    ids: list[int] = []
+    emitted = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence: wait for the rest
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+        emitted = text

@@ -1,0 +1,335 @@
+"""GGUF: an mmap reader that validates before it trusts, and an atomic writer.
+
+Layout (little-endian): magic "GGUF", version, tensor count, metadata count, metadata
+key/values, tensor infos (name, dims with the row length first, type, offset), padding to the
+alignment, then tensor data. Tensors are numpy views into the mmap: nothing is copied on load.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .quants import BLOCK_LAYOUT, GGMLType, dequantize, ggml_type, tensor_nbytes
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4
+
+
+class ValueType(IntEnum):
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_SCALAR_DTYPES = {
+    ValueType.UINT8: np.dtype("<u1"),
+    ValueType.INT8: np.dtype("<i1"),
+    ValueType.UINT16: np.dtype("<u2"),
+    ValueType.INT16: np.dtype("<i2"),
+    ValueType.UINT32: np.dtype("<u4"),
+    ValueType.INT32: np.dtype("<i4"),
+    ValueType.FLOAT32: np.dtype("<f4"),
+    ValueType.BOOL: np.dtype("<u1"),
+    ValueType.UINT64: np.dtype("<u8"),
+    ValueType.INT64: np.dtype("<i8"),
+    ValueType.FLOAT64: np.dtype("<f8"),
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a GGUF file; `data` is a uint8 view into the mmap, `shape` in numpy order."""
+
+    name: str
+    kind: GGMLType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.data, self.kind, self.shape)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over a buffer; errors name the file and offset."""
+
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def fail(self, what: str) -> ModelFileError:
+        return ModelFileError(f"{self.path}: {what} at byte {self.pos}; the file is corrupt or truncated")
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail(f"needs {n} bytes but the file ends")
+        view = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return view
+
+    def scalar(self, vtype: ValueType) -> Any:
+        dtype = _SCALAR_DTYPES[vtype]
+        value = np.frombuffer(self.take(dtype.itemsize), dtype)[0].item()
+        return bool(value) if vtype == ValueType.BOOL else value
+
+    def u32(self) -> int:
+        return self.scalar(ValueType.UINT32)
+
+    def u64(self) -> int:
+        return self.scalar(ValueType.UINT64)
+
+    def string(self) -> str:
+        raw = self.take(self.u64())
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a string is not valid UTF-8") from None
+
+    def value(self, vtype: int) -> Any:
+        if vtype == ValueType.STRING:
+            return self.string()
+        if vtype == ValueType.ARRAY:
+            return self.array()
+        if vtype not in _SCALAR_DTYPES:
+            raise self.fail(f"unknown metadata value type {vtype}")
+        return self.scalar(ValueType(vtype))
+
+    def array(self) -> Any:
+        item_type, count = self.u32(), self.u64()
+        self.last_item_type = ValueType(item_type) if item_type in ValueType._value2member_map_ else None
+        if count > len(self.buf):
+            raise self.fail(f"an array claims {count} items")
+        if item_type in _SCALAR_DTYPES:
+            dtype = _SCALAR_DTYPES[ValueType(item_type)]
+            values = np.frombuffer(self.take(count * dtype.itemsize), dtype)
+            return values.astype(bool) if item_type == ValueType.BOOL else values
+        return [self.value(item_type) for _ in range(count)]
+
+
+class GGUFFile:
+    """A GGUF file opened read-only through mmap: `metadata` dict and `tensors` by name."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise ModelFileError(f"{self.path}: no such model file") from None
+        except (IsADirectoryError, ValueError, OSError) as e:
+            raise ModelFileError(f"{self.path}: cannot open as a model file ({e})") from None
+        self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, tuple[ValueType, ValueType | None]] = {}  # for faithful copies
+        self.tensors: dict[str, Tensor] = {}
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = memoryview(self._mmap)
+        cur = _Cursor(buf, self.path)
+        if len(buf) < 24 or bytes(buf[:4]) != MAGIC:
+            raise ModelFileError(f"{self.path}: not a GGUF file (bad magic or too short)")
+        cur.pos = 4
+        self.version = cur.u32()
+        if self.version not in (2, 3):
+            raise ModelFileError(f"{self.path}: GGUF version {self.version} is not supported (2 or 3)")
+        n_tensors, n_kv = cur.u64(), cur.u64()
+        if n_tensors > len(buf) // 16 or n_kv > len(buf) // 16:
+            raise cur.fail(f"header claims {n_tensors} tensors and {n_kv} metadata entries")
+        for _ in range(n_kv):
+            key, vtype = cur.string(), cur.u32()
+            self.metadata[key] = cur.value(vtype)
+            item_type = cur.last_item_type if vtype == ValueType.ARRAY else None
+            self.value_types[key] = (ValueType(vtype), item_type)
+        infos = [self._tensor_info(cur) for _ in range(n_tensors)]
+        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ModelFileError(f"{self.path}: general.alignment {alignment} is not a power of two")
+        data_start = -(-cur.pos // alignment) * alignment
+        self._map_tensors(infos, buf, data_start, alignment)
+
+    def _tensor_info(self, cur: _Cursor) -> tuple[str, GGMLType, tuple[int, ...], int]:
+        name, n_dims = cur.string(), cur.u32()
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [cur.u64() for _ in range(n_dims)]
+        if any(d <= 0 or d > 1 << 40 for d in dims):
+            raise cur.fail(f"tensor {name!r} has dimensions {dims}")
+        type_id = cur.u32()
+        try:
+            kind = ggml_type(type_id)
+        except Exception as e:
+            raise ModelFileError(f"{self.path}: tensor {name!r}: {e}") from None
+        return name, kind, tuple(reversed(dims)), cur.u64()
+
+    def _map_tensors(self, infos, buf, data_start: int, alignment: int) -> None:
+        data_size = len(buf) - data_start
+        for name, kind, shape, offset in infos:
+            try:
+                nbytes = tensor_nbytes(kind, int(np.prod(shape)))
+            except Exception as e:
+                raise ModelFileError(f"{self.path}: tensor {name!r}: {e}") from None
+            if shape[-1] % BLOCK_LAYOUT[kind][0]:
+                raise ModelFileError(f"{self.path}: tensor {name!r} rows do not fill whole blocks")
+            if offset % alignment or offset + nbytes > data_size:
+                raise ModelFileError(
+                    f"{self.path}: tensor {name!r} at data offset {offset} ({nbytes} bytes) lies "
+                    f"outside the file's {data_size} data bytes; the file is truncated or corrupt"
+                )
+            if name in self.tensors:
+                raise ModelFileError(f"{self.path}: tensor {name!r} appears twice")
+            start = data_start + offset
+            data = np.frombuffer(buf, np.uint8, nbytes, start)
+            self.tensors[name] = Tensor(name, kind, shape, data)
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFileError(f"{self.path}: metadata has no general.architecture")
+        return arch
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise ModelFileError(f"{self.path}: required metadata key {key!r} is missing")
+        return self.metadata[key]
+
+    def tensor(self, name: str) -> Tensor:
+        if name not in self.tensors:
+            raise ModelFileError(f"{self.path}: required tensor {name!r} is missing")
+        return self.tensors[name]
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def _value_type(value: Any) -> ValueType:
+    if isinstance(value, bool):
+        return ValueType.BOOL
+    if isinstance(value, int):
+        return ValueType.INT32 if value < 0 else ValueType.UINT32
+    if isinstance(value, float):
+        return ValueType.FLOAT32
+    if isinstance(value, str):
+        return ValueType.STRING
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ValueType.ARRAY
+    raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
+
+
+def _pack_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _pack_value(value: Any, vtype: ValueType, item_type: ValueType | None = None) -> bytes:
+    if vtype == ValueType.STRING:
+        return _pack_string(value)
+    if vtype != ValueType.ARRAY:
+        return np.asarray(value, _SCALAR_DTYPES[vtype]).tobytes()
+    if item_type is None:
+        if isinstance(value, np.ndarray):
+            item_type = next(t for t, d in _SCALAR_DTYPES.items() if d == value.dtype.newbyteorder("<"))
+        else:
+            item_type = _value_type(value[0]) if len(value) else ValueType.UINT32
+    head = struct.pack("<IQ", item_type, len(value))
+    if item_type == ValueType.STRING:
+        return head + b"".join(_pack_string(s) for s in value)
+    return head + np.asarray(value, _SCALAR_DTYPES[item_type]).tobytes()
+
+
+@dataclass
+class _PendingTensor:
+    name: str
+    kind: GGMLType
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray]  # returns the packed bytes (uint8) when written
+    nbytes: int
+
+
+class GGUFWriter:
+    """Collects metadata and tensor producers, then writes the file atomically.
+
+    Tensor data is produced one tensor at a time during `write`, so a conversion never holds
+    more than one quantized tensor in memory. The file appears under its name only when
+    complete; an error or Ctrl-C removes the temporary file.
+    """
+
+    def __init__(self, alignment: int = DEFAULT_ALIGNMENT):
+        self.alignment = alignment
+        self.metadata: dict[str, tuple[Any, ValueType, ValueType | None]] = {}
+        self.tensors: list[_PendingTensor] = []
+
+    def add(self, key: str, value: Any, vtype: ValueType | None = None,
+            item_type: ValueType | None = None) -> None:
+        self.metadata[key] = (value, vtype or _value_type(value), item_type)
+
+    def add_tensor(self, name: str, kind: GGMLType, shape: tuple[int, ...],
+                   produce: Callable[[], np.ndarray]) -> None:
+        nbytes = tensor_nbytes(kind, int(np.prod(shape)))
+        self.tensors.append(_PendingTensor(name, kind, tuple(shape), produce, nbytes))
+
+    def _header(self) -> bytes:
+        parts = [MAGIC, struct.pack("<IQQ", 3, len(self.tensors), len(self.metadata))]
+        if self.alignment != DEFAULT_ALIGNMENT:
+            self.add("general.alignment", self.alignment)
+        for key, (value, vtype, item_type) in self.metadata.items():
+            parts += [_pack_string(key), struct.pack("<I", vtype), _pack_value(value, vtype, item_type)]
+        offset = 0
+        for t in self.tensors:
+            dims = list(reversed(t.shape))
+            parts += [_pack_string(t.name), struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.kind, offset)]
+            offset += -(-t.nbytes // self.alignment) * self.alignment
+        return b"".join(parts)
+
+    def write(self, path: str | os.PathLike,
+              on_tensor: Callable[[_PendingTensor], None] | None = None) -> None:
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                header = self._header()
+                f.write(header + bytes(-len(header) % self.alignment))
+                for t in self.tensors:
+                    data = np.ascontiguousarray(t.produce(), dtype=np.uint8)
+                    if data.nbytes != t.nbytes:
+                        raise ValueError(f"tensor {t.name}: produced {data.nbytes} bytes, expected {t.nbytes}")
+                    f.write(data.tobytes())
+                    f.write(bytes(-t.nbytes % self.alignment))
+                    if on_tensor:
+                        on_tensor(t)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

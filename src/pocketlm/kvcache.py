@@ -1,0 +1,67 @@
+"""One preallocated key/value cache per model: full layers hold `max_tokens` positions,
+sliding-window layers a ring of `window` slots (position p lives in slot p % window)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LayerCache:
+    def __init__(self, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window: int | None):
+        self.window = window
+        self.capacity = min(capacity, window) if window else capacity
+        self.keys = np.zeros((self.capacity, n_kv_heads, k_dim), np.float32)
+        self.values = np.zeros((self.capacity, n_kv_heads, v_dim), np.float32)
+        self.positions = np.full(self.capacity, -1, np.int64)  # -1: empty slot
+
+    def update_and_fetch(self, k: np.ndarray, v: np.ndarray, start: int):
+        """Store k/v [T, Hkv, D] for positions start.. and return what those queries may see:
+        (keys, values, key_positions)."""
+        T = len(k)
+        positions = np.arange(start, start + T)
+        if not self.window:
+            self.keys[start : start + T], self.values[start : start + T] = k, v
+            self.positions[start : start + T] = positions
+            end = start + T
+            return self.keys[:end], self.values[:end], self.positions[:end]
+        # Ring: earlier entries still in the window, then the new ones (all of them, since the
+        # first new queries may need new keys that the ring cannot keep).
+        old = (self.positions >= 0) & (self.positions < start)
+        keys = np.concatenate([self.keys[old], k])
+        values = np.concatenate([self.values[old], v])
+        key_positions = np.concatenate([self.positions[old], positions])
+        keep = slice(max(0, T - self.capacity), T)
+        slots = positions[keep] % self.capacity
+        self.keys[slots], self.values[slots], self.positions[slots] = k[keep], v[keep], positions[keep]
+        return keys, values, key_positions
+
+    def copy(self) -> "LayerCache":
+        clone = object.__new__(LayerCache)
+        clone.window, clone.capacity = self.window, self.capacity
+        clone.keys, clone.values, clone.positions = self.keys.copy(), self.values.copy(), self.positions.copy()
+        return clone
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class KVCache:
+    """The cache of a whole model; `offset` is how many positions are filled."""
+
+    def __init__(self, layers: list[LayerCache], max_tokens: int):
+        self.layers = layers
+        self.max_tokens = max_tokens
+        self.offset = 0
+
+    def __getitem__(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def copy(self) -> "KVCache":
+        clone = KVCache([layer.copy() for layer in self.layers], self.max_tokens)
+        clone.offset = self.offset
+        return clone
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)

@@ -1,0 +1,96 @@
+"""Gemma 3 (incl. 270M): sliding-window and global layers with their own RoPE bases, per-head
+q/k RMSNorm, norms before and after attention and MLP, GeGLU, scaled tied embeddings.
+
+As in llama.cpp's files, Gemma's (1 + w) norm weights are stored with the 1 already added, so
+every norm here multiplies by the stored weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import REQUIRED, Attention, AttentionSpec, CausalLM, GatedMLP, ModelArgs, Weights
+
+
+@dataclass
+class Gemma3Args(ModelArgs):
+    hidden_size: int = REQUIRED
+    n_layers: int = REQUIRED
+    n_heads: int = REQUIRED
+    ffn_size: int = REQUIRED
+    n_kv_heads: int | None = None
+    head_dim: int = 256
+    rope_base: float = 1_000_000.0
+    rope_base_swa: float = 10_000.0
+    rope_scale: float = 1.0  # linear RoPE scaling of the global layers
+    sliding_window: int | None = None
+    sliding_pattern: object = None  # per-layer booleans; absent: 5 sliding then 1 global
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    norm_eps: float = 1e-6
+    context_length: int = 32768
+
+    _keys = {
+        "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+        "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length", "rope_base": "rope.freq_base",
+        "rope_base_swa": "rope.freq_base_swa", "rope_scale": "rope.scaling.factor",
+        "sliding_window": "attention.sliding_window", "sliding_pattern": "attention.sliding_window_pattern",
+        "query_pre_attn_scalar": "attention.query_pre_attn_scalar",  # pocketlm's key; llama.cpp uses head_dim
+        "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+        "norm_eps": "attention.layer_norm_rms_epsilon", "context_length": "context_length",
+    }
+
+    def is_sliding(self, i: int) -> bool:
+        if not self.sliding_window:
+            return False
+        if self.sliding_pattern is None:
+            return i % 6 < 5
+        return bool(self.sliding_pattern[i])
+
+
+class TransformerBlock:
+    def __init__(self, w: Weights, i: int, args: Gemma3Args):
+        sliding = args.is_sliding(i)
+        spec = AttentionSpec(
+            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=args.head_dim,
+            rope_base=args.rope_base_swa if sliding else args.rope_base, rope_dims=args.head_dim,
+            rope_neox=True, scale=(args.query_pre_attn_scalar or args.head_dim) ** -0.5,
+            window=args.sliding_window if sliding else None, softcap=args.attn_softcap,
+            rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale,
+        )
+        p = f"blk.{i}"
+        self.attn_norm, self.post_attn_norm = w(f"{p}.attn_norm.weight"), w(f"{p}.post_attention_norm.weight")
+        self.ffn_norm, self.post_ffn_norm = w(f"{p}.ffn_norm.weight"), w(f"{p}.post_ffw_norm.weight")
+        self.attention = Attention(w, p, spec, args.norm_eps)
+        self.mlp = GatedMLP(w, p, "gelu_tanh")
+        self.eps = args.norm_eps
+
+    def __call__(self, ops, x, positions, cache):
+        h = self.attention(ops, ops.rms_norm(x, self.attn_norm, self.eps), positions, cache)
+        x = x + ops.rms_norm(h, self.post_attn_norm, self.eps)
+        h = self.mlp(ops, ops.rms_norm(x, self.ffn_norm, self.eps))
+        return x + ops.rms_norm(h, self.post_ffn_norm, self.eps)
+
+
+class Model(CausalLM):
+    def __init__(self, args: Gemma3Args, w: Weights):
+        self.args = args
+        self.token_embd = w("token_embd.weight")
+        self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
+        self.output_norm = w("output_norm.weight")
+        self.output = w.optional("output.weight") or self.token_embd
+        self.vocab_size = self.token_embd.shape[0]
+
+    def embed(self, ops, ids: np.ndarray) -> np.ndarray:
+        return ops.embedding(self.token_embd, ids) * np.float32(np.sqrt(self.args.hidden_size))
+
+    def head(self, ops, h: np.ndarray) -> np.ndarray:
+        logits = ops.linear(ops.rms_norm(h, self.output_norm, self.args.norm_eps), self.output)
+        return ops.softcap(logits, self.args.final_softcap) if self.args.final_softcap else logits
+
+
+ARGS = Gemma3Args

@@ -1,0 +1,72 @@
+"""Llama family (Llama 2/3, SmolLM2): pre-norm blocks, SwiGLU MLP, RoPE, grouped-query attention.
+
+llama.cpp's converter permutes the q/k rows of Llama checkpoints so that RoPE rotates adjacent
+pairs; GGUF files of this architecture therefore use the non-NeoX rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import REQUIRED, Attention, AttentionSpec, CausalLM, GatedMLP, ModelArgs, Weights
+
+
+@dataclass
+class LlamaArgs(ModelArgs):
+    hidden_size: int = REQUIRED
+    n_layers: int = REQUIRED
+    n_heads: int = REQUIRED
+    ffn_size: int = REQUIRED
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope_dims: int | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    context_length: int = 2048
+
+    _keys = {
+        "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+        "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length", "rope_dims": "rope.dimension_count",
+        "rope_base": "rope.freq_base", "norm_eps": "attention.layer_norm_rms_epsilon",
+        "context_length": "context_length",
+    }
+
+
+class TransformerBlock:
+    def __init__(self, w: Weights, i: int, args: LlamaArgs):
+        head_dim = args.head_dim or args.hidden_size // args.n_heads
+        spec = AttentionSpec(
+            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=head_dim,
+            rope_base=args.rope_base, rope_dims=args.rope_dims or head_dim, rope_neox=False,
+            scale=head_dim**-0.5,
+        )
+        self.attn_norm, self.ffn_norm = w(f"blk.{i}.attn_norm.weight"), w(f"blk.{i}.ffn_norm.weight")
+        self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)
+        self.mlp = GatedMLP(w, f"blk.{i}", "silu")
+        self.eps = args.norm_eps
+
+    def __call__(self, ops, x, positions, cache):
+        x = x + self.attention(ops, ops.rms_norm(x, self.attn_norm, self.eps), positions, cache)
+        return x + self.mlp(ops, ops.rms_norm(x, self.ffn_norm, self.eps))
+
+
+class Model(CausalLM):
+    def __init__(self, args: LlamaArgs, w: Weights):
+        self.args = args
+        self.token_embd = w("token_embd.weight")
+        self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
+        self.output_norm = w("output_norm.weight")
+        self.output = w.optional("output.weight") or self.token_embd  # tied when absent
+        self.vocab_size = self.token_embd.shape[0]
+
+    def embed(self, ops, ids: np.ndarray) -> np.ndarray:
+        return ops.embedding(self.token_embd, ids)
+
+    def head(self, ops, h: np.ndarray) -> np.ndarray:
+        return ops.linear(ops.rms_norm(h, self.output_norm, self.args.norm_eps), self.output)
+
+
+ARGS = LlamaArgs

@@ -1,0 +1,177 @@
+"""The tokenizer stored in a GGUF file, rebuilt as a `tokenizers.Tokenizer`, and chat templates.
+
+Two vocabularies cover the models we run:
+- "gpt2": byte-level BPE with merges; the pre-tokenizer regex depends on `tokenizer.ggml.pre`.
+- "llama": SentencePiece. llama.cpp merges the adjacent pair whose result has the best score;
+  a BPE whose merges are ranked by that score does the same, with byte fallback for the rest.
+Control tokens (and user-defined ones, always) are matched whole before the model runs, as
+llama.cpp does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from .errors import ModelFileError, PocketLMError, UnsupportedError
+
+# llama.cpp's token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _split(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+
+
+def _byte_level() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+
+# tokenizer.ggml.pre -> the pre-tokenizer llama.cpp applies before byte-level BPE
+_BPE_PRE_TOKENIZERS = {
+    "default": lambda: [_split(_GPT2_SPLIT), _byte_level()],
+    "gpt2": lambda: [_split(_GPT2_SPLIT), _byte_level()],
+    "smollm": lambda: [pre_tokenizers.Digits(individual_digits=True), _split(_GPT2_SPLIT), _byte_level()],
+    "llama-bpe": lambda: [_split(_LLAMA3_SPLIT), _byte_level()],
+    "llama3": lambda: [_split(_LLAMA3_SPLIT), _byte_level()],
+    "qwen2": lambda: [_split(_QWEN2_SPLIT), _byte_level()],
+}
+
+# Used when a file carries no chat template (base models): the format the family was trained on.
+_FALLBACK_TEMPLATES = {
+    "gemma": (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+        "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] | trim }}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+
+
+def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list[tuple[str, str]]:
+    """Every (left, right) split of a normal token into two tokens, best-scored result first."""
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
+    merges = []
+    for token, i in vocab.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-float(scores[i]), vocab[left], vocab[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def _build_sentencepiece(tokens, scores, types, add_space_prefix: bool) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _sentencepiece_merges(tokens, scores, types)
+    unk = next((tokens[i] for i in np.nonzero(types == UNKNOWN)[0]), None)
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return tok
+
+
+def _build_bpe(tokens, merges: Iterable[str], pre: str) -> Tokenizer:
+    if pre not in _BPE_PRE_TOKENIZERS:
+        known = ", ".join(sorted(_BPE_PRE_TOKENIZERS))
+        raise UnsupportedError(f"pre-tokenizer {pre!r} is not supported (supported: {known})")
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(_BPE_PRE_TOKENIZERS[pre]())
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class GGUFTokenizer:
+    """Text <-> token ids for one model file, plus its special ids and chat template."""
+
+    def __init__(self, metadata: dict[str, Any], source: str = "model file"):
+        def need(key):
+            if key not in metadata:
+                raise ModelFileError(f"{source}: tokenizer metadata {key!r} is missing")
+            return metadata[key]
+
+        kind = need("tokenizer.ggml.model")
+        tokens = list(need("tokenizer.ggml.tokens"))
+        types = np.asarray(metadata.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL)))
+        if kind == "gpt2":
+            self._tok = _build_bpe(tokens, need("tokenizer.ggml.merges"), metadata.get("tokenizer.ggml.pre", "default"))
+        elif kind == "llama":
+            scores = np.asarray(metadata.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32)))
+            self._tok = _build_sentencepiece(tokens, scores, types, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
+        else:
+            raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (gpt2, llama)")
+        self._tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in np.nonzero(types == USER_DEFINED)[0]])
+        self._tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]])
+        self.tokens = tokens
+        self.vocab_size = len(tokens)
+        self.control_ids = frozenset(int(i) for i in np.nonzero(types == CONTROL)[0])
+        self.bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+        self.eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        self.chat_template = metadata.get("tokenizer.chat_template")
+        self.stop_ids = self._stop_ids(metadata)
+
+    def _stop_ids(self, metadata) -> frozenset[int]:
+        """EOS, end-of-turn and the other tokens that end a reply."""
+        ids = {metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")}
+        ends = {"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>"}
+        ids |= {i for i in self.control_ids if self.tokens[i] in ends}
+        return frozenset(int(i) for i in ids if i is not None)
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`; control tokens written in it are matched only if `parse_special`."""
+        self._tok.encode_special_tokens = not parse_special
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            architecture: str = "") -> str:
+        """Render `messages` with the file's template in jinja2's sandbox (templates are untrusted)."""
+        template = self.chat_template
+        if not template:
+            template = _FALLBACK_TEMPLATES["gemma" if architecture.startswith("gemma") else "chatml"]
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        special = {
+            "bos_token": self.tokens[self.bos_id] if self.bos_id is not None else "",
+            "eos_token": self.tokens[self.eos_id] if self.eos_id is not None else "",
+        }
+        try:
+            return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        except TemplateError as e:
+            raise PocketLMError(f"the model's chat template failed: {e}") from None
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True, architecture: str = "") -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt, architecture)
+        bos = self.tokens[self.bos_id] if self.bos_id is not None else None
+        return self.encode(text, add_bos=False if bos and text.startswith(bos) else None)
