@@ -90,8 +90,11 @@ def cmd_chat(args) -> None:
 def cmd_convert(args) -> None:
     from .convert import ConversionConfig, convert
 
+    from .registry import resolve_model
+
     config = ConversionConfig(args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits)
-    out = convert(args.src, args.out, config, progress=not args.quiet)
+    src = args.src if Path(args.src).exists() else resolve_model(args.src)
+    out = convert(src, args.out, config, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
