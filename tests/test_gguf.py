@@ -1,0 +1,120 @@
+"""GGUF reading and writing: round trips, validation of bad files, atomic writes."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from pocketlm.errors import ModelFileError
+from pocketlm.formats.gguf import GGUFFile, GGUFWriter, ValueType
+from pocketlm.formats.quants import GGMLType, quantize
+
+
+def write_small(path, extra_tensor_type=GGMLType.Q8_0):
+    w = GGUFWriter()
+    w.add("general.architecture", "llama")
+    w.add("llama.block_count", 2)
+    w.add("llama.rope.freq_base", 10000.0)
+    w.add("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add("tokenizer.ggml.scores", np.array([0.0, -1.0, -2.0], np.float32))
+    w.add("flag", True)
+    w.add("negative", -5)
+    x = np.arange(64 * 3, dtype=np.float32).reshape(3, 64) / 10
+    w.add_tensor("vec", GGMLType.F32, (5,), lambda: quantize(np.arange(5, dtype=np.float32), GGMLType.F32))
+    w.add_tensor("mat", extra_tensor_type, (3, 64), lambda: quantize(x, extra_tensor_type))
+    w.write(path)
+    return x
+
+
+def test_round_trip_metadata_and_tensors(tmp_path):
+    path = tmp_path / "m.gguf"
+    x = write_small(path)
+    f = GGUFFile(path)
+    assert f.architecture == "llama" and f.metadata["llama.block_count"] == 2
+    assert f.metadata["tokenizer.ggml.tokens"] == ["a", "b", "c"]
+    assert f.metadata["flag"] is True and f.metadata["negative"] == -5
+    assert f.value_types["llama.block_count"] == (ValueType.UINT32, None)
+    assert f.value_types["tokenizer.ggml.scores"] == (ValueType.ARRAY, ValueType.FLOAT32)
+    np.testing.assert_array_equal(f.tensors["vec"].dequantize(), np.arange(5))
+    assert f.tensors["mat"].shape == (3, 64) and f.tensors["mat"].kind == GGMLType.Q8_0
+    np.testing.assert_allclose(f.tensors["mat"].dequantize(), x, atol=np.abs(x).max() / 127)
+
+
+def test_tensors_are_views_of_the_mapped_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    data = GGUFFile(path).tensors["mat"].data
+    assert not data.flags.owndata and not data.flags.writeable
+
+
+def test_the_file_loads_in_gguf_py(tmp_path):
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    reader = gguf.GGUFReader(path)
+    assert [t.name for t in reader.tensors] == ["vec", "mat"]
+    assert reader.fields["general.architecture"].contents() == "llama"
+
+
+@pytest.mark.parametrize("cut", [3, 20, 100, -30])  # -30: into the last tensor, past its padding
+def test_truncated_file_is_rejected_with_its_name(tmp_path, cut):
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:cut])
+    with pytest.raises(ModelFileError, match="m.gguf"):
+        GGUFFile(path)
+
+
+def test_bad_magic_is_rejected(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        GGUFFile(path)
+
+
+def test_tensor_offset_outside_the_file_is_rejected(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"mat") + 3 + 4 + 16 + 4  # name, n_dims, 2 dims, type -> offset
+    raw[at : at + 8] = struct.pack("<Q", 1 << 20)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="'mat'.*outside"):
+        GGUFFile(path)
+
+
+def test_unsupported_tensor_type_is_rejected(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"mat") + 3 + 4 + 16
+    raw[at : at + 4] = struct.pack("<I", 20)  # IQ4_NL: not one of ours
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="tensor type 20 is not supported"):
+        GGUFFile(path)
+
+
+def test_missing_file_and_folder_give_clear_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="no such model file"):
+        GGUFFile(tmp_path / "absent.gguf")
+    with pytest.raises(ModelFileError, match="cannot open"):
+        GGUFFile(tmp_path)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failed_write_leaves_no_file(tmp_path, error):
+    w = GGUFWriter()
+    w.add("general.architecture", "llama")
+    w.add_tensor("ok", GGMLType.F32, (4,), lambda: np.zeros(16, np.uint8))
+
+    def fail():
+        raise error
+
+    w.add_tensor("bad", GGMLType.F32, (4,), fail)
+    with pytest.raises(type(error)):
+        w.write(tmp_path / "out.gguf")
+    assert list(tmp_path.iterdir()) == []
