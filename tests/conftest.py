@@ -64,8 +64,9 @@ def _randomize(model, seed: int) -> None:
             p.copy_(1.0 + 0.2 * noise if p.ndim == 1 else 0.15 * noise)
 
 
-def build_tiny(kind: str, folder: Path):
-    """Save a tiny random checkpoint of `kind` (llama / gemma3) in `folder`; returns the model."""
+def build_tiny(kind: str, folder: Path, **overrides):
+    """Save a tiny random checkpoint of `kind` (llama / gemma3) in `folder`; returns the model.
+    `overrides` replace config values."""
     import torch
     import transformers
 
@@ -78,6 +79,7 @@ def build_tiny(kind: str, folder: Path):
             num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2,
         )
+        config.update(overrides)
         model = transformers.LlamaForCausalLM(config)
     elif kind == "gemma3":
         vocab = _sentencepiece_tokenizer(folder)
@@ -86,6 +88,7 @@ def build_tiny(kind: str, folder: Path):
             num_key_value_heads=2, head_dim=32, sliding_window=16, max_position_embeddings=256,
             query_pre_attn_scalar=48, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
         )
+        config.update(overrides)
         model = transformers.Gemma3ForCausalLM(config)
     else:
         raise ValueError(kind)
@@ -98,18 +101,19 @@ def build_tiny(kind: str, folder: Path):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """kind -> (transformers model, checkpoint folder, f32 GGUF path)."""
+    """(kind, **config overrides) -> (transformers model, checkpoint folder, f32 GGUF path)."""
     from pocketlm.convert import ConversionConfig, convert
 
     cache = {}
 
-    def get(kind: str):
-        if kind not in cache:
+    def get(kind: str, **overrides):
+        key = (kind, tuple(sorted(overrides.items())))
+        if key not in cache:
             folder = tmp_path_factory.mktemp(f"tiny-{kind}")
-            model = build_tiny(kind, folder / "hf")
+            model = build_tiny(kind, folder / "hf", **overrides)
             gguf = convert(folder / "hf", folder / "f32.gguf", ConversionConfig(quant="f32"), progress=False)
-            cache[kind] = (model, folder / "hf", gguf)
-        return cache[kind]
+            cache[key] = (model, folder / "hf", gguf)
+        return cache[key]
 
     return get
 

@@ -77,18 +77,20 @@ class LlmInference:
             session.add_query_chunk(prompt)
         return session
 
-    def generate_response(self, prompt: str, listener: Listener | None = None) -> str:
+    def generate_response(self, prompt: str, listener: Listener | None = None,
+                          max_new_tokens: int | None = None) -> str:
         """The reply to `prompt`; `listener(piece, done)` is called as pieces arrive, if given."""
-        return self._prompt_session(prompt).generate_response(listener)
+        return self._prompt_session(prompt).generate_response(listener, max_new_tokens)
 
-    def generate_response_stream(self, prompt: str) -> Iterator[str]:
-        return self._prompt_session(prompt).generate_response_stream()
+    def generate_response_stream(self, prompt: str, max_new_tokens: int | None = None) -> Iterator[str]:
+        return self._prompt_session(prompt).generate_response_stream(max_new_tokens)
 
-    def chat(self, messages: list[dict[str, str]], listener: Listener | None = None) -> str:
+    def chat(self, messages: list[dict[str, str]], listener: Listener | None = None,
+             max_new_tokens: int | None = None) -> str:
         """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
         session = self.create_session()
         session.add_messages(messages)
-        return session.generate_response(listener)
+        return session.generate_response(listener, max_new_tokens)
 
 
 class Session:
@@ -125,21 +127,22 @@ class Session:
             self._cache = self._lm.make_cache(self.options.max_tokens)
             self._cached_ids, self._pending_ids = [], ids
 
-    def chat(self, message: str, listener: Listener | None = None) -> str:
+    def chat(self, message: str, listener: Listener | None = None, max_new_tokens: int | None = None) -> str:
         """Add a user message and return the reply, which joins the conversation."""
         self.add_messages([{"role": "user", "content": message}])
-        reply = self.generate_response(listener)
+        reply = self.generate_response(listener, max_new_tokens)
         self._messages.append({"role": "assistant", "content": reply})
         return reply
 
-    def generate_response_stream(self) -> Iterator[str]:
-        """Text pieces of the reply to everything added so far."""
+    def generate_response_stream(self, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Text pieces of the reply to everything added so far (at most `max_new_tokens`, if
+        given; the reply also ends at a stop token or when the context is full)."""
         if not self._pending_ids:
             raise InvalidOptionError("nothing to answer: add a query chunk or a message first")
         prompt, self._pending_ids = self._pending_ids, []
         stats = self.last_stats = self._llm.last_stats = GenerationStats()
         try:
-            yield from stream_text(self._lm.tokenizer, generate_tokens(self._lm, self._cache, prompt, self._sampler, stats))
+            yield from stream_text(self._lm.tokenizer, generate_tokens(self._lm, self._cache, prompt, self._sampler, stats, max_new_tokens))
         finally:
             # The cache offset says how much of prompt + sampled tokens went through the model;
             # the rest (normally the last sampled token) is fed at the start of the next turn.
@@ -147,9 +150,9 @@ class Session:
             fed = self._cache.offset - len(self._cached_ids)
             self._cached_ids, self._pending_ids = self._cached_ids + turn[:fed], turn[fed:]
 
-    def generate_response(self, listener: Listener | None = None) -> str:
+    def generate_response(self, listener: Listener | None = None, max_new_tokens: int | None = None) -> str:
         pieces = []
-        for piece in self.generate_response_stream():
+        for piece in self.generate_response_stream(max_new_tokens):
             pieces.append(piece)
             if listener:
                 listener(piece, False)

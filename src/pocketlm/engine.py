@@ -94,8 +94,8 @@ class GenerationStats:
 
 
 def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], sampler: Sampler,
-                    stats: GenerationStats | None = None) -> Iterator[int]:
-    """Prefill `prompt_ids`, then sample until a stop token or the cache is full.
+                    stats: GenerationStats | None = None, max_new_tokens: int | None = None) -> Iterator[int]:
+    """Prefill `prompt_ids`, then sample until a stop token, `max_new_tokens` or a full cache.
 
     The stop token itself is consumed but not yielded; the last yielded token is left out of the
     cache (it is fed at the start of the next turn), so a session can continue from here.
@@ -114,7 +114,7 @@ def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], samp
             break
         stats.generated_tokens += 1
         yield token
-        if cache.offset + 1 >= cache.max_tokens:
+        if cache.offset + 1 >= cache.max_tokens or stats.generated_tokens == max_new_tokens:
             stats.finish_reason = "length"
             break
         logits = decode_step(lm, cache, token)

@@ -44,7 +44,7 @@ def _byte_level() -> pre_tokenizers.PreTokenizer:
 # tokenizer.ggml.pre -> the pre-tokenizer llama.cpp applies before byte-level BPE
 _BPE_PRE_TOKENIZERS = {
     "default": lambda: [_split(_GPT2_SPLIT), _byte_level()],
-    "gpt2": lambda: [_split(_GPT2_SPLIT), _byte_level()],
+    "gpt-2": lambda: [_split(_GPT2_SPLIT), _byte_level()],
     "smollm": lambda: [pre_tokenizers.Digits(individual_digits=True), _split(_GPT2_SPLIT), _byte_level()],
     "llama-bpe": lambda: [_split(_LLAMA3_SPLIT), _byte_level()],
     "llama3": lambda: [_split(_LLAMA3_SPLIT), _byte_level()],

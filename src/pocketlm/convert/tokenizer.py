@@ -84,7 +84,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     if any(r"\p{N}|" in p for p in patterns):
         return "qwen2"
     if kinds == ["ByteLevel"]:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name
     raise UnsupportedError(f"tokenizer.json pre-tokenizer {kinds} is not supported")
 
 

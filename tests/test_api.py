@@ -1,0 +1,109 @@
+"""The LLM Inference API: responses, streaming, callbacks, seeds, sessions and their KV reuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pocketlm import ContextLengthError, InvalidOptionError, LlmInference, load
+
+
+@pytest.fixture(scope="module")
+def smol(real_model):
+    return LlmInference(real_model("smollm2-135m"), max_tokens=256, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny):
+    return LlmInference(tiny("llama")[2], max_tokens=128, temperature=0.8, top_k=20, random_seed=3)
+
+
+def test_real_model_writes_a_sensible_haiku(smol):
+    reply = smol.generate_response("Write a haiku about the sea.")
+    assert smol.last_stats.finish_reason == "stop"
+    words = reply.lower()
+    assert any(w in words for w in ("sea", "wave", "ocean", "shore", "tide")), reply
+    assert 3 <= len(reply.split()) <= 60, reply
+
+
+def test_stream_and_callback_give_the_same_text_as_a_plain_call(tiny_llm):
+    plain = tiny_llm.generate_response("Hello", max_new_tokens=20)
+    streamed = list(tiny_llm.generate_response_stream("Hello", max_new_tokens=20))
+    calls = []
+    tiny_llm.generate_response("Hello", listener=lambda piece, done: calls.append((piece, done)), max_new_tokens=20)
+    assert "".join(streamed) == plain and len(streamed) > 1
+    assert "".join(p for p, _ in calls) == plain and calls[-1] == ("", True)
+    assert not any(done for _, done in calls[:-1])
+
+
+def test_same_seed_same_text_other_seed_other_text(tiny_llm):
+    a = tiny_llm.generate_response("Once", max_new_tokens=24)
+    assert tiny_llm.generate_response("Once", max_new_tokens=24) == a
+    others = {tiny_llm.create_session(random_seed=s) for s in (1, 2)}
+    texts = set()
+    for session in others:
+        session.add_query_chunk("Once")
+        texts.add(session.generate_response(max_new_tokens=24))
+    assert texts - {a}
+
+
+def test_generation_stops_at_max_tokens_of_context(tiny):
+    llm = LlmInference(tiny("llama")[2], max_tokens=40, temperature=0.0)
+    session = llm.create_session()
+    session.add_query_chunk("The lighthouse keeper")
+    session.generate_response()
+    assert session.last_stats.finish_reason == "length"
+    assert len(session.tokens) == 40
+
+
+def test_session_follow_up_prefills_only_the_new_tokens_and_matches_a_fresh_run(smol):
+    session = smol.create_session()
+    first = session.chat("What is the capital of France?", max_new_tokens=40)
+    before = len(session.tokens)
+    second = session.chat("And of Italy?", max_new_tokens=40)
+    assert 0 < session.last_stats.prompt_tokens < 20 < before  # only the new turn was prefilled
+    fresh = smol.create_session()
+    fresh.add_messages([
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And of Italy?"},
+    ])
+    assert fresh.generate_response(max_new_tokens=40) == second
+    assert fresh.last_stats.prompt_tokens > before
+
+
+def test_clone_continues_independently_from_the_same_state(tiny):
+    llm = LlmInference(tiny("llama")[2], max_tokens=128, temperature=0.0)
+    session = llm.create_session()
+    session.add_query_chunk("Boats rock gently")
+    session.generate_response(max_new_tokens=8)
+    twin = session.clone()
+    session.add_query_chunk(" in the harbour")
+    twin.add_query_chunk(" in the harbour")
+    assert session.generate_response(max_new_tokens=12) == twin.generate_response(max_new_tokens=12)
+    twin.add_query_chunk(" and more")
+    assert len(twin.tokens) > len(session.tokens)
+
+
+def test_prompt_longer_than_max_tokens_is_a_clear_error(tiny):
+    llm = LlmInference(tiny("llama")[2], max_tokens=16, temperature=0.0, use_chat_template=False)
+    with pytest.raises(ContextLengthError, match="max_tokens=16"):
+        llm.generate_response("word " * 40)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_p=2.0), dict(max_tokens=0)])
+def test_bad_options_are_rejected_at_construction(tiny, options):
+    with pytest.raises(InvalidOptionError):
+        LlmInference(tiny("llama")[2], **options)
+
+
+def test_size_in_tokens_counts_the_tokenizer_output(smol):
+    assert smol.size_in_tokens("Hello world") == len(smol.tokenizer.encode("Hello world"))
+
+
+def test_low_level_logits_have_one_row_per_token(tiny):
+    lm = load(tiny("llama")[2])
+    logits = lm.logits([5, 6, 7])
+    assert logits.shape == (3, lm.model.vocab_size) and logits.dtype == np.float32
+    with pytest.raises(InvalidOptionError, match="token ids"):
+        lm.logits([1, 10**6])

@@ -1,0 +1,109 @@
+"""The command line: each subcommand on small inputs, and errors as one line with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pocketlm.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_prints_the_answer_of_the_default_model(capsys, real_model):
+    real_model("smollm2-135m")
+    code, out, _ = run_cli(capsys, "run", "What is the capital of France?", "--temperature", "0", "--max-tokens", "128")
+    assert code == 0 and "Paris" in out
+
+
+def test_run_with_a_model_path_and_sampling_flags(capsys, tiny):
+    gguf = str(tiny("llama")[2])
+    code, out, err = run_cli(capsys, "run", gguf, "Hello", "--seed", "5", "--top-k", "10", "--top-p", "0.9",
+                             "--max-tokens", "40", "--stats")
+    assert code == 0 and out.strip() and "tok/s decode" in err
+
+
+def test_inspect_lists_metadata_tensors_and_totals(capsys, real_model):
+    for name, arch, kinds in [("smollm2-135m", "llama", ["Q4_1", "Q8_0"]), ("gemma3-270m", "gemma3", ["Q4_K", "Q6_K", "Q5_0"])]:
+        real_model(name)
+        code, out, _ = run_cli(capsys, "inspect", name)
+        assert code == 0
+        assert f"general.architecture" in out and f"'{arch}'" in out
+        assert "blk.0.attn_q.weight" in out and "totals per type" in out
+        assert all(k in out for k in kinds)
+
+
+def test_convert_then_perplexity(capsys, tiny, tmp_path):
+    _, folder, _ = tiny("llama")
+    out = tmp_path / "m.gguf"
+    code, stdout, _ = run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--ffn-bits", "4", "--quiet")
+    assert code == 0 and out.exists() and "wrote" in stdout
+    text = tmp_path / "t.txt"
+    text.write_text("The boats rock gently in the harbour. " * 30)
+    code, stdout, _ = run_cli(capsys, "perplexity", str(out), str(text), "--ctx", "64")
+    assert code == 0 and "perplexity:" in stdout
+    assert float(stdout.split()[1]) > 1.0
+
+
+def test_perplexity_matches_the_definition(tiny, tmp_path):
+    """exp(mean negative log-likelihood) of the second half of each chunk."""
+    import numpy as np
+
+    from pocketlm import load
+    from pocketlm.bench import log_softmax, perplexity
+
+    lm = load(tiny("llama")[2])
+    text = "Numbers 3.14159 and 2.71828 and more words in the harbour. " * 20
+    ppl, count = perplexity(lm, text, ctx=32)
+    ids = lm.tokenizer.encode(text)
+    nll = []
+    for chunk in (ids[i : i + 32] for i in range(0, len(ids) - 31, 32)):
+        logp = log_softmax(lm.logits(chunk).astype(np.float64))
+        nll += [-logp[j, chunk[j + 1]] for j in range(16, 31)]
+    assert count == len(nll) and ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "/nonexistent/model.gguf", "hi"], "no such model file"),
+    (["run", "smollm2-135m", "hi", "--temperature", "-1"], "temperature must be"),
+    (["run", "smollm2-135m", "word " * 300, "--max-tokens", "64", "--raw"], "max_tokens=64"),
+    (["convert", "/nonexistent", "out.gguf"], "no such model file"),
+    (["convert", "/tmp", "out.gguf", "--quant", "q8_0"], "config.json is missing"),
+    (["inspect", "nonexistent-model"], "not a known model name"),
+])
+def test_user_errors_print_one_line_and_exit_2(capsys, real_model, argv, message):
+    real_model("smollm2-135m")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_file_from_a_real_process_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(10))
+    result = subprocess.run([sys.executable, "-m", "pocketlm", "inspect", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2 and "bad.gguf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_architecture_is_named(capsys, tmp_path, tiny):
+    from pocketlm.formats.gguf import GGUFWriter
+
+    w = GGUFWriter()
+    w.add("general.architecture", "mamba")
+    w.write(tmp_path / "m.gguf")
+    code, _, err = run_cli(capsys, "run", str(tmp_path / "m.gguf"), "hi")
+    assert code == 2 and "'mamba' is not supported" in err and "llama" in err
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "convert", "inspect", "perplexity", "pull"])
+def test_every_subcommand_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: pocketlm " + command in capsys.readouterr().out

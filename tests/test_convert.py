@@ -1,0 +1,134 @@
+"""The converter: quantization policy, tokenizer and template carried over, GGUF requantization,
+clear errors, atomic output, and files that llama.cpp runs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, prompt_ids
+from pocketlm import ConversionConfig, InvalidOptionError, LlmInference, PocketLMError, UnsupportedError, convert, load
+from pocketlm.formats.gguf import GGUFFile
+from pocketlm.formats.quants import GGMLType
+
+VARIED = (FIXTURES / "varied.txt").read_text(encoding="utf-8")
+
+
+def test_mixed_bits_give_each_component_its_type(tiny, tmp_path):
+    _, folder, _ = tiny("llama")
+    config = ConversionConfig(quant="f16", attention_bits=8, ffn_bits=4, embedding_bits=8)
+    f = GGUFFile(convert(folder, tmp_path / "m.gguf", config, progress=False))
+    kinds = {name: t.kind for name, t in f.tensors.items()}
+    assert kinds["blk.0.attn_q.weight"] == kinds["blk.0.attn_output.weight"] == GGMLType.Q8_0
+    assert kinds["blk.0.ffn_up.weight"] == kinds["blk.0.ffn_down.weight"] == GGMLType.Q4_0
+    assert kinds["token_embd.weight"] == kinds["output.weight"] == GGMLType.Q8_0
+    assert kinds["blk.0.attn_norm.weight"] == GGMLType.F32
+    assert ConversionConfig(quant="q4_1", ffn_bits=4).tensor_type("blk.0.ffn_up.weight", (64, 64)) == GGMLType.Q4_1
+
+
+def test_rows_that_do_not_fill_blocks_fall_back_to_f16():
+    assert ConversionConfig(quant="q4_0").tensor_type("blk.0.ffn_up.weight", (64, 48)) == GGMLType.F16
+
+
+@pytest.mark.parametrize("options", [dict(quant="q3_k"), dict(ffn_bits=6)])
+def test_bad_conversion_options_are_named(options):
+    with pytest.raises(InvalidOptionError, match="quant|ffn-bits"):
+        ConversionConfig(**options)
+
+
+def test_byte_level_tokenizer_and_chat_template_survive_conversion(tiny):
+    from tokenizers import Tokenizer
+
+    _, folder, gguf = tiny("llama")
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ours = load(gguf).tokenizer
+    assert ours.encode(VARIED) == hf.encode(VARIED).ids
+    assert "<|im_start|>assistant" in ours.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_sentencepiece_tokenizer_survives_conversion(tiny):
+    import sentencepiece as spm
+
+    _, folder, gguf = tiny("gemma3")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    ours = load(gguf).tokenizer
+    assert ours.encode(VARIED, add_bos=False, parse_special=False) == sp.encode(VARIED)
+    assert ours.encode("<start_of_turn>user")[:2] == [ours.bos_id, sp.piece_to_id("<start_of_turn>")]
+
+
+def test_gguf_requantization_keeps_metadata_and_runs(real_model, tmp_path):
+    src = GGUFFile(real_model("smollm2-135m"))
+    out = convert(src.path, tmp_path / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    f = GGUFFile(out)
+    assert {t.kind for t in f.tensors.values()} == {GGMLType.Q8_0, GGMLType.F32}
+    for key, value in src.metadata.items():
+        if key != "general.file_type":
+            assert f.value_types[key] == src.value_types[key]
+            assert np.array_equal(np.asarray(f.metadata[key]), np.asarray(value)), key
+    llm = LlmInference(out, temperature=0.0, max_tokens=128)
+    assert "Paris" in llm.generate_response("What is the capital of France?")
+
+
+def test_unknown_model_type_lists_the_supported_ones(tiny, tmp_path):
+    _, folder, _ = tiny("llama")
+    copy = tmp_path / "ckpt"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"model_type": "mamba"}))
+    with pytest.raises(UnsupportedError, match=r"'mamba' is not supported \(supported: .*gemma3.*llama"):
+        convert(copy, tmp_path / "m.gguf", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_conversion_leaves_no_file(tiny, tmp_path, monkeypatch, error):
+    conv = importlib.import_module("pocketlm.convert")  # the package: pocketlm.convert is also a function
+
+    _, folder, _ = tiny("llama")
+    calls = {"n": 0}
+    real_quantize = conv.quantize
+
+    def quantize_then_fail(x, kind):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise error()
+        return real_quantize(x, kind)
+
+    monkeypatch.setattr(conv, "quantize", quantize_then_fail)
+    with pytest.raises(error):
+        convert(folder, tmp_path / "m.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malicious_chat_template_is_stopped_by_the_sandbox(tiny):
+    tok = load(tiny("llama")[2]).tokenizer
+    tok.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(PocketLMError, match="chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_0"])
+def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, arch, quant):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim, as in
+    # the released models) and ignores pocketlm's key for other values.
+    model, folder, _ = tiny(arch, **({"query_pre_attn_scalar": 32} if arch == "gemma3" else {}))
+    path = convert(folder, tmp_path / f"{quant}.gguf", ConversionConfig(quant=quant), progress=False)
+    # type_k/type_v 0: a float32 KV cache (llama.cpp's default f16 cache would add its own rounding)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
+    ids = prompt_ids(model.config.vocab_size, 48, seed=4)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])  # a copy: the completion below reuses the buffer
+    ours = load(path).logits(ids)
+    out = llm.create_completion("The sea", max_tokens=8, temperature=0.0)
+    assert out["choices"][0]["text"] is not None
+    if quant == "f32":  # the same arithmetic; ggml's GELU goes through a float16 table (gemma3)
+        assert np.abs(ours - theirs).max() < (1e-3 if arch == "llama" else 0.05)
+    else:  # llama.cpp rounds activations to 8 bits for quantized weights: close, not equal
+        assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.9

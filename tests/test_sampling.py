@@ -1,0 +1,44 @@
+"""Samplers on tiny distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pocketlm.errors import InvalidOptionError
+from pocketlm.sampling import make_sampler, top_k_filter, top_p_filter
+
+LOGITS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+
+
+def test_temperature_zero_is_argmax():
+    assert make_sampler(0.0)(np.array([0.1, 3.0, 2.0])) == 1
+
+
+def test_top_k_keeps_the_k_best():
+    kept = np.isfinite(top_k_filter(LOGITS, 2))
+    assert kept.tolist() == [True, True, False, False]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert np.isfinite(top_p_filter(LOGITS, 0.7)).tolist() == [True, True, False, False]
+    assert np.isfinite(top_p_filter(LOGITS, 0.5)).tolist() == [True, False, False, False]
+    assert np.isfinite(top_p_filter(LOGITS, 0.81)).tolist() == [True, True, True, False]
+
+
+def test_sampling_follows_the_distribution_and_respects_top_k():
+    sample = make_sampler(1.0, top_k=3, seed=0)
+    counts = np.bincount([sample(LOGITS) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts[:3], np.array([0.5, 0.3, 0.15]) / 0.95, atol=0.03)
+    assert counts[3] == 0
+
+
+def test_same_seed_same_draws():
+    a, b = make_sampler(0.9, seed=7), make_sampler(0.9, seed=7)
+    assert [a(LOGITS) for _ in range(50)] == [b(LOGITS) for _ in range(50)]
+
+
+@pytest.mark.parametrize("options", [dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan"))])
+def test_bad_values_raise_one_clear_error(options):
+    with pytest.raises(InvalidOptionError, match=next(iter(options))):
+        make_sampler(**options)
