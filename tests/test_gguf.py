@@ -76,13 +76,18 @@ def test_bad_magic_is_rejected(tmp_path):
         GGUFFile(path)
 
 
+def patch_mat_info(path, skip: int, value: bytes) -> None:
+    """Overwrite bytes of tensor "mat"'s info, `skip` bytes after its name."""
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"mat") + 3 + skip
+    raw[at : at + len(value)] = value
+    path.write_bytes(bytes(raw))
+
+
 def test_tensor_offset_outside_the_file_is_rejected(tmp_path):
     path = tmp_path / "m.gguf"
     write_small(path)
-    raw = bytearray(path.read_bytes())
-    at = raw.index(b"mat") + 3 + 4 + 16 + 4  # name, n_dims, 2 dims, type -> offset
-    raw[at : at + 8] = struct.pack("<Q", 1 << 20)
-    path.write_bytes(bytes(raw))
+    patch_mat_info(path, 4 + 16 + 4, struct.pack("<Q", 1 << 20))  # past n_dims, 2 dims, type: offset
     with pytest.raises(ModelFileError, match="'mat'.*outside"):
         GGUFFile(path)
 
@@ -90,10 +95,7 @@ def test_tensor_offset_outside_the_file_is_rejected(tmp_path):
 def test_unsupported_tensor_type_is_rejected(tmp_path):
     path = tmp_path / "m.gguf"
     write_small(path)
-    raw = bytearray(path.read_bytes())
-    at = raw.index(b"mat") + 3 + 4 + 16
-    raw[at : at + 4] = struct.pack("<I", 20)  # IQ4_NL: not one of ours
-    path.write_bytes(bytes(raw))
+    patch_mat_info(path, 4 + 16, struct.pack("<I", 20))  # type 20 is IQ4_NL: not one of ours
     with pytest.raises(ModelFileError, match="tensor type 20 is not supported"):
         GGUFFile(path)
 

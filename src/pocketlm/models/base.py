@@ -39,6 +39,28 @@ class ModelArgs:
 REQUIRED: Any = _REQUIRED
 
 
+@dataclass
+class DecoderArgs(ModelArgs):
+    """The hyper-parameters every decoder-only transformer has, under llama.cpp's key names."""
+
+    hidden_size: int = REQUIRED
+    n_layers: int = REQUIRED
+    n_heads: int = REQUIRED
+    ffn_size: int = REQUIRED
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    context_length: int = 2048
+
+    _keys = {
+        "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
+        "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length", "rope_base": "rope.freq_base",
+        "norm_eps": "attention.layer_norm_rms_epsilon", "context_length": "context_length",
+    }
+
+
 class Weights:
     """Tensors by llama.cpp name, with errors that say which one is missing."""
 

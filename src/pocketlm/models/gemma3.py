@@ -11,16 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import REQUIRED, Attention, AttentionSpec, CausalLM, GatedMLP, ModelArgs, Weights
+from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Weights
 
 
 @dataclass
-class Gemma3Args(ModelArgs):
-    hidden_size: int = REQUIRED
-    n_layers: int = REQUIRED
-    n_heads: int = REQUIRED
-    ffn_size: int = REQUIRED
-    n_kv_heads: int | None = None
+class Gemma3Args(DecoderArgs):
     head_dim: int = 256
     rope_base: float = 1_000_000.0
     rope_base_swa: float = 10_000.0
@@ -34,14 +29,11 @@ class Gemma3Args(ModelArgs):
     context_length: int = 32768
 
     _keys = {
-        "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
-        "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
-        "head_dim": "attention.key_length", "rope_base": "rope.freq_base",
+        **DecoderArgs._keys,
         "rope_base_swa": "rope.freq_base_swa", "rope_scale": "rope.scaling.factor",
         "sliding_window": "attention.sliding_window", "sliding_pattern": "attention.sliding_window_pattern",
         "query_pre_attn_scalar": "attention.query_pre_attn_scalar",  # pocketlm's key; llama.cpp uses head_dim
         "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
-        "norm_eps": "attention.layer_norm_rms_epsilon", "context_length": "context_length",
     }
 
     def is_sliding(self, i: int) -> bool:

@@ -10,29 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import REQUIRED, Attention, AttentionSpec, CausalLM, GatedMLP, ModelArgs, Weights
+from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Weights
 
 
 @dataclass
-class LlamaArgs(ModelArgs):
-    hidden_size: int = REQUIRED
-    n_layers: int = REQUIRED
-    n_heads: int = REQUIRED
-    ffn_size: int = REQUIRED
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
+class LlamaArgs(DecoderArgs):
     rope_dims: int | None = None
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    context_length: int = 2048
 
-    _keys = {
-        "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
-        "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
-        "head_dim": "attention.key_length", "rope_dims": "rope.dimension_count",
-        "rope_base": "rope.freq_base", "norm_eps": "attention.layer_norm_rms_epsilon",
-        "context_length": "context_length",
-    }
+    _keys = {**DecoderArgs._keys, "rope_dims": "rope.dimension_count"}
 
 
 class TransformerBlock:
