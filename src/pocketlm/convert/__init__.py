@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ModelFileError
-from ..formats.gguf import GGUFFile, GGUFWriter
+from ..formats.gguf import GGUFFile, GGUFWriter, arch_key
 from ..formats.hf import HFCheckpoint
 from ..formats.quants import GGMLType, quantize
 from .architectures import mapping_for
@@ -57,7 +57,7 @@ def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter
     writer.add("general.file_type", config.file_type)
     writer.add("general.quantization_version", 2)
     for key, value in mapping.metadata().items():
-        writer.add(f"{mapping.arch}.{key}", value)
+        writer.add(arch_key(mapping.arch, key), value)
     vocab_size = None
     tied = bool(ckpt.config.get("tie_word_embeddings", (ckpt.config.get("text_config") or {}).get("tie_word_embeddings", True)))
     skipped = []

@@ -180,7 +180,7 @@ class Gemma3Mapping(Mapping):
                 keys[name] = float(c[name])
         scalar = c.get("query_pre_attn_scalar")
         if scalar and int(scalar) != keys["attention.key_length"]:
-            keys["attention.query_pre_attn_scalar"] = float(scalar)  # pocketlm's key
+            keys["pocketlm.attention.query_pre_attn_scalar"] = float(scalar)  # llama.cpp assumes head_dim
         return keys
 
     def transform(self, gguf_name):

@@ -26,6 +26,12 @@ DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4
 
 
+def arch_key(arch: str, key: str) -> str:
+    """The metadata key for an architecture parameter: llama.cpp's `{arch}.key`, or our own
+    `pocketlm.*` keys (for what llama.cpp has no name for) as they are."""
+    return key if key.startswith("pocketlm.") else f"{arch}.{key}"
+
+
 class ValueType(IntEnum):
     UINT8 = 0
     INT8 = 1

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ModelFileError
+from ..formats.gguf import arch_key
 from ..kvcache import KVCache, LayerCache
 
 _REQUIRED = object()
@@ -23,14 +24,15 @@ class ModelArgs:
 
     architecture: str
 
-    _keys = {}  # field name -> metadata key without the "{arch}." prefix
+    _keys = {}  # field name -> metadata key without the "{arch}." prefix (see formats.gguf.arch_key)
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> "ModelArgs":
         arch = metadata["general.architecture"]
         values = {"architecture": arch}
-        values.update({name: metadata[f"{arch}.{key}"] for name, key in cls._keys.items() if f"{arch}.{key}" in metadata})
-        missing = [f"{arch}.{cls._keys[f.name]}" for f in fields(cls) if f.name not in values and f.default is _REQUIRED]
+        keys = {name: arch_key(arch, key) for name, key in cls._keys.items()}
+        values.update({name: metadata[key] for name, key in keys.items() if key in metadata})
+        missing = [keys[f.name] for f in fields(cls) if f.name not in values and f.default is _REQUIRED]
         if missing:
             raise ModelFileError(f"model metadata lacks {', '.join(missing)}")
         return cls(**values)

@@ -32,7 +32,7 @@ class Gemma3Args(DecoderArgs):
         **DecoderArgs._keys,
         "rope_base_swa": "rope.freq_base_swa", "rope_scale": "rope.scaling.factor",
         "sliding_window": "attention.sliding_window", "sliding_pattern": "attention.sliding_window_pattern",
-        "query_pre_attn_scalar": "attention.query_pre_attn_scalar",  # pocketlm's key; llama.cpp uses head_dim
+        "query_pre_attn_scalar": "pocketlm.attention.query_pre_attn_scalar",  # llama.cpp assumes head_dim
         "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
     }
 
