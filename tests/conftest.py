@@ -54,46 +54,71 @@ def _sentencepiece_tokenizer(folder: Path) -> int:
 
 
 def _randomize(model, seed: int) -> None:
-    """Weights large enough that every part of the network matters to the logits."""
+    """Weights large enough that every part of the network matters to the logits. Norm weights
+    scale by about 1 (Gemma's are stored as w in (1 + w), so theirs vary around 0)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if p.ndim == 1 else 0.15 * noise)
+            is_norm_weight = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(centre + 0.2 * noise if is_norm_weight else (0.2 * noise if p.ndim == 1 else 0.15 * noise))
+
+
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               max_position_embeddings=256)
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+_FALCON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
+
+# kind -> (transformers model class, config class, config values, tokenizer)
+TINY = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False,
+                                                       bos_token_id=1, eos_token_id=2), "bpe"),
+    "llama3-bias": ("LlamaForCausalLM", "LlamaConfig", dict(_COMMON, num_key_value_heads=2, attention_bias=True,
+                                                             mlp_bias=True, rope_parameters=_LLAMA3_ROPE), "bpe"),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        _COMMON, num_hidden_layers=7, num_key_value_heads=2, head_dim=32, sliding_window=16,
+        query_pre_attn_scalar=48, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2), "spm"),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_COMMON, num_key_value_heads=1, head_dim=32, pad_token_id=0,
+                                                       eos_token_id=1, bos_token_id=2), "spm"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(
+        _COMMON, num_hidden_layers=4, num_key_value_heads=2, head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2), "spm"),
+    "phi": ("PhiForCausalLM", "PhiConfig", dict(_COMMON, partial_rotary_factor=0.5, tie_word_embeddings=False), "bpe"),
+    "phi-qk-norm": ("PhiForCausalLM", "PhiConfig", dict(_COMMON, partial_rotary_factor=0.5, qk_layernorm=True), "bpe"),
+    "falcon-rw": ("FalconForCausalLM", "FalconConfig", dict(_FALCON, alibi=True, multi_query=False, bias=True,
+                                                             new_decoder_architecture=False, parallel_attn=False), "bpe"),
+    "falcon-7b": ("FalconForCausalLM", "FalconConfig", dict(_FALCON, alibi=False, multi_query=True, bias=False,
+                                                             new_decoder_architecture=False, parallel_attn=True), "bpe"),
+    "falcon-40b": ("FalconForCausalLM", "FalconConfig", dict(_FALCON, alibi=False, num_kv_heads=2, bias=False,
+                                                              new_decoder_architecture=True, parallel_attn=True), "bpe"),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(_COMMON, num_key_value_heads=2, partial_rotary_factor=0.25,
+                                                                use_qkv_bias=True, qk_layernorm=True), "bpe"),
+    "stablelm-parallel": ("StableLmForCausalLM", "StableLmConfig", dict(_COMMON, num_key_value_heads=4, partial_rotary_factor=0.25,
+                                                                         use_parallel_residual=True), "bpe"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True), "bpe"),
+    "qwen2-untied": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False), "bpe"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_COMMON, num_key_value_heads=2, head_dim=32), "bpe"),
+}
 
 
 def build_tiny(kind: str, folder: Path, **overrides):
-    """Save a tiny random checkpoint of `kind` (llama / gemma3) in `folder`; returns the model.
+    """Save a tiny random checkpoint of `kind` (a TINY key) in `folder`; returns the model.
     `overrides` replace config values."""
     import torch
     import transformers
 
+    model_class, config_class, values, tokenizer = TINY[kind]
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    if kind == "llama":
-        vocab = _byte_level_tokenizer(folder)
-        config = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=2,
-        )
-        config.update(overrides)
-        model = transformers.LlamaForCausalLM(config)
-    elif kind == "gemma3":
-        vocab = _sentencepiece_tokenizer(folder)
-        config = transformers.Gemma3TextConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=7, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, sliding_window=16, max_position_embeddings=256,
-            query_pre_attn_scalar=48, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        )
-        config.update(overrides)
-        model = transformers.Gemma3ForCausalLM(config)
-    else:
-        raise ValueError(kind)
+    vocab = _byte_level_tokenizer(folder) if tokenizer == "bpe" else _sentencepiece_tokenizer(folder)
+    config = getattr(transformers, config_class)(vocab_size=vocab, **values)
+    config.update(overrides)
+    model = getattr(transformers, model_class)(config)
     _randomize(model, seed=1)
-    model.config._attn_implementation = "eager"
     model.eval()
     model.save_pretrained(folder)
     return model

@@ -14,7 +14,9 @@ from pocketlm import ConversionConfig, convert, load
 from pocketlm.engine import decode_step, prefill
 from pocketlm.formats.quants import dequantize, ggml_type, quantize
 
-ARCHS = ["llama", "gemma3"]
+from conftest import TINY
+
+ARCHS = list(TINY)
 
 
 def reference_greedy(model, ids: list[int], steps: int) -> list[int]:
@@ -45,6 +47,7 @@ def test_f32_logits_match_transformers_within_1e3(tiny, arch):
     ours = load(gguf).logits(ids)
     assert ours.shape == expected.shape
     assert np.abs(expected).max() > 1.0  # the random model is not trivially flat
+    assert ours.dtype == np.float32
     assert np.abs(ours - expected).max() <= 1e-3
 
 
@@ -99,8 +102,10 @@ def test_quantized_file_equals_transformers_on_the_same_quantized_weights(tiny, 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_q8_0_conversion_agrees_with_f32_on_top1(tiny, tmp_path, arch):
+    """Teacher-forced over 200 positions. (q4_0 is checked for exactness above: on random
+    weights its top-1 agreement with f32 is 37-75%, which says more about random networks.)"""
     model, folder, f32 = tiny(arch)
     path = convert(folder, tmp_path / "q8_0.gguf", ConversionConfig(quant="q8_0"), progress=False)
-    ids = prompt_ids(model.config.vocab_size, 64, seed=3)
+    ids = prompt_ids(model.config.vocab_size, 200, seed=3)
     agreement = np.mean(load(path).logits(ids).argmax(1) == load(f32).logits(ids).argmax(1))
     assert agreement >= 0.9, agreement

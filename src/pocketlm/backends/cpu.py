@@ -65,6 +65,15 @@ class CpuBackend:
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
     @staticmethod
+    def gelu(x: np.ndarray) -> np.ndarray:
+        """Exact GELU, x * Phi(x), with erf from Abramowitz & Stegun 7.1.26 (error < 1.5e-7)."""
+        z = np.abs(x) / math.sqrt(2.0)
+        t = 1.0 / (1.0 + 0.3275911 * z)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        erf = np.sign(x) * (1.0 - poly * np.exp(-z * z))
+        return (0.5 * x * (1.0 + erf)).astype(x.dtype)
+
+    @staticmethod
     def softcap(x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / cap) * cap
 
@@ -72,14 +81,17 @@ class CpuBackend:
 
     @staticmethod
     def rope(x: np.ndarray, positions: np.ndarray, base: float, n_dims: int, neox: bool,
-             freq_scale: float = 1.0) -> np.ndarray:
+             freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> np.ndarray:
         """Rotate the first `n_dims` of each head of x [T, H, D] by position.
 
         `neox` pairs dimension i with i + n_dims/2 (GPT-NeoX / HF rotate_half); otherwise
         adjacent dimensions (2i, 2i+1) are paired, as llama.cpp's converted Llama weights expect.
+        `freq_factors` (llama.cpp's rope_freqs tensor) divide each frequency (Llama 3 scaling).
         """
         half = n_dims // 2
         inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / n_dims)
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors
         angles = (positions.astype(np.float64)[:, None] * freq_scale) * inv_freq[None, :]
         cos = np.cos(angles).astype(np.float32)[:, None, :]
         sin = np.sin(angles).astype(np.float32)[:, None, :]
@@ -95,11 +107,12 @@ class CpuBackend:
     @staticmethod
     def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
                   k_pos: np.ndarray, scale: float, window: int | None = None,
-                  softcap: float | None = None) -> np.ndarray:
+                  softcap: float | None = None, alibi: np.ndarray | None = None) -> np.ndarray:
         """Causal (optionally sliding-window) attention; q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq*Dv].
 
         Query heads share kv heads in groups (GQA / MQA). A key is visible to a query when it is
-        not later and, with a window, fewer than `window` positions back.
+        not later and, with a window, fewer than `window` positions back. `alibi` [Hq] adds
+        slope * key position to each head's scores (softmax ignores the per-query offset).
         """
         T, n_heads, _ = q.shape
         n_kv = k.shape[1]
@@ -108,6 +121,8 @@ class CpuBackend:
         scores = np.einsum("hgtd,shd->hgts", qg, k) * scale
         if softcap:
             scores = np.tanh(scores / softcap) * softcap
+        if alibi is not None:
+            scores = scores + alibi.reshape(n_kv, group, 1, 1) * k_pos.astype(np.float32)
         delta = q_pos[:, None] - k_pos[None, :]
         visible = delta >= 0
         if window:

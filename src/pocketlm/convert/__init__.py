@@ -59,24 +59,21 @@ def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter
     for key, value in mapping.metadata().items():
         writer.add(arch_key(mapping.arch, key), value)
     vocab_size = None
-    tied = bool(ckpt.config.get("tie_word_embeddings", (ckpt.config.get("text_config") or {}).get("tie_word_embeddings", True)))
-    skipped = []
-    for name in ckpt.names:
-        gguf_name = mapping.map_name(name)
-        if gguf_name is None or (gguf_name == "output.weight" and tied):
-            skipped.append(name)
+    text_config = ckpt.config.get("text_config") or {}
+    tied = bool(ckpt.config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)))
+    for gguf_name, shape, load in mapping.tensors(ckpt):
+        if gguf_name == "output.weight" and tied:
             continue
-        shape = ckpt.shape(name)
         if gguf_name == "token_embd.weight":
             vocab_size = shape[0]
         kind = config.tensor_type(gguf_name, shape)
-        load = (lambda n=name, t=mapping.transform(gguf_name): t(ckpt.tensor(n)))
         writer.add_tensor(gguf_name, kind, shape, _quantized(load, kind))
     if vocab_size is None:
         raise ModelFileError(f"{ckpt.folder}: checkpoint has no token embedding")
     for key, (value, vtype, item_type) in tokenizer_metadata(ckpt, vocab_size).items():
         writer.add(key, value, vtype, item_type)
-    if any("tower" in s or "projector" in s for s in skipped):
+    skipped = [n for n in ckpt.names if any(part in n for part in mapping.skip_parts)]
+    if skipped:
         print(f"pocketlm: converting the text model only; skipped {len(skipped)} vision/audio tensors", file=sys.stderr)
     writer.tensors.sort(key=_tensor_order)
     return writer

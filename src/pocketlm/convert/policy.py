@@ -42,9 +42,10 @@ class ConversionConfig:
         return GGMLType.Q4_1 if self.quant == "q4_1" else GGMLType.Q4_0
 
     def tensor_type(self, name: str, shape: tuple[int, ...]) -> GGMLType:
-        """The type for tensor `name` of numpy `shape`; vectors stay float32, and matrices whose
-        rows do not fill whole blocks fall back to float16 (as llama.cpp does)."""
-        if len(shape) < 2 or self.quant == "f32":
+        """The type for tensor `name` of numpy `shape`; vectors and norms (even per-head ones,
+        stored as matrices) stay float32, and matrices whose rows do not fill whole blocks fall
+        back to float16 (as llama.cpp does)."""
+        if len(shape) < 2 or name.endswith("norm.weight") or self.quant == "f32":
             return GGMLType.F32
         kind = GGMLType[self.quant.upper()]
         for component, pattern in _COMPONENTS.items():

@@ -8,7 +8,11 @@ from typing import Any, Mapping
 from ..errors import UnsupportedError
 from .base import CausalLM, Weights
 
-ARCHITECTURES = ("llama", "gemma3")
+# GGUF general.architecture -> module (named after the checkpoint's model_type)
+ARCHITECTURES = {
+    "llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "phi2": "phi",
+    "falcon": "falcon", "stablelm": "stablelm", "qwen2": "qwen2", "qwen3": "qwen3",
+}
 
 
 def build_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> CausalLM:
@@ -18,5 +22,5 @@ def build_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> Caus
         raise UnsupportedError(
             f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
-    module = importlib.import_module(f".{arch}", __name__)
+    module = importlib.import_module(f".{ARCHITECTURES[arch]}", __name__)
     return module.Model(module.ARGS.from_metadata(metadata), Weights(tensors))

@@ -86,60 +86,133 @@ class AttentionSpec:
     n_kv_heads: int
     head_dim: int
     rope_base: float
-    rope_dims: int
+    rope_dims: int  # 0: no RoPE (ALiBi models)
     rope_neox: bool
     scale: float
     window: int | None = None
     softcap: float | None = None
     rope_freq_scale: float = 1.0  # linear RoPE scaling: positions are multiplied by this
+    qk_norm: str = "rms"  # per-head q/k norm, when the weights have one: "rms" or "layer"
+    alibi: np.ndarray | None = None  # per-head slopes, already multiplied by `scale`
 
 
 class Attention:
-    """q/k/v projections, optional per-head q/k norms, RoPE, cached attention, output projection."""
+    """q/k/v projections (separate or fused), optional per-head q/k norms, RoPE, cached
+    attention, output projection; biases wherever the weights have them."""
 
     def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, norm_eps: float):
         self.spec, self.norm_eps = spec, norm_eps
-        self.wq, self.wk, self.wv = w(f"{prefix}.attn_q.weight"), w(f"{prefix}.attn_k.weight"), w(f"{prefix}.attn_v.weight")
-        self.bq, self.bk, self.bv = (w.optional(f"{prefix}.attn_{n}.bias") for n in "qkv")
+        self.wqkv, self.bqkv = w.optional(f"{prefix}.attn_qkv.weight"), w.optional(f"{prefix}.attn_qkv.bias")
+        if self.wqkv is None:
+            self.wq, self.wk, self.wv = (w(f"{prefix}.attn_{n}.weight") for n in "qkv")
+            self.bq, self.bk, self.bv = (w.optional(f"{prefix}.attn_{n}.bias") for n in "qkv")
         self.wo, self.bo = w(f"{prefix}.attn_output.weight"), w.optional(f"{prefix}.attn_output.bias")
         self.q_norm, self.k_norm = w.optional(f"{prefix}.attn_q_norm.weight"), w.optional(f"{prefix}.attn_k_norm.weight")
+        self.q_norm_bias, self.k_norm_bias = w.optional(f"{prefix}.attn_q_norm.bias"), w.optional(f"{prefix}.attn_k_norm.bias")
+        self.freq_factors = w.optional("rope_freqs.weight")
+
+    def project(self, ops, x: np.ndarray):
+        s, T = self.spec, len(x)
+        q_size, kv_size = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
+        if self.wqkv is not None:
+            qkv = ops.linear(x, self.wqkv, self.bqkv)  # rows: all q, then k, then v
+            q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
+        else:
+            q, k, v = ops.linear(x, self.wq, self.bq), ops.linear(x, self.wk, self.bk), ops.linear(x, self.wv, self.bv)
+        return q.reshape(T, s.n_heads, s.head_dim), k.reshape(T, s.n_kv_heads, s.head_dim), v.reshape(T, s.n_kv_heads, -1)
+
+    def norm_qk(self, ops, q: np.ndarray, k: np.ndarray):
+        if self.q_norm is None:
+            return q, k
+        if self.spec.qk_norm == "layer":
+            return (ops.layer_norm(q, self.q_norm, self.q_norm_bias, self.norm_eps),
+                    ops.layer_norm(k, self.k_norm, self.k_norm_bias, self.norm_eps))
+        return ops.rms_norm(q, self.q_norm, self.norm_eps), ops.rms_norm(k, self.k_norm, self.norm_eps)
 
     def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache: LayerCache) -> np.ndarray:
         s = self.spec
-        T = len(x)
-        q = ops.linear(x, self.wq, self.bq).reshape(T, s.n_heads, s.head_dim)
-        k = ops.linear(x, self.wk, self.bk).reshape(T, s.n_kv_heads, s.head_dim)
-        v = ops.linear(x, self.wv, self.bv).reshape(T, s.n_kv_heads, -1)
-        if self.q_norm is not None:
-            q, k = ops.rms_norm(q, self.q_norm, self.norm_eps), ops.rms_norm(k, self.k_norm, self.norm_eps)
-        q = ops.rope(q, positions, s.rope_base, s.rope_dims, s.rope_neox, s.rope_freq_scale)
-        k = ops.rope(k, positions, s.rope_base, s.rope_dims, s.rope_neox, s.rope_freq_scale)
+        q, k, v = self.project(ops, x)
+        q, k = self.norm_qk(ops, q, k)
+        if s.rope_dims:
+            factors = ops.dense(self.freq_factors) if self.freq_factors is not None else None
+            q = ops.rope(q, positions, s.rope_base, s.rope_dims, s.rope_neox, s.rope_freq_scale, factors)
+            k = ops.rope(k, positions, s.rope_base, s.rope_dims, s.rope_neox, s.rope_freq_scale, factors)
         keys, values, key_positions = cache.update_and_fetch(k, v, int(positions[0]))
-        out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window, s.softcap)
+        out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window, s.softcap, s.alibi)
         return ops.linear(out, self.wo, self.bo)
 
-    def make_cache(self, max_tokens: int, v_dim: int | None = None) -> LayerCache:
+    def make_cache(self, max_tokens: int) -> LayerCache:
         s = self.spec
-        return LayerCache(max_tokens, s.n_kv_heads, s.head_dim, v_dim or s.head_dim, s.window)
+        return LayerCache(max_tokens, s.n_kv_heads, s.head_dim, s.head_dim, s.window)
+
+
+def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> np.ndarray:
+    """ALiBi's per-head slopes (Press et al.), with the interleaved extra heads when n_heads is
+    not a power of two, as llama.cpp and transformers compute them."""
+    n = 2 ** int(np.floor(np.log2(n_heads)))
+    m0, m1 = 2.0 ** (-max_bias / n), 2.0 ** (-max_bias / 2 / n)
+    slopes = [m0 ** (i + 1) if i < n else m1 ** (2 * (i - n) + 1) for i in range(n_heads)]
+    return np.asarray(slopes, np.float32)
 
 
 class GatedMLP:
-    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu."""
+    """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with gelu_tanh; biases if present."""
 
     def __init__(self, w: Weights, prefix: str, activation: str):
-        self.gate, self.up, self.down = w(f"{prefix}.ffn_gate.weight"), w(f"{prefix}.ffn_up.weight"), w(f"{prefix}.ffn_down.weight")
+        self.gate, self.up, self.down = (w(f"{prefix}.ffn_{n}.weight") for n in ("gate", "up", "down"))
+        self.gate_b, self.up_b, self.down_b = (w.optional(f"{prefix}.ffn_{n}.bias") for n in ("gate", "up", "down"))
         self.activation = activation
 
     def __call__(self, ops, x: np.ndarray) -> np.ndarray:
         act = getattr(ops, self.activation)
-        return ops.linear(act(ops.linear(x, self.gate)) * ops.linear(x, self.up), self.down)
+        h = act(ops.linear(x, self.gate, self.gate_b)) * ops.linear(x, self.up, self.up_b)
+        return ops.linear(h, self.down, self.down_b)
+
+
+class MLP:
+    """down(act(up(x))), the two-matrix MLP of GPT-2 style models (Phi, Falcon)."""
+
+    def __init__(self, w: Weights, prefix: str, activation: str):
+        self.up, self.up_b = w(f"{prefix}.ffn_up.weight"), w.optional(f"{prefix}.ffn_up.bias")
+        self.down, self.down_b = w(f"{prefix}.ffn_down.weight"), w.optional(f"{prefix}.ffn_down.bias")
+        self.activation = activation
+
+    def __call__(self, ops, x: np.ndarray) -> np.ndarray:
+        return ops.linear(getattr(ops, self.activation)(ops.linear(x, self.up, self.up_b)), self.down, self.down_b)
+
+
+class Norm:
+    """RMSNorm or LayerNorm (with its bias when the file has one), by weight name."""
+
+    def __init__(self, w: Weights, name: str, kind: str, eps: float):
+        self.weight, self.bias = w(f"{name}.weight"), w.optional(f"{name}.bias")
+        self.kind, self.eps = kind, eps
+
+    def __call__(self, ops, x: np.ndarray) -> np.ndarray:
+        if self.kind == "layer":
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class CausalLM:
-    """The contract the engine relies on: `make_cache`, `forward`, `vocab_size`, `context_length`."""
+    """The contract the engine relies on: `make_cache`, `forward`, `vocab_size`, `args`.
 
-    args: ModelArgs
+    Subclasses build `layers` (blocks with an `attention`) and call `init_io`; embedding scale
+    and final soft-capping are class or instance attributes where an architecture has them.
+    """
+
+    args: DecoderArgs
     layers: list
+    embed_scale: float | None = None
+    final_softcap: float | None = None
+
+    def init_io(self, w: Weights, norm_kind: str, eps: float) -> None:
+        self.token_embd = w("token_embd.weight")
+        self.output_norm = Norm(w, "output_norm", norm_kind, eps)
+        output = w.optional("output.weight")
+        self.output = output if output is not None else self.token_embd  # tied when absent
+        self.output_bias = w.optional("output.bias")
+        self.vocab_size = self.token_embd.shape[0]
 
     def make_cache(self, max_tokens: int) -> KVCache:
         return KVCache([layer.attention.make_cache(max_tokens) for layer in self.layers], max_tokens)
@@ -156,7 +229,9 @@ class CausalLM:
         return self.head(ops, h)
 
     def embed(self, ops, ids: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        h = ops.embedding(self.token_embd, ids)
+        return h * np.float32(self.embed_scale) if self.embed_scale else h
 
     def head(self, ops, h: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        logits = ops.linear(self.output_norm(ops, h), self.output, self.output_bias)
+        return ops.softcap(logits, self.final_softcap) if self.final_softcap else logits

@@ -1,5 +1,6 @@
 """Gemma 3 (incl. 270M): sliding-window and global layers with their own RoPE bases, per-head
 q/k RMSNorm, norms before and after attention and MLP, GeGLU, scaled tied embeddings.
+Gemma 2 uses the same blocks (see gemma2.py).
 
 As in llama.cpp's files, Gemma's (1 + w) norm weights are stored with the 1 already added, so
 every norm here multiplies by the stored weight.
@@ -7,11 +8,10 @@ every norm here multiplies by the stored weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Weights
+from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 @dataclass
@@ -35,12 +35,13 @@ class Gemma3Args(DecoderArgs):
         "query_pre_attn_scalar": "pocketlm.attention.query_pre_attn_scalar",  # llama.cpp assumes head_dim
         "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
     }
+    default_period = 6  # without a pattern in the file: every 6th layer is global
 
     def is_sliding(self, i: int) -> bool:
         if not self.sliding_window:
             return False
         if self.sliding_pattern is None:
-            return i % 6 < 5
+            return i % self.default_period < self.default_period - 1
         return bool(self.sliding_pattern[i])
 
 
@@ -54,35 +55,24 @@ class TransformerBlock:
             window=args.sliding_window if sliding else None, softcap=args.attn_softcap,
             rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale,
         )
-        p = f"blk.{i}"
-        self.attn_norm, self.post_attn_norm = w(f"{p}.attn_norm.weight"), w(f"{p}.post_attention_norm.weight")
-        self.ffn_norm, self.post_ffn_norm = w(f"{p}.ffn_norm.weight"), w(f"{p}.post_ffw_norm.weight")
-        self.attention = Attention(w, p, spec, args.norm_eps)
+        p, eps = f"blk.{i}", args.norm_eps
+        self.attn_norm, self.post_attn_norm = Norm(w, f"{p}.attn_norm", "rms", eps), Norm(w, f"{p}.post_attention_norm", "rms", eps)
+        self.ffn_norm, self.post_ffn_norm = Norm(w, f"{p}.ffn_norm", "rms", eps), Norm(w, f"{p}.post_ffw_norm", "rms", eps)
+        self.attention = Attention(w, p, spec, eps)
         self.mlp = GatedMLP(w, p, "gelu_tanh")
-        self.eps = args.norm_eps
 
     def __call__(self, ops, x, positions, cache):
-        h = self.attention(ops, ops.rms_norm(x, self.attn_norm, self.eps), positions, cache)
-        x = x + ops.rms_norm(h, self.post_attn_norm, self.eps)
-        h = self.mlp(ops, ops.rms_norm(x, self.ffn_norm, self.eps))
-        return x + ops.rms_norm(h, self.post_ffn_norm, self.eps)
+        x = x + self.post_attn_norm(ops, self.attention(ops, self.attn_norm(ops, x), positions, cache))
+        return x + self.post_ffn_norm(ops, self.mlp(ops, self.ffn_norm(ops, x)))
 
 
 class Model(CausalLM):
     def __init__(self, args: Gemma3Args, w: Weights):
         self.args = args
-        self.token_embd = w("token_embd.weight")
+        self.init_io(w, "rms", args.norm_eps)
         self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
-        self.output_norm = w("output_norm.weight")
-        self.output = w.optional("output.weight") or self.token_embd
-        self.vocab_size = self.token_embd.shape[0]
-
-    def embed(self, ops, ids: np.ndarray) -> np.ndarray:
-        return ops.embedding(self.token_embd, ids) * np.float32(np.sqrt(self.args.hidden_size))
-
-    def head(self, ops, h: np.ndarray) -> np.ndarray:
-        logits = ops.linear(ops.rms_norm(h, self.output_norm, self.args.norm_eps), self.output)
-        return ops.softcap(logits, self.args.final_softcap) if self.args.final_softcap else logits
+        self.embed_scale = math.sqrt(args.hidden_size)
+        self.final_softcap = args.final_softcap
 
 
 ARGS = Gemma3Args

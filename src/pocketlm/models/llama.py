@@ -1,16 +1,16 @@
-"""Llama family (Llama 2/3, SmolLM2): pre-norm blocks, SwiGLU MLP, RoPE, grouped-query attention.
+"""Llama family (Llama 2/3, SmolLM2): pre-norm blocks, SwiGLU MLP, RoPE, grouped-query attention,
+optional attention / MLP biases and Llama 3 RoPE scaling (llama.cpp's rope_freqs tensor).
 
 llama.cpp's converter permutes the q/k rows of Llama checkpoints so that RoPE rotates adjacent
-pairs; GGUF files of this architecture therefore use the non-NeoX rotation.
+pairs; GGUF files of this architecture therefore use the non-NeoX rotation. Qwen 2/3 reuse these
+blocks with the NeoX rotation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Weights
+from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 @dataclass
@@ -21,37 +21,30 @@ class LlamaArgs(DecoderArgs):
 
 
 class TransformerBlock:
-    def __init__(self, w: Weights, i: int, args: LlamaArgs):
+    def __init__(self, w: Weights, i: int, args: LlamaArgs, rope_neox: bool):
         head_dim = args.head_dim or args.hidden_size // args.n_heads
         spec = AttentionSpec(
             n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=head_dim,
-            rope_base=args.rope_base, rope_dims=args.rope_dims or head_dim, rope_neox=False,
+            rope_base=args.rope_base, rope_dims=args.rope_dims or head_dim, rope_neox=rope_neox,
             scale=head_dim**-0.5,
         )
-        self.attn_norm, self.ffn_norm = w(f"blk.{i}.attn_norm.weight"), w(f"blk.{i}.ffn_norm.weight")
+        self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "rms", args.norm_eps)
+        self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "rms", args.norm_eps)
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)
         self.mlp = GatedMLP(w, f"blk.{i}", "silu")
-        self.eps = args.norm_eps
 
     def __call__(self, ops, x, positions, cache):
-        x = x + self.attention(ops, ops.rms_norm(x, self.attn_norm, self.eps), positions, cache)
-        return x + self.mlp(ops, ops.rms_norm(x, self.ffn_norm, self.eps))
+        x = x + self.attention(ops, self.attn_norm(ops, x), positions, cache)
+        return x + self.mlp(ops, self.ffn_norm(ops, x))
 
 
 class Model(CausalLM):
+    rope_neox = False
+
     def __init__(self, args: LlamaArgs, w: Weights):
         self.args = args
-        self.token_embd = w("token_embd.weight")
-        self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
-        self.output_norm = w("output_norm.weight")
-        self.output = w.optional("output.weight") or self.token_embd  # tied when absent
-        self.vocab_size = self.token_embd.shape[0]
-
-    def embed(self, ops, ids: np.ndarray) -> np.ndarray:
-        return ops.embedding(self.token_embd, ids)
-
-    def head(self, ops, h: np.ndarray) -> np.ndarray:
-        return ops.linear(ops.rms_norm(h, self.output_norm, self.args.norm_eps), self.output)
+        self.init_io(w, "rms", args.norm_eps)
+        self.layers = [TransformerBlock(w, i, args, self.rope_neox) for i in range(args.n_layers)]
 
 
 ARGS = LlamaArgs
