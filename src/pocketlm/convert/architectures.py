@@ -315,8 +315,9 @@ class FalconMapping(Mapping):
         "transformer.ln_f": "output_norm",
         "lm_head": "output",
         "transformer.h.{i}.input_layernorm": "blk.{i}.attn_norm",
-        "transformer.h.{i}.ln_attn": "blk.{i}.attn_norm",
-        "transformer.h.{i}.ln_mlp": "blk.{i}.attn_norm_2",
+        # falcon-40b's two norms, named as llama.cpp does: attn_norm_2 is the one before attention
+        "transformer.h.{i}.ln_attn": "blk.{i}.attn_norm_2",
+        "transformer.h.{i}.ln_mlp": "blk.{i}.attn_norm",
         "transformer.h.{i}.post_attention_layernorm": "blk.{i}.ffn_norm",  # falcon-rw: before the MLP
         "transformer.h.{i}.self_attention.query_key_value": "blk.{i}.attn_qkv",
         "transformer.h.{i}.self_attention.dense": "blk.{i}.attn_output",

@@ -2,7 +2,8 @@
 - falcon-rw (e.g. falcon-rw-1b): ALiBi instead of RoPE, multi-head attention, sequential
   blocks (a second LayerNorm, stored as ffn_norm, before the MLP);
 - falcon-7b/40b style: RoPE (NeoX), multi-query or grouped attention, parallel attention and
-  MLP fed by one LayerNorm or two (attn_norm and attn_norm_2).
+  MLP fed by one LayerNorm (attn_norm) or two (llama.cpp's names: attn_norm_2 before attention,
+  attn_norm before the MLP).
 q, k and v come fused as attn_qkv in [all q; all k; all v] order (the converter reorders them).
 """
 
@@ -35,19 +36,19 @@ class TransformerBlock:
         p, eps = f"blk.{i}", args.norm_eps
         self.attn_norm = Norm(w, f"{p}.attn_norm", "layer", eps)
         has = lambda name: w.optional(f"{p}.{name}.weight") is not None  # noqa: E731
-        self.mlp_norm = Norm(w, f"{p}.attn_norm_2", "layer", eps) if has("attn_norm_2") else None
+        self.attn_norm_2 = Norm(w, f"{p}.attn_norm_2", "layer", eps) if has("attn_norm_2") else None
         self.ffn_norm = Norm(w, f"{p}.ffn_norm", "layer", eps) if has("ffn_norm") else None
         self.attention = Attention(w, p, spec, eps)
         self.mlp = MLP(w, p, "gelu")
 
     def __call__(self, ops, x, positions, cache):
         h = self.attn_norm(ops, x)
-        attn = self.attention(ops, h, positions, cache)
+        h_attn = self.attn_norm_2(ops, x) if self.attn_norm_2 is not None else h
+        attn = self.attention(ops, h_attn, positions, cache)
         if self.ffn_norm is not None:  # sequential (falcon-rw)
             x = x + attn
             return x + self.mlp(ops, self.ffn_norm(ops, x))
-        h_mlp = self.mlp_norm(ops, x) if self.mlp_norm is not None else h
-        return x + attn + self.mlp(ops, h_mlp)
+        return x + attn + self.mlp(ops, h)
 
 
 class Model(CausalLM):
