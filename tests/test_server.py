@@ -1,0 +1,245 @@
+"""The OpenAI-compatible server: the official `openai` client against a live server, concurrency,
+disconnects, error responses, and the chat page in a real browser."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from pocketlm import LlmInference
+from pocketlm.server import create_app
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+class LiveServer:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def smol_server(real_model):
+    llm = LlmInference(real_model("smollm2-135m"))
+    server = LiveServer(create_app(llm, "smollm2-135m", context_size=1024))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny):
+    llm = LlmInference(tiny("llama")[2])
+    server = LiveServer(create_app(llm, "tiny", context_size=256))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(smol_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=smol_server.url + "/v1", api_key="unused")
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_openai_client_chat_completion(client, smol_server):
+    reply = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content and choice.finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 10 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_openai_client_chat_stream_equals_the_plain_reply(client):
+    plain = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40)
+    stream = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == plain.choices[0].message.content and finishes == ["stop"]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_openai_client_completions_plain_and_streamed(client):
+    plain = client.completions.create(model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8)
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8, stream=True))
+    assert streamed == plain.choices[0].text and "Paris" in streamed
+
+
+def test_stop_sequences_cut_the_text(client):
+    reply = client.completions.create(model="smollm2-135m", prompt="Count: 1, 2, 3,", temperature=0, max_tokens=30,
+                                      stop=[", 6"])
+    assert reply.choices[0].finish_reason == "stop" and ", 6" not in reply.choices[0].text
+    assert "5" in reply.choices[0].text
+
+
+def test_models_and_health(client, smol_server):
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+    assert httpx.get(smol_server.url + "/health").json()["status"] == "ok"
+
+
+def _stream_text(url: str, body: dict) -> tuple[str, str, bool]:
+    """(text, finish_reason, ended with [DONE]) of one streamed completion."""
+    text, finish, done = [], None, False
+    with httpx.stream("POST", url + "/v1/completions", json=body | {"stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+    return "".join(text), finish, done
+
+
+def test_eight_clients_three_streams_each_get_only_their_own_tokens(tiny_server):
+    requests = [{"prompt": f"Client {c} asks question {r}", "seed": 10 * c + r, "temperature": 0.9, "max_tokens": 24}
+                for c in range(8) for r in range(3)]
+
+    def client_run(c):
+        return [_stream_text(tiny_server.url, requests[3 * c + r]) for r in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = [result for results in pool.map(client_run, range(8)) for result in results]
+    for (text, finish, done), body in zip(concurrent, requests):
+        assert done and finish in ("stop", "length") and text
+        assert (text, finish, done) == _stream_text(tiny_server.url, body)  # alone, the same request gives the same
+
+
+def test_a_client_that_disconnects_frees_the_server(smol_server):
+    body = {"prompt": "Write a very long story about the sea.", "max_tokens": 400, "stream": True, "temperature": 0.8}
+    with httpx.stream("POST", smol_server.url + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        received = [line for _, line in zip(range(6), lines)]
+    assert any(line.startswith("data: ") for line in received)
+    start = time.time()
+    reply = httpx.post(smol_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+    assert reply.status_code == 200 and time.time() - start < 15  # 400 tokens would take far longer
+    assert httpx.get(smol_server.url + "/health").json()["queued"] == 0
+
+
+# ---- error responses (in-process client: no socket needed) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny):
+    from starlette.testclient import TestClient
+
+    app = create_app(LlmInference(tiny("llama")[2]), "tiny", context_size=64, api_key=None)
+    with TestClient(app) as c:
+        yield c
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"max_tokens": 4}).encode(), 400, "'messages'"),
+    (json.dumps(CHAT | {"model": "gpt-4"}).encode(), 404, "does not exist"),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 200}]}).encode(), 400, "context"),
+    (json.dumps(CHAT | {"temperature": 5}).encode(), 400, "'temperature'"),
+    (json.dumps(CHAT | {"top_p": 0}).encode(), 400, "'top_p'"),
+    (json.dumps(CHAT | {"max_tokens": 0}).encode(), 400, "'max_tokens'"),
+    (json.dumps(CHAT | {"n": 2}).encode(), 400, "n=1"),
+    (json.dumps(CHAT | {"stop": 5}).encode(), 400, "'stop'"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "role"),
+    (b'{"messages": "' + b"x" * (2 << 20) + b'"}', 413, "larger than"),
+])
+def test_bad_requests_get_openai_errors_with_the_right_status(app_client, body, status, needle):
+    response = app_client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"]
+
+
+def test_completions_validate_the_prompt(app_client):
+    response = app_client.post("/v1/completions", json={"prompt": 42})
+    assert response.status_code == 400 and "'prompt'" in response.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(tiny):
+    from starlette.testclient import TestClient
+
+    app = create_app(LlmInference(tiny("llama")[2]), "tiny", context_size=64, api_key="sesame")
+    with TestClient(app) as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 401
+        assert c.get("/v1/models").status_code == 401
+        ok = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sesame"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_chat_page_is_served_and_renders_model_text_as_text(app_client):
+    page = app_client.get("/")
+    assert page.status_code == 200 and "<textarea" in page.text
+    script = app_client.get("/app.js").text
+    assert "textContent" in script and "innerHTML" not in script  # no HTML from the model, ever
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing loaded from elsewhere
+
+
+# ---- the chat page in a real browser ------------------------------------------------------------
+
+
+@pytest.mark.browser
+def test_chat_page_streams_and_stops_in_chromium(smol_server):
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=args)
+        page = browser.new_page()
+        page.goto(smol_server.url + "/")
+        page.fill("#max-tokens", "300")
+        page.fill("#prompt", "Tell me a long story about a lighthouse keeper <img src=x onerror=alert(1)>")
+        page.press("#prompt", "Enter")
+        reply = page.locator(".message.assistant").last
+        page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 20", timeout=60000)
+        page.screenshot(path=str(ARTIFACTS / "chat-page-streaming.png"))
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('.message.assistant').dataset.state === 'stopped'", timeout=10000)
+        assert page.locator("#send").is_enabled()
+        assert "<img" in page.locator(".message.user").first.text_content()  # shown as text
+        assert page.locator(".message img").count() == 0
+        assert "tok/s" in page.locator("#speed").text_content()
+        stopped_at = len(reply.text_content())
+        time.sleep(1.0)
+        assert len(reply.text_content()) == stopped_at  # nothing arrives after Stop
+        page.screenshot(path=str(ARTIFACTS / "chat-page-stopped.png"))
+        browser.close()
