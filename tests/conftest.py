@@ -151,6 +151,24 @@ def real_model():
     return lambda name: resolve_model(name, auto_pull=True)
 
 
+def random_blocks(kind, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random block bytes whose float16 scale fields are finite (random bits could be NaN)."""
+    from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, quantize
+
+    rng = np.random.default_rng(seed)
+    block_size, type_size = BLOCK_LAYOUT[kind]
+    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    if kind in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        values = rng.standard_normal(n_blocks * block_size).astype(np.float32)
+        return quantize(values.reshape(n_blocks, block_size), kind)
+    scales = rng.uniform(-2, 2, (n_blocks, 2)).astype("<f2").view(np.uint8)
+    with_min = (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
+    offsets = [type_size - 2] if kind == GGMLType.Q6_K else ([0, 2] if kind in with_min else [0])
+    for i, at in enumerate(offsets):
+        blocks[:, at : at + 2] = scales[:, 2 * i : 2 * i + 2]
+    return blocks
+
+
 def load_fixture(name: str) -> dict:
     return json.loads((FIXTURES / f"llamacpp_{name}.json").read_text())
 

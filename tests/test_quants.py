@@ -7,23 +7,10 @@ import numpy as np
 import pytest
 from gguf import quants as gq
 
+from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, QUANTIZABLE, GGMLType, dequantize, quantize
 
 rng = np.random.default_rng(0)
-
-
-def random_blocks(kind: GGMLType, n_blocks: int) -> np.ndarray:
-    """Random block bytes whose float16 scale fields are finite (random bits could be NaN)."""
-    block_size, type_size = BLOCK_LAYOUT[kind]
-    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
-    if kind in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
-        values = rng.standard_normal(n_blocks * block_size).astype(np.float32)
-        return quantize(values.reshape(n_blocks, block_size), kind)
-    scales = rng.uniform(-2, 2, (n_blocks, 2)).astype("<f2").view(np.uint8)
-    offsets = {GGMLType.Q6_K: [type_size - 2]}.get(kind, [0, 2] if kind in (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K) else [0])
-    for i, at in enumerate(offsets):
-        blocks[:, at : at + 2] = scales[:, 2 * i : 2 * i + 2]
-    return blocks
 
 
 @pytest.mark.parametrize("kind", list(GGMLType), ids=lambda k: k.name)

@@ -1,7 +1,14 @@
-"""Measurements: perplexity over a text, the way llama.cpp's perplexity tool computes it."""
+"""Measurements: perplexity (as llama.cpp's perplexity tool computes it) and speed (the metrics of
+the MediaPipe and Gemma 3n tables: file size, time to first token, prefill and decode tokens/s,
+peak RSS)."""
 
 from __future__ import annotations
 
+import os
+import resource
+import time
+from dataclasses import dataclass
+from importlib.resources import files
 from typing import Callable
 
 import numpy as np
@@ -37,3 +44,73 @@ def perplexity(lm: LoadedModel, text: str, ctx: int = 512,
         if on_chunk:
             on_chunk(c + 1, n_chunks, float(np.exp(nll / count)))
     return float(np.exp(nll / count)), count
+
+
+@dataclass
+class BenchResult:
+    model: str
+    file_mb: float
+    prompt_tokens: int
+    generated_tokens: int
+    load_seconds: float
+    ttft_seconds: float
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    peak_rss_mb: float
+    start_to_first_token_seconds: float
+    backend: str
+
+
+def bench_prompt(lm: LoadedModel, n_tokens: int) -> list[int]:
+    """n_tokens of real text (a passage repeated), so attention sees realistic content."""
+    text = (files("pocketlm") / "bench_text.txt").read_text(encoding="utf-8")
+    ids = lm.tokenizer.encode(text)
+    while len(ids) < n_tokens:
+        ids += ids
+    return ids[:n_tokens]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (from /proc), 0 where that is not available."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int = 128,
+              backend: str = "cpu", on_progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
+    from .engine import decode_step, prefill
+
+    say = on_progress or (lambda message: None)
+    start = time.perf_counter()
+    lm = LoadedModel(path, backend=backend)
+    load_seconds = time.perf_counter() - start
+    ids = bench_prompt(lm, prompt_tokens)
+    cache = lm.make_cache(prompt_tokens + gen_tokens)
+    say(f"prefill {prompt_tokens} tokens")
+    start = time.perf_counter()
+    logits = prefill(lm, cache, ids)
+    token = int(np.argmax(logits))
+    ttft = time.perf_counter() - start
+    start_to_first = process_age_seconds()
+    start = time.perf_counter()
+    for i in range(gen_tokens - 1):
+        if i % 16 == 0:
+            say(f"decode {i}/{gen_tokens}")
+        token = int(np.argmax(decode_step(lm, cache, token)))
+    decode_seconds = time.perf_counter() - start
+    return BenchResult(
+        model=str(lm.path.name), file_mb=lm.path.stat().st_size / 1e6, prompt_tokens=prompt_tokens,
+        generated_tokens=gen_tokens, load_seconds=load_seconds, ttft_seconds=ttft,
+        prefill_tokens_per_second=prompt_tokens / ttft,
+        decode_tokens_per_second=(gen_tokens - 1) / decode_seconds if gen_tokens > 1 else 0.0,
+        peak_rss_mb=peak_rss_mb(), start_to_first_token_seconds=start_to_first, backend=backend,
+    )

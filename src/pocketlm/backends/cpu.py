@@ -1,9 +1,10 @@
-"""The CPU backend: the op set architecture files are written in, in numpy.
+"""The CPU backend: the op set architecture files are written in, in numpy and numba.
 
-Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap);
-this reference backend dequantizes a weight the first time a matmul needs it and keeps the
-float32 copy (the fast fused kernels of the speed work replace that). Embedding lookups
-dequantize only the rows they read.
+Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap).
+Quantized matrices are repacked once to int8 plus per-block scales and multiplied by the numba
+kernels of `kernels.int8` (`fast=True`, the default), or, in the reference mode, dequantized
+once to float32 and multiplied with numpy. float32 matrices are used in place. Embedding
+lookups dequantize only the rows they read.
 """
 
 from __future__ import annotations
@@ -13,27 +14,58 @@ import math
 import numpy as np
 
 from ..formats.gguf import Tensor
-from ..formats.quants import BLOCK_LAYOUT, dequantize
+from ..formats.quants import GGMLType, dequantize
+from ..kernels import int8
+
+_FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 
 class CpuBackend:
-    name = "cpu"
-
-    def __init__(self):
+    def __init__(self, fast: bool = True):
+        self.fast = fast
+        self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
+        self._packed: dict[str, int8.Int8Weight] = {}
 
     # -- weights --------------------------------------------------------------------------------
 
     def dense(self, w: Tensor) -> np.ndarray:
-        """The float32 values of a weight, dequantized once and kept."""
+        """The float32 values of a weight: float32 tensors in place, others dequantized once."""
+        if w.kind == GGMLType.F32:
+            return w.data.view("<f4").reshape(w.shape)
         if w.name not in self._dequantized:
             self._dequantized[w.name] = w.dequantize()
         return self._dequantized[w.name]
 
+    def packed(self, w: Tensor) -> int8.Int8Weight | None:
+        """The int8 repacking of a quantized matrix (made once), None for float ones."""
+        if not self.fast or w.kind in _FLOAT or len(w.shape) != 2:
+            return None
+        if w.name not in self._packed:
+            self._packed[w.name] = int8.repack(w.data, w.kind, w.shape)
+        return self._packed[w.name]
+
+    def prepare(self, tensors) -> None:
+        """Repack every quantized matrix up front, so that load time is paid at load."""
+        for w in tensors:
+            if len(w.shape) == 2 and w.kind not in _FLOAT:
+                self.packed(w)
+
     def linear(self, x: np.ndarray, w: Tensor, bias: Tensor | None = None) -> np.ndarray:
         """x [T, in] @ W[out, in].T (+ bias) -> [T, out]."""
-        y = x @ self.dense(w).T
+        packed = self.packed(w)
+        if packed is None:
+            y = x @ self.dense(w).T
+        elif len(x) == 1:
+            y = int8.matvec(packed, x[0])[None]
+        else:
+            y = int8.matmul(packed, x)
         return y + self.dense(bias) if bias is not None else y
+
+    @property
+    def weight_bytes(self) -> int:
+        """Memory this backend holds for weights (repacked or dequantized copies)."""
+        return sum(p.nbytes for p in self._packed.values()) + sum(d.nbytes for d in self._dequantized.values())
 
     def embedding(self, w: Tensor, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of an embedding table [vocab, D], dequantizing just those rows."""
@@ -115,10 +147,11 @@ class CpuBackend:
         slope * key position to each head's scores (softmax ignores the per-query offset).
         """
         T, n_heads, _ = q.shape
-        n_kv = k.shape[1]
+        S, n_kv, _ = k.shape
         group = n_heads // n_kv
-        qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3)  # [Hkv, G, T, D]
-        scores = np.einsum("hgtd,shd->hgts", qg, k) * scale
+        # batched matmuls per kv head (BLAS), the query heads of a group stacked along rows
+        qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_kv, group * T, -1)
+        scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S) * np.float32(scale)
         if softcap:
             scores = np.tanh(scores / softcap) * softcap
         if alibi is not None:
@@ -127,9 +160,9 @@ class CpuBackend:
         visible = delta >= 0
         if window:
             visible &= delta < window
-        scores = np.where(visible, scores, -np.inf)
+        scores = np.where(visible, scores, np.float32(-np.inf))
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
         probs /= probs.sum(axis=-1, keepdims=True)
-        out = np.einsum("hgts,shd->thgd", probs, v)
-        return out.reshape(T, -1)
+        out = np.matmul(probs.reshape(n_kv, group * T, S), v.transpose(1, 0, 2))  # [Hkv, G*T, Dv]
+        return out.reshape(n_kv, group, T, -1).transpose(2, 0, 1, 3).reshape(T, -1)

@@ -1,8 +1,9 @@
 """GGML block layouts, written once in numpy: the reference every fast kernel is tested against.
 
 A quantized row is a run of blocks; each block packs `block_size` values in `type_size` bytes.
-`dequantize_blocks` maps uint8 [n_blocks, type_size] -> float32 [n_blocks, block_size] and
-`quantize_blocks` the other way (only for the types the converter writes).
+`decompose` unpacks quantized blocks into integers and per-sub-block scales and offsets (the
+layout, written once), `dequantize` turns any tensor into float32, and `quantize` goes the other
+way for the types the converter writes.
 """
 
 from __future__ import annotations
@@ -97,26 +98,30 @@ def _deq_bf16(b):
     return (b.copy().view("<u2").astype(np.uint32) << 16).view(np.float32)
 
 
-def _deq_q8_0(b):
-    return _f16(b, 0) * b[:, 2:].view(np.int8).astype(np.float32)
+# Quantized types decompose into integers and per-sub-block floats: value = scale * q + offset.
+# Each returns (q int8 [n, block], scale f32 [n, n_sub], offset f32 [n, n_sub] or None).
 
 
-def _deq_q4_0(b):
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.float32) - 8)
+def _dec_q8_0(b):
+    return b[:, 2:].view(np.int8), _f16(b, 0), None
 
 
-def _deq_q4_1(b):
-    return _f16(b, 0) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b, 2)
+def _dec_q4_0(b):
+    return (_nibbles(b[:, 2:]).astype(np.int8) - 8), _f16(b, 0), None
 
 
-def _deq_q5_0(b):
+def _dec_q4_1(b):
+    return _nibbles(b[:, 4:]).astype(np.int8), _f16(b, 0), _f16(b, 2)
+
+
+def _dec_q5_0(b):
     q = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
-    return _f16(b, 0) * (q.astype(np.float32) - 16)
+    return q.astype(np.int8) - 16, _f16(b, 0), None
 
 
-def _deq_q5_1(b):
+def _dec_q5_1(b):
     q = _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
-    return _f16(b, 0) * q.astype(np.float32) + _f16(b, 2)
+    return q.astype(np.int8), _f16(b, 0), _f16(b, 2)
 
 
 def _k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,36 +142,32 @@ def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([q & 0x0F, q >> 4], axis=2).reshape(-1, 8, 32)
 
 
-def _deq_q4_k(b):
+def _dec_q4_k(b):
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _k_scales_mins(b[:, 4:16])
-    q = _k_low_nibbles(b[:, 16:]).astype(np.float32)
-    y = (d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]
-    return y.reshape(-1, QK_K)
+    q = _k_low_nibbles(b[:, 16:]).astype(np.int8).reshape(-1, QK_K)
+    return q, d * sc, -(dmin * mn)
 
 
-def _deq_q5_k(b):
+def _dec_q5_k(b):
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _k_scales_mins(b[:, 4:16])
     qh = b[:, 16:48]  # bit i of qh[l] is the fifth bit of element l of sub-block i
     high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-    q = (_k_low_nibbles(b[:, 48:]) | (high << 4)).astype(np.float32)
-    y = (d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]
-    return y.reshape(-1, QK_K)
+    q = (_k_low_nibbles(b[:, 48:]) | (high << 4)).astype(np.int8).reshape(-1, QK_K)
+    return q, d * sc, -(dmin * mn)
 
 
-def _deq_q6_k(b):
+def _dec_q6_k(b):
     n = len(b)
     ql = b[:, :128].reshape(n, 2, 64)
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
     scales = b[:, 192:208].copy().view(np.int8).astype(np.float32)
-    d = _f16(b, 208)
     # Each half of 128 elements: four runs of 32, low 4 bits from ql, high 2 bits from qh.
     low = np.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], 2)
     high = (qh >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3
-    q = (low | (high << 4)).astype(np.float32) - 32  # [n, 2, 4, 32]
-    y = (d * scales)[:, :, None] * q.reshape(n, 16, 16)  # one scale per 16 elements
-    return y.reshape(n, QK_K)
+    q = (low | (high << 4)).astype(np.int8) - 32  # [n, 2, 4, 32]; one scale per 16 elements
+    return q.reshape(n, QK_K), _f16(b, 208) * scales, None
 
 
 # ---- quantizers (the types the converter writes), rounding as ggml's reference code -------------
@@ -242,19 +243,17 @@ def _quant_q5_1(x):
     return np.concatenate(parts, axis=1)
 
 
-_DEQUANTIZE = {
-    GGMLType.F32: _deq_f32,
-    GGMLType.F16: _deq_f16,
-    GGMLType.BF16: _deq_bf16,
-    GGMLType.Q8_0: _deq_q8_0,
-    GGMLType.Q4_0: _deq_q4_0,
-    GGMLType.Q4_1: _deq_q4_1,
-    GGMLType.Q5_0: _deq_q5_0,
-    GGMLType.Q5_1: _deq_q5_1,
-    GGMLType.Q4_K: _deq_q4_k,
-    GGMLType.Q5_K: _deq_q5_k,
-    GGMLType.Q6_K: _deq_q6_k,
+_DECOMPOSE = {
+    GGMLType.Q8_0: _dec_q8_0,
+    GGMLType.Q4_0: _dec_q4_0,
+    GGMLType.Q4_1: _dec_q4_1,
+    GGMLType.Q5_0: _dec_q5_0,
+    GGMLType.Q5_1: _dec_q5_1,
+    GGMLType.Q4_K: _dec_q4_k,
+    GGMLType.Q5_K: _dec_q5_k,
+    GGMLType.Q6_K: _dec_q6_k,
 }
+_FLOAT_TYPES = {GGMLType.F32: _deq_f32, GGMLType.F16: _deq_f16, GGMLType.BF16: _deq_bf16}
 
 _QUANTIZE = {
     GGMLType.F32: _quant_f32,
@@ -270,11 +269,24 @@ _QUANTIZE = {
 QUANTIZABLE = tuple(_QUANTIZE)
 
 
+def decompose(data: np.ndarray, kind: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Raw bytes of a quantized tensor -> (q int8 [n_blocks, block_size], scale f32
+    [n_blocks, n_sub], offset f32 [n_blocks, n_sub] or None): each run of block_size / n_sub
+    values is scale * q + offset."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])
+    return _DECOMPOSE[kind](blocks)
+
+
 def dequantize(data: np.ndarray, kind: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes of a tensor -> float32 array of `shape` (numpy order, last axis = row)."""
-    block_size, type_size = BLOCK_LAYOUT[kind]
-    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
-    return _DEQUANTIZE[kind](blocks).reshape(shape)
+    if kind in _FLOAT_TYPES:
+        return _FLOAT_TYPES[kind](np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])).reshape(shape)
+    q, scale, offset = decompose(data, kind)
+    n, n_sub = scale.shape
+    values = q.reshape(n, n_sub, -1).astype(np.float32) * scale[:, :, None]
+    if offset is not None:
+        values += offset[:, :, None]
+    return values.reshape(shape)
 
 
 def quantize(x: np.ndarray, kind: GGMLType) -> np.ndarray:

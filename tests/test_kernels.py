@@ -1,0 +1,45 @@
+"""The numba int8 kernels against the numpy reference dequantizers, for every quantized type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import random_blocks
+from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
+from pocketlm.kernels import int8
+
+QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
+
+
+def weight(kind, rows, blocks_per_row, seed=0):
+    block_size, _ = BLOCK_LAYOUT[kind]
+    data = random_blocks(kind, rows * blocks_per_row, seed).reshape(rows, -1)
+    shape = (rows, blocks_per_row * block_size)
+    return data, shape, dequantize(data, kind, shape)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
+@pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (130, 2)])
+def test_repacked_weights_dequantize_to_the_reference(kind, rows, blocks_per_row):
+    data, shape, expected = weight(kind, rows, blocks_per_row)
+    np.testing.assert_array_equal(int8.dequantize(int8.repack(data, kind, shape)), expected)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
+@pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (130, 2)])
+def test_matvec_equals_reference_product(kind, rows, blocks_per_row):
+    data, shape, expected = weight(kind, rows, blocks_per_row, seed=1)
+    x = np.random.default_rng(2).standard_normal(shape[1]).astype(np.float32)
+    ours = int8.matvec(int8.repack(data, kind, shape), x)
+    reference = expected.astype(np.float64) @ x
+    scale = np.abs(expected).sum(axis=1) * np.abs(x).max()  # the size of the terms summed
+    assert np.all(np.abs(ours - reference) <= 1e-6 * scale + 1e-6)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
+def test_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
+    monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)  # several tiles and a ragged last one
+    data, shape, expected = weight(kind, 45, 2, seed=3)
+    x = np.random.default_rng(4).standard_normal((7, shape[1])).astype(np.float32)
+    np.testing.assert_allclose(int8.matmul(int8.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3)
