@@ -59,6 +59,7 @@ class BenchResult:
     peak_rss_mb: float
     start_to_first_token_seconds: float
     backend: str
+    weight_bytes: int  # what the backend holds for weights (repacked int8), read once per token
 
 
 def bench_prompt(lm: LoadedModel, n_tokens: int) -> list[int]:
@@ -71,6 +72,14 @@ def bench_prompt(lm: LoadedModel, n_tokens: int) -> list[int]:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, unlike ru_maxrss, starts afresh at exec
+    (ru_maxrss keeps the parent's figure in a forked child)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -85,7 +94,8 @@ def process_age_seconds() -> float:
 
 
 def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int = 128,
-              backend: str = "cpu", on_progress: Callable[[str], None] | None = None) -> BenchResult:
+              backend: str = "cpu", on_progress: Callable[[str], None] | None = None,
+              prompt_ids: list[int] | None = None) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
     from .engine import decode_step, prefill
 
@@ -93,7 +103,7 @@ def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int
     start = time.perf_counter()
     lm = LoadedModel(path, backend=backend)
     load_seconds = time.perf_counter() - start
-    ids = bench_prompt(lm, prompt_tokens)
+    ids = prompt_ids if prompt_ids is not None else bench_prompt(lm, prompt_tokens)
     cache = lm.make_cache(prompt_tokens + gen_tokens)
     say(f"prefill {prompt_tokens} tokens")
     start = time.perf_counter()
@@ -113,4 +123,5 @@ def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int
         prefill_tokens_per_second=prompt_tokens / ttft,
         decode_tokens_per_second=(gen_tokens - 1) / decode_seconds if gen_tokens > 1 else 0.0,
         peak_rss_mb=peak_rss_mb(), start_to_first_token_seconds=start_to_first, backend=backend,
+        weight_bytes=lm.ops.weight_bytes,
     )

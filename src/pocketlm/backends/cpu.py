@@ -16,6 +16,9 @@ import numpy as np
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import int8
+from ..kernels.attention import attend
+
+DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
@@ -136,8 +139,7 @@ class CpuBackend:
             out[..., 0:n_dims:2], out[..., 1:n_dims:2] = a * cos - b * sin, b * cos + a * sin
         return out
 
-    @staticmethod
-    def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
                   k_pos: np.ndarray, scale: float, window: int | None = None,
                   softcap: float | None = None, alibi: np.ndarray | None = None) -> np.ndarray:
         """Causal (optionally sliding-window) attention; q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq*Dv].
@@ -149,6 +151,12 @@ class CpuBackend:
         T, n_heads, _ = q.shape
         S, n_kv, _ = k.shape
         group = n_heads // n_kv
+        if T <= DECODE_ATTENTION_MAX_T and self.fast:
+            out = np.empty((T, n_heads, v.shape[-1]), np.float32)
+            slopes = np.zeros(0, np.float32) if alibi is None else alibi
+            attend(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), q_pos, k_pos,
+                   np.float32(scale), window or 0, np.float32(softcap or 0.0), slopes, out)
+            return out.reshape(T, -1)
         # batched matmuls per kv head (BLAS), the query heads of a group stacked along rows
         qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_kv, group * T, -1)
         scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S) * np.float32(scale)

@@ -1,0 +1,160 @@
+"""pocketlm against llama.cpp on the same GGUF file, side by side in one run.
+
+Each round runs llama.cpp (llama-cpp-python, the `llamacpp` extra) and pocketlm, alternating,
+each in a fresh process on the same prompt token ids, with 2 threads: prefill of the prompt in
+one pass, then greedy decode. Medians over the rounds are printed with the ratio
+pocketlm / llama.cpp (higher is better for speeds, lower for memory and time).
+
+    python benchmarks/compare_llamacpp.py smollm2-135m gemma3-270m --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# The environment as given, before pocketlm (imported below) adds its own thread settings:
+# llama.cpp gets exactly this one.
+ORIGINAL_ENV = dict(os.environ)
+
+
+def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
+    from llama_cpp import Llama
+
+    from pocketlm.bench import peak_rss_mb
+
+    start = time.perf_counter()
+    llm = Llama(path, n_ctx=len(ids) + gen_tokens + 8, n_batch=512, n_ubatch=512, n_threads=2,
+                n_threads_batch=2, verbose=False)
+    load = time.perf_counter() - start
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:  # the logits of the batch's last token, as llama.cpp left them
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    start = time.perf_counter()
+    llm.eval(ids)
+    token = next_token()
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(gen_tokens - 1):
+        llm.eval([token])
+        token = next_token()
+    decode = time.perf_counter() - start
+    return {"load_seconds": load, "ttft_seconds": ttft, "prefill_tokens_per_second": len(ids) / ttft,
+            "decode_tokens_per_second": (gen_tokens - 1) / decode,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def pocketlm_child(path: str, ids: list[int], gen_tokens: int) -> dict:
+    from pocketlm.bench import run_bench
+
+    result = run_bench(path, len(ids), gen_tokens, prompt_ids=ids)
+    return {k: getattr(result, k) for k in ("load_seconds", "ttft_seconds", "prefill_tokens_per_second",
+                                            "decode_tokens_per_second", "peak_rss_mb", "weight_bytes")}
+
+
+def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
+    env = dict(ORIGINAL_ENV if peer == "llama.cpp" else os.environ, OMP_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
+    cmd = [sys.executable, __file__, "--child", peer, path, ids_file, str(gen_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_bandwidth_gbs() -> float:
+    """GB/s that 2 threads read here (numba parallel sum over 512 MB), best of 5."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def read_all(a):
+        total = 0.0
+        for i in prange(a.shape[0]):
+            total += np.float32(a[i])
+        return total
+
+    a = np.ones(512 << 20, np.int8)
+    read_all(a)
+    best = min(_timed(read_all, a) for _ in range(5))
+    return a.nbytes / best / 1e9
+
+
+def _timed(f, *args) -> float:
+    start = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - start
+
+
+METRICS = [  # name, key, format, higher is better
+    ("prefill tok/s", "prefill_tokens_per_second", "{:.1f}", True),
+    ("decode tok/s", "decode_tokens_per_second", "{:.1f}", True),
+    ("time to first token s", "ttft_seconds", "{:.3f}", False),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}", False),
+    ("load s", "load_seconds", "{:.2f}", False),
+]
+
+
+def compare(name: str, rounds: int, prompt_tokens: int, gen_tokens: int, bandwidth: float) -> dict:
+    from pocketlm import load
+    from pocketlm.bench import bench_prompt
+    from pocketlm.registry import resolve_model
+
+    path = str(resolve_model(name, auto_pull=True))
+    ids = bench_prompt(load(path, backend="reference"), prompt_tokens)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ids, f)
+    runs = {"llama.cpp": [], "pocketlm": []}
+    run_child("pocketlm", path, f.name, 2)  # warm the numba cache and the page cache
+    for r in range(rounds):
+        for peer in (("llama.cpp", "pocketlm") if r % 2 == 0 else ("pocketlm", "llama.cpp")):
+            runs[peer].append(run_child(peer, path, f.name, gen_tokens))
+            print(f"  {name} round {r + 1}/{rounds} {peer}: decode {runs[peer][-1]['decode_tokens_per_second']:.1f} tok/s",
+                  file=sys.stderr)
+    os.unlink(f.name)
+    median = {peer: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for peer, rs in runs.items()}
+    size = os.path.getsize(path)
+    ours = median["pocketlm"]
+    bound = {"llama.cpp": bandwidth * 1e9 / size, "pocketlm": bandwidth * 1e9 / ours["weight_bytes"]}
+    print(f"\n{name} ({size / 1e6:.0f} MB file; {prompt_tokens}-token prompt, {gen_tokens} decoded, 2 threads, "
+          f"median of {rounds})")
+    print(f"{'metric':<24}{'llama.cpp':>12}{'pocketlm':>12}{'ratio':>8}")
+    for label, key, fmt, _ in METRICS:
+        a, b = median["llama.cpp"][key], ours[key]
+        print(f"{label:<24}{fmt.format(a):>12}{fmt.format(b):>12}{b / a:>8.2f}")
+    for peer in ("llama.cpp", "pocketlm"):
+        frac = median[peer]["decode_tokens_per_second"] / bound[peer]
+        print(f"{peer} decode = {frac:.0%} of its bandwidth bound ({bound[peer]:.0f} tok/s at {bandwidth:.1f} GB/s)")
+    return {"model": name, "median": median, "bandwidth_gbs": bandwidth, "bound_tokens_per_second": bound}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        peer, path, ids_file, gen_tokens = sys.argv[2:6]
+        ids = json.load(open(ids_file))
+        child = llama_cpp_child if peer == "llama.cpp" else pocketlm_child
+        print(json.dumps(child(path, ids, int(gen_tokens))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    bandwidth = memory_bandwidth_gbs()
+    print(f"memory bandwidth, 2 threads: {bandwidth:.1f} GB/s", file=sys.stderr)
+    results = [compare(m, args.rounds, args.prompt_tokens, args.gen_tokens, bandwidth) for m in args.models]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
