@@ -97,7 +97,8 @@ class CpuBackend:
 
     @staticmethod
     def gelu_tanh(x: np.ndarray) -> np.ndarray:
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        # x * x * x, not x**3: numpy's float32 power is a slow general pow (80 ns an element)
+        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * (x * x * x))))
 
     @staticmethod
     def gelu(x: np.ndarray) -> np.ndarray:

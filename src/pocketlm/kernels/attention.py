@@ -10,47 +10,49 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
-@njit(fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True)
 def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
     """q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv]; window/softcap 0 = off,
-    alibi [Hq] or empty. The cache's prefix slices are C-contiguous, so rows vectorise."""
+    alibi [Hq] or empty. The cache's prefix slices are C-contiguous, so rows vectorise. Each
+    (token, head) pair is independent: they are spread over the threads."""
     T, n_heads, D = q.shape
     S, n_kv, Dv = v.shape
     group = n_heads // n_kv
-    scores = np.empty(S, np.float32)
-    for t in range(T):
-        for h in range(n_heads):
-            kh, qh = h // group, q[t, h]
-            best = -np.inf
-            for s in range(S):
-                delta = q_pos[t] - k_pos[s]
-                if delta < 0 or (window > 0 and delta >= window):
-                    scores[s] = -np.inf
-                    continue
-                key = k[s, kh]
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += qh[d] * key[d]
-                acc *= scale
-                if softcap > 0:
-                    acc = math.tanh(acc / softcap) * softcap
-                if alibi.shape[0] > 0:
-                    acc += alibi[h] * np.float32(k_pos[s])
-                scores[s] = acc
-                best = max(best, acc)
-            total = np.float32(0.0)
-            for s in range(S):
-                e = np.float32(math.exp(scores[s] - best)) if scores[s] != -np.inf else np.float32(0.0)
-                scores[s] = e
-                total += e
-            dst = out[t, h]
-            dst[:] = 0.0
-            for s in range(S):
-                p = scores[s] / total
-                if p != 0.0:
-                    value = v[s, kh]
-                    for d in range(Dv):
-                        dst[d] += p * value[d]
+    for th in prange(T * n_heads):
+        t, h = th // n_heads, th % n_heads
+        kh, qh = h // group, q[t, h]
+        scores = np.empty(S, np.float32)
+        best = np.float32(-np.inf)
+        for s in range(S):
+            delta = q_pos[t] - k_pos[s]
+            if delta < 0 or (window > 0 and delta >= window):
+                scores[s] = -np.inf
+                continue
+            key = k[s, kh]
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += qh[d] * key[d]
+            acc *= scale
+            if softcap > 0:
+                acc = np.float32(math.tanh(acc / softcap)) * softcap
+            if alibi.shape[0] > 0:
+                acc += alibi[h] * np.float32(k_pos[s])
+            scores[s] = acc
+            best = max(best, acc)
+        total = np.float32(0.0)
+        for s in range(S):
+            e = np.exp(scores[s] - best)  # exp(-inf) = 0 for masked keys
+            scores[s] = e
+            total += e
+        inv = np.float32(1.0) / total
+        dst = out[t, h]
+        dst[:] = 0.0
+        for s in range(S):
+            p = scores[s] * inv
+            if p != 0.0:
+                value = v[s, kh]
+                for d in range(Dv):
+                    dst[d] += p * value[d]
