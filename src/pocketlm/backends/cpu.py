@@ -48,11 +48,12 @@ class CpuBackend:
             self._packed[w.name] = int8.repack(w.data, w.kind, w.shape)
         return self._packed[w.name]
 
-    def prepare(self, tensors) -> None:
-        """Repack every quantized matrix up front, so that load time is paid at load."""
+    def prepare(self, tensors, on_packed=None) -> None:
+        """Repack every quantized matrix up front, so that load time is paid at load;
+        `on_packed(tensor)` is called after each."""
         for w in tensors:
-            if len(w.shape) == 2 and w.kind not in _FLOAT:
-                self.packed(w)
+            if self.packed(w) is not None and on_packed:
+                on_packed(w)
 
     def linear(self, x: np.ndarray, w: Tensor, bias: Tensor | None = None) -> np.ndarray:
         """x [T, in] @ W[out, in].T (+ bias) -> [T, out]."""

@@ -214,6 +214,19 @@ class GGUFFile:
             data = np.frombuffer(buf, np.uint8, nbytes, start)
             self.tensors[name] = Tensor(name, kind, shape, data)
 
+    def release_pages(self, tensor: Tensor | None = None) -> None:
+        """Let the kernel drop this file's pages (one tensor's, or all) from our resident memory,
+        once the weights were repacked elsewhere. The mapping is read-only, so whatever is read
+        again is simply paged back in from the file."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if tensor is None:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+            return
+        start = tensor.data.ctypes.data - np.frombuffer(self._mmap, np.uint8, 1).ctypes.data
+        first = start - start % mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_DONTNEED, first, start + tensor.nbytes - first)
+
     @property
     def architecture(self) -> str:
         arch = self.metadata.get("general.architecture")
