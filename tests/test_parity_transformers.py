@@ -109,3 +109,24 @@ def test_q8_0_conversion_agrees_with_f32_on_top1(tiny, tmp_path, arch):
     ids = prompt_ids(model.config.vocab_size, 200, seed=3)
     agreement = np.mean(load(path).logits(ids).argmax(1) == load(f32).logits(ids).argmax(1))
     assert agreement >= 0.9, agreement
+
+
+# q4_0 misses 90% on these 64-wide models (two 32-value blocks per row), measured at 300 steps:
+Q4_0_MISSES = {"phi-qk-norm": 0.895, "falcon-40b": 0.898, "stablelm": 0.891, "qwen2": 0.867}
+TRAINED_CASES = [(arch, "q8_0") for arch in ARCHS] + [
+    pytest.param(arch, "q4_0", marks=pytest.mark.xfail(reason=f"q4_0 top-1 agreement measured {Q4_0_MISSES[arch]}"))
+    if arch in Q4_0_MISSES else (arch, "q4_0") for arch in ARCHS
+]
+
+
+@pytest.mark.parametrize("arch, quant", TRAINED_CASES)
+def test_quantized_conversion_of_a_trained_checkpoint_agrees_with_f32(trained_tiny, tmp_path, arch, quant):
+    """Teacher-forced top-1 agreement >= 90% over 256 positions of the text the tiny model was
+    briefly trained on (on random weights the top two logits are within quantization noise)."""
+    folder, ids = trained_tiny(arch)
+    f32 = convert(folder, tmp_path / "f32.gguf", ConversionConfig(quant="f32"), progress=False)
+    quantized = convert(folder, tmp_path / f"{quant}.gguf", ConversionConfig(quant=quant), progress=False)
+    positions = ids[:256]
+    agreement = np.mean(load(quantized).logits(positions).argmax(1) == load(f32).logits(positions).argmax(1))
+    print(f"{arch} {quant}: top-1 agreement with f32 {agreement:.3f}")
+    assert agreement >= 0.9, agreement
