@@ -52,15 +52,32 @@ class DecoderArgs(ModelArgs):
     n_kv_heads: int | None = None
     head_dim: int | None = None
     rope_base: float = 10000.0
+    rope_dims: int | None = None  # partial rotary models rotate only the first dimensions
     norm_eps: float = 1e-5
     context_length: int = 2048
 
     _keys = {
         "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
         "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
-        "head_dim": "attention.key_length", "rope_base": "rope.freq_base",
+        "head_dim": "attention.key_length", "rope_base": "rope.freq_base", "rope_dims": "rope.dimension_count",
         "norm_eps": "attention.layer_norm_rms_epsilon", "context_length": "context_length",
     }
+
+    def attention_spec(self, **overrides) -> "AttentionSpec":
+        """The usual attention of these hyper-parameters (NeoX RoPE over rope_dims, 1/sqrt(d)
+        scaling), with `overrides` for what an architecture does differently."""
+        head_dim = self.head_dim or self.hidden_size // self.n_heads
+        usual = dict(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=head_dim,
+                     rope_base=self.rope_base, rope_dims=self.rope_dims or head_dim, rope_neox=True,
+                     scale=head_dim**-0.5)
+        return AttentionSpec(**(usual | overrides))
+
+
+@dataclass
+class LayerNormArgs(DecoderArgs):
+    """Models with LayerNorm, whose epsilon llama.cpp stores under another key."""
+
+    _keys = {**DecoderArgs._keys, "norm_eps": "attention.layer_norm_epsilon"}
 
 
 class Weights:

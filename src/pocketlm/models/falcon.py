@@ -11,28 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MLP, Attention, AttentionSpec, CausalLM, DecoderArgs, Norm, Weights, alibi_slopes
+from .base import MLP, Attention, CausalLM, LayerNormArgs, Norm, Weights, alibi_slopes
 
 
 @dataclass
-class FalconArgs(DecoderArgs):
+class FalconArgs(LayerNormArgs):
     max_alibi_bias: float | None = None  # present: ALiBi with this maximum bias, no RoPE
 
-    _keys = {**DecoderArgs._keys, "norm_eps": "attention.layer_norm_epsilon",
-             "max_alibi_bias": "attention.max_alibi_bias"}
+    _keys = {**LayerNormArgs._keys, "max_alibi_bias": "attention.max_alibi_bias"}
 
 
 class TransformerBlock:
     def __init__(self, w: Weights, i: int, args: FalconArgs):
-        head_dim = args.head_dim or args.hidden_size // args.n_heads
-        scale = head_dim**-0.5
-        # transformers adds the ALiBi bias before the 1/sqrt(head_dim) scaling
-        alibi = alibi_slopes(args.n_heads, args.max_alibi_bias) * scale if args.max_alibi_bias else None
-        spec = AttentionSpec(
-            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=head_dim,
-            rope_base=args.rope_base, rope_dims=0 if alibi is not None else head_dim, rope_neox=True,
-            scale=scale, alibi=alibi,
-        )
+        spec = args.attention_spec()
+        if args.max_alibi_bias:  # transformers adds ALiBi's bias before the 1/sqrt(head_dim) scaling
+            spec.alibi, spec.rope_dims = alibi_slopes(args.n_heads, args.max_alibi_bias) * spec.scale, 0
         p, eps = f"blk.{i}", args.norm_eps
         self.attn_norm = Norm(w, f"{p}.attn_norm", "layer", eps)
         has = lambda name: w.optional(f"{p}.{name}.weight") is not None  # noqa: E731

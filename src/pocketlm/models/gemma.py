@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
+from .base import Attention, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 @dataclass
@@ -18,10 +18,7 @@ class GemmaArgs(DecoderArgs):
 
 class TransformerBlock:
     def __init__(self, w: Weights, i: int, args: GemmaArgs):
-        spec = AttentionSpec(
-            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=args.head_dim,
-            rope_base=args.rope_base, rope_dims=args.head_dim, rope_neox=True, scale=args.head_dim**-0.5,
-        )
+        spec = args.attention_spec()
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "rms", args.norm_eps)
         self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "rms", args.norm_eps)
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)

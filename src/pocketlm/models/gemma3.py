@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
+from .base import Attention, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 @dataclass
@@ -48,10 +48,9 @@ class Gemma3Args(DecoderArgs):
 class TransformerBlock:
     def __init__(self, w: Weights, i: int, args: Gemma3Args):
         sliding = args.is_sliding(i)
-        spec = AttentionSpec(
-            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=args.head_dim,
-            rope_base=args.rope_base_swa if sliding else args.rope_base, rope_dims=args.head_dim,
-            rope_neox=True, scale=(args.query_pre_attn_scalar or args.head_dim) ** -0.5,
+        spec = args.attention_spec(
+            rope_base=args.rope_base_swa if sliding else args.rope_base,
+            scale=(args.query_pre_attn_scalar or args.head_dim) ** -0.5,
             window=args.sliding_window if sliding else None, softcap=args.attn_softcap,
             rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale,
         )

@@ -8,26 +8,12 @@ blocks with the NeoX rotation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
-
-
-@dataclass
-class LlamaArgs(DecoderArgs):
-    rope_dims: int | None = None
-
-    _keys = {**DecoderArgs._keys, "rope_dims": "rope.dimension_count"}
+from .base import Attention, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 class TransformerBlock:
-    def __init__(self, w: Weights, i: int, args: LlamaArgs, rope_neox: bool):
-        head_dim = args.head_dim or args.hidden_size // args.n_heads
-        spec = AttentionSpec(
-            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=head_dim,
-            rope_base=args.rope_base, rope_dims=args.rope_dims or head_dim, rope_neox=rope_neox,
-            scale=head_dim**-0.5,
-        )
+    def __init__(self, w: Weights, i: int, args: DecoderArgs, rope_neox: bool):
+        spec = args.attention_spec(rope_neox=rope_neox)
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "rms", args.norm_eps)
         self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "rms", args.norm_eps)
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)
@@ -41,10 +27,10 @@ class TransformerBlock:
 class Model(CausalLM):
     rope_neox = False
 
-    def __init__(self, args: LlamaArgs, w: Weights):
+    def __init__(self, args: DecoderArgs, w: Weights):
         self.args = args
         self.init_io(w, "rms", args.norm_eps)
         self.layers = [TransformerBlock(w, i, args, self.rope_neox) for i in range(args.n_layers)]
 
 
-ARGS = LlamaArgs
+ARGS = DecoderArgs

@@ -10,4 +10,4 @@ class Model(llama.Model):
     rope_neox = True
 
 
-ARGS = llama.LlamaArgs
+ARGS = llama.ARGS

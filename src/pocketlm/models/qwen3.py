@@ -9,4 +9,4 @@ class Model(llama.Model):
     rope_neox = True  # the q/k norms come with the weights: Attention applies them when present
 
 
-ARGS = llama.LlamaArgs
+ARGS = llama.ARGS

@@ -3,26 +3,12 @@ per-head q/k LayerNorm, and an optional parallel residual (the file then has no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .base import Attention, AttentionSpec, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
-
-
-@dataclass
-class StableLmArgs(DecoderArgs):
-    rope_dims: int | None = None
-
-    _keys = {**DecoderArgs._keys, "rope_dims": "rope.dimension_count", "norm_eps": "attention.layer_norm_epsilon"}
+from .base import Attention, CausalLM, GatedMLP, LayerNormArgs, Norm, Weights
 
 
 class TransformerBlock:
-    def __init__(self, w: Weights, i: int, args: StableLmArgs):
-        head_dim = args.head_dim or args.hidden_size // args.n_heads
-        spec = AttentionSpec(
-            n_heads=args.n_heads, n_kv_heads=args.n_kv_heads or args.n_heads, head_dim=head_dim,
-            rope_base=args.rope_base, rope_dims=args.rope_dims or head_dim, rope_neox=True,
-            scale=head_dim**-0.5, qk_norm="layer",
-        )
+    def __init__(self, w: Weights, i: int, args: LayerNormArgs):
+        spec = args.attention_spec(qk_norm="layer")
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "layer", args.norm_eps)
         parallel = w.optional(f"blk.{i}.ffn_norm.weight") is None
         self.ffn_norm = None if parallel else Norm(w, f"blk.{i}.ffn_norm", "layer", args.norm_eps)
@@ -38,10 +24,10 @@ class TransformerBlock:
 
 
 class Model(CausalLM):
-    def __init__(self, args: StableLmArgs, w: Weights):
+    def __init__(self, args: LayerNormArgs, w: Weights):
         self.args = args
         self.init_io(w, "layer", args.norm_eps)
         self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
 
 
-ARGS = StableLmArgs
+ARGS = LayerNormArgs
