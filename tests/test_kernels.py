@@ -43,3 +43,13 @@ def test_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
     data, shape, expected = weight(kind, 45, 2, seed=3)
     x = np.random.default_rng(4).standard_normal((7, shape[1])).astype(np.float32)
     np.testing.assert_allclose(int8.matmul(int8.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3)
+
+
+def test_rms_norm_kernel_equals_the_numpy_formula():
+    from pocketlm.kernels.norms import rms_norm_rows
+
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((5, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    out = np.empty_like(x)
+    rms_norm_rows(x, w, 1e-6, out)
+    np.testing.assert_allclose(out, x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6) * w, rtol=1e-5, atol=1e-6)

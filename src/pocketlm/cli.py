@@ -127,6 +127,7 @@ def cmd_inspect(args) -> None:
     for kind, (count, nbytes) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
     n_params = sum(t.n_elements for t in f.tensors.values())
+    print("  (the cpu backend repacks quantized matrices to int8 at load: about 1.1-1.3 bytes a weight in memory)")
     print(f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters")
 
 
@@ -179,6 +180,8 @@ def cmd_bench(args) -> None:
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     rows = [
         ("model", f"{r.model} ({r.file_mb:.1f} MB)"), ("backend", r.backend),
+        ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (quantized matrices repacked to int8)"
+                                                                  if r.backend == "cpu" else " (float32)")),
         ("load", f"{r.load_seconds:.2f} s"),
         ("time to first token", f"{r.ttft_seconds:.3f} s ({r.prompt_tokens}-token prompt)"),
         ("prefill", f"{r.prefill_tokens_per_second:.1f} tok/s"),

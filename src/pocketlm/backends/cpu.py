@@ -17,6 +17,7 @@ from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import int8
 from ..kernels.attention import attend
+from ..kernels.norms import rms_norm_rows
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
 
@@ -29,6 +30,7 @@ class CpuBackend:
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
         self._packed: dict[str, int8.Int8Weight] = {}
+        self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -83,8 +85,14 @@ class CpuBackend:
     # -- normalisation and activations ----------------------------------------------------------
 
     def rms_norm(self, x: np.ndarray, w: Tensor | None, eps: float) -> np.ndarray:
+        weight = self.dense(w) if w is not None else None
+        if self.fast and weight is not None and weight.ndim == 1 and x.dtype == np.float32:
+            rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+            out = np.empty_like(rows)
+            rms_norm_rows(rows, weight, eps, out)
+            return out.reshape(x.shape)
         y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-        return y * self.dense(w) if w is not None else y
+        return y * weight if weight is not None else y
 
     def layer_norm(self, x: np.ndarray, w: Tensor, b: Tensor | None, eps: float) -> np.ndarray:
         mean = x.mean(axis=-1, keepdims=True)
@@ -116,8 +124,24 @@ class CpuBackend:
 
     # -- position and attention -----------------------------------------------------------------
 
-    @staticmethod
-    def rope(x: np.ndarray, positions: np.ndarray, base: float, n_dims: int, neox: bool,
+    def rope_tables(self, positions: np.ndarray, base: float, n_dims: int, freq_scale: float,
+                    freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [T, 1, n_dims/2] for these positions; kept for the next layers, which
+        ask for the same (a forward pass asks once per distinct base)."""
+        key = (positions.tobytes(), base, n_dims, freq_scale, None if freq_factors is None else freq_factors.tobytes())
+        if key not in self._rope_tables:
+            if len(self._rope_tables) > 8:
+                self._rope_tables.clear()
+            half = n_dims // 2
+            inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / n_dims)
+            if freq_factors is not None:
+                inv_freq = inv_freq / freq_factors
+            angles = (positions.astype(np.float64)[:, None] * freq_scale) * inv_freq[None, :]
+            tables = np.cos(angles).astype(np.float32)[:, None, :], np.sin(angles).astype(np.float32)[:, None, :]
+            self._rope_tables[key] = tables
+        return self._rope_tables[key]
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, base: float, n_dims: int, neox: bool,
              freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> np.ndarray:
         """Rotate the first `n_dims` of each head of x [T, H, D] by position.
 
@@ -126,12 +150,7 @@ class CpuBackend:
         `freq_factors` (llama.cpp's rope_freqs tensor) divide each frequency (Llama 3 scaling).
         """
         half = n_dims // 2
-        inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2 / n_dims)
-        if freq_factors is not None:
-            inv_freq = inv_freq / freq_factors
-        angles = (positions.astype(np.float64)[:, None] * freq_scale) * inv_freq[None, :]
-        cos = np.cos(angles).astype(np.float32)[:, None, :]
-        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        cos, sin = self.rope_tables(positions, base, n_dims, freq_scale, freq_factors)
         out = x.copy()
         if neox:
             a, b = x[..., :half], x[..., half:n_dims]

@@ -48,10 +48,13 @@ def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _matvec(q, scale, offset, sub, x, x_sums, out):
+def _matvec(q, scale, offset, sub, x, out):
     rows, cols = q.shape
     n_sub = cols // sub
     has_offset = offset.shape[1] > 0
+    x_sums = np.zeros(n_sub if has_offset else 0, np.float32)  # for the offsets: sum of x per sub-block
+    for j in range(cols if has_offset else 0):
+        x_sums[j // sub] += x[j]
     for r in prange(rows):
         row, row_scale = q[r], scale[r]
         acc = np.float32(0.0)
@@ -87,10 +90,8 @@ def _dequantize_rows(q, scale, offset, sub, first, out):
 
 def matvec(w: Int8Weight, x: np.ndarray) -> np.ndarray:
     """W [rows, cols] @ x [cols] -> [rows] (float32)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    x_sums = x.reshape(-1, w.sub).sum(axis=1) if w.offset.shape[1] else x[:0]
     out = np.empty(w.q.shape[0], np.float32)
-    _matvec(w.q, w.scale, w.offset, w.sub, x, x_sums, out)
+    _matvec(w.q, w.scale, w.offset, w.sub, np.ascontiguousarray(x, dtype=np.float32), out)
     return out
 
 
