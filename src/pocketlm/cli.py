@@ -127,8 +127,8 @@ def cmd_inspect(args) -> None:
     for kind, (count, nbytes) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
     n_params = sum(t.n_elements for t in f.tensors.values())
-    print("  (the cpu backend repacks quantized matrices to int8 at load: about 1.1-1.3 bytes a weight in memory)")
     print(f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters")
+    print("(the cpu backend repacks quantized matrices to int8 at load: about 1.1-1.3 bytes a weight in memory)")
 
 
 def cmd_perplexity(args) -> None:
