@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -35,7 +34,7 @@ def test_inspect_lists_metadata_tensors_and_totals(capsys, real_model):
         real_model(name)
         code, out, _ = run_cli(capsys, "inspect", name)
         assert code == 0
-        assert f"general.architecture" in out and f"'{arch}'" in out
+        assert "general.architecture" in out and f"'{arch}'" in out
         assert "blk.0.attn_q.weight" in out and "totals per type" in out
         assert all(k in out for k in kinds)
 
