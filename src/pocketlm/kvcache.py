@@ -24,7 +24,13 @@ class LayerCache:
             self.positions[start : start + T] = positions
             end = start + T
             return self.keys[:end], self.values[:end], self.positions[:end]
-        # Ring: earlier entries still in the window, then the new ones (all of them, since the
+        if T == 1:
+            # One new token may take the slot of the one a window behind it, which it cannot see:
+            # attend over the ring in place (empty slots have position -1 and are masked).
+            slot = start % self.capacity
+            self.keys[slot], self.values[slot], self.positions[slot] = k[0], v[0], start
+            return self.keys, self.values, self.positions
+        # Several: earlier entries still in the window, then the new ones (all of them, since the
         # first new queries may need new keys that the ring cannot keep).
         old = (self.positions >= 0) & (self.positions < start)
         keys = np.concatenate([self.keys[old], k])

@@ -166,7 +166,8 @@ class CpuBackend:
         """Causal (optionally sliding-window) attention; q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq*Dv].
 
         Query heads share kv heads in groups (GQA / MQA). A key is visible to a query when it is
-        not later and, with a window, fewer than `window` positions back. `alibi` [Hq] adds
+        not later and, with a window, fewer than `window` positions back; keys at position -1 are
+        empty cache slots. `alibi` [Hq] adds
         slope * key position to each head's scores (softmax ignores the per-query offset).
         """
         T, n_heads, _ = q.shape
@@ -186,7 +187,7 @@ class CpuBackend:
         if alibi is not None:
             scores = scores + alibi.reshape(n_kv, group, 1, 1) * k_pos.astype(np.float32)
         delta = q_pos[:, None] - k_pos[None, :]
-        visible = delta >= 0
+        visible = (delta >= 0) & (k_pos[None, :] >= 0)  # position -1: an empty cache slot
         if window:
             visible &= delta < window
         scores = np.where(visible, scores, np.float32(-np.inf))

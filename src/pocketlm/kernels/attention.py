@@ -28,7 +28,7 @@ def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
         best = np.float32(-np.inf)
         for s in range(S):
             delta = q_pos[t] - k_pos[s]
-            if delta < 0 or (window > 0 and delta >= window):
+            if k_pos[s] < 0 or delta < 0 or (window > 0 and delta >= window):  # -1: empty slot
                 scores[s] = -np.inf
                 continue
             key = k[s, kh]
