@@ -120,3 +120,14 @@ def test_failed_write_leaves_no_file(tmp_path, error):
     with pytest.raises(type(error)):
         w.write(tmp_path / "out.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_string_array_running_past_the_end_is_rejected(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"\x01\x00\x00\x00\x00\x00\x00\x00b")  # the length prefix of token "b"
+    raw[at : at + 8] = struct.pack("<Q", 1 << 40)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match="string array runs past the end"):
+        GGUFFile(path)

@@ -22,6 +22,7 @@ from ..errors import ModelFileError
 from .quants import BLOCK_LAYOUT, GGMLType, dequantize, ggml_type, tensor_nbytes
 
 MAGIC = b"GGUF"
+_U64 = struct.Struct("<Q")
 DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4
 
@@ -136,7 +137,29 @@ class _Cursor:
             dtype = _SCALAR_DTYPES[ValueType(item_type)]
             values = np.frombuffer(self.take(count * dtype.itemsize), dtype)
             return values.astype(bool) if item_type == ValueType.BOOL else values
+        if item_type == ValueType.STRING:
+            return self.strings(count)
         return [self.value(item_type) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """`count` length-prefixed strings: a vocabulary has a quarter of a million of them, so
+        this loop does the least it can per string (the same bounds checks as `take`)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        unpack = _U64.unpack_from
+        try:
+            for _ in range(count):
+                if pos + 8 > end:
+                    raise ValueError
+                (n,) = unpack(buf, pos)
+                if n > end - pos - 8:
+                    raise ValueError
+                out.append(str(buf[pos + 8 : pos + 8 + n], "utf-8"))
+                pos += 8 + n
+        except (ValueError, UnicodeDecodeError):
+            self.pos = pos
+            raise self.fail("a string array runs past the end of the file or is not UTF-8") from None
+        self.pos = pos
+        return out
 
 
 class GGUFFile:
