@@ -64,16 +64,3 @@ def test_teacher_forced_top1_on_the_quantized_file_agrees_with_llama_cpp_as_well
     llama_cpp_self = float(np.mean(np.asarray(fixture["passage_top1_token_by_token"]) == fixture["passage_top1"]))
     print(f"{name}: top-1 agreement with llama.cpp {ours:.4f}; llama.cpp batched vs token-by-token {llama_cpp_self:.4f}")
     assert ours >= llama_cpp_self
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_a_cached_tokenizer_encodes_like_a_freshly_built_one(loaded, name, tmp_path):
-    from pocketlm.tokenizer import GGUFTokenizer
-
-    metadata = loaded(name).file.metadata
-    varied = (FIXTURES / "varied.txt").read_text(encoding="utf-8")
-    built = GGUFTokenizer(metadata, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 1
-    cached = GGUFTokenizer(metadata, cache_dir=tmp_path)
-    assert cached.encode(varied, parse_special=False) == built.encode(varied, parse_special=False) == load_fixture(name)["varied_ids"]
-    assert cached.decode(cached.encode(varied)) == varied

@@ -19,7 +19,6 @@ from .formats.gguf import GGUFFile
 from .kvcache import KVCache
 from .models import build_model
 from .sampling import Sampler
-from .registry import cache_dir
 from .tokenizer import GGUFTokenizer
 
 
@@ -36,7 +35,7 @@ class LoadedModel:
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         self.ops.prepare(self.file.tensors.values(), on_packed=self.file.release_pages)
-        self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path), cache_dir=cache_dir() / "tokenizers")
+        self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
 

@@ -53,15 +53,10 @@ MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def cache_dir() -> Path:
-    """pocketlm's folder for what it fetches or builds: $POCKETLM_HOME, else ~/.cache/pocketlm."""
-    home = os.environ.get("POCKETLM_HOME")
-    return Path(home) if home else Path.home() / ".cache" / "pocketlm"
-
-
 def models_dir() -> Path:
-    """Where pulled models live."""
-    return cache_dir() / "models"
+    """Where pulled models live: $POCKETLM_HOME/models, else ~/.cache/pocketlm/models."""
+    home = os.environ.get("POCKETLM_HOME")
+    return (Path(home) if home else Path.home() / ".cache" / "pocketlm") / "models"
 
 
 def model_path(name: str) -> Path:

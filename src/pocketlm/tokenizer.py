@@ -10,10 +10,7 @@ llama.cpp does.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from array import array
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -108,68 +105,27 @@ def _build_bpe(tokens, merges: Iterable[str], pre: str) -> Tokenizer:
     return tok
 
 
-def _build(kind: str, tokens: list[str], types: np.ndarray, metadata: dict[str, Any], source: str) -> Tokenizer:
-    if kind == "gpt2":
-        if "tokenizer.ggml.merges" not in metadata:
-            raise ModelFileError(f"{source}: tokenizer metadata 'tokenizer.ggml.merges' is missing")
-        tok = _build_bpe(tokens, metadata["tokenizer.ggml.merges"], metadata.get("tokenizer.ggml.pre", "default"))
-    elif kind == "llama":
-        scores = np.asarray(metadata.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32)))
-        tok = _build_sentencepiece(tokens, scores, types, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
-    else:
-        raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (gpt2, llama)")
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in np.nonzero(types == USER_DEFINED)[0]])
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]])
-    return tok
-
-
-_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_space_prefix",
-                   "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
-_BUILD_VERSION = b"pocketlm-tokenizer-1"  # change when the way tokenizers are built changes
-
-
-def _vocabulary_hash(metadata: dict[str, Any]) -> str:
-    digest = hashlib.sha256(_BUILD_VERSION)
-    for key in _TOKENIZER_KEYS:
-        value = metadata.get(key)
-        digest.update(key.encode())
-        if isinstance(value, np.ndarray):
-            digest.update(value.tobytes())
-        elif isinstance(value, list):
-            digest.update("\0".join(value).encode("utf-8", "surrogatepass"))
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()[:32]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:  # a cache we cannot write is only slower, never an error
-        pass
-
-
 class GGUFTokenizer:
     """Text <-> token ids for one model file, plus its special ids and chat template."""
 
-    def __init__(self, metadata: dict[str, Any], source: str = "model file", cache_dir: Path | None = None):
-        """`cache_dir`: where built tokenizers are kept as JSON, keyed by a hash of the vocabulary
-        (building Gemma's takes 1.8 s, reading it back 0.9 s)."""
-        if "tokenizer.ggml.model" not in metadata or "tokenizer.ggml.tokens" not in metadata:
-            raise ModelFileError(f"{source}: tokenizer metadata is missing (tokenizer.ggml.model, tokenizer.ggml.tokens)")
-        kind = metadata["tokenizer.ggml.model"]
-        tokens = list(metadata["tokenizer.ggml.tokens"])
+    def __init__(self, metadata: dict[str, Any], source: str = "model file"):
+        def need(key):
+            if key not in metadata:
+                raise ModelFileError(f"{source}: tokenizer metadata {key!r} is missing")
+            return metadata[key]
+
+        kind = need("tokenizer.ggml.model")
+        tokens = list(need("tokenizer.ggml.tokens"))
         types = np.asarray(metadata.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL)))
-        cached = cache_dir / f"{_vocabulary_hash(metadata)}.json" if cache_dir else None
-        if cached and cached.exists():
-            self._tok = Tokenizer.from_file(str(cached))
+        if kind == "gpt2":
+            self._tok = _build_bpe(tokens, need("tokenizer.ggml.merges"), metadata.get("tokenizer.ggml.pre", "default"))
+        elif kind == "llama":
+            scores = np.asarray(metadata.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32)))
+            self._tok = _build_sentencepiece(tokens, scores, types, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
         else:
-            self._tok = _build(kind, tokens, types, metadata, source)
-            if cached:
-                _write_atomically(cached, self._tok.to_str())
+            raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (gpt2, llama)")
+        self._tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in np.nonzero(types == USER_DEFINED)[0]])
+        self._tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]])
         self.tokens = tokens
         self.vocab_size = len(tokens)
         self.control_ids = frozenset(int(i) for i in np.nonzero(types == CONTROL)[0])
