@@ -31,11 +31,12 @@ class LoadedModel:
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.model = build_model(self.file.metadata, self.file.tensors)
+        # The tokenizer first: building it needs transient memory, best spent before the weights.
+        self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
         self.ops = CpuBackend(fast=backend == "cpu")
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         self.ops.prepare(self.file.tensors.values(), on_packed=self.file.release_pages)
-        self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
 
