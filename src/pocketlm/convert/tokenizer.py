@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFileError, UnsupportedError
-from ..formats.gguf import ValueType
+from ..formats.gguf import TokenType, ValueType
 from ..formats.hf import HFCheckpoint
-from ..tokenizer import CONTROL, NORMAL, UNUSED, USER_DEFINED
+
+NORMAL, CONTROL, USER_DEFINED, UNUSED = TokenType.NORMAL, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED
 
 Typed = tuple[Any, ValueType | None, ValueType | None]  # value, type, array item type
 

@@ -33,6 +33,17 @@ def arch_key(arch: str, key: str) -> str:
     return key if key.startswith("pocketlm.") else f"{arch}.{key}"
 
 
+class TokenType(IntEnum):
+    """`tokenizer.ggml.token_type` values (llama.cpp's, equal to SentencePiece's piece types)."""
+
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
 class ValueType(IntEnum):
     UINT8 = 0
     INT8 = 1
