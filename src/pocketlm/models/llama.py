@@ -2,8 +2,8 @@
 optional attention / MLP biases and Llama 3 RoPE scaling (llama.cpp's rope_freqs tensor).
 
 llama.cpp's converter permutes the q/k rows of Llama checkpoints so that RoPE rotates adjacent
-pairs; GGUF files of this architecture therefore use the non-NeoX rotation. Qwen 2/3 reuse these
-blocks with the NeoX rotation.
+pairs; GGUF files of this architecture therefore use the non-NeoX rotation. Qwen 2/3 and Gemma
+reuse these blocks with the NeoX rotation.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from .base import Attention, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 class TransformerBlock:
-    def __init__(self, w: Weights, i: int, args: DecoderArgs, rope_neox: bool):
+    def __init__(self, w: Weights, i: int, args: DecoderArgs, rope_neox: bool, activation: str):
         spec = args.attention_spec(rope_neox=rope_neox)
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "rms", args.norm_eps)
         self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "rms", args.norm_eps)
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)
-        self.mlp = GatedMLP(w, f"blk.{i}", "silu")
+        self.mlp = GatedMLP(w, f"blk.{i}", activation)
 
     def __call__(self, ops, x, positions, cache):
         x = x + self.attention(ops, self.attn_norm(ops, x), positions, cache)
@@ -26,11 +26,12 @@ class TransformerBlock:
 
 class Model(CausalLM):
     rope_neox = False
+    activation = "silu"
 
     def __init__(self, args: DecoderArgs, w: Weights):
         self.args = args
         self.init_io(w, "rms", args.norm_eps)
-        self.layers = [TransformerBlock(w, i, args, self.rope_neox) for i in range(args.n_layers)]
+        self.layers = [TransformerBlock(w, i, args, self.rope_neox, self.activation) for i in range(args.n_layers)]
 
 
 ARGS = DecoderArgs
