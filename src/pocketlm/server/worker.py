@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import LlmInference
-from ..errors import PocketLMError
 
 
 @dataclass
@@ -76,9 +75,7 @@ class GenerationWorker(threading.Thread):
                 continue
             try:
                 self._generate(job)
-            except PocketLMError as e:
-                job.emit("error", e)
-            except Exception as e:  # a bug: report it to this request, keep serving the others
+            except Exception as e:  # reported to this request (400 for a PocketLMError, else 500)
                 job.emit("error", e)
 
     def _generate(self, job: Job) -> None:
