@@ -214,14 +214,21 @@ class Norm:
 class CausalLM:
     """The contract the engine relies on: `make_cache`, `forward`, `vocab_size`, `args`.
 
-    Subclasses build `layers` (blocks with an `attention`) and call `init_io`; embedding scale
-    and final soft-capping are class or instance attributes where an architecture has them.
+    Subclasses name their layer class (`block`) and norm kind, or build `layers` themselves
+    after `init_io`; embedding scale and final soft-capping are set where an architecture has them.
     """
 
     args: DecoderArgs
     layers: list
     embed_scale: float | None = None
     final_softcap: float | None = None
+    block: type | None = None  # the layer class, built as block(w, i, args)
+    norm_kind = "rms"
+
+    def __init__(self, args: DecoderArgs, w: Weights):
+        self.args = args
+        self.init_io(w, self.norm_kind, args.norm_eps)
+        self.layers = [self.block(w, i, args) for i in range(args.n_layers)]
 
     def init_io(self, w: Weights, norm_kind: str, eps: float) -> None:
         self.token_embd = w("token_embd.weight")

@@ -45,10 +45,8 @@ class TransformerBlock:
 
 
 class Model(CausalLM):
-    def __init__(self, args: FalconArgs, w: Weights):
-        self.args = args
-        self.init_io(w, "layer", args.norm_eps)
-        self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
+    block = TransformerBlock
+    norm_kind = "layer"
 
 
 ARGS = FalconArgs

@@ -66,10 +66,10 @@ class TransformerBlock:
 
 
 class Model(CausalLM):
+    block = TransformerBlock
+
     def __init__(self, args: Gemma3Args, w: Weights):
-        self.args = args
-        self.init_io(w, "rms", args.norm_eps)
-        self.layers = [TransformerBlock(w, i, args) for i in range(args.n_layers)]
+        super().__init__(args, w)
         self.embed_scale = math.sqrt(args.hidden_size)
         self.final_softcap = args.final_softcap
 
