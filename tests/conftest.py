@@ -59,12 +59,17 @@ def _randomize(model, seed: int) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
+    # Gemma 1-3 norms scale by (1 + w); Gemma 3n's, like the others', by w
+    centre = 0.0 if model.config.model_type.startswith("gemma") and "3n" not in model.config.model_type else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             is_norm_weight = p.ndim == 1 and "norm" in name and name.endswith("weight")
             p.copy_(centre + 0.2 * noise if is_norm_weight else (0.2 * noise if p.ndim == 1 else 0.15 * noise))
+            if model.config.model_type == "gemma3n_text" and name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Gemma 3n attends with scale 1: its trained q/k norms carry the 1/sqrt(head_dim)
+                # (with weights near 1, a random model's attention is near one-hot and chaotic)
+                p.mul_(model.config.head_dim**-0.25)
 
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -72,6 +77,14 @@ _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_a
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 _FALCON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
+
+# Gemma 3n: 10 layers (4 sliding + 1 global, twice), the last 5 reuse layers 3 and 4's keys and
+# values, sparse FFNs in the first 2, AltUp with 4 streams, a per-layer table shorter than the vocab.
+_GEMMA3N = dict(hidden_size=64, intermediate_size=[128, 96] * 5, num_hidden_layers=10, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, sliding_window=16, num_kv_shared_layers=5, laurel_rank=8,
+                hidden_size_per_layer_input=16, vocab_size_per_layer_input=600, altup_num_inputs=4,
+                activation_sparsity_pattern=[0.95, 0.95] + [0.0] * 8, max_position_embeddings=256,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 # kind -> (transformers model class, config class, config values, tokenizer)
 TINY = {
@@ -102,6 +115,7 @@ TINY = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True), "bpe"),
     "qwen2-untied": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False), "bpe"),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_COMMON, num_key_value_heads=2, head_dim=32), "bpe"),
+    "gemma3n": ("Gemma3nForCausalLM", "Gemma3nTextConfig", _GEMMA3N, "spm"),
 }
 
 

@@ -25,7 +25,9 @@ from .tokenizer import GGUFTokenizer
 class LoadedModel:
     """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "cpu"):
+    def __init__(self, path: str | os.PathLike, backend: str = "cpu", streamed_in_ram: bool = False):
+        """`streamed_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
+        per-layer embeddings) into memory instead, for comparison."""
         if backend not in ("cpu", "reference"):
             raise InvalidOptionError(f"backend {backend!r} is not available (available: cpu, reference)")
         self.file = GGUFFile(path)
@@ -36,7 +38,12 @@ class LoadedModel:
         self.ops = CpuBackend(fast=backend == "cpu")
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
-        self.ops.prepare(self.file.tensors.values(), on_packed=self.file.release_pages)
+        streamed = getattr(self.model, "streamed", frozenset())
+        self.ops.prepare([t for t in self.file.tensors.values() if t.name not in streamed],
+                         on_packed=self.file.release_pages)
+        for name in streamed if streamed_in_ram else ():
+            self.ops.pin(self.file.tensors[name])
+            self.file.release_pages(self.file.tensors[name])
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
 

@@ -1,5 +1,6 @@
 """One preallocated key/value cache per model: full layers hold `max_tokens` positions,
-sliding-window layers a ring of `window` slots (position p lives in slot p % window)."""
+sliding-window layers a ring of `window` slots (position p lives in slot p % window).
+Layers that reuse another layer's keys and values (Gemma 3n's KV sharing) get a `SharedLayerCache`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ class LayerCache:
 
     def update_and_fetch(self, k: np.ndarray, v: np.ndarray, start: int):
         """Store k/v [T, Hkv, D] for positions start.. and return what those queries may see:
-        (keys, values, key_positions)."""
+        (keys, values, key_positions); kept as `last` for the layers that share them."""
+        self.last = self._update_and_fetch(k, v, start)
+        return self.last
+
+    def _update_and_fetch(self, k: np.ndarray, v: np.ndarray, start: int):
         T = len(k)
         positions = np.arange(start, start + T)
         if not self.window:
@@ -52,13 +57,33 @@ class LayerCache:
         return self.keys.nbytes + self.values.nbytes
 
 
+class SharedLayerCache:
+    """A layer that stores nothing and attends over what layer `source` fetched in the same
+    forward pass (its keys, values and positions)."""
+
+    nbytes = 0
+
+    def __init__(self, source: int):
+        self.source = source
+        self.layer: LayerCache | None = None  # set by KVCache
+
+    def fetch(self):
+        return self.layer.last
+
+    def copy(self) -> "SharedLayerCache":
+        return SharedLayerCache(self.source)
+
+
 class KVCache:
     """The cache of a whole model; `offset` is how many positions are filled."""
 
-    def __init__(self, layers: list[LayerCache], max_tokens: int):
+    def __init__(self, layers: list[LayerCache | SharedLayerCache], max_tokens: int):
         self.layers = layers
         self.max_tokens = max_tokens
         self.offset = 0
+        for layer in layers:
+            if isinstance(layer, SharedLayerCache):
+                layer.layer = layers[layer.source]
 
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]

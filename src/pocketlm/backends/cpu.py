@@ -30,6 +30,7 @@ class CpuBackend:
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
         self._packed: dict[str, int8.Int8Weight] = {}
+        self._pinned: dict[str, np.ndarray] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- weights --------------------------------------------------------------------------------
@@ -57,6 +58,10 @@ class CpuBackend:
             if self.packed(w) is not None and on_packed:
                 on_packed(w)
 
+    def pin(self, w: Tensor) -> None:
+        """Keep a resident copy of a tensor's bytes, so reads stop going to the file."""
+        self._pinned[w.name] = np.array(w.data)
+
     def linear(self, x: np.ndarray, w: Tensor, bias: Tensor | None = None) -> np.ndarray:
         """x [T, in] @ W[out, in].T (+ bias) -> [T, out]."""
         packed = self.packed(w)
@@ -71,7 +76,8 @@ class CpuBackend:
     @property
     def weight_bytes(self) -> int:
         """Memory this backend holds for weights (repacked or dequantized copies)."""
-        return sum(p.nbytes for p in self._packed.values()) + sum(d.nbytes for d in self._dequantized.values())
+        held = [*self._packed.values(), *self._dequantized.values(), *self._pinned.values()]
+        return sum(p.nbytes for p in held)
 
     def embedding(self, w: Tensor, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of an embedding table [vocab, D], dequantizing just those rows."""
@@ -79,7 +85,7 @@ class CpuBackend:
             return self._dequantized[w.name][ids]
         n_rows, dim = w.shape
         row_bytes = w.nbytes // n_rows
-        rows = w.data.reshape(n_rows, row_bytes)[np.asarray(ids)]
+        rows = self._pinned.get(w.name, w.data).reshape(n_rows, row_bytes)[np.asarray(ids)]
         return dequantize(rows, w.kind, (len(ids), dim))
 
     # -- normalisation and activations ----------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import ModelFileError
+from ..errors import InvalidOptionError, ModelFileError
 from ..formats.gguf import GGUFFile, GGUFWriter, arch_key
 from ..formats.hf import HFCheckpoint
 from ..formats.quants import GGMLType, quantize
@@ -50,7 +50,7 @@ def _quantized(load, kind: GGMLType):
 
 
 def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter:
-    mapping = mapping_for(ckpt.config)
+    mapping = mapping_for(ckpt.config, config.matformer)
     writer = GGUFWriter()
     writer.add("general.architecture", mapping.arch)
     writer.add("general.name", ckpt.config.get("_name_or_path") or ckpt.folder.name)
@@ -88,6 +88,8 @@ def _tensor_order(t) -> tuple:
 
 
 def _from_gguf(src: GGUFFile, config: ConversionConfig) -> GGUFWriter:
+    if config.matformer:
+        raise InvalidOptionError("--matformer slices a Hugging Face checkpoint, not a GGUF file")
     writer = GGUFWriter(alignment=int(src.get("general.alignment", 32)))
     for key, value in src.metadata.items():
         if key != "general.alignment":

@@ -30,12 +30,19 @@ def register(*model_types: str):
     return wrap
 
 
-def mapping_for(config: dict[str, Any]) -> "Mapping":
+def mapping_for(config: dict[str, Any], matformer: str | None = None) -> "Mapping":
+    """The mapping for a checkpoint's config; `matformer` (Gemma 3n only) slices it first."""
     model_type = config.get("model_type")
     if model_type not in _MAPPINGS:
         supported = ", ".join(sorted(_MAPPINGS))
         raise UnsupportedError(f"model_type {model_type!r} is not supported (supported: {supported})")
-    return _MAPPINGS[model_type](config)
+    if matformer is None:
+        return _MAPPINGS[model_type](config)
+    from .gemma3n import Gemma3nMapping, MatFormerSlice
+
+    if _MAPPINGS[model_type] is not Gemma3nMapping:
+        raise UnsupportedError(f"--matformer slices Gemma 3n checkpoints; this one is {model_type!r}")
+    return Gemma3nMapping(config, MatFormerSlice.parse(matformer))
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -95,11 +102,12 @@ class Mapping:
     def metadata(self) -> dict[str, Any]:
         c = self.config
         eps = c.get("rms_norm_eps", c.get("layer_norm_eps", c.get("layer_norm_epsilon", 1e-5)))
+        ffn = c.get("intermediate_size") or c.get("ffn_hidden_size") or 4 * c["hidden_size"]
         return {
             "context_length": int(c.get("max_position_embeddings", 2048)),
             "embedding_length": int(c["hidden_size"]),
             "block_count": self.n_layers,
-            "feed_forward_length": int(c.get("intermediate_size") or c.get("ffn_hidden_size") or 4 * c["hidden_size"]),
+            "feed_forward_length": [int(d) for d in ffn] if isinstance(ffn, list) else int(ffn),  # per layer (MatFormer)
             "attention.head_count": self.n_heads,
             "attention.head_count_kv": self.n_kv_heads,
             "attention.key_length": self.head_dim,
@@ -358,3 +366,6 @@ class FalconMapping(Mapping):
             g = w.reshape(self.n_heads, 3, d, *rest)
             parts = [g[:, 0], g[:, 1], g[:, 2]]
         return np.concatenate([p.reshape(-1, *rest) for p in parts])
+
+
+from . import gemma3n  # noqa: E402,F401  (registers the gemma3n mapping)

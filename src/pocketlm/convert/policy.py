@@ -27,6 +27,7 @@ class ConversionConfig:
     attention_bits: int | None = None
     ffn_bits: int | None = None
     embedding_bits: int | None = None
+    matformer: str | None = None  # Gemma 3n: a preset or JSON slice (see convert.gemma3n.MatFormerSlice)
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:

@@ -95,6 +95,12 @@ class Tensor:
     def dequantize(self) -> np.ndarray:
         return dequantize(self.data, self.kind, self.shape)
 
+    def part(self, j: int) -> "Tensor":
+        """Slice `j` along the first axis (a matrix of a stacked [n, rows, cols] tensor), still
+        a view into the file."""
+        size = self.nbytes // self.shape[0]
+        return Tensor(f"{self.name}[{j}]", self.kind, self.shape[1:], self.data[j * size : (j + 1) * size])
+
 
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer; errors name the file and offset."""

@@ -1,0 +1,210 @@
+"""Gemma 3n's text decoder: AltUp streams, LAuReL, per-layer embeddings (PLE), KV sharing,
+Gaussian top-k activation sparsity, q/k/v norms, final soft-capping.
+
+Every layer works on `altup_inputs` copies of the hidden state (streams, [N, T, D]); it runs the
+usual Gemma block on the active stream only, after a learned linear prediction of all streams,
+and corrects all of them from the result. Each layer also receives its slice of the per-layer
+input: a row of the per-layer embedding table (which stays in the file and is read per token,
+see `streamed`) mixed with a projection of the token embedding.
+
+Unlike Gemma 1-3, the norms multiply by w itself (no 1 + w). Tensor and key names follow
+llama.cpp's `gemma3n`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kvcache import KVCache, LayerCache, SharedLayerCache
+from .base import REQUIRED, AttentionSpec, Norm, Weights
+from .gemma3 import Gemma3Args
+
+PER_LAYER_TABLE = "per_layer_token_embd.weight"
+
+
+@dataclass
+class Gemma3nArgs(Gemma3Args):
+    per_layer_dim: int = REQUIRED
+    altup_inputs: int = 4
+    altup_active: int = 0
+    shared_kv_layers: int = 0
+    sparsity_scale: object = None  # per layer: std multiplier of the top-k cut-off, -inf for none
+    coef_clip: float | None = None
+
+    _keys = {
+        **Gemma3Args._keys,
+        "per_layer_dim": "embedding_length_per_layer_input", "altup_inputs": "altup.num_inputs",
+        "altup_active": "altup.active_idx", "shared_kv_layers": "attention.shared_kv_layers",
+        "sparsity_scale": "activation_sparsity_scale", "coef_clip": "pocketlm.altup.coef_clip",
+    }
+    default_period = 5
+
+    def kv_source(self, i: int) -> int | None:
+        """The layer whose keys and values layer i reuses (the last unshared layer of its kind),
+        or None when it computes its own."""
+        first_shared = self.n_layers - self.shared_kv_layers
+        if i < first_shared:
+            return None
+        same_kind = [j for j in range(first_shared) if self.is_sliding(j) == self.is_sliding(i)]
+        return same_kind[-1]
+
+
+def rms(x: np.ndarray) -> np.ndarray:
+    """Root mean square over the last axis, [..., 1]."""
+    return np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
+
+
+def match_magnitude(x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """x rescaled to the root mean square `target` (floored as transformers does)."""
+    return x * (target / np.sqrt(np.maximum(np.mean(x * x, axis=-1, keepdims=True), np.float32(1e-5))))
+
+
+class Attention:
+    """q/k norms with weights, v norm without; attention scale 1. A shared layer has only its
+    query and output projections and attends over its source layer's keys and values."""
+
+    def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, eps: float, shared: bool):
+        self.spec, self.eps, self.shared = spec, eps, shared
+        self.wq, self.wo, self.q_norm = (w(f"{prefix}.{n}.weight") for n in ("attn_q", "attn_output", "attn_q_norm"))
+        if not shared:
+            self.wk, self.wv, self.k_norm = (w(f"{prefix}.{n}.weight") for n in ("attn_k", "attn_v", "attn_k_norm"))
+
+    def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+        s, T = self.spec, len(x)
+        q = ops.rms_norm(ops.linear(x, self.wq).reshape(T, s.n_heads, s.head_dim), self.q_norm, self.eps)
+        q = ops.rope(q, positions, s.rope_base, s.rope_dims, True)
+        if self.shared:
+            keys, values, key_positions = cache.fetch()
+        else:
+            k = ops.rms_norm(ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps)
+            v = ops.rms_norm(ops.linear(x, self.wv).reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
+            k = ops.rope(k, positions, s.rope_base, s.rope_dims, True)
+            keys, values, key_positions = cache.update_and_fetch(k, v, int(positions[0]))
+        out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window)
+        return ops.linear(out, self.wo)
+
+
+class AltUp:
+    """Predict all streams from each other before the block; correct them after it."""
+
+    def __init__(self, w: Weights, prefix: str, args: Gemma3nArgs):
+        self.router, self.router_norm = w(f"{prefix}.altup_router.weight"), w(f"{prefix}.altup_router_norm.weight")
+        self.predict_coef, self.correct_coef = w(f"{prefix}.altup_predict_coef.weight"), w(f"{prefix}.altup_correct_coef.weight")
+        self.n, self.active, self.eps, self.clip = args.altup_inputs, args.altup_active, args.norm_eps, args.coef_clip
+        self.router_scale = np.float32(1.0 / args.hidden_size)
+
+    def modalities(self, ops, x: np.ndarray) -> np.ndarray:
+        return np.tanh(ops.linear(ops.rms_norm(x, self.router_norm, self.eps) * self.router_scale, self.router))
+
+    def coefs(self, ops, w) -> np.ndarray:
+        c = ops.dense(w)
+        return np.clip(c, -self.clip, self.clip) if self.clip else c
+
+    def predict(self, ops, streams: np.ndarray) -> np.ndarray:
+        """pred[j] = streams[j] + sum_k R[j, k] streams[k], R [T, N, N] from the active stream."""
+        m = self.modalities(ops, streams[self.active])
+        R = (m @ self.coefs(ops, self.predict_coef).T).reshape(-1, self.n, self.n)
+        return streams + np.einsum("tjk,ktd->jtd", R, streams)
+
+    def correct(self, ops, predictions: np.ndarray, activated: np.ndarray) -> np.ndarray:
+        m = self.modalities(ops, activated)
+        scale = m @ self.coefs(ops, self.correct_coef).T + np.float32(1.0)  # [T, N]
+        return predictions + scale.T[:, :, None] * (activated - predictions[self.active])
+
+
+class Block:
+    def __init__(self, w: Weights, i: int, args: Gemma3nArgs):
+        sliding = args.is_sliding(i)
+        spec = args.attention_spec(rope_base=args.rope_base_swa if sliding else args.rope_base, scale=1.0,
+                                   window=args.sliding_window if sliding else None)
+        p, eps = f"blk.{i}", args.norm_eps
+        self.kv_source = args.kv_source(i)
+        self.attention = Attention(w, p, spec, eps, shared=self.kv_source is not None)
+        norms = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "laurel_post_norm", "post_norm")
+        (self.attn_norm, self.post_attn_norm, self.ffn_norm, self.post_ffn_norm,
+         self.laurel_norm, self.ple_norm) = (Norm(w, f"{p}.{n}", "rms", eps) for n in norms)
+        self.gate, self.up, self.down = (w(f"{p}.ffn_{n}.weight") for n in ("gate", "up", "down"))
+        self.laurel_l, self.laurel_r = w(f"{p}.laurel_l.weight"), w(f"{p}.laurel_r.weight")
+        self.ple_gate, self.ple_proj = w(f"{p}.inp_gate.weight"), w(f"{p}.proj.weight")
+        self.correct_scale = w(f"{p}.altup_correct_scale.weight")
+        self.altup = AltUp(w, p, args)
+        scale = args.sparsity_scale[i] if args.sparsity_scale is not None else -math.inf
+        self.sparsity = np.float32(scale) if math.isfinite(scale) else None
+
+    def mlp(self, ops, x: np.ndarray) -> np.ndarray:
+        g = ops.linear(x, self.gate)
+        if self.sparsity is not None:  # keep what lies above mean + k * std (Gaussian top-k)
+            cutoff = g.mean(axis=-1, keepdims=True) + g.std(axis=-1, keepdims=True) * self.sparsity
+            g = np.maximum(g - cutoff, np.float32(0.0))
+        return ops.linear(ops.gelu_tanh(g) * ops.linear(x, self.up), self.down)
+
+    def __call__(self, ops, streams: np.ndarray, per_layer: np.ndarray, positions, cache) -> np.ndarray:
+        predictions = self.altup.predict(ops, streams)
+        a = predictions[self.altup.active]
+        x = self.attn_norm(ops, a)
+        laurel = x + self.laurel_norm(ops, ops.linear(ops.linear(x, self.laurel_l), self.laurel_r))
+        attn = self.post_attn_norm(ops, self.attention(ops, x, positions, cache))
+        h = (a + attn + laurel) * np.float32(1 / math.sqrt(2))
+        h = h + self.post_ffn_norm(ops, self.mlp(ops, self.ffn_norm(ops, h)))
+        corrected = self.altup.correct(ops, predictions, h)
+        # the per-layer input, gated by the corrected active stream, is added to the other streams
+        gate = ops.gelu_tanh(ops.linear(corrected[self.altup.active] * ops.dense(self.correct_scale), self.ple_gate))
+        corrected[1:] += self.ple_norm(ops, ops.linear(gate * per_layer, self.ple_proj))
+        return corrected
+
+
+class Model:
+    """Satisfies the engine's contract (`make_cache`, `forward`, `vocab_size`, `args`)."""
+
+    # Tensors the runtime leaves in the file and reads row by row (never made resident).
+    streamed = frozenset({PER_LAYER_TABLE})
+
+    def __init__(self, args: Gemma3nArgs, w: Weights):
+        self.args = args
+        self.token_embd, self.ple_table = w("token_embd.weight"), w(PER_LAYER_TABLE)
+        self.ple_proj, self.ple_proj_norm = w("per_layer_model_proj.weight"), Norm(w, "per_layer_proj_norm", "rms", args.norm_eps)
+        n = args.altup_inputs - 1
+        self.altup_proj = [w("altup_proj.weight").part(j) for j in range(n)]
+        self.altup_unembed = [w("altup_unembd_proj.weight").part(j) for j in range(n)]
+        self.output_norm = Norm(w, "output_norm", "rms", args.norm_eps)
+        self.vocab_size = self.token_embd.shape[0]
+        self.layers = [Block(w, i, args) for i in range(args.n_layers)]
+
+    def make_cache(self, max_tokens: int) -> KVCache:
+        layers = [SharedLayerCache(b.kv_source) if b.kv_source is not None
+                  else LayerCache(max_tokens, b.attention.spec.n_kv_heads, b.attention.spec.head_dim,
+                                  b.attention.spec.head_dim, b.attention.spec.window) for b in self.layers]
+        return KVCache(layers, max_tokens)
+
+    def per_layer_inputs(self, ops, ids: np.ndarray, embedded: np.ndarray) -> np.ndarray:
+        """[T, L, P]: the per-layer table's rows (ids beyond it read row 0), mixed with a
+        projection of the scaled token embedding."""
+        a, T = self.args, len(ids)
+        rows = ops.embedding(self.ple_table, np.where(ids < self.ple_table.shape[0], ids, 0))
+        table = rows.reshape(T, a.n_layers, a.per_layer_dim) * np.float32(math.sqrt(a.per_layer_dim))
+        proj = ops.linear(embedded, self.ple_proj) * np.float32(a.hidden_size**-0.5)
+        proj = self.ple_proj_norm(ops, proj.reshape(T, a.n_layers, a.per_layer_dim))
+        return (proj + table) * np.float32(2**-0.5)
+
+    def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        positions = np.arange(cache.offset, cache.offset + len(ids))
+        ids = np.asarray(ids, np.int64)
+        e = ops.embedding(self.token_embd, ids) * np.float32(math.sqrt(self.args.hidden_size))
+        per_layer = self.per_layer_inputs(ops, ids, e)
+        target = rms(e)
+        streams = np.stack([e] + [match_magnitude(ops.linear(e, w), target) for w in self.altup_proj])
+        for i, layer in enumerate(self.layers):
+            streams = layer(ops, streams, per_layer[:, i], positions, cache[i])
+        cache.offset += len(ids)
+        if not all_logits:
+            streams = streams[:, -1:]
+        target = rms(streams[0])
+        merged = [streams[0]] + [match_magnitude(ops.linear(s, w), target) for s, w in zip(streams[1:], self.altup_unembed)]
+        logits = ops.linear(self.output_norm(ops, np.mean(merged, axis=0)), self.token_embd)
+        return ops.softcap(logits, self.args.final_softcap) if self.args.final_softcap else logits
+
+
+ARGS = Gemma3nArgs
