@@ -38,10 +38,11 @@ class GenerationOptions:
         return self
 
 
-def load(model: str | os.PathLike | None = None, backend: str = "cpu") -> LoadedModel:
+def load(model: str | os.PathLike | None = None, backend: str = "cpu", ple_in_ram: bool = False) -> LoadedModel:
     """Open a model file (path or short name; None for the default) for low-level use:
-    `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill."""
-    return LoadedModel(resolve_model(model), backend=backend)
+    `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill.
+    `ple_in_ram` loads Gemma 3n's per-layer embeddings into memory instead of reading them per token."""
+    return LoadedModel(resolve_model(model), backend=backend, ple_in_ram=ple_in_ram)
 
 
 class LlmInference:

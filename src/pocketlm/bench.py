@@ -60,6 +60,9 @@ class BenchResult:
     start_to_first_token_seconds: float
     backend: str
     weight_bytes: int  # what the backend holds for weights (repacked int8), read once per token
+    params_resident: int = 0  # parameters in memory
+    params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
+    streamed_bytes: int = 0
 
 
 def bench_prompt(lm: LoadedModel, n_tokens: int) -> list[int]:
@@ -95,13 +98,13 @@ def process_age_seconds() -> float:
 
 def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int = 128,
               backend: str = "cpu", on_progress: Callable[[str], None] | None = None,
-              prompt_ids: list[int] | None = None) -> BenchResult:
+              prompt_ids: list[int] | None = None, ple_in_ram: bool = False) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
     from .engine import decode_step, prefill
 
     say = on_progress or (lambda message: None)
     start = time.perf_counter()
-    lm = LoadedModel(path, backend=backend)
+    lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram)
     load_seconds = time.perf_counter() - start
     ids = prompt_ids if prompt_ids is not None else bench_prompt(lm, prompt_tokens)
     cache = lm.make_cache(prompt_tokens + gen_tokens)
@@ -123,5 +126,7 @@ def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int
         prefill_tokens_per_second=prompt_tokens / ttft,
         decode_tokens_per_second=(gen_tokens - 1) / decode_seconds if gen_tokens > 1 else 0.0,
         peak_rss_mb=peak_rss_mb(), start_to_first_token_seconds=start_to_first, backend=backend,
-        weight_bytes=lm.ops.weight_bytes,
+        weight_bytes=lm.ops.weight_bytes, streamed_bytes=lm.streamed_bytes,
+        params_streamed=sum(t.n_elements for t in lm.file.tensors.values() if t.name in lm.streamed),
+        params_resident=sum(t.n_elements for t in lm.file.tensors.values() if t.name not in lm.streamed),
     )

@@ -93,7 +93,7 @@ def cmd_convert(args) -> None:
 
     from .registry import resolve_model
 
-    config = ConversionConfig(args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits)
+    config = ConversionConfig(args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits, args.matformer)
     src = args.src if Path(args.src).exists() else resolve_model(args.src)
     out = convert(src, args.out, config, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -173,7 +173,7 @@ def cmd_bench(args) -> None:
 
     path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
     progress = None if args.json else (lambda message: print(f"\r[bench] {message:<30}", end="", file=sys.stderr, flush=True))
-    r = run_bench(path, args.prompt_tokens, args.gen_tokens, args.backend, progress)
+    r = run_bench(path, args.prompt_tokens, args.gen_tokens, args.backend, progress, ple_in_ram=args.ple_in_ram)
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
         return
@@ -182,6 +182,8 @@ def cmd_bench(args) -> None:
         ("model", f"{r.model} ({r.file_mb:.1f} MB)"), ("backend", r.backend),
         ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (quantized matrices repacked to int8)"
                                                                   if r.backend == "cpu" else " (float32)")),
+        ("parameters", f"{r.params_resident / 1e6:.1f} M in memory, {r.params_streamed / 1e6:.1f} M read from storage"
+                       + (f" ({r.streamed_bytes / 1e6:.0f} MB)" if r.streamed_bytes else "")),
         ("load", f"{r.load_seconds:.2f} s"),
         ("time to first token", f"{r.ttft_seconds:.3f} s ({r.prompt_tokens}-token prompt)"),
         ("prefill", f"{r.prefill_tokens_per_second:.1f} tok/s"),
@@ -226,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="type of the weight matrices (default f16); vectors stay f32")
     for component in ("attention", "ffn", "embedding"):
         p.add_argument(f"--{component}-bits", type=int, choices=[4, 8], help=f"{component} matrices at 4 or 8 bits (mixed models)")
+    p.add_argument("--matformer", metavar="CONFIG",
+                   help="Gemma 3n: extract a nested smaller model first; a preset (e2b: E2B from E4B) or JSON "
+                        "{\"layers_to_skip\": [...], \"ffn_dims\": [...]} inline or in a .json file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
@@ -256,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512; the blog's: 1024)")
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--ple-in-ram", action="store_true",
+                   help="load Gemma 3n's per-layer embeddings into memory instead of reading them from the file per token")
     _add_model(p)
     p.set_defaults(func=cmd_bench)
 

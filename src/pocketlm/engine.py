@@ -25,8 +25,8 @@ from .tokenizer import GGUFTokenizer
 class LoadedModel:
     """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "cpu", streamed_in_ram: bool = False):
-        """`streamed_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
+    def __init__(self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False):
+        """`ple_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
         per-layer embeddings) into memory instead, for comparison."""
         if backend not in ("cpu", "reference"):
             raise InvalidOptionError(f"backend {backend!r} is not available (available: cpu, reference)")
@@ -41,11 +41,21 @@ class LoadedModel:
         streamed = getattr(self.model, "streamed", frozenset())
         self.ops.prepare([t for t in self.file.tensors.values() if t.name not in streamed],
                          on_packed=self.file.release_pages)
-        for name in streamed if streamed_in_ram else ():
-            self.ops.pin(self.file.tensors[name])
-            self.file.release_pages(self.file.tensors[name])
+        for name in streamed if ple_in_ram else ():
+            self.ops.pin(name, self._copy_out(self.file.tensors[name]))
+        self.streamed = frozenset() if ple_in_ram else frozenset(streamed)  # tensors read from the file per token
+        self.streamed_bytes = sum(self.file.tensors[n].nbytes for n in self.streamed)
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
+
+    def _copy_out(self, tensor, chunk: int = 1 << 24) -> np.ndarray:
+        """A resident copy of a tensor's bytes, its file pages let go chunk by chunk (so that the
+        copy, not the copy plus the file, is what memory holds)."""
+        copy = np.empty_like(tensor.data)
+        for begin in range(0, tensor.nbytes, chunk):
+            copy[begin : begin + chunk] = tensor.data[begin : begin + chunk]
+            self.file.release_pages(tensor, begin, begin + chunk)
+        return copy
 
     def make_cache(self, max_tokens: int) -> KVCache:
         if max_tokens > self.context_length:

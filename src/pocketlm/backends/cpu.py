@@ -58,9 +58,9 @@ class CpuBackend:
             if self.packed(w) is not None and on_packed:
                 on_packed(w)
 
-    def pin(self, w: Tensor) -> None:
-        """Keep a resident copy of a tensor's bytes, so reads stop going to the file."""
-        self._pinned[w.name] = np.array(w.data)
+    def pin(self, name: str, data: np.ndarray) -> None:
+        """Read tensor `name`'s bytes from `data` (a resident copy) instead of the file."""
+        self._pinned[name] = data
 
     def linear(self, x: np.ndarray, w: Tensor, bias: Tensor | None = None) -> np.ndarray:
         """x [T, in] @ W[out, in].T (+ bias) -> [T, out]."""

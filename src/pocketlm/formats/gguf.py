@@ -254,18 +254,19 @@ class GGUFFile:
             data = np.frombuffer(buf, np.uint8, nbytes, start)
             self.tensors[name] = Tensor(name, kind, shape, data)
 
-    def release_pages(self, tensor: Tensor | None = None) -> None:
-        """Let the kernel drop this file's pages (one tensor's, or all) from our resident memory,
-        once the weights were repacked elsewhere. The mapping is read-only, so whatever is read
-        again is simply paged back in from the file."""
+    def release_pages(self, tensor: Tensor | None = None, begin: int = 0, end: int | None = None) -> None:
+        """Let the kernel drop this file's pages (one tensor's, bytes begin..end of it, or all)
+        from our resident memory, once the weights were copied elsewhere. The mapping is
+        read-only, so whatever is read again is simply paged back in from the file."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         if tensor is None:
             self._mmap.madvise(mmap.MADV_DONTNEED)
             return
-        start = tensor.data.ctypes.data - np.frombuffer(self._mmap, np.uint8, 1).ctypes.data
+        start = tensor.data.ctypes.data - np.frombuffer(self._mmap, np.uint8, 1).ctypes.data + begin
+        stop = start - begin + (tensor.nbytes if end is None else min(end, tensor.nbytes))
         first = start - start % mmap.PAGESIZE
-        self._mmap.madvise(mmap.MADV_DONTNEED, first, start + tensor.nbytes - first)
+        self._mmap.madvise(mmap.MADV_DONTNEED, first, stop - first)
 
     @property
     def architecture(self) -> str:
