@@ -123,7 +123,8 @@ def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
     assert code == 2 and "smollm2-135m" in err and "gemma3-270m" in err
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi", "falcon-rw", "falcon-40b", "stablelm", "qwen2", "qwen3", "llama3-bias"])
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi", "falcon-rw", "falcon-40b", "stablelm", "qwen2", "qwen3", "llama3-bias",
+                                  "gemma3n"])
 def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tiny, tmp_path, kind):
     _, folder, _ = tiny(kind)
     out = tmp_path / f"{kind}.gguf"
@@ -132,3 +133,16 @@ def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tin
     assert code == 0 and text.strip()
     code, text, _ = run_cli(capsys, "inspect", str(out))
     assert code == 0 and "general.architecture" in text
+
+
+def test_matformer_slice_and_ple_bench_from_the_command_line(capsys, tiny, tmp_path):
+    _, folder, _ = tiny("gemma3n")
+    out = tmp_path / "sliced.gguf"
+    spec = '{"layers_to_skip": [1], "ffn_dims": [64, 64, 96, 96, 64, 64, 96, 96, 64]}'
+    assert run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--matformer", spec, "--quiet")[0] == 0
+    code, text, _ = run_cli(capsys, "bench", str(out), "--prompt-tokens", "16", "--gen-tokens", "4")
+    assert code == 0 and "M read from storage" in text
+    code, text, _ = run_cli(capsys, "bench", str(out), "--prompt-tokens", "16", "--gen-tokens", "4", "--ple-in-ram")
+    assert code == 0 and "0.0 M read from storage" in text
+    code, _, err = run_cli(capsys, "convert", str(folder), str(tmp_path / "x.gguf"), "--matformer", "e9b")
+    assert code == 2 and "--matformer must be a preset" in err and not (tmp_path / "x.gguf").exists()
