@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY, prompt_ids
+from conftest import FIXTURES, TINY, build_tiny, prompt_ids
 from pocketlm import ConversionConfig, InvalidOptionError, LlmInference, PocketLMError, UnsupportedError, convert, load
 from pocketlm.formats.gguf import GGUFFile
 from pocketlm.formats.quants import GGMLType
@@ -115,7 +115,8 @@ def test_malicious_chat_template_is_stopped_by_the_sandbox(tiny):
 
 # llama.cpp runs every architecture we write except falcon-rw (ALiBi) and Phi with q/k LayerNorm
 # (Phi-2 has none; llama.cpp's phi2 has no tensors for them): it refuses those files.
-LLAMA_CPP_KINDS = [k for k in TINY if k not in ("falcon-rw", "phi-qk-norm")]
+# Gemma 3n has its own test below: llama.cpp's loader wants the released models' shapes.
+LLAMA_CPP_KINDS = [k for k in TINY if k not in ("falcon-rw", "phi-qk-norm", "gemma3n")]
 
 
 @pytest.mark.llamacpp
@@ -139,3 +140,29 @@ def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, kind, qu
         assert np.abs(ours - theirs).max() < F32_TOLERANCE.get(kind, 1e-3), np.abs(ours - theirs).max()
     else:  # llama.cpp rounds activations to 8 bits for quantized weights: close, not equal
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.llamacpp
+def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(tmp_path, monkeypatch):
+    """llama.cpp's gemma3n hard-wires the released shapes (per-layer width 256, LAuReL rank 64,
+    one FFN width, 35 layers with sparse FFNs in the first 10), so this tiny model has them. It
+    also takes the n - 1 std in the sparsity cut-off where transformers takes the population std:
+    with that one change our logits match its own within ggml's float16 GELU table."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from pocketlm.models.gemma3n import Block
+
+    build_tiny("gemma3n", tmp_path / "hf", hidden_size_per_layer_input=256, vocab_size_per_layer_input=640,
+               laurel_rank=64, num_hidden_layers=35, num_kv_shared_layers=15, intermediate_size=[128] * 35,
+               activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25)
+    path = convert(tmp_path / "hf", tmp_path / "f32.gguf", ConversionConfig(quant="f32"), progress=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
+    ids = prompt_ids(640, 48, seed=4)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    as_transformers = load(path).logits(ids)
+    monkeypatch.setattr(Block, "std_ddof", 1)
+    ours = load(path).logits(ids)
+    print(f"\ngemma3n vs llama.cpp: max |d| {np.abs(ours - theirs).max():.3f} with llama.cpp's std, "
+          f"{np.abs(as_transformers - theirs).max():.3f} with transformers'")
+    assert np.abs(ours - theirs).max() < 0.2
+    assert np.mean(ours.argmax(1) == theirs.argmax(1)) == 1.0

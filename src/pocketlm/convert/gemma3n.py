@@ -146,6 +146,7 @@ class Gemma3nMapping(Mapping):
 
     def tensors(self, ckpt):
         new_index = {old: new for new, old in enumerate(self.kept)}
+        written: set[str] = set()
         stacked: dict[str, list[tuple[int, str]]] = {}
         for name in ckpt.names:
             short = name.replace("model.language_model.", "model.", 1)
@@ -160,12 +161,25 @@ class Gemma3nMapping(Mapping):
                 short = f"model.layers.{new_index[int(layer[1])]}.{short[layer.end():]}"
             gguf_name = self.map_name(short if short.endswith((".weight", ".bias")) else short + ".weight")
             if gguf_name is not None:
+                written.add(gguf_name)
                 yield gguf_name, *self._sliced(ckpt, name, gguf_name)
+        yield from self._unused_kv(written)
         for part, gguf_name in (("altup_projections", "altup_proj.weight"), ("altup_unembed_projections", "altup_unembd_proj.weight")):
             names = [n for _, n in sorted(stacked.get(part, []))]
             if names:
                 shape = (len(names), *ckpt.shape(names[0]))
                 yield gguf_name, shape, lambda names=names: np.stack([ckpt.tensor(n) for n in names])
+
+    def _unused_kv(self, written: set[str]):
+        """Zeros for the key/value weights of KV-sharing layers where the checkpoint has none
+        (transformers drops them): they are never used, but llama.cpp's loader requires them."""
+        kv_size, hidden = self.n_kv_heads * self.head_dim, int(self.config["hidden_size"])
+        first_shared = self.n_layers - int(self.config.get("num_kv_shared_layers", 0))
+        for i in range(first_shared, self.n_layers):
+            for name, shape in ((f"blk.{i}.attn_k.weight", (kv_size, hidden)), (f"blk.{i}.attn_v.weight", (kv_size, hidden)),
+                                (f"blk.{i}.attn_k_norm.weight", (self.head_dim,))):
+                if name not in written:
+                    yield name, shape, lambda shape=shape: np.zeros(shape, np.float32)
 
     def _sliced(self, ckpt, name: str, gguf_name: str):
         """(shape, loader) of a tensor after the MatFormer slice: narrower FFN matrices, and the

@@ -116,6 +116,8 @@ class AltUp:
 
 
 class Block:
+    std_ddof = 0  # the population std, as transformers computes it (llama.cpp divides by n - 1)
+
     def __init__(self, w: Weights, i: int, args: Gemma3nArgs):
         sliding = args.is_sliding(i)
         spec = args.attention_spec(rope_base=args.rope_base_swa if sliding else args.rope_base, scale=1.0,
@@ -137,7 +139,7 @@ class Block:
     def mlp(self, ops, x: np.ndarray) -> np.ndarray:
         g = ops.linear(x, self.gate)
         if self.sparsity is not None:  # keep what lies above mean + k * std (Gaussian top-k)
-            cutoff = g.mean(axis=-1, keepdims=True) + g.std(axis=-1, keepdims=True) * self.sparsity
+            cutoff = g.mean(axis=-1, keepdims=True) + g.std(axis=-1, keepdims=True, ddof=self.std_ddof) * self.sparsity
             g = np.maximum(g - cutoff, np.float32(0.0))
         return ops.linear(ops.gelu_tanh(g) * ops.linear(x, self.up), self.down)
 
