@@ -111,8 +111,11 @@ def test_q8_0_conversion_agrees_with_f32_on_top1(tiny, tmp_path, arch):
     assert agreement >= 0.9, agreement
 
 
-# q4_0 misses 90% on these 64-wide models (two 32-value blocks per row), measured at 300 steps:
-Q4_0_MISSES = {"phi-qk-norm": 0.895, "falcon-40b": 0.898, "stablelm": 0.891, "qwen2": 0.867}
+# q4_0 misses 90% on some of these 64-wide models (two 32-value blocks per row). Training runs on
+# torch's CPU kernels, which differ between machines (AVX-512 vs AMX), so the trained weights and
+# the figures move by 1-3 points: measured at 300 steps on two development machines.
+Q4_0_MISSES = {"phi-qk-norm": "0.895 / 0.902", "falcon-40b": "0.898 / 0.902", "stablelm": "0.891 / 0.934",
+               "qwen2": "0.867 / 0.891", "llama": "0.90+ / 0.898", "falcon-rw": "0.90+ / 0.887"}
 TRAINED_CASES = [(arch, "q8_0") for arch in ARCHS] + [
     pytest.param(arch, "q4_0", marks=pytest.mark.xfail(reason=f"q4_0 top-1 agreement measured {Q4_0_MISSES[arch]}"))
     if arch in Q4_0_MISSES else (arch, "q4_0") for arch in ARCHS

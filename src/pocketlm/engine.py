@@ -14,12 +14,28 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .backends.cpu import CpuBackend
-from .errors import ContextLengthError, InvalidOptionError
+from .errors import ContextLengthError, InvalidOptionError, UnsupportedError
 from .formats.gguf import GGUFFile
 from .kvcache import KVCache
 from .models import build_model
 from .sampling import Sampler
 from .tokenizer import GGUFTokenizer
+
+
+BACKENDS = ("cpu", "reference", "webgpu")
+# Architectures whose files use only the op set (gemma3n computes parts of AltUp in numpy).
+WEBGPU_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3")
+
+
+def make_backend(name: str, architecture: str):
+    if name == "webgpu":
+        if architecture not in WEBGPU_ARCHITECTURES:
+            raise UnsupportedError(f"the webgpu backend runs {', '.join(WEBGPU_ARCHITECTURES)}; "
+                                   f"this model is {architecture!r} (use --backend cpu)")
+        from .backends.webgpu import WebGPUBackend
+
+        return WebGPUBackend()
+    return CpuBackend(fast=name == "cpu")
 
 
 class LoadedModel:
@@ -28,14 +44,14 @@ class LoadedModel:
     def __init__(self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False):
         """`ple_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
         per-layer embeddings) into memory instead, for comparison."""
-        if backend not in ("cpu", "reference"):
-            raise InvalidOptionError(f"backend {backend!r} is not available (available: cpu, reference)")
+        if backend not in BACKENDS:
+            raise InvalidOptionError(f"backend {backend!r} is not available (available: {', '.join(BACKENDS)})")
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.model = build_model(self.file.metadata, self.file.tensors)
         # The tokenizer first: building it needs transient memory, best spent before the weights.
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
-        self.ops = CpuBackend(fast=backend == "cpu")
+        self.ops = make_backend(backend, self.file.architecture)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         streamed = getattr(self.model, "streamed", frozenset())
@@ -62,14 +78,14 @@ class LoadedModel:
             raise InvalidOptionError(
                 f"max_tokens {max_tokens} exceeds the model's context length {self.context_length}"
             )
-        return self.model.make_cache(max_tokens)
+        return self.model.make_cache(max_tokens, self.ops.layer_cache)
 
     def logits(self, token_ids: Iterable[int]) -> np.ndarray:
         """Logits [n_tokens, vocab] for `token_ids` from one prefill over a fresh cache."""
         ids = np.asarray(list(token_ids), np.int64)
         self.check_ids(ids)
         cache = self.make_cache(max(len(ids), 1))
-        return self.model.forward(self.ops, ids, cache, all_logits=True)
+        return self.ops.to_host(self.model.forward(self.ops, ids, cache, all_logits=True))
 
     def check_ids(self, ids: np.ndarray) -> None:
         vocab = self.model.vocab_size
@@ -88,11 +104,11 @@ def check_room(cache: KVCache, n_new: int) -> None:
 def prefill(lm: LoadedModel, cache: KVCache, ids: list[int]) -> np.ndarray:
     """Run the whole prompt in one pass; returns the logits of its last token."""
     check_room(cache, len(ids))
-    return lm.model.forward(lm.ops, np.asarray(ids, np.int64), cache)[-1]
+    return lm.ops.to_host(lm.model.forward(lm.ops, np.asarray(ids, np.int64), cache))[-1]
 
 
 def decode_step(lm: LoadedModel, cache: KVCache, token: int) -> np.ndarray:
-    return lm.model.forward(lm.ops, np.array([token], np.int64), cache)[-1]
+    return lm.ops.to_host(lm.model.forward(lm.ops, np.array([token], np.int64), cache))[-1]
 
 
 @dataclass

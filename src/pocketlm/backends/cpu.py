@@ -18,6 +18,7 @@ from ..formats.quants import GGMLType, dequantize
 from ..kernels import int8
 from ..kernels.attention import attend
 from ..kernels.norms import rms_norm_rows
+from ..kvcache import LayerCache
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
 
@@ -25,6 +26,8 @@ _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 
 class CpuBackend:
+    layer_cache = LayerCache  # the KV cache of one layer, as models make it
+
     def __init__(self, fast: bool = True):
         self.fast = fast
         self.name = "cpu" if fast else "reference"
@@ -57,6 +60,11 @@ class CpuBackend:
         for w in tensors:
             if self.packed(w) is not None and on_packed:
                 on_packed(w)
+
+    @staticmethod
+    def to_host(x: np.ndarray) -> np.ndarray:
+        """Values as a numpy array (they already are)."""
+        return x
 
     def pin(self, name: str, data: np.ndarray) -> None:
         """Read tensor `name`'s bytes from `data` (a resident copy) instead of the file."""

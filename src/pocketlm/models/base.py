@@ -158,9 +158,9 @@ class Attention:
         out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window, s.softcap, s.alibi)
         return ops.linear(out, self.wo, self.bo)
 
-    def make_cache(self, max_tokens: int) -> LayerCache:
+    def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> LayerCache:
         s = self.spec
-        return LayerCache(max_tokens, s.n_kv_heads, s.head_dim, s.head_dim, s.window)
+        return layer_cache(max_tokens, s.n_kv_heads, s.head_dim, s.head_dim, s.window)
 
 
 def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> np.ndarray:
@@ -238,8 +238,9 @@ class CausalLM:
         self.output_bias = w.optional("output.bias")
         self.vocab_size = self.token_embd.shape[0]
 
-    def make_cache(self, max_tokens: int) -> KVCache:
-        return KVCache([layer.attention.make_cache(max_tokens) for layer in self.layers], max_tokens)
+    def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
+        """The KV cache for max_tokens positions; `layer_cache` makes each layer's (the backend's kind)."""
+        return KVCache([layer.attention.make_cache(max_tokens, layer_cache) for layer in self.layers], max_tokens)
 
     def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.offset.. and return logits [T or 1, vocab]."""

@@ -175,9 +175,9 @@ class Model:
         self.vocab_size = self.token_embd.shape[0]
         self.layers = [Block(w, i, args) for i in range(args.n_layers)]
 
-    def make_cache(self, max_tokens: int) -> KVCache:
+    def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
         layers = [SharedLayerCache(b.kv_source) if b.kv_source is not None
-                  else LayerCache(max_tokens, b.attention.spec.n_kv_heads, b.attention.spec.head_dim,
+                  else layer_cache(max_tokens, b.attention.spec.n_kv_heads, b.attention.spec.head_dim,
                                   b.attention.spec.head_dim, b.attention.spec.window) for b in self.layers]
         return KVCache(layers, max_tokens)
 

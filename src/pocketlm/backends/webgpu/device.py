@@ -1,0 +1,187 @@
+"""One wgpu device: buffers, the WGSL kernels, and the recording of a forward pass.
+
+Every dispatch of a forward pass goes into one compute pass of one command encoder; `finish`
+writes the step inputs (token ids, first position), submits that one command buffer and maps back
+only the bytes asked for (the logits). Activations live in an arena of scratch buffers handed out
+in call order and reused by the next pass, so once a pass of a given shape has run, the next one
+allocates nothing: the same buffers, bind groups and parameter blocks are looked up again.
+
+`trace`, when a list, receives each dispatch as (kernel, parameter bytes, buffer ids, workgroups):
+the plan that `web.export` writes for the browser, which replays it with the same kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib.resources import files
+
+import numpy as np
+
+from ...errors import UnsupportedError
+
+WORKGROUP = 64
+MAX_GROUPS = 65535  # per grid dimension
+STEP_HEADER = 2  # step buffer: [first position, n_tokens, ids...]
+
+
+@dataclass(eq=False)
+class Buffer:
+    id: int
+    gpu: object  # wgpu.GPUBuffer
+    size: int  # bytes
+    role: str  # "weight", "cache", "scratch", "step", "data"
+    data: np.ndarray | None = None  # initial contents kept for export (weights, tables)
+
+
+def wgsl_source(kernel: str) -> str:
+    return (files(__package__) / "wgsl" / f"{kernel}.wgsl").read_text(encoding="utf-8")
+
+
+def grid(n_groups: int) -> tuple[int, int, int]:
+    """Workgroups for n_groups, folded into two dimensions beyond the per-dimension limit."""
+    n_groups = max(1, n_groups)
+    if n_groups <= MAX_GROUPS:
+        return n_groups, 1, 1
+    return MAX_GROUPS, math.ceil(n_groups / MAX_GROUPS), 1
+
+
+class Device:
+    def __init__(self):
+        try:
+            import wgpu
+        except ImportError:
+            raise UnsupportedError("the webgpu backend needs wgpu-py: pip install 'pocketlm[webgpu]'") from None
+        self.wgpu = wgpu
+        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+        if adapter is None:
+            raise UnsupportedError("no WebGPU adapter found (wgpu found no Vulkan, Metal, D3D12 or GL device)")
+        names = ("max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage")
+        self.device = adapter.request_device_sync(required_limits={n: adapter.limits[n] for n in names})
+        self.adapter_info = dict(adapter.info)
+        self.max_binding = int(adapter.limits["max-storage-buffer-binding-size"])
+        self.buffers: list[Buffer] = []
+        self.trace: list | None = None
+        self._pipelines: dict[str, object] = {}
+        self._params: dict[bytes, Buffer] = {}
+        self._bind_groups: dict[tuple, object] = {}
+        self._arena: list[Buffer] = []
+        self._arena_next = 0
+        self._encoder = self._pass = None
+        self._readback: Buffer | None = None
+        self.step = self.buffer(4 * (STEP_HEADER + 4096), "step")
+        self.step_values = np.zeros(STEP_HEADER, np.uint32)
+
+    @property
+    def description(self) -> str:
+        info = self.adapter_info
+        return f"{info.get('device') or info.get('description')} ({info.get('backend_type')}, {info.get('adapter_type')})"
+
+    # -- buffers --------------------------------------------------------------------------------
+
+    def buffer(self, size: int, role: str, data: np.ndarray | None = None, keep: bool = False) -> Buffer:
+        usage = self.wgpu.BufferUsage
+        flags = usage.STORAGE | usage.COPY_DST | usage.COPY_SRC
+        size = max(16, (size + 15) // 16 * 16)
+        if data is not None:
+            raw = np.ascontiguousarray(data).view(np.uint8).ravel()
+            padded = np.zeros(size, np.uint8)
+            padded[: raw.size] = raw
+            gpu = self.device.create_buffer_with_data(data=padded, usage=flags)
+        else:
+            gpu = self.device.create_buffer(size=size, usage=flags)
+        buf = Buffer(len(self.buffers), gpu, size, role, data if keep else None)
+        self.buffers.append(buf)
+        return buf
+
+    def scratch(self, n_floats: int) -> Buffer:
+        """The next arena buffer of at least n_floats (valid until the pass is finished)."""
+        i, size = self._arena_next, 4 * max(n_floats, 4)
+        self._arena_next += 1
+        if i < len(self._arena) and self._arena[i].size >= size:
+            return self._arena[i]
+        buf = self.buffer(1 << (size - 1).bit_length(), "scratch")
+        if i < len(self._arena):
+            self._arena[i].gpu.destroy()
+            self._arena[i] = buf
+            self._bind_groups.clear()
+        else:
+            self._arena.append(buf)
+        return buf
+
+    def params(self, values: list) -> Buffer:
+        """A uniform block of u32 / f32 fields (Python ints / floats), made once per contents."""
+        raw = b"".join(np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values)
+        raw += b"\0" * (-len(raw) % 16)
+        if raw not in self._params:
+            usage = self.wgpu.BufferUsage
+            gpu = self.device.create_buffer_with_data(data=raw, usage=usage.UNIFORM | usage.COPY_DST)
+            buf = Buffer(len(self.buffers), gpu, len(raw), "params", np.frombuffer(raw, np.uint8))
+            self.buffers.append(buf)
+            self._params[raw] = buf
+        return self._params[raw]
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def pipeline(self, kernel: str):
+        if kernel not in self._pipelines:
+            module = self.device.create_shader_module(code=wgsl_source(kernel))
+            self._pipelines[kernel] = self.device.create_compute_pipeline(
+                layout="auto", compute={"module": module, "entry_point": "main"})
+        return self._pipelines[kernel]
+
+    def dispatch(self, kernel: str, params: list, buffers: list[Buffer], groups: tuple[int, int, int]) -> None:
+        pipeline = self.pipeline(kernel)
+        bound = [self.params(params), *buffers]
+        key = (kernel, *(b.id for b in bound))
+        group = self._bind_groups.get(key)
+        if group is None:
+            entries = [{"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": b.size}}
+                       for i, b in enumerate(bound)]
+            group = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            self._bind_groups[key] = group
+        if self._pass is None:
+            self._encoder = self.device.create_command_encoder()
+            self._pass = self._encoder.begin_compute_pass()
+        self._pass.set_pipeline(pipeline)
+        self._pass.set_bind_group(0, group)
+        self._pass.dispatch_workgroups(*groups)
+        if self.trace is not None:
+            self.trace.append((kernel, bound[0].id, [b.id for b in buffers], groups))
+
+    def set_step(self, first_position: int, ids: np.ndarray) -> None:
+        """The inputs of the pass being recorded (written to the step buffer at submission)."""
+        values = np.concatenate([[first_position, len(ids)], ids]).astype(np.uint32)
+        if values.nbytes > self.step.size:  # a longer prompt than any before
+            self.step = self.buffer(values.nbytes * 2, "step")
+            self._bind_groups.clear()
+        self.step_values = values
+
+    def finish(self, read: Buffer | None = None, offset: int = 0, nbytes: int = 0) -> np.ndarray | None:
+        """Submit the recorded pass (one command buffer); return `nbytes` of `read` from `offset`."""
+        self.device.queue.write_buffer(self.step.gpu, 0, self.step_values)
+        if self._encoder is None:
+            self._encoder = self.device.create_command_encoder()
+        if self._pass is not None:
+            self._pass.end()
+        if read is not None:
+            if self._readback is None or self._readback.size < nbytes:
+                usage = self.wgpu.BufferUsage
+                gpu = self.device.create_buffer(size=max(nbytes, 4096), usage=usage.MAP_READ | usage.COPY_DST)
+                self._readback = Buffer(-1, gpu, max(nbytes, 4096), "readback")
+            self._encoder.copy_buffer_to_buffer(read.gpu, offset, self._readback.gpu, 0, nbytes)
+        self.device.queue.submit([self._encoder.finish()])
+        self._encoder = self._pass = None
+        self._arena_next = 0
+        if read is None:
+            return None
+        self._readback.gpu.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
+        data = np.frombuffer(self._readback.gpu.read_mapped(0, nbytes), np.uint8).copy()
+        self._readback.gpu.unmap()
+        return data
+
+    def copy(self, src: Buffer, dst: Buffer) -> None:
+        """Copy a whole buffer in a command buffer of its own (session clones)."""
+        encoder = self.device.create_command_encoder()
+        encoder.copy_buffer_to_buffer(src.gpu, 0, dst.gpu, 0, min(src.size, dst.size))
+        self.device.queue.submit([encoder.finish()])

@@ -1,0 +1,27 @@
+// y = op(a, b): 0 add, 1 mul, 2 a * s, 3 silu(a), 4 gelu_tanh(a), 5 tanh(a / s) * s.
+// b is read at i % b_len (b_len = n: same shape; b_len = row length: a bias broadcast over rows).
+struct Params { n: u32, op: u32, a_off: u32, b_off: u32, b_len: u32, y_off: u32, s: f32, pad0: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= p.n) { return; }
+  let x = a[p.a_off + i];
+  var r = 0.0;
+  switch p.op {
+    case 0u: { r = x + b[p.b_off + i % p.b_len]; }
+    case 1u: { r = x * b[p.b_off + i % p.b_len]; }
+    case 2u: { r = x * p.s; }
+    case 3u: { r = x / (1.0 + exp(-x)); }
+    case 4u: {
+      let inner = clamp(0.7978845608 * (x + 0.044715 * x * x * x), -15.0, 15.0);
+      r = 0.5 * x * (1.0 + tanh(inner));
+    }
+    default: { r = tanh(clamp(x / p.s, -15.0, 15.0)) * p.s; }
+  }
+  y[p.y_off + i] = r;
+}

@@ -1,0 +1,26 @@
+// out[t, :] = row step.ids[t] of an int8 table (packed four to a u32) with per-sub-block scale
+// (and offset); rows outside [row_base, row_base + rows) belong to another chunk of the table.
+struct Params { n_tokens: u32, cols: u32, sub: u32, has_offset: u32, row_base: u32, rows: u32, y_off: u32, pad0: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> step: array<u32>;
+@group(0) @binding(2) var<storage, read> q: array<u32>;
+@group(0) @binding(3) var<storage, read> scale: array<f32>;
+@group(0) @binding(4) var<storage, read> offs: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= p.n_tokens * p.cols) { return; }
+  let t = i / p.cols;
+  let c = i % p.cols;
+  let id = step[2u + t];
+  if (id < p.row_base || id >= p.row_base + p.rows) { return; }
+  let r = id - p.row_base;
+  let w = q[(r * p.cols + c) / 4u];
+  let value = f32(bitcast<i32>(w << (24u - 8u * (c % 4u))) >> 24u);
+  let g = r * (p.cols / p.sub) + c / p.sub;
+  var o = 0.0;
+  if (p.has_offset == 1u) { o = offs[g]; }
+  y[p.y_off + i] = scale[g] * value + o;
+}
