@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: Debian's Chromium for the browser test, a virtual
-# environment with the test extras (transformers + torch as the reference, llama-cpp-python as the
-# peer, built from source in about 4 minutes), then pytest. Extra arguments go to pytest.
+# The whole test suite on a fresh machine: Debian's Chromium for the browser tests and Mesa's
+# Vulkan driver (lavapipe: WebGPU on the CPU for wgpu), a virtual environment with the test extras
+# (transformers + torch as the reference, wgpu, llama-cpp-python as the peer, built from source in
+# about 4 minutes), the web runtime's bundle, then pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if [ ! -x /usr/bin/chromium ] || ! ldconfig -p | grep -q libvulkan.so.1; then
+    apt-get update -qq && apt-get install -y -qq chromium mesa-vulkan-drivers libvulkan1 >/dev/null
+  fi
 fi
 python3 -m venv .venv
 . .venv/bin/activate

@@ -17,8 +17,9 @@ EXIT_USER_ERROR = 2
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="cpu", choices=["cpu", "reference"],
-                   help="cpu: numba kernels (default); reference: plain numpy, float32 weights")
+    p.add_argument("--backend", default="cpu", choices=["cpu", "reference", "webgpu"],
+                   help="cpu: numba kernels (default); reference: plain numpy, float32 weights; "
+                        "webgpu: WGSL kernels on the GPU through wgpu-py (the webgpu extra)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

@@ -202,10 +202,10 @@ class WebGPUBackend:
         for first, n, bufs in m.chunks:
             if m.quantized:
                 params = [n, cols, m.sub, T, x.offset, cols, 0, rows, first, int(m.has_offset), 0, 0]
-                self.device.dispatch("linear_q8", params, [*bufs, x.buf, y.buf], grid(n))
+                self.device.dispatch("linear_q8", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
             else:
                 params = [n, cols, T, x.offset, cols, 0, rows, first]
-                self.device.dispatch("linear_f32", params, [*bufs, x.buf, y.buf], grid(n))
+                self.device.dispatch("linear_f32", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
         return self.elementwise("add", y, bias) if bias is not None else y
 
     def embedding(self, w: Tensor, ids: np.ndarray) -> GpuTensor:

@@ -1,0 +1,183 @@
+"""The WebGPU backend (wgpu-py; on this machine Mesa's llvmpipe/lavapipe, a CPU implementation):
+each kernel against the CPU backend's numpy reference, then whole models against the CPU backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY, prompt_ids, random_blocks
+from pocketlm import LlmInference, load
+from pocketlm.backends.cpu import CpuBackend
+from pocketlm.engine import WEBGPU_ARCHITECTURES, decode_step, prefill
+from pocketlm.errors import UnsupportedError
+from pocketlm.formats.gguf import Tensor
+from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType
+
+wgpu = pytest.importorskip("wgpu")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from pocketlm.backends.webgpu import WebGPUBackend
+
+    try:
+        ops = WebGPUBackend()
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    ops.max_positions = 256
+    print(f"\nWebGPU adapter: {ops.device.description}")
+    return ops
+
+
+REFERENCE = CpuBackend(fast=False)
+QUANTIZED = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K,
+             GGMLType.Q5_K, GGMLType.Q6_K]
+
+
+def weight(kind, rows: int, cols: int, seed: int = 0, name: str = "w") -> Tensor:
+    block_size, type_size = BLOCK_LAYOUT[kind]
+    blocks = random_blocks(kind, rows * cols // block_size, seed)
+    return Tensor(f"{name}-{kind.name}-{rows}x{cols}-{seed}", kind, (rows, cols), blocks.reshape(-1))
+
+
+def run(gpu, t):
+    return gpu.to_host(t)
+
+
+@pytest.mark.parametrize("kind", [GGMLType.F32, GGMLType.F16, *QUANTIZED])
+@pytest.mark.parametrize("T", [1, 3, 11])
+def test_linear_matches_the_numpy_reference(gpu, kind, T):
+    cols = 256 if kind in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) else 96
+    w = weight(kind, 37, cols, seed=T)  # an odd number of rows: a partly filled workgroup
+    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
+    expected = REFERENCE.linear(x, w)
+    ours = run(gpu, gpu.linear(gpu.upload(x), w))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_linear_splits_matrices_beyond_the_binding_limit(gpu, monkeypatch):
+    monkeypatch.setattr(gpu.device, "max_binding", 64 * 40)  # 40 rows of 64 int8 per chunk
+    w = weight(GGMLType.Q8_0, 100, 64, name="split")
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    assert len(gpu.matrix(w).chunks) == 3
+    np.testing.assert_allclose(run(gpu, gpu.linear(gpu.upload(x), w)), REFERENCE.linear(x, w), rtol=1e-4, atol=1e-4)
+    ids = np.array([0, 39, 40, 99])
+    gpu.device.set_step(0, ids)
+    np.testing.assert_array_equal(run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids))
+
+
+@pytest.mark.parametrize("kind", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
+def test_embedding_rows_match_the_numpy_reference(gpu, kind):
+    w = weight(kind, 50, 256, name="emb")
+    ids = np.array([3, 0, 49, 3, 17])
+    np.testing.assert_allclose(run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_over_rows_and_heads(gpu, with_weight):
+    x = np.random.default_rng(1).standard_normal((3, 4, 80)).astype(np.float32)
+    w = Tensor(f"norm-{with_weight}", GGMLType.F32, (80,), np.random.default_rng(2).standard_normal(80).astype(np.float32).view(np.uint8))
+    w = w if with_weight else None
+    np.testing.assert_allclose(run(gpu, gpu.rms_norm(gpu.upload(x), w, 1e-6)), REFERENCE.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("n_dims", [32, 16])
+def test_rope_matches_at_positions_read_from_the_step_buffer(gpu, neox, n_dims):
+    x = np.random.default_rng(3).standard_normal((5, 3, 32)).astype(np.float32)
+    positions = np.arange(40, 45)
+    factors = np.linspace(1, 4, n_dims // 2).astype(np.float32)
+    gpu.device.set_step(40, np.zeros(5))
+    ours = run(gpu, gpu.rope(gpu.upload(x), positions, 10000.0, n_dims, neox, 0.5, factors))
+    np.testing.assert_allclose(ours, REFERENCE.rope(x, positions, 10000.0, n_dims, neox, 0.5, factors), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (None, 20.0), (100, 50.0)])
+@pytest.mark.parametrize("T", [1, 6])
+def test_attention_over_the_cache_matches_the_reference(gpu, window, softcap, T):
+    """Keys 0..start+T-1 in the cache; GQA (8 query heads over 2 kv heads); 130 keys span three
+    64-key tiles of the online softmax."""
+    rng = np.random.default_rng(4)
+    start, D = 130 - T, 64
+    q = rng.standard_normal((T, 8, D)).astype(np.float32)
+    k = rng.standard_normal((start + T, 2, D)).astype(np.float32)
+    v = rng.standard_normal((start + T, 2, D)).astype(np.float32)
+    cache = gpu.layer_cache(256, 2, D, D, window)
+    gpu.device.set_step(0, np.zeros(start + T))
+    cache.update_and_fetch(gpu.upload(k), gpu.upload(v), 0)
+    gpu.to_host(gpu.upload(np.zeros(1)))  # submit the cache writes
+    gpu.device.set_step(start, np.zeros(T))
+    positions = np.arange(start, start + T)
+    keys, values, _ = cache.update_and_fetch(gpu.upload(k[start:]), gpu.upload(v[start:]), start)
+    ours = run(gpu, gpu.attention(gpu.upload(q), keys, values, positions, None, 0.125, window, softcap))
+    expected = REFERENCE.attention(q, k, v, positions, np.arange(start + T), 0.125, window, softcap)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["silu", "gelu_tanh"])
+def test_activations_match(gpu, op):
+    x = np.linspace(-30, 30, 1001, dtype=np.float32).reshape(7, 143)
+    np.testing.assert_allclose(run(gpu, getattr(gpu, op)(gpu.upload(x))), getattr(REFERENCE, op)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_arithmetic_and_row_views(gpu):
+    a = np.random.default_rng(5).standard_normal((4, 10)).astype(np.float32)
+    b = np.random.default_rng(6).standard_normal((4, 10)).astype(np.float32)
+    ga, gb = gpu.upload(a), gpu.upload(b)
+    np.testing.assert_allclose(run(gpu, ga + gb), a + b, rtol=1e-6)
+    np.testing.assert_allclose(run(gpu, ga * gb), a * b, rtol=1e-6)
+    np.testing.assert_allclose(run(gpu, np.float32(3.0) * ga[-1:]), 3 * a[-1:], rtol=1e-6)
+    np.testing.assert_allclose(run(gpu, gpu.softcap(ga[1:3].reshape(-1), 0.5)), np.tanh(a[1:3].ravel() / 0.5) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+# -- whole models -------------------------------------------------------------------------------
+
+GPU_KINDS = [k for k in TINY if k in ("llama", "llama3-bias", "gemma", "gemma2", "gemma3", "qwen2", "qwen3")]
+
+
+def greedy(lm, ids, steps):
+    cache = lm.make_cache(len(ids) + steps)
+    logits, out = prefill(lm, cache, ids), []
+    for _ in range(steps):
+        out.append(int(np.argmax(logits)))
+        logits = decode_step(lm, cache, out[-1])
+    return out
+
+
+@pytest.mark.parametrize("kind", GPU_KINDS)
+def test_tiny_models_match_the_cpu_backend(tiny, gpu, kind):
+    model, _, path = tiny(kind)
+    ids = prompt_ids(model.config.vocab_size, 64)
+    cpu, webgpu = load(path), load(path, backend="webgpu")
+    assert np.abs(webgpu.logits(ids) - cpu.logits(ids)).max() <= 1e-3
+    assert greedy(webgpu, ids, 32) == greedy(cpu, ids, 32)
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_text_equals_the_cpu_backend(real_model, gpu):
+    path = real_model("smollm2-135m")
+    cpu, webgpu = load(path), load(path, backend="webgpu")
+    ids = cpu.tokenizer.encode("The capital of France is")
+    assert np.abs(webgpu.logits(ids) - cpu.logits(ids)).max() <= 1e-3
+    assert greedy(webgpu, ids, 32) == greedy(cpu, ids, 32)
+
+
+def test_sessions_and_clones_run_on_the_gpu(tiny, gpu):
+    _, _, path = tiny("gemma3")
+    texts = []
+    for backend in ("cpu", "webgpu"):
+        session = LlmInference(path, backend=backend, temperature=0.0, max_tokens=96, use_chat_template=False).create_session()
+        session.add_query_chunk("the river and the")
+        first = session.generate_response(max_new_tokens=6)
+        twin = session.clone()
+        session.add_query_chunk(" sea")
+        twin.add_query_chunk(" sea")
+        texts.append((first, session.generate_response(max_new_tokens=6), twin.generate_response(max_new_tokens=6)))
+    assert texts[0] == texts[1] and texts[1][1] == texts[1][2]
+
+
+def test_unsupported_architectures_are_refused_with_the_list(tiny):
+    _, _, path = tiny("phi")
+    with pytest.raises(UnsupportedError, match="webgpu backend runs " + ", ".join(WEBGPU_ARCHITECTURES)):
+        load(path, backend="webgpu")
