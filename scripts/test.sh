@@ -13,4 +13,5 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -e ".[test,llamacpp]"
+if command -v npm >/dev/null; then scripts/build_web.sh; fi
 python -m pytest "$@"

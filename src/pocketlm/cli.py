@@ -90,12 +90,23 @@ def cmd_chat(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .convert import ConversionConfig, convert
+    import tempfile
 
+    from .convert import ConversionConfig, convert
     from .registry import resolve_model
 
     config = ConversionConfig(args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits, args.matformer)
-    src = args.src if Path(args.src).exists() else resolve_model(args.src)
+    src = Path(args.src) if Path(args.src).exists() else resolve_model(args.src)
+    if args.target == "web":
+        from .web import export
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if src.is_dir():  # a checkpoint: to GGUF first
+                src = convert(src, Path(tmp) / "model.gguf", config, progress=not args.quiet)
+            out = export(src, args.out, args.max_tokens, progress=not args.quiet)
+        size = sum(f.stat().st_size for f in out.iterdir())
+        print(f"wrote web package {out} ({size / 1e6:.1f} MB); serve it with: pocketlm web {args.src}")
+        return
     out = convert(src, args.out, config, progress=not args.quiet)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
@@ -165,6 +176,22 @@ def cmd_serve(args) -> None:
     server.run()
 
 
+def cmd_web(args) -> None:
+    import uvicorn
+
+    from .registry import resolve_model
+    from .web import create_app, export, package_dir
+
+    path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
+    package = package_dir(path, args.max_tokens)
+    if args.rebuild or not (package / "manifest.json").exists():
+        print(f"pocketlm: exporting {path.name} for the browser into {package}", file=sys.stderr)
+        export(path, package, args.max_tokens)
+    app = create_app(package)
+    print(f"pocketlm: {path.name} in the browser at http://{args.host}:{args.port}/ (WebGPU; Ctrl-C stops)", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+
+
 def cmd_bench(args) -> None:
     import dataclasses
     import json
@@ -232,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matformer", metavar="CONFIG",
                    help="Gemma 3n: extract a nested smaller model first; a preset (e2b: E2B from E4B) or JSON "
                         "{\"layers_to_skip\": [...], \"ffn_dims\": [...]} inline or in a .json file")
+    p.add_argument("--target", choices=["gguf", "web"], default="gguf",
+                   help="gguf: a model file (default); web: a folder the browser runtime loads (WebGPU)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="--target web: the browser's context (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
@@ -255,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=2048, help="context tokens per request: prompt + reply (default 2048)")
     _add_model(p), _add_sampling(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("web", help="run a model in the browser (WebGPU): export it and serve the page",
+                       description=f"Export MODEL as a web package (once) and serve it with the browser runtime. MODEL: {model_help}.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="context of the browser's KV cache (default 1024)")
+    p.add_argument("--rebuild", action="store_true", help="export again even if a package exists")
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("bench", help="speed and memory: TTFT, prefill and decode tok/s, peak RSS",
                        description=f"Benchmark one model. MODEL: {model_help}.")

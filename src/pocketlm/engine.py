@@ -27,21 +27,21 @@ BACKENDS = ("cpu", "reference", "webgpu")
 WEBGPU_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3")
 
 
-def make_backend(name: str, architecture: str):
+def make_backend(name: str, architecture: str, **options):
     if name == "webgpu":
         if architecture not in WEBGPU_ARCHITECTURES:
             raise UnsupportedError(f"the webgpu backend runs {', '.join(WEBGPU_ARCHITECTURES)}; "
                                    f"this model is {architecture!r} (use --backend cpu)")
         from .backends.webgpu import WebGPUBackend
 
-        return WebGPUBackend()
+        return WebGPUBackend(**options)
     return CpuBackend(fast=name == "cpu")
 
 
 class LoadedModel:
     """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False):
+    def __init__(self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False, **backend_options):
         """`ple_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
         per-layer embeddings) into memory instead, for comparison."""
         if backend not in BACKENDS:
@@ -51,7 +51,7 @@ class LoadedModel:
         self.model = build_model(self.file.metadata, self.file.tensors)
         # The tokenizer first: building it needs transient memory, best spent before the weights.
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
-        self.ops = make_backend(backend, self.file.architecture)
+        self.ops = make_backend(backend, self.file.architecture, **backend_options)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         streamed = getattr(self.model, "streamed", frozenset())

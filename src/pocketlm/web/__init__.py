@@ -1,0 +1,148 @@
+"""The web package: a model as the browser runs it, exported from the same model code.
+
+    export("model.gguf", "out/")  ->  out/manifest.json, out/plan.json, out/shard-000.bin, ...,
+                                      out/tokenizer.json
+
+The WebGPU backend records one decode step (one token at a position read from the step buffer)
+of the model's own forward pass; the plan lists every buffer it touched (weights, cos/sin tables,
+parameter blocks, KV caches, scratch) and every dispatch in order (kernel, parameter block,
+buffers, workgroups), with the WGSL source of each kernel. The browser runtime (`static/`) knows
+no architecture: it creates the buffers, fills them from the shards, and replays the dispatches
+once per token, reading back the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..engine import LoadedModel
+from ..errors import InvalidOptionError
+
+SHARD_BYTES = 256 * 1024 * 1024  # shards the browser fetches and caches one at a time
+ALIGN = 256
+FORMAT = 1
+
+
+def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int = 1024, progress: bool = True) -> Path:
+    """Write the web package of a GGUF model into folder `out` (replaced when complete)."""
+    from ..backends.webgpu.device import wgsl_source
+
+    out = Path(out)
+    if out.exists() and not (out / "manifest.json").exists():
+        raise InvalidOptionError(f"{out} exists and is not a web package; choose a new folder")
+    lm = LoadedModel(model, backend="webgpu", keep_host_copies=True)
+    cache = lm.make_cache(max_tokens)
+    device = lm.ops.device
+    device.trace = []
+    logits = lm.model.forward(lm.ops, np.zeros(1, np.int64), cache)
+    lm.ops.to_host(logits)  # runs the step once (and checks that it runs)
+    trace, device.trace = device.trace, None
+
+    used = sorted({i for _, params, ids, _ in trace for i in (params, *ids)} | {device.step.id, logits.buf.id})
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    buffers = _write_shards(tmp, [device.buffers[i] for i in used], progress)
+    kernels = sorted({kernel for kernel, *_ in trace})
+    plan = {
+        "format": FORMAT,
+        "kernels": {k: wgsl_source(k) for k in kernels},
+        "buffers": buffers,
+        "dispatches": [[k, params, ids, list(groups)] for k, params, ids, groups in trace],
+        "step": device.step.id, "step_capacity": device.step.size // 4,
+        "logits": {"buffer": logits.buf.id, "offset": logits.offset, "count": logits.size},
+    }
+    (tmp / "plan.json").write_text(json.dumps(plan))
+    tok = lm.tokenizer
+    (tmp / "tokenizer.json").write_text(tok._tok.to_str())
+    (tmp / "tokenizer_config.json").write_text(json.dumps({}))
+    manifest = {
+        "format": FORMAT, "model": lm.path.name, "architecture": lm.architecture, "max_tokens": max_tokens,
+        "vocab_size": lm.model.vocab_size, "bos_id": tok.bos_id if tok.add_bos else None,
+        "stop_ids": sorted(int(i) for i in tok.stop_ids), "chat": _chat_pieces(lm),
+        "shards": sorted({b["shard"] for b in buffers if "shard" in b}),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write_shards(folder: Path, buffers, progress: bool) -> list[dict]:
+    """Buffer descriptions; initial contents (weights, tables, parameters) go into the shards."""
+    described, shard, offset, handle = [], -1, SHARD_BYTES, None
+    total = sum(b.data.nbytes for b in buffers if b.data is not None)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress, file=sys.stderr) as bar:
+        for b in buffers:
+            entry = {"id": b.id, "size": b.size, "uniform": b.role == "params"}
+            if b.data is not None:
+                raw = np.ascontiguousarray(b.data).view(np.uint8).ravel()
+                if offset + raw.nbytes > SHARD_BYTES:
+                    if handle:
+                        handle.close()
+                    shard, offset = shard + 1, 0
+                    handle = open(folder / f"shard-{shard:03d}.bin", "wb")
+                handle.write(raw.tobytes())
+                pad = -raw.nbytes % ALIGN
+                handle.write(b"\0" * pad)
+                entry.update(shard=f"shard-{shard:03d}.bin", offset=offset, length=raw.nbytes)
+                offset += raw.nbytes + pad
+                bar.update(raw.nbytes)
+            described.append(entry)
+    if handle:
+        handle.close()
+    return described
+
+
+def _chat_pieces(lm: LoadedModel) -> dict | None:
+    """The chat template cut around sentinel messages: a first user turn is first[0] + text +
+    first[1]; a later one, after the reply, is next[0] + text + next[1]."""
+    marks = ["\ue000", "\ue001", "\ue002"]
+    messages = [{"role": "user", "content": marks[0]}, {"role": "assistant", "content": marks[1]},
+                {"role": "user", "content": marks[2]}]
+    try:
+        text = lm.tokenizer.apply_chat_template(messages, True, lm.architecture)
+    except Exception:
+        return None
+    if not all(text.count(m) == 1 for m in marks):
+        return None
+    head, rest = text.split(marks[0])
+    after_first, rest = rest.split(marks[1])
+    between, tail = rest.split(marks[2])
+    first_text = lm.tokenizer.apply_chat_template(messages[:1], True, lm.architecture)
+    first_tail = first_text.split(marks[0])[1]
+    return {"first": [head, first_tail], "next": [between, tail]}
+
+
+STATIC = Path(__file__).parent / "static"
+
+
+def runtime_ready() -> bool:
+    return (STATIC / "worker.js").exists()
+
+
+def package_dir(model_path: Path, max_tokens: int) -> Path:
+    """Where `pocketlm web` keeps the package of a model file: next to the pulled models."""
+    from ..registry import models_dir
+
+    return models_dir().parent / "web" / f"{model_path.stem}-ctx{max_tokens}"
+
+
+def create_app(package: Path):
+    """The runtime's static files at /, the package under /model/ (127.0.0.1 by default)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    if not runtime_ready():
+        raise InvalidOptionError("the browser runtime is not built: run scripts/build_web.sh (needs Node.js and npm)")
+    return Starlette(routes=[Mount("/model", StaticFiles(directory=package)),
+                             Mount("/", StaticFiles(directory=STATIC, html=True))])

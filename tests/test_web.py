@@ -1,0 +1,129 @@
+"""The web package: its plan replayed exactly as the browser runtime replays it (here through
+wgpu-py, then in Chromium's WebGPU), against the native backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import prompt_ids
+from pocketlm import LlmInference, load
+from pocketlm.web import create_app, export, runtime_ready
+
+wgpu = pytest.importorskip("wgpu")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+class Replayer:
+    """What web/src/runtime.js does, in Python: buffers from the shards, dispatches in order."""
+
+    def __init__(self, package: Path):
+        self.plan = json.loads((package / "plan.json").read_text())
+        adapter = wgpu.gpu.request_adapter_sync()
+        self.device = adapter.request_device_sync(required_limits={
+            "max-storage-buffer-binding-size": adapter.limits["max-storage-buffer-binding-size"]})
+        usage = wgpu.BufferUsage
+        self.buffers = {}
+        for b in self.plan["buffers"]:
+            flags = usage.UNIFORM | usage.COPY_DST if b["uniform"] else usage.STORAGE | usage.COPY_DST | usage.COPY_SRC
+            self.buffers[b["id"]] = self.device.create_buffer(size=b["size"], usage=flags)
+            if "shard" in b:
+                with open(package / b["shard"], "rb") as f:
+                    f.seek(b["offset"])
+                    self.device.queue.write_buffer(self.buffers[b["id"]], 0, f.read(b["length"]))
+        pipelines = {}
+        for name, code in self.plan["kernels"].items():
+            module = self.device.create_shader_module(code=code)
+            pipelines[name] = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+        self.commands = []
+        for kernel, params, ids, groups in self.plan["dispatches"]:
+            layout = pipelines[kernel].get_bind_group_layout(0)
+            entries = [{"binding": i, "resource": {"buffer": self.buffers[b], "offset": 0, "size": self.buffers[b].size}}
+                       for i, b in enumerate([params, *ids])]
+            self.commands.append((pipelines[kernel], self.device.create_bind_group(layout=layout, entries=entries), groups))
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        self.device.queue.write_buffer(self.buffers[self.plan["step"]], 0, np.array([position, 1, token], np.uint32))
+        encoder = self.device.create_command_encoder()
+        compute = encoder.begin_compute_pass()
+        for pipeline, group, groups in self.commands:
+            compute.set_pipeline(pipeline)
+            compute.set_bind_group(0, group)
+            compute.dispatch_workgroups(*groups)
+        compute.end()
+        self.device.queue.submit([encoder.finish()])
+        logits = self.plan["logits"]
+        raw = self.device.queue.read_buffer(self.buffers[logits["buffer"]], 4 * logits["offset"], 4 * logits["count"])
+        return np.frombuffer(raw, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
+    model, _, path = tiny(kind)
+    package = export(path, tmp_path / "web", max_tokens=96, progress=False)
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["architecture"] in ("llama", "gemma3") and manifest["max_tokens"] == 96
+    replay = Replayer(package)
+    ids = prompt_ids(model.config.vocab_size, 40)  # past gemma3's 16-token window
+    expected = load(path).logits(ids)
+    ours = np.stack([replay.step(token, position) for position, token in enumerate(ids)])
+    assert np.abs(ours - expected).max() <= 1e-3
+
+
+def test_a_second_export_replaces_the_package_and_foreign_folders_are_refused(tiny, tmp_path):
+    _, _, path = tiny("llama")
+    export(path, tmp_path / "web", max_tokens=64, progress=False)
+    export(path, tmp_path / "web", max_tokens=32, progress=False)
+    assert json.loads((tmp_path / "web" / "manifest.json").read_text())["max_tokens"] == 32
+    (tmp_path / "mine").mkdir()
+    from pocketlm.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="not a web package"):
+        export(path, tmp_path / "mine", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol_package(real_model, tmp_path_factory):
+    return export(real_model("smollm2-135m"), tmp_path_factory.mktemp("web") / "smollm2", max_tokens=256, progress=False)
+
+
+@pytest.mark.browser
+@pytest.mark.real_model
+def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_model):
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    if not runtime_ready():
+        pytest.skip("the browser runtime is not built (scripts/build_web.sh)")
+    from playwright.sync_api import sync_playwright
+    from test_server import LiveServer
+
+    prompt, n = "The capital of France is", 12
+    native = LlmInference(real_model("smollm2-135m"), backend="webgpu", temperature=0.0, max_tokens=256,
+                          use_chat_template=False)
+    session = native.create_session()
+    session.add_query_chunk(prompt)
+    expected = session.generate_response(max_new_tokens=n)
+    server = LiveServer(create_app(smol_package))
+    ARTIFACTS.mkdir(exist_ok=True)
+    args = ["--no-sandbox", "--enable-unsafe-webgpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=args)
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("['ready', 'error'].includes(document.body.dataset.state)", timeout=240_000)
+            assert page.evaluate("document.body.dataset.state") == "ready", page.locator("#status").text_content()
+            result = page.evaluate("([prompt, n]) => window.pocketlm.generate(prompt, {raw: true, temperature: 0, maxNewTokens: n})",
+                                   [prompt, n])
+            page.screenshot(path=str(ARTIFACTS / "web-smollm2.png"))
+            status, speed = page.locator("#status").text_content(), page.locator("#speed").text_content()
+            browser.close()
+    finally:
+        server.stop()
+    print(f"\nbrowser: {status}; {speed}\nbrowser text: {result['text']!r}\nnative text:  {expected!r}")
+    assert result["text"] == expected and len(result["ids"]) == n

@@ -1,0 +1,129 @@
+// Runs an exported plan: creates the buffers, fills them from the shards, compiles the WGSL
+// kernels, and replays the recorded dispatches once per token. It knows no architecture.
+
+export async function openDevice() {
+  if (!navigator.gpu) throw new Error("WebGPU is not available in this browser");
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) throw new Error("no WebGPU adapter");
+  const limits = {};
+  for (const name of ["maxStorageBufferBindingSize", "maxBufferSize", "maxStorageBuffersPerShaderStage"]) {
+    limits[name] = adapter.limits[name];
+  }
+  const device = await adapter.requestDevice({ requiredLimits: limits });
+  const info = adapter.info || {};
+  const fallback = Boolean(adapter.isFallbackAdapter || info.isFallbackAdapter);
+  return { device, description: `${info.vendor || ""} ${info.architecture || ""} ${info.device || info.description || ""}`.trim(), fallback };
+}
+
+async function fetchCached(url, cacheName) {
+  // shards are kept in the Cache API (localhost is a secure context), so a reload reads no network
+  if (typeof caches !== "undefined") {
+    const cache = await caches.open(cacheName);
+    let response = await cache.match(url);
+    if (!response) {
+      response = await fetch(url);
+      if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+      await cache.put(url, response.clone());
+    }
+    return response.arrayBuffer();
+  }
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.arrayBuffer();
+}
+
+export class PlanRunner {
+  static async load(device, base, manifest, onProgress = () => {}) {
+    const plan = await (await fetch(base + "plan.json")).json();
+    const runner = new PlanRunner(device, plan, manifest);
+    const byShard = new Map();
+    for (const b of plan.buffers) {
+      if (b.shard) (byShard.get(b.shard) || byShard.set(b.shard, []).get(b.shard)).push(b);
+    }
+    let done = 0;
+    for (const [shard, entries] of byShard) {
+      onProgress(`fetching ${shard} (${done + 1}/${byShard.size})`);
+      const data = await fetchCached(base + shard, `pocketlm-${manifest.model}-${manifest.max_tokens}`);
+      for (const b of entries) device.queue.writeBuffer(runner.buffers.get(b.id), 0, data, b.offset, b.length);
+      done += 1;
+    }
+    onProgress("compiling kernels");
+    await runner.compile();
+    return runner;
+  }
+
+  constructor(device, plan, manifest) {
+    this.device = device;
+    this.plan = plan;
+    this.manifest = manifest;
+    this.buffers = new Map();
+    for (const b of plan.buffers) {
+      const usage = b.uniform
+        ? GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST
+        : GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+      this.buffers.set(b.id, device.createBuffer({ size: b.size, usage }));
+    }
+    const logits = plan.logits;
+    this.readback = device.createBuffer({ size: logits.count * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  }
+
+  async compile() {
+    const pipelines = {};
+    for (const [name, code] of Object.entries(this.plan.kernels)) {
+      const module = this.device.createShaderModule({ code });
+      pipelines[name] = await this.device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: "main" } });
+    }
+    this.commands = this.plan.dispatches.map(([kernel, params, ids, groups]) => {
+      const pipeline = pipelines[kernel];
+      const entries = [params, ...ids].map((id, binding) => ({ binding, resource: { buffer: this.buffers.get(id) } }));
+      return { pipeline, group: this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries }), groups };
+    });
+  }
+
+  // One token at `position`: writes the step buffer, replays the plan, returns the logits.
+  async step(token, position) {
+    const { device, plan } = this;
+    device.queue.writeBuffer(this.buffers.get(plan.step), 0, new Uint32Array([position, 1, token]));
+    const encoder = device.createCommandEncoder();
+    const pass = encoder.beginComputePass();
+    for (const c of this.commands) {
+      pass.setPipeline(c.pipeline);
+      pass.setBindGroup(0, c.group);
+      pass.dispatchWorkgroups(c.groups[0], c.groups[1], c.groups[2]);
+    }
+    pass.end();
+    const { buffer, offset, count } = plan.logits;
+    encoder.copyBufferToBuffer(this.buffers.get(buffer), offset * 4, this.readback, 0, count * 4);
+    device.queue.submit([encoder.finish()]);
+    await this.readback.mapAsync(GPUMapMode.READ);
+    const logits = new Float32Array(this.readback.getMappedRange().slice(0));
+    this.readback.unmap();
+    return logits;
+  }
+}
+
+// Sampling: temperature 0 is argmax; otherwise top-k then softmax with temperature.
+export function makeSampler({ temperature = 0, topK = 40, seed = 0 } = {}) {
+  let state = seed >>> 0;
+  const random = () => {  // mulberry32
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  return (logits) => {
+    let best = 0;
+    for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+    if (!(temperature > 0)) return best;
+    const k = topK > 0 ? Math.min(topK, logits.length) : logits.length;
+    const order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]).slice(0, k);
+    const weights = order.map((i) => Math.exp((logits[i] - logits[best]) / temperature));
+    let r = random() * weights.reduce((a, b) => a + b, 0);
+    for (let j = 0; j < order.length; j++) {
+      r -= weights[j];
+      if (r <= 0) return order[j];
+    }
+    return order[order.length - 1];
+  };
+}

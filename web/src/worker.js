@@ -1,0 +1,79 @@
+// The model in a Web Worker, so the page stays responsive: load a web package, then generate.
+//   -> {type: "load", base}                 <- {type: "progress", text}, {type: "ready", ...}
+//   -> {type: "generate", prompt, raw, maxNewTokens, temperature, topK, seed}
+//                                           <- {type: "token", text}..., {type: "done", text, stats}
+//   -> {type: "reset"}                      (a new conversation)
+import { Tokenizer } from "@huggingface/tokenizers";
+import { PlanRunner, makeSampler, openDevice } from "./runtime.js";
+
+let runner, tokenizer, manifest, position = 0, turns = 0, pending = null;  // pending: sampled, not yet fed
+
+async function load(base) {
+  manifest = await (await fetch(base + "manifest.json")).json();
+  const [tokenizerJson, tokenizerConfig] = await Promise.all(
+    ["tokenizer.json", "tokenizer_config.json"].map(async (f) => (await fetch(base + f)).json()));
+  tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
+  const { device, description, fallback } = await openDevice();
+  device.lost.then((info) => postMessage({ type: "error", message: `GPU device lost: ${info.message}` }));
+  runner = await PlanRunner.load(device, base, manifest, (text) => postMessage({ type: "progress", text }));
+  postMessage({ type: "ready", model: manifest.model, adapter: description, fallback, maxTokens: manifest.max_tokens });
+}
+
+function promptIds(prompt, raw) {
+  let text = prompt;
+  if (!raw && manifest.chat) {
+    const [before, after] = turns === 0 ? manifest.chat.first : manifest.chat.next;
+    text = before + prompt + after;
+  }
+  const ids = tokenizer.encode(text, { add_special_tokens: false }).ids;
+  if (position === 0 && manifest.bos_id !== null && ids[0] !== manifest.bos_id) ids.unshift(manifest.bos_id);
+  return ids;
+}
+
+async function generate({ prompt, raw = false, maxNewTokens = 256, temperature = 0, topK = 40, seed = 0 }) {
+  const ids = promptIds(prompt, raw);
+  if (position + ids.length + 1 > manifest.max_tokens) {
+    throw new Error(`the context is full (${manifest.max_tokens} tokens); start a new chat`);
+  }
+  const sample = makeSampler({ temperature, topK, seed });
+  const stop = new Set(manifest.stop_ids);
+  const t0 = performance.now();
+  let logits;
+  if (pending !== null) ids.unshift(pending);
+  pending = null;
+  for (const id of ids) logits = await runner.step(id, position++);  // prefill, one token at a time
+  const t1 = performance.now();
+  const out = [];
+  let shown = "";
+  while (out.length < maxNewTokens) {
+    const token = sample(logits);
+    if (stop.has(token)) break;
+    out.push(token);
+    const text = tokenizer.decode(out, { skip_special_tokens: true });
+    if (!text.endsWith("\ufffd") && text.length > shown.length) {  // never split a UTF-8 character
+      postMessage({ type: "token", text: text.slice(shown.length) });
+      shown = text;
+    }
+    if (position + 1 >= manifest.max_tokens || out.length === maxNewTokens) { pending = token; break; }
+    logits = await runner.step(token, position++);
+  }
+  const t2 = performance.now();
+  turns += 1;
+  const text = tokenizer.decode(out, { skip_special_tokens: true });
+  const stats = {
+    promptTokens: ids.length, generatedTokens: out.length,
+    prefillTokensPerSecond: ids.length / ((t1 - t0) / 1000),
+    decodeTokensPerSecond: out.length > 1 ? (out.length - 1) / ((t2 - t1) / 1000) : 0,
+  };
+  postMessage({ type: "done", text, ids: out, stats });
+}
+
+onmessage = async ({ data }) => {
+  try {
+    if (data.type === "load") await load(data.base);
+    else if (data.type === "generate") await generate(data);
+    else if (data.type === "reset") { position = 0; turns = 0; pending = null; }
+  } catch (e) {
+    postMessage({ type: "error", message: String(e && e.message || e) });
+  }
+};
