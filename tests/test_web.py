@@ -90,9 +90,9 @@ def smol_package(real_model, tmp_path_factory):
     return export(real_model("smollm2-135m"), tmp_path_factory.mktemp("web") / "smollm2", max_tokens=256, progress=False)
 
 
-@pytest.mark.browser
-@pytest.mark.real_model
-def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_model):
+def in_chromium(package: Path, script, screenshot: str):
+    """Open the runtime's page on `package` in headless Chromium (SwiftShader WebGPU), wait until
+    the model is loaded, and return script(page)."""
     chromium = Path("/usr/bin/chromium")
     if not chromium.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
@@ -101,14 +101,9 @@ def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_
     from playwright.sync_api import sync_playwright
     from test_server import LiveServer
 
-    prompt, n = "The capital of France is", 12
-    native = LlmInference(real_model("smollm2-135m"), backend="webgpu", temperature=0.0, max_tokens=256,
-                          use_chat_template=False)
-    session = native.create_session()
-    session.add_query_chunk(prompt)
-    expected = session.generate_response(max_new_tokens=n)
-    server = LiveServer(create_app(smol_package))
+    server = LiveServer(create_app(package))
     ARTIFACTS.mkdir(exist_ok=True)
+    # --enable-unsafe-webgpu alone: more GPU flags make requestAdapter() hang (shared/notes/webgpu.md)
     args = ["--no-sandbox", "--enable-unsafe-webgpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     try:
@@ -118,12 +113,46 @@ def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_
             page.goto(server.url + "/")
             page.wait_for_function("['ready', 'error'].includes(document.body.dataset.state)", timeout=240_000)
             assert page.evaluate("document.body.dataset.state") == "ready", page.locator("#status").text_content()
-            result = page.evaluate("([prompt, n]) => window.pocketlm.generate(prompt, {raw: true, temperature: 0, maxNewTokens: n})",
-                                   [prompt, n])
-            page.screenshot(path=str(ARTIFACTS / "web-smollm2.png"))
-            status, speed = page.locator("#status").text_content(), page.locator("#speed").text_content()
+            result = script(page)
+            page.screenshot(path=str(ARTIFACTS / screenshot))
             browser.close()
+            return result
     finally:
         server.stop()
+
+
+@pytest.mark.browser
+def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
+    _, _, path = tiny("gemma3")
+    native = LlmInference(path, temperature=0.0, max_tokens=96).create_session()
+    expected = native.chat("the river and the sea", max_new_tokens=8)
+    package = export(path, tmp_path / "web", max_tokens=96, progress=False)
+
+    def two_turns(page):
+        first = page.evaluate("() => window.pocketlm.generate('the river and the sea', {temperature: 0, maxNewTokens: 8})")
+        second = page.evaluate("() => window.pocketlm.generate('and then?', {temperature: 0, maxNewTokens: 8})")
+        return first, second, page.locator(".message.assistant").count()
+
+    first, second, shown = in_chromium(package, two_turns, "web-tiny-chat.png")
+    assert first["text"] == expected
+    assert len(second["ids"]) == 8 and shown == 2
+
+
+@pytest.mark.browser
+@pytest.mark.real_model
+def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_model):
+    prompt, n = "The capital of France is", 12
+    native = LlmInference(real_model("smollm2-135m"), backend="webgpu", temperature=0.0, max_tokens=256,
+                          use_chat_template=False)
+    session = native.create_session()
+    session.add_query_chunk(prompt)
+    expected = session.generate_response(max_new_tokens=n)
+
+    def run(page):
+        result = page.evaluate("([prompt, n]) => window.pocketlm.generate(prompt, {raw: true, temperature: 0, maxNewTokens: n})",
+                               [prompt, n])
+        return result, page.locator("#status").text_content(), page.locator("#speed").text_content()
+
+    result, status, speed = in_chromium(smol_package, run, "web-smollm2.png")
     print(f"\nbrowser: {status}; {speed}\nbrowser text: {result['text']!r}\nnative text:  {expected!r}")
     assert result["text"] == expected and len(result["ids"]) == n
