@@ -1,0 +1,146 @@
+"""Speed of the webgpu backend on a machine that has a GPU but not the model files.
+
+The real files are too large to carry to the lent GPU machine, and speed does not depend on the
+weights' values: `skeleton` saves a file's metadata (tokenizer included) and tensor table; `build`
+writes a GGUF of the same names, types and shapes with random blocks; `run` benchmarks files.
+
+    python benchmarks/gpu_bench.py skeleton smollm2-135m gemma3-270m --out .gpu/   # here
+    python benchmarks/gpu_bench.py build .gpu/*.skeleton.json.gz --out /tmp/models   # there
+    python benchmarks/gpu_bench.py run /tmp/models/*.gguf --backend webgpu cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from pocketlm.formats.gguf import GGUFFile, GGUFWriter, ValueType  # noqa: E402
+from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType  # noqa: E402
+
+
+def _encode(value):
+    if isinstance(value, np.ndarray):
+        return {"ndarray": base64.b64encode(value.tobytes()).decode(), "dtype": value.dtype.str}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, bytes):
+        return {"bytes": base64.b64encode(value).decode()}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and "ndarray" in value:
+        return np.frombuffer(base64.b64decode(value["ndarray"]), value["dtype"])
+    if isinstance(value, dict) and "bytes" in value:
+        return base64.b64decode(value["bytes"])
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def skeleton(models: list[str], out: Path) -> None:
+    from pocketlm.registry import resolve_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        path = resolve_model(name, auto_pull=True)
+        f = GGUFFile(path)
+        doc = {
+            "file": path.name,
+            "metadata": {k: [_encode(v), [int(t) if t is not None else None for t in f.value_types[k]]]
+                         for k, v in f.metadata.items() if k != "general.alignment"},
+            "tensors": [[t.name, int(t.kind), list(t.shape)] for t in f.tensors.values()],
+        }
+        target = out / f"{path.stem}.skeleton.json.gz"
+        target.write_bytes(gzip.compress(json.dumps(doc).encode()))
+        print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+def random_tensor(kind: GGMLType, shape, rng) -> np.ndarray:
+    """Random bytes of a tensor, with finite, small float16 scale fields."""
+    n = int(np.prod(shape))
+    if kind in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        values = (rng.standard_normal(n) * 0.02).astype(np.float32)
+        if kind == GGMLType.F32:
+            return values.view(np.uint8)
+        if kind == GGMLType.F16:
+            return values.astype(np.float16).view(np.uint8)
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    block_size, type_size = BLOCK_LAYOUT[kind]
+    blocks = rng.integers(0, 256, (n // block_size, type_size), dtype=np.uint8)
+    with_min = (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
+    offsets = [type_size - 2] if kind == GGMLType.Q6_K else ([0, 2] if kind in with_min else [0])
+    for at in offsets:
+        blocks[:, at : at + 2] = rng.uniform(-0.01, 0.01, (len(blocks), 1)).astype("<f2").view(np.uint8)
+    return blocks.reshape(-1)
+
+
+def build(skeletons: list[str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in skeletons:
+        doc = json.loads(gzip.decompress(Path(s).read_bytes()))
+        writer = GGUFWriter()
+        for key, (value, types) in doc["metadata"].items():
+            value = _decode(value)
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            writer.add(key, value, *[ValueType(t) if t is not None else None for t in types])
+        for name, kind, shape in doc["tensors"]:
+            kind = GGMLType(kind)
+            writer.add_tensor(name, kind, tuple(shape), lambda kind=kind, shape=shape: random_tensor(kind, shape, rng))
+        target = out / doc["file"]
+        writer.write(target)
+        print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+def run(files: list[str], backends: list[str], prompt_tokens: int, gen_tokens: int) -> None:
+    import dataclasses
+
+    from pocketlm.bench import run_bench
+
+    for path in files:
+        for backend in backends:
+            for attempt in range(2):  # the first run compiles kernels / pipelines
+                r = run_bench(path, prompt_tokens, gen_tokens, backend)
+            row = dataclasses.asdict(r)
+            if backend == "webgpu":
+                from pocketlm.engine import LoadedModel
+
+                row["device"] = LoadedModel(path, backend="webgpu").ops.device.description
+            print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("skeleton")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("build")
+    p.add_argument("skeletons", nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("run")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--backend", nargs="+", default=["webgpu"])
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    args = parser.parse_args()
+    if args.command == "skeleton":
+        skeleton(args.models, args.out)
+    elif args.command == "build":
+        build(args.skeletons, args.out)
+    else:
+        run(args.files, args.backend, args.prompt_tokens, args.gen_tokens)
+
+
+if __name__ == "__main__":
+    main()
