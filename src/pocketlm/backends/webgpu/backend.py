@@ -122,6 +122,7 @@ class WebGPUBackend:
         self._rope: dict[tuple, tuple[Buffer, Buffer]] = {}
         self.max_positions = 0
         self._first_position = 0
+        self._decode_plans: dict[int, tuple] = {}
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -191,6 +192,24 @@ class WebGPUBackend:
     def layer_cache(self, capacity, n_kv_heads, k_dim, v_dim, window) -> GpuLayerCache:
         self.max_positions = max(self.max_positions, capacity)
         return GpuLayerCache(self, capacity, n_kv_heads, k_dim, v_dim, window)
+
+    def decode_step(self, model, cache, token: int) -> np.ndarray:
+        """One token through the model: recorded once per cache (the pass reads its position and
+        token from the step buffer), then replayed without running the model's Python again."""
+        plan = self._decode_plans.get(id(cache))
+        if plan is None or plan[0] != self.device.generation or plan[1] is not cache:
+            self.device.commands = []
+            out = model.forward(self, np.array([token]), cache)
+            commands, self.device.commands = self.device.commands, None
+            if len(self._decode_plans) >= 4:  # plans hold their caches: keep the latest few
+                del self._decode_plans[next(iter(self._decode_plans))]
+            self._decode_plans[id(cache)] = (self.device.generation, cache, commands, out)
+            return self.to_host(out)[-1]
+        _, _, commands, out = plan
+        self.device.set_step(cache.offset, np.array([token]))
+        self.device.replay(commands)
+        cache.offset += 1
+        return self.to_host(out)[-1]
 
     # -- ops ------------------------------------------------------------------------------------
 

@@ -63,7 +63,9 @@ class Device:
         self.buffers: list[Buffer] = []
         self.trace: list | None = None
         self._pipelines: dict[str, object] = {}
-        self._params: dict[bytes, Buffer] = {}
+        self._params: dict[tuple, Buffer] = {}
+        self.generation = 0  # bumped whenever a buffer that recorded passes bind is replaced
+        self.commands: list | None = None  # when a list, receives (pipeline, bind group, workgroups)
         self._bind_groups: dict[tuple, object] = {}
         self._arena: list[Buffer] = []
         self._arena_next = 0
@@ -105,21 +107,25 @@ class Device:
             self._arena[i].gpu.destroy()
             self._arena[i] = buf
             self._bind_groups.clear()
+            self.generation += 1
         else:
             self._arena.append(buf)
         return buf
 
     def params(self, values: list) -> Buffer:
         """A uniform block of u32 / f32 fields (Python ints / floats), made once per contents."""
+        key = tuple(values)
+        if key in self._params:
+            return self._params[key]
         raw = b"".join(np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values)
         raw += b"\0" * (-len(raw) % 16)
-        if raw not in self._params:
+        if key not in self._params:
             usage = self.wgpu.BufferUsage
             gpu = self.device.create_buffer_with_data(data=raw, usage=usage.UNIFORM | usage.COPY_DST)
             buf = Buffer(len(self.buffers), gpu, len(raw), "params", np.frombuffer(raw, np.uint8))
             self.buffers.append(buf)
-            self._params[raw] = buf
-        return self._params[raw]
+            self._params[key] = buf
+        return self._params[key]
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -148,6 +154,21 @@ class Device:
         self._pass.dispatch_workgroups(*groups)
         if self.trace is not None:
             self.trace.append((kernel, bound[0].id, [b.id for b in buffers], groups))
+        if self.commands is not None:
+            self.commands.append((pipeline, group, groups))
+
+    def replay(self, commands: list) -> None:
+        """Encode recorded (pipeline, bind group, workgroups) again, as the browser runtime does."""
+        if self._pass is None:
+            self._encoder = self.device.create_command_encoder()
+            self._pass = self._encoder.begin_compute_pass()
+        compute, last = self._pass, None
+        for pipeline, group, groups in commands:
+            if pipeline is not last:
+                compute.set_pipeline(pipeline)
+                last = pipeline
+            compute.set_bind_group(0, group)
+            compute.dispatch_workgroups(*groups)
 
     def set_step(self, first_position: int, ids: np.ndarray) -> None:
         """The inputs of the pass being recorded (written to the step buffer at submission)."""
@@ -155,6 +176,7 @@ class Device:
         if values.nbytes > self.step.size:  # a longer prompt than any before
             self.step = self.buffer(values.nbytes * 2, "step")
             self._bind_groups.clear()
+            self.generation += 1
         self.step_values = values
 
     def finish(self, read: Buffer | None = None, offset: int = 0, nbytes: int = 0) -> np.ndarray | None:
