@@ -24,3 +24,11 @@ for i in range(5):
     n = len(device.trace)
     device.trace = None
     print(f"record {1e3 * (t1 - t0):.1f} ms, submit + wait {1e3 * (t2 - t1):.1f} ms, {n} dispatches", flush=True)
+
+from pocketlm.engine import decode_step  # noqa: E402
+
+token = 7
+for i in range(5):
+    t0 = time.perf_counter()
+    logits = decode_step(lm, cache, token)
+    print(f"replayed decode step {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
