@@ -101,7 +101,7 @@ def test_unknown_architecture_is_named(capsys, tmp_path, tiny):
     assert code == 2 and "'mamba' is not supported" in err and "llama" in err
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "convert", "inspect", "perplexity", "pull"])
+@pytest.mark.parametrize("command", ["run", "chat", "convert", "inspect", "perplexity", "pull", "serve", "bench", "web"])
 def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -146,3 +146,16 @@ def test_matformer_slice_and_ple_bench_from_the_command_line(capsys, tiny, tmp_p
     assert code == 0 and "0.0 M read from storage" in text
     code, _, err = run_cli(capsys, "convert", str(folder), str(tmp_path / "x.gguf"), "--matformer", "e9b")
     assert code == 2 and "--matformer must be a preset" in err and not (tmp_path / "x.gguf").exists()
+
+
+def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_path):
+    pytest.importorskip("wgpu")
+    _, folder, path = tiny("gemma3")
+    cpu = run_cli(capsys, "run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0")
+    gpu = run_cli(capsys, "run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0", "--backend", "webgpu")
+    assert cpu[0] == gpu[0] == 0 and cpu[1] == gpu[1] and cpu[1].strip()
+    code, out, _ = run_cli(capsys, "convert", str(folder), str(tmp_path / "web"), "--target", "web", "--max-tokens", "64", "--quiet")
+    assert code == 0 and "wrote web package" in out
+    assert {"manifest.json", "plan.json", "tokenizer.json", "shard-000.bin"} <= {f.name for f in (tmp_path / "web").iterdir()}
+    code, _, err = run_cli(capsys, "run", str(tiny("phi")[2]), "x", "--backend", "webgpu")
+    assert code == 2 and "webgpu backend runs" in err
