@@ -181,3 +181,15 @@ def test_unsupported_architectures_are_refused_with_the_list(tiny):
     _, _, path = tiny("phi")
     with pytest.raises(UnsupportedError, match="webgpu backend runs " + ", ".join(WEBGPU_ARCHITECTURES)):
         load(path, backend="webgpu")
+
+
+@pytest.mark.real_model
+def test_gemma3_270m_matches_the_cpu_backend_with_its_embedding_split_by_rows(real_model, gpu):
+    """Its 262144 x 640 embedding (168 MB as int8) exceeds lavapipe's 128 MB binding limit."""
+    path = real_model("gemma3-270m")
+    cpu, webgpu = load(path), load(path, backend="webgpu")
+    if webgpu.ops.device.max_binding < 262144 * 640:
+        assert len(webgpu.ops.matrix(webgpu.file.tensors["token_embd.weight"]).chunks) > 1
+    ids = cpu.tokenizer.encode("The capital of France is")
+    assert np.abs(webgpu.logits(ids) - cpu.logits(ids)).max() <= 1e-3
+    assert greedy(webgpu, ids, 8) == greedy(cpu, ids, 8)
