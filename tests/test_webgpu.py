@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY, prompt_ids, random_blocks
+from test_parity_transformers import our_greedy as greedy
 from pocketlm import LlmInference, load
 from pocketlm.backends.cpu import CpuBackend
-from pocketlm.engine import WEBGPU_ARCHITECTURES, decode_step, prefill
+from pocketlm.engine import WEBGPU_ARCHITECTURES
 from pocketlm.errors import UnsupportedError
 from pocketlm.formats.gguf import Tensor
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType
@@ -134,15 +135,6 @@ def test_tensor_arithmetic_and_row_views(gpu):
 # -- whole models -------------------------------------------------------------------------------
 
 GPU_KINDS = [k for k in TINY if k in ("llama", "llama3-bias", "gemma", "gemma2", "gemma3", "qwen2", "qwen3")]
-
-
-def greedy(lm, ids, steps):
-    cache = lm.make_cache(len(ids) + steps)
-    logits, out = prefill(lm, cache, ids), []
-    for _ in range(steps):
-        out.append(int(np.argmax(logits)))
-        logits = decode_step(lm, cache, out[-1])
-    return out
 
 
 @pytest.mark.parametrize("kind", GPU_KINDS)
