@@ -32,3 +32,15 @@ for i in range(5):
     t0 = time.perf_counter()
     logits = decode_step(lm, cache, token)
     print(f"replayed decode step {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+
+# the replay split: encoding the recorded commands (Python + wgpu calls) vs submission and the wait
+plan = next(iter(lm.ops._decode_plans.values()))
+for i in range(5):
+    t0 = time.perf_counter()
+    device.set_step(cache.offset, np.array([token]))
+    device.replay(plan[2])
+    t1 = time.perf_counter()
+    lm.ops.to_host(plan[3])
+    t2 = time.perf_counter()
+    cache.offset += 1
+    print(f"encode {1e3 * (t1 - t0):.1f} ms, submit + GPU + read back {1e3 * (t2 - t1):.1f} ms", flush=True)
