@@ -184,3 +184,16 @@ def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(t
           f"{np.abs(as_transformers - theirs).max():.3f} with transformers'")
     assert np.abs(ours - theirs).max() < 0.2
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["gemma3n", "llama"])
+def test_large_tensors_converted_by_bands_of_rows_give_the_same_file(tiny, tmp_path, monkeypatch, kind):
+    """Gemma 3n's per-layer table (2-2.4 B values in the released models) must not be held whole
+    as float32: above CHUNK_VALUES a tensor is read from the mapped safetensors and quantized a band
+    of rows at a time. With a tiny threshold every matrix goes that way; the bytes are the same."""
+    conversion = importlib.import_module("pocketlm.convert")  # the module: pocketlm.convert is the function
+    _, folder, _ = tiny(kind)
+    whole = convert(folder, tmp_path / "whole.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    monkeypatch.setattr(conversion, "CHUNK_VALUES", 1000)
+    banded = convert(folder, tmp_path / "banded.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    assert whole.read_bytes() == banded.read_bytes()

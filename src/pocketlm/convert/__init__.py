@@ -45,8 +45,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, config: ConversionCo
     return out
 
 
-def _quantized(load, kind: GGMLType):
-    return lambda: quantize(load(), kind)
+CHUNK_VALUES = 1 << 26  # tensors larger than this (256 MB as float32) are read and quantized by rows
+
+
+def _quantized(load, kind: GGMLType, shape: tuple[int, ...] = ()):
+    """The tensor's bytes in `kind`; a loader with `rows(start, stop)` and a large tensor are
+    converted a band of rows at a time (Gemma 3n's per-layer table is billions of values)."""
+    size = int(np.prod(shape)) if shape else 0
+    if size <= CHUNK_VALUES or not hasattr(load, "rows"):
+        return lambda: quantize(load(), kind)
+    band = max(1, CHUNK_VALUES // int(np.prod(shape[1:])))
+    return lambda: (quantize(load.rows(start, min(start + band, shape[0])), kind) for start in range(0, shape[0], band))
 
 
 def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter:
@@ -67,7 +76,7 @@ def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter
         if gguf_name == "token_embd.weight":
             vocab_size = shape[0]
         kind = config.tensor_type(gguf_name, shape)
-        writer.add_tensor(gguf_name, kind, shape, _quantized(load, kind))
+        writer.add_tensor(gguf_name, kind, shape, _quantized(load, kind, shape))
     if vocab_size is None:
         raise ModelFileError(f"{ckpt.folder}: checkpoint has no token embedding")
     for key, (value, vtype, item_type) in tokenizer_metadata(ckpt, vocab_size).items():

@@ -45,6 +45,17 @@ def mapping_for(config: dict[str, Any], matformer: str | None = None) -> "Mappin
     return Gemma3nMapping(config, MatFormerSlice.parse(matformer))
 
 
+class RowLoader:
+    """A loader (call it for the whole tensor) that can also read a band of rows, so that a tensor
+    too large to hold is converted piece by piece."""
+
+    def __init__(self, full: Loader, rows: Callable[[int, int], np.ndarray]):
+        self._full, self.rows = full, rows
+
+    def __call__(self) -> np.ndarray:
+        return self._full()
+
+
 def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
@@ -144,8 +155,13 @@ class Mapping:
         """(GGUF name, shape, loader) for every tensor to write."""
         for name in ckpt.names:
             gguf_name = self.map_name(name)
-            if gguf_name is not None:
-                transform = self.transform(gguf_name)
+            if gguf_name is None:
+                continue
+            transform = self.transform(gguf_name)
+            if transform is _identity:
+                yield gguf_name, ckpt.shape(name), RowLoader(lambda n=name: ckpt.tensor(n),
+                                                             lambda a, b, n=name: ckpt.rows(n, a, b))
+            else:
                 yield gguf_name, ckpt.shape(name), lambda n=name, t=transform: t(ckpt.tensor(n))
 
 
@@ -312,6 +328,9 @@ class _Subset:
 
     def tensor(self, name):
         return self._ckpt.tensor(name)
+
+    def rows(self, name, start, stop):
+        return self._ckpt.rows(name, start, stop)
 
 
 @register("falcon")

@@ -16,7 +16,7 @@ from statistics import NormalDist
 import numpy as np
 
 from ..errors import InvalidOptionError, UnsupportedError
-from .architectures import _LLAMA_NAMES, Mapping, register, rope_parameters
+from .architectures import _LLAMA_NAMES, Mapping, RowLoader, register, rope_parameters
 
 # Google's published configurations of an E4B checkpoint (MatFormer Lab); the official E2B is
 # the E4B with layers 20-24 skipped and an 8192-wide FFN in the 30 that remain.
@@ -195,6 +195,7 @@ class Gemma3nMapping(Mapping):
             return (shape[0], width), lambda: np.ascontiguousarray(ckpt.tensor(name)[:, :width])
         if gguf_name == "per_layer_model_proj.weight" and shape[0] != len(cols):
             return (len(cols), shape[1]), lambda: ckpt.tensor(name)[cols]
-        if gguf_name == "per_layer_token_embd.weight" and shape[1] != len(cols):
-            return (shape[0], len(cols)), lambda: np.ascontiguousarray(ckpt.tensor(name)[:, cols])
+        if gguf_name == "per_layer_token_embd.weight":  # billions of values: read by bands of rows
+            return (shape[0], len(cols)), RowLoader(lambda: np.ascontiguousarray(ckpt.tensor(name)[:, cols]),
+                                                    lambda a, b: np.ascontiguousarray(ckpt.rows(name, a, b)[:, cols]))
         return shape, lambda: ckpt.tensor(name)

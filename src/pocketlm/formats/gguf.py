@@ -332,7 +332,7 @@ class _PendingTensor:
     name: str
     kind: GGMLType
     shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray]  # returns the packed bytes (uint8) when written
+    produce: Callable[[], Any]  # the packed bytes (uint8) when written, whole or as an iterable of parts
     nbytes: int
 
 
@@ -380,10 +380,14 @@ class GGUFWriter:
                 header = self._header()
                 f.write(header + bytes(-len(header) % self.alignment))
                 for t in self.tensors:
-                    data = np.ascontiguousarray(t.produce(), dtype=np.uint8)
-                    if data.nbytes != t.nbytes:
-                        raise ValueError(f"tensor {t.name}: produced {data.nbytes} bytes, expected {t.nbytes}")
-                    f.write(data.tobytes())
+                    produced = t.produce()
+                    written = 0
+                    for part in [produced] if isinstance(produced, np.ndarray) else produced:
+                        part = np.ascontiguousarray(part, dtype=np.uint8)
+                        f.write(part.tobytes())
+                        written += part.nbytes
+                    if written != t.nbytes:
+                        raise ValueError(f"tensor {t.name}: produced {written} bytes, expected {t.nbytes}")
                     f.write(bytes(-t.nbytes % self.alignment))
                     if on_tensor:
                         on_tensor(t)

@@ -65,6 +65,23 @@ class HFCheckpoint:
                 pass
         return _read_bf16(self._where[name], name)
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of a tensor (first axis) as float32, read from the mapped file:
+        a conversion of a very large tensor never holds it whole."""
+        path = self._where[name]
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(header_len))[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        shape = info["shape"]
+        begin, _ = info["data_offsets"]
+        raw = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=tuple(shape))[start:stop]
+        if info["dtype"] == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(raw, dtype=np.float32)
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self._where:
             yield name, self.tensor(name)
@@ -91,6 +108,9 @@ class HFCheckpoint:
     @property
     def generation_config(self) -> dict:
         return self._json("generation_config.json") or {}
+
+
+_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 def _read_bf16(path: Path, name: str) -> np.ndarray:
