@@ -156,3 +156,24 @@ def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_
     result, status, speed = in_chromium(smol_package, run, "web-smollm2.png")
     print(f"\nbrowser: {status}; {speed}\nbrowser text: {result['text']!r}\nnative text:  {expected!r}")
     assert result["text"] == expected and len(result["ids"]) == n
+
+
+@pytest.mark.browser
+def test_the_page_streams_a_reply_and_stop_ends_it(tiny, tmp_path):
+    _, _, path = tiny("gemma3")
+    package = export(path, tmp_path / "web", max_tokens=96, progress=False)
+
+    def type_and_stop(page):
+        page.fill("#max-new", "80")
+        page.fill("#prompt", "the river <img src=x onerror=alert(1)>")
+        page.click("#send")
+        reply = page.locator(".message.assistant").last
+        page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 0", timeout=60_000)
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('.message.assistant').dataset.state", timeout=60_000)
+        return reply.get_attribute("data-state"), page.locator(".message.user").text_content(), page.locator("#speed").text_content()
+
+    state, user_text, speed = in_chromium(package, type_and_stop, "web-tiny-stop.png")
+    generated = int(speed.split(", ")[1].split()[0])
+    assert state == "stopped" and generated < 80
+    assert "<img" in user_text  # shown as text, never parsed as HTML

@@ -2,11 +2,13 @@
 //   -> {type: "load", base}                 <- {type: "progress", text}, {type: "ready", ...}
 //   -> {type: "generate", prompt, raw, maxNewTokens, temperature, topK, seed}
 //                                           <- {type: "token", text}..., {type: "done", text, stats}
+//   -> {type: "stop"}                       (ends the reply being generated after the current token)
 //   -> {type: "reset"}                      (a new conversation)
 import { Tokenizer } from "@huggingface/tokenizers";
 import { PlanRunner, makeSampler, openDevice } from "./runtime.js";
 
 let runner, tokenizer, manifest, position = 0, turns = 0, pending = null;  // pending: sampled, not yet fed
+let stopRequested = false;
 
 async function load(base) {
   manifest = await (await fetch(base + "manifest.json")).json();
@@ -36,6 +38,7 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
     throw new Error(`the context is full (${manifest.max_tokens} tokens); start a new chat`);
   }
   const sample = makeSampler({ temperature, topK, seed });
+  stopRequested = false;
   const stop = new Set(manifest.stop_ids);
   const t0 = performance.now();
   let logits;
@@ -54,7 +57,7 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
       postMessage({ type: "token", text: text.slice(shown.length) });
       shown = text;
     }
-    if (position + 1 >= manifest.max_tokens || out.length === maxNewTokens) { pending = token; break; }
+    if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens) { pending = token; break; }
     logits = await runner.step(token, position++);
   }
   const t2 = performance.now();
@@ -65,13 +68,14 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
     prefillTokensPerSecond: ids.length / ((t1 - t0) / 1000),
     decodeTokensPerSecond: out.length > 1 ? (out.length - 1) / ((t2 - t1) / 1000) : 0,
   };
-  postMessage({ type: "done", text, ids: out, stats });
+  postMessage({ type: "done", text, ids: out, stats, stopped: stopRequested });
 }
 
 onmessage = async ({ data }) => {
   try {
     if (data.type === "load") await load(data.base);
     else if (data.type === "generate") await generate(data);
+    else if (data.type === "stop") stopRequested = true;
     else if (data.type === "reset") { position = 0; turns = 0; pending = null; }
   } catch (e) {
     postMessage({ type: "error", message: String(e && e.message || e) });

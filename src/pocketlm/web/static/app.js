@@ -27,6 +27,8 @@ worker.onmessage = ({ data }) => {
     $("speed").textContent = `${s.promptTokens} prompt tokens at ${s.prefillTokensPerSecond.toFixed(1)} tok/s, ` +
       `${s.generatedTokens} generated at ${s.decodeTokensPerSecond.toFixed(1)} tok/s`;
     $("send").disabled = false;
+    $("stop").disabled = true;
+    if (current) current.dataset.state = data.stopped ? "stopped" : "done";
     current = null;
     pending.shift()?.resolve(data);
   } else if (data.type === "error") {
@@ -34,6 +36,7 @@ worker.onmessage = ({ data }) => {
     $("status").className = "warn";
     document.body.dataset.state = "error";
     $("send").disabled = false;
+    $("stop").disabled = true;
     pending.shift()?.reject(new Error(data.message));
   }
 };
@@ -41,6 +44,7 @@ worker.onmessage = ({ data }) => {
 function generate(prompt, options = {}) {
   current = add("assistant", "");
   $("send").disabled = true;
+  $("stop").disabled = false;
   return new Promise((resolve, reject) => {
     pending.push({ resolve, reject });
     worker.postMessage({ type: "generate", prompt, ...options });
@@ -56,8 +60,9 @@ $("form").addEventListener("submit", (event) => {
   generate(prompt, { raw: $("raw").checked, temperature: Number($("temperature").value),
                      maxNewTokens: Number($("max-new").value), seed: Date.now() % 1e9 });
 });
+$("stop").addEventListener("click", () => worker.postMessage({ type: "stop" }));
 $("new").addEventListener("click", () => { worker.postMessage({ type: "reset" }); $("log").replaceChildren(); });
 
 // For scripts and tests: window.pocketlm.generate(prompt, {raw, temperature, maxNewTokens}) -> {text, ids, stats}
-window.pocketlm = { generate, reset: () => worker.postMessage({ type: "reset" }) };
+window.pocketlm = { generate, stop: () => worker.postMessage({ type: "stop" }), reset: () => worker.postMessage({ type: "reset" }) };
 worker.postMessage({ type: "load", base: new URL("model/", location.href).href });
