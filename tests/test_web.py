@@ -38,24 +38,29 @@ class Replayer:
         for name, code in self.plan["kernels"].items():
             module = self.device.create_shader_module(code=code)
             pipelines[name] = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
-        self.commands = []
-        for kernel, params, ids, groups in self.plan["dispatches"]:
-            layout = pipelines[kernel].get_bind_group_layout(0)
-            entries = [{"binding": i, "resource": {"buffer": self.buffers[b], "offset": 0, "size": self.buffers[b].size}}
-                       for i, b in enumerate([params, *ids])]
-            self.commands.append((pipelines[kernel], self.device.create_bind_group(layout=layout, entries=entries), groups))
+        self.passes = {}
+        for name, plan_pass in self.plan["passes"].items():
+            commands = []
+            for kernel, params, ids, groups in plan_pass["dispatches"]:
+                layout = pipelines[kernel].get_bind_group_layout(0)
+                entries = [{"binding": i, "resource": {"buffer": self.buffers[b], "offset": 0, "size": self.buffers[b].size}}
+                           for i, b in enumerate([params, *ids])]
+                commands.append((pipelines[kernel], self.device.create_bind_group(layout=layout, entries=entries), groups))
+            self.passes[name] = (plan_pass["tokens"], commands, plan_pass["logits"])
 
-    def step(self, token: int, position: int) -> np.ndarray:
-        self.device.queue.write_buffer(self.buffers[self.plan["step"]], 0, np.array([position, 1, token], np.uint32))
+    def run(self, name: str, tokens: list[int], position: int) -> np.ndarray:
+        n_tokens, commands, logits = self.passes[name]
+        assert len(tokens) == n_tokens
+        step = np.array([position, len(tokens), *tokens], np.uint32)
+        self.device.queue.write_buffer(self.buffers[self.plan["step"]], 0, step)
         encoder = self.device.create_command_encoder()
         compute = encoder.begin_compute_pass()
-        for pipeline, group, groups in self.commands:
+        for pipeline, group, groups in commands:
             compute.set_pipeline(pipeline)
             compute.set_bind_group(0, group)
             compute.dispatch_workgroups(*groups)
         compute.end()
         self.device.queue.submit([encoder.finish()])
-        logits = self.plan["logits"]
         raw = self.device.queue.read_buffer(self.buffers[logits["buffer"]], 4 * logits["offset"], 4 * logits["count"])
         return np.frombuffer(raw, np.float32)
 
@@ -67,10 +72,14 @@ def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["architecture"] in ("llama", "gemma3") and manifest["max_tokens"] == 96
     replay = Replayer(package)
-    ids = prompt_ids(model.config.vocab_size, 40)  # past gemma3's 16-token window
+    band = replay.passes["prefill"][0]
+    ids = prompt_ids(model.config.vocab_size, 2 * band + 8)  # past gemma3's 16-token window
     expected = load(path).logits(ids)
-    ours = np.stack([replay.step(token, position) for position, token in enumerate(ids)])
-    assert np.abs(ours - expected).max() <= 1e-3
+    # the prompt in two bands of the prefill pass, then token by token with the decode pass
+    assert np.abs(replay.run("prefill", ids[:band], 0) - expected[band - 1]).max() <= 1e-3
+    assert np.abs(replay.run("prefill", ids[band : 2 * band], band) - expected[2 * band - 1]).max() <= 1e-3
+    ours = np.stack([replay.run("decode", [token], position) for position, token in enumerate(ids) if position >= 2 * band])
+    assert np.abs(ours - expected[2 * band :]).max() <= 1e-3
 
 
 def test_a_second_export_replaces_the_package_and_foreign_folders_are_refused(tiny, tmp_path):

@@ -63,8 +63,8 @@ export class PlanRunner {
         : GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
       this.buffers.set(b.id, device.createBuffer({ size: b.size, usage }));
     }
-    const logits = plan.logits;
-    this.readback = device.createBuffer({ size: logits.count * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const counts = Object.values(plan.passes).map((p) => p.logits.count);
+    this.readback = device.createBuffer({ size: Math.max(...counts) * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   }
 
   async compile() {
@@ -73,30 +73,47 @@ export class PlanRunner {
       const module = this.device.createShaderModule({ code });
       pipelines[name] = await this.device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: "main" } });
     }
-    this.commands = this.plan.dispatches.map(([kernel, params, ids, groups]) => {
-      const pipeline = pipelines[kernel];
-      const entries = [params, ...ids].map((id, binding) => ({ binding, resource: { buffer: this.buffers.get(id) } }));
-      return { pipeline, group: this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries }), groups };
-    });
+    this.passes = {};
+    for (const [name, pass] of Object.entries(this.plan.passes)) {
+      const commands = pass.dispatches.map(([kernel, params, ids, groups]) => {
+        const pipeline = pipelines[kernel];
+        const entries = [params, ...ids].map((id, binding) => ({ binding, resource: { buffer: this.buffers.get(id) } }));
+        return { pipeline, group: this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries }), groups };
+      });
+      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits };
+    }
   }
 
-  // One token at `position`: writes the step buffer, replays the plan, returns the logits.
-  async step(token, position) {
-    const { device, plan } = this;
-    device.queue.writeBuffer(this.buffers.get(plan.step), 0, new Uint32Array([position, 1, token]));
-    const encoder = device.createCommandEncoder();
-    const pass = encoder.beginComputePass();
-    for (const c of this.commands) {
-      pass.setPipeline(c.pipeline);
-      pass.setBindGroup(0, c.group);
-      pass.dispatchWorkgroups(c.groups[0], c.groups[1], c.groups[2]);
+  // Feed tokens from `position` on (the prefill pass for each full band of its size, then the
+  // decode pass token by token); returns the logits after the last one.
+  async feed(tokens, position) {
+    let logits, i = 0;
+    const band = this.passes.prefill;
+    for (; band && i + band.tokens <= tokens.length; i += band.tokens) {
+      logits = await this.run(band, tokens.slice(i, i + band.tokens), position + i);
     }
-    pass.end();
-    const { buffer, offset, count } = plan.logits;
+    for (; i < tokens.length; i++) logits = await this.run(this.passes.decode, [tokens[i]], position + i);
+    return logits;
+  }
+
+  // One pass over tokens at position..: writes the step buffer, replays the pass, returns the
+  // logits of its last token.
+  async run(pass, tokens, position) {
+    const { device, plan } = this;
+    device.queue.writeBuffer(this.buffers.get(plan.step), 0, new Uint32Array([position, tokens.length, ...tokens]));
+    const encoder = device.createCommandEncoder();
+    const compute = encoder.beginComputePass();
+    for (const c of pass.commands) {
+      compute.setPipeline(c.pipeline);
+      compute.setBindGroup(0, c.group);
+      compute.dispatchWorkgroups(c.groups[0], c.groups[1], c.groups[2]);
+    }
+    compute.end();
+    const { buffer, offset, count } = pass.logits;
     encoder.copyBufferToBuffer(this.buffers.get(buffer), offset * 4, this.readback, 0, count * 4);
     device.queue.submit([encoder.finish()]);
-    await this.readback.mapAsync(GPUMapMode.READ);
-    const logits = new Float32Array(this.readback.getMappedRange().slice(0));
+    await this.readback.mapAsync(GPUMapMode.READ, 0, count * 4);
+    const logits = new Float32Array(this.readback.getMappedRange(0, count * 4).slice(0));
     this.readback.unmap();
     return logits;
   }

@@ -44,7 +44,8 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
   let logits;
   if (pending !== null) ids.unshift(pending);
   pending = null;
-  for (const id of ids) logits = await runner.step(id, position++);  // prefill, one token at a time
+  logits = await runner.feed(ids, position);  // prefill: bands of the prefill pass, then single tokens
+  position += ids.length;
   const t1 = performance.now();
   const out = [];
   let shown = "";
@@ -58,7 +59,7 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
       shown = text;
     }
     if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens) { pending = token; break; }
-    logits = await runner.step(token, position++);
+    logits = await runner.feed([token], position++);
   }
   const t2 = performance.now();
   turns += 1;

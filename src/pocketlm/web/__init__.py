@@ -3,10 +3,11 @@
     export("model.gguf", "out/")  ->  out/manifest.json, out/plan.json, out/shard-000.bin, ...,
                                       out/tokenizer.json
 
-The WebGPU backend records one decode step (one token at a position read from the step buffer)
-of the model's own forward pass; the plan lists every buffer it touched (weights, cos/sin tables,
-parameter blocks, KV caches, scratch) and every dispatch in order (kernel, parameter block,
-buffers, workgroups), with the WGSL source of each kernel. The browser runtime (`static/`) knows
+The WebGPU backend records two passes of the model's own forward pass, each reading its position
+and tokens from the step buffer: prefill (PREFILL_TOKENS tokens) and decode (one token). The plan
+lists every buffer they touch (weights, cos/sin tables, parameter blocks, KV caches, scratch) and
+each pass's dispatches in order (kernel, parameter block, buffers, workgroups), with the WGSL
+source of each kernel. The browser runtime (`static/`) knows
 no architecture: it creates the buffers, fills them from the shards, and replays the dispatches
 once per token, reading back the logits.
 """
@@ -26,6 +27,7 @@ from ..engine import LoadedModel
 from ..errors import InvalidOptionError
 
 SHARD_BYTES = 256 * 1024 * 1024  # shards the browser fetches and caches one at a time
+PREFILL_TOKENS = 16  # the prefill pass takes prompts this many tokens at a time (the rest one by one)
 ALIGN = 256
 FORMAT = 1
 
@@ -40,24 +42,32 @@ def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int = 1
     lm = LoadedModel(model, backend="webgpu", keep_host_copies=True)
     cache = lm.make_cache(max_tokens)
     device = lm.ops.device
-    device.trace = []
-    logits = lm.model.forward(lm.ops, np.zeros(1, np.int64), cache)
-    lm.ops.to_host(logits)  # runs the step once (and checks that it runs)
-    trace, device.trace = device.trace, None
+    # The prefill pass first: its scratch buffers are the larger ones, which the decode pass reuses.
+    passes = {}
+    for name, n_tokens in (("prefill", PREFILL_TOKENS), ("decode", 1)):
+        if n_tokens > max_tokens:
+            continue
+        device.trace = []
+        cache.offset = 0
+        logits = lm.model.forward(lm.ops, np.zeros(n_tokens, np.int64), cache)
+        lm.ops.to_host(logits)  # runs the pass once (and checks that it runs)
+        passes[name] = {"tokens": n_tokens, "dispatches": [[k, params, ids, list(groups)] for k, params, ids, groups in device.trace],
+                        "logits": {"buffer": logits.buf.id, "offset": logits.offset, "count": logits.size}}
+    device.trace = None
 
-    used = sorted({i for _, params, ids, _ in trace for i in (params, *ids)} | {device.step.id, logits.buf.id})
+    used = {device.step.id} | {p["logits"]["buffer"] for p in passes.values()}
+    used |= {i for p in passes.values() for _, params, ids, _ in p["dispatches"] for i in (params, *ids)}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    buffers = _write_shards(tmp, [device.buffers[i] for i in used], progress)
-    kernels = sorted({kernel for kernel, *_ in trace})
+    buffers = _write_shards(tmp, [device.buffers[i] for i in sorted(used)], progress)
+    kernels = sorted({d[0] for p in passes.values() for d in p["dispatches"]})
     plan = {
         "format": FORMAT,
         "kernels": {k: wgsl_source(k) for k in kernels},
         "buffers": buffers,
-        "dispatches": [[k, params, ids, list(groups)] for k, params, ids, groups in trace],
+        "passes": passes,
         "step": device.step.id, "step_capacity": device.step.size // 4,
-        "logits": {"buffer": logits.buf.id, "offset": logits.offset, "count": logits.size},
     }
     (tmp / "plan.json").write_text(json.dumps(plan))
     tok = lm.tokenizer
