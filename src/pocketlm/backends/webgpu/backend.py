@@ -122,6 +122,7 @@ class WebGPUBackend:
         self._rope: dict[tuple, tuple[Buffer, Buffer]] = {}
         self.max_positions = 0
         self._first_position = 0
+        self._ids = np.zeros(0, np.int64)  # the tokens of the pass being recorded
         self._decode_plans: dict[int, tuple] = {}
 
     # -- weights --------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ class WebGPUBackend:
         first = int(positions[0])
         if first != self._first_position:
             self._first_position = first
-            self.device.set_step(first, getattr(self, "_ids", np.zeros(0)))
+            self.device.set_step(first, self._ids)
         if int(positions[-1]) >= self.max_positions:
             raise UnsupportedError(f"position {int(positions[-1])} is beyond the cache ({self.max_positions})")
 
