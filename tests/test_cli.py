@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -157,5 +158,7 @@ def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_
     code, out, _ = run_cli(capsys, "convert", str(folder), str(tmp_path / "web"), "--target", "web", "--max-tokens", "64", "--quiet")
     assert code == 0 and "wrote web package" in out
     assert {"manifest.json", "plan.json", "tokenizer.json", "shard-000.bin"} <= {f.name for f in (tmp_path / "web").iterdir()}
+    assert run_cli(capsys, "convert", str(path), str(tmp_path / "web2"), "--target", "web", "--quiet")[0] == 0
+    assert json.loads((tmp_path / "web2" / "manifest.json").read_text())["max_tokens"] == 256  # the model's context
     code, _, err = run_cli(capsys, "run", str(tiny("phi")[2]), "x", "--backend", "webgpu")
     assert code == 2 and "webgpu backend runs" in err

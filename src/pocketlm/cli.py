@@ -180,13 +180,14 @@ def cmd_web(args) -> None:
     import uvicorn
 
     from .registry import resolve_model
-    from .web import create_app, export, package_dir
+    from .web import create_app, default_max_tokens, export, package_dir
 
     path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
-    package = package_dir(path, args.max_tokens)
+    max_tokens = args.max_tokens or default_max_tokens(path)
+    package = package_dir(path, max_tokens)
     if args.rebuild or not (package / "manifest.json").exists():
         print(f"pocketlm: exporting {path.name} for the browser into {package}", file=sys.stderr)
-        export(path, package, args.max_tokens)
+        export(path, package, max_tokens)
     app = create_app(package)
     print(f"pocketlm: {path.name} in the browser at http://{args.host}:{args.port}/ (WebGPU; Ctrl-C stops)", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "{\"layers_to_skip\": [...], \"ffn_dims\": [...]} inline or in a .json file")
     p.add_argument("--target", choices=["gguf", "web"], default="gguf",
                    help="gguf: a model file (default); web: a folder the browser runtime loads (WebGPU)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="--target web: the browser's context (default 1024)")
+    p.add_argument("--max-tokens", type=int, help="--target web: the browser's context (default 1024, or the model's if shorter)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="context of the browser's KV cache (default 1024)")
+    p.add_argument("--max-tokens", type=int, help="context of the browser's KV cache (default 1024, or the model's if shorter)")
     p.add_argument("--rebuild", action="store_true", help="export again even if a package exists")
     p.set_defaults(func=cmd_web)
 

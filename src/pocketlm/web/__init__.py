@@ -32,8 +32,23 @@ ALIGN = 256
 FORMAT = 1
 
 
-def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int = 1024, progress: bool = True) -> Path:
-    """Write the web package of a GGUF model into folder `out` (replaced when complete)."""
+DEFAULT_MAX_TOKENS = 1024
+
+
+def default_max_tokens(model: str | os.PathLike) -> int:
+    """1024, or the model's context length when shorter."""
+    from ..formats.gguf import GGUFFile, arch_key
+
+    f = GGUFFile(model)
+    context = f.get(arch_key(f.architecture, "context_length"))
+    return min(DEFAULT_MAX_TOKENS, int(context)) if context else DEFAULT_MAX_TOKENS
+
+
+def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | None = None,
+           progress: bool = True) -> Path:
+    """Write the web package of a GGUF model into folder `out` (replaced when complete);
+    `max_tokens` is the browser's context (default: 1024 or the model's, if shorter)."""
+    max_tokens = max_tokens or default_max_tokens(model)
     from ..backends.webgpu.device import wgsl_source
 
     out = Path(out)
