@@ -24,12 +24,23 @@ import numpy as np
 # The environment as given, before pocketlm (imported below) adds its own thread settings:
 # llama.cpp gets exactly this one.
 ORIGINAL_ENV = dict(os.environ)
-
+NO_REPACK = False  # --no-repack
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
     from pocketlm.bench import peak_rss_mb
+
+    if os.environ.get("COMPARE_LLAMACPP_NO_REPACK"):  # see --no-repack
+        default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+        def no_repack():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = no_repack
 
     start = time.perf_counter()
     llm = Llama(path, n_ctx=len(ids) + gen_tokens + 8, n_batch=512, n_ubatch=512, n_threads=2,
@@ -64,6 +75,8 @@ def pocketlm_child(path: str, ids: list[int], gen_tokens: int) -> dict:
 
 def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
     env = dict(ORIGINAL_ENV if peer == "llama.cpp" else os.environ, OMP_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
+    if NO_REPACK:
+        env["COMPARE_LLAMACPP_NO_REPACK"] = "1"
     cmd = [sys.executable, __file__, "--child", peer, path, ids_file, str(gen_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -147,7 +160,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="load llama.cpp without its repacked weight buffers (they segfault on AMX machines "
+                             "with llama-cpp-python 0.3.36)")
     args = parser.parse_args()
+    global NO_REPACK
+    NO_REPACK = args.no_repack
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth, 2 threads: {bandwidth:.1f} GB/s", file=sys.stderr)
     results = [compare(m, args.rounds, args.prompt_tokens, args.gen_tokens, bandwidth) for m in args.models]
