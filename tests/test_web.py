@@ -186,3 +186,20 @@ def test_the_page_streams_a_reply_and_stop_ends_it(tiny, tmp_path):
     generated = int(speed.split(", ")[1].split()[0])
     assert state == "stopped" and generated < 80
     assert "<img" in user_text  # shown as text, never parsed as HTML
+
+
+@pytest.mark.real_model
+def test_gemma3_270m_web_package_replays_to_the_native_logits(real_model, tmp_path):
+    """The second real model's package (its 262144-row embedding split by rows where the binding
+    limit needs it): a prompt band of the prefill pass and two decode steps."""
+    path = real_model("gemma3-270m")
+    package = export(path, tmp_path / "gemma", max_tokens=64, progress=False)
+    replay = Replayer(package)
+    band = replay.passes["prefill"][0]
+    native = load(path)
+    ids = native.tokenizer.encode("The capital of France is a city that many people visit every year, " * 3)[: band + 2]
+    assert len(ids) == band + 2
+    expected = native.logits(ids)
+    assert np.abs(replay.run("prefill", ids[:band], 0) - expected[band - 1]).max() <= 1e-3
+    for position in (band, band + 1):
+        assert np.abs(replay.run("decode", [ids[position]], position) - expected[position]).max() <= 1e-3
