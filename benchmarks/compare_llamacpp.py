@@ -27,24 +27,13 @@ ORIGINAL_ENV = dict(os.environ)
 NO_REPACK = False  # --no-repack
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
-    import llama_cpp
-    from llama_cpp import Llama
-
     from pocketlm.bench import peak_rss_mb
-
-    if os.environ.get("COMPARE_LLAMACPP_NO_REPACK"):  # see --no-repack
-        default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-        def no_repack():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-
-        llama_cpp.llama_cpp.llama_model_default_params = no_repack
+    from pocketlm.llamacpp import open_llama
 
     start = time.perf_counter()
-    llm = Llama(path, n_ctx=len(ids) + gen_tokens + 8, n_batch=512, n_ubatch=512, n_threads=2,
-                n_threads_batch=2, verbose=False)
+    llm = open_llama(path, repack=not os.environ.get("COMPARE_LLAMACPP_NO_REPACK"),  # see --no-repack
+                     n_ctx=len(ids) + gen_tokens + 8, n_batch=512, n_ubatch=512, n_threads=2,
+                     n_threads_batch=2, verbose=False)
     load = time.perf_counter() - start
     n_vocab = llm.n_vocab()
 

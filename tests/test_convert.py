@@ -119,35 +119,24 @@ def test_malicious_chat_template_is_stopped_by_the_sandbox(tiny):
 LLAMA_CPP_KINDS = [k for k in TINY if k not in ("falcon-rw", "phi-qk-norm", "gemma3n")]
 
 
-def llama_cpp_model(llama_cpp, path):
+def llama_cpp_model(path):
     """llama.cpp with a float32 KV cache (type_k/type_v 0: its default f16 cache would add its own
-    rounding) and without its repacked weight buffers: on machines with AMX its repacking
-    segfaults on these 64-wide test matrices (seen with llama-cpp-python 0.3.36 on a Xeon with
-    amx_int8); the released models' shapes are not affected."""
-    default_params = llama_cpp.llama_cpp.llama_model_default_params
+    rounding), without its repacked buffers, which segfault on these 64-wide matrices on AMX machines."""
+    from pocketlm.llamacpp import open_llama
 
-    def no_repack():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = no_repack
-    try:
-        return llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = default_params
+    return open_llama(path, repack=False, n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", LLAMA_CPP_KINDS)
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_0"])
 def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, kind, quant):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     # llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim, as in
     # the released models) and ignores pocketlm's key for other values.
     model, folder, _ = tiny(kind, **({"query_pre_attn_scalar": 32} if kind == "gemma3" else {}))
     path = convert(folder, tmp_path / f"{quant}.gguf", ConversionConfig(quant=quant), progress=False)
-    llm = llama_cpp_model(llama_cpp, path)
+    llm = llama_cpp_model(path)
     ids = prompt_ids(model.config.vocab_size, 48, seed=4)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])  # a copy: the completion below reuses the buffer
@@ -166,14 +155,14 @@ def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(t
     one FFN width, 35 layers with sparse FFNs in the first 10), so this tiny model has them. It
     also takes the n - 1 std in the sparsity cut-off where transformers takes the population std:
     with that one change our logits match its own within ggml's float16 GELU table."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from pocketlm.models.gemma3n import Block
 
     build_tiny("gemma3n", tmp_path / "hf", hidden_size_per_layer_input=256, vocab_size_per_layer_input=640,
                laurel_rank=64, num_hidden_layers=35, num_kv_shared_layers=15, intermediate_size=[128] * 35,
                activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25)
     path = convert(tmp_path / "hf", tmp_path / "f32.gguf", ConversionConfig(quant="f32"), progress=False)
-    llm = llama_cpp_model(llama_cpp, path)
+    llm = llama_cpp_model(path)
     ids = prompt_ids(640, 48, seed=4)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
