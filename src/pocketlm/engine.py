@@ -108,9 +108,7 @@ def prefill(lm: LoadedModel, cache: KVCache, ids: list[int]) -> np.ndarray:
 
 
 def decode_step(lm: LoadedModel, cache: KVCache, token: int) -> np.ndarray:
-    if hasattr(lm.ops, "decode_step"):  # a backend that replays a recorded step (webgpu)
-        return lm.ops.decode_step(lm.model, cache, token)
-    return lm.ops.to_host(lm.model.forward(lm.ops, np.array([token], np.int64), cache))[-1]
+    return lm.ops.decode_step(lm.model, cache, token)
 
 
 @dataclass

@@ -66,6 +66,10 @@ class CpuBackend:
         """Values as a numpy array (they already are)."""
         return x
 
+    def decode_step(self, model, cache, token: int) -> np.ndarray:
+        """The logits after one more token (the webgpu backend replays a recorded pass instead)."""
+        return model.forward(self, np.array([token], np.int64), cache)[-1]
+
     def pin(self, name: str, data: np.ndarray) -> None:
         """Read tensor `name`'s bytes from `data` (a resident copy) instead of the file."""
         self._pinned[name] = data
