@@ -119,13 +119,12 @@ class Device:
             return self._params[key]
         raw = b"".join(np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values)
         raw += b"\0" * (-len(raw) % 16)
-        if key not in self._params:
-            usage = self.wgpu.BufferUsage
-            gpu = self.device.create_buffer_with_data(data=raw, usage=usage.UNIFORM | usage.COPY_DST)
-            buf = Buffer(len(self.buffers), gpu, len(raw), "params", np.frombuffer(raw, np.uint8))
-            self.buffers.append(buf)
-            self._params[key] = buf
-        return self._params[key]
+        usage = self.wgpu.BufferUsage
+        gpu = self.device.create_buffer_with_data(data=raw, usage=usage.UNIFORM | usage.COPY_DST)
+        buf = Buffer(len(self.buffers), gpu, len(raw), "params", np.frombuffer(raw, np.uint8))
+        self.buffers.append(buf)
+        self._params[key] = buf
+        return buf
 
     # -- dispatch -------------------------------------------------------------------------------
 
