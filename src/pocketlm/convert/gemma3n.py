@@ -117,6 +117,8 @@ class Gemma3nMapping(Mapping):
         if matformer is not None:
             text, self.kept = matformer.apply(text)
         super().__init__(text)
+        per_layer = int(text["hidden_size_per_layer_input"])  # the kept layers' columns of the PLE tensors
+        self.ple_columns = np.concatenate([np.arange(i * per_layer, (i + 1) * per_layer) for i in self.kept])
 
     def metadata(self):
         c = self.config
@@ -187,8 +189,7 @@ class Gemma3nMapping(Mapping):
         shape = ckpt.shape(name)
         layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
         width = _per_layer(self.config["intermediate_size"], self.n_layers)[layer] if layer is not None else None
-        per_layer = int(self.config["hidden_size_per_layer_input"])
-        cols = np.concatenate([np.arange(i * per_layer, (i + 1) * per_layer) for i in self.kept])
+        cols = self.ple_columns
         if gguf_name.endswith((".ffn_gate.weight", ".ffn_up.weight")) and shape[0] != width:
             return (width, shape[1]), lambda: ckpt.tensor(name)[:width]
         if gguf_name.endswith(".ffn_down.weight") and shape[1] != width:
