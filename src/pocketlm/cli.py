@@ -22,6 +22,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "webgpu: WGSL kernels on the GPU through wgpu-py (the webgpu extra)")
 
 
+def _add_address(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (the LlmInference options)")
     g.add_argument("--max-tokens", type=int, default=512, help="context size: prompt + reply tokens (default 512)")
@@ -280,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page",
                        description=f"Serve a model over an OpenAI-compatible API with a chat page at /. MODEL: {model_help}.")
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    _add_address(p, 8080)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (use it when binding beyond loopback)")
     p.add_argument("--ctx", type=int, default=2048, help="context tokens per request: prompt + reply (default 2048)")
     _add_model(p), _add_sampling(p)
@@ -290,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("web", help="run a model in the browser (WebGPU): export it and serve the page",
                        description=f"Export MODEL as a web package (once) and serve it with the browser runtime. MODEL: {model_help}.")
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
+    _add_address(p, 8090)
     p.add_argument("--max-tokens", type=int, help="context of the browser's KV cache (default 1024, or the model's if shorter)")
     p.add_argument("--rebuild", action="store_true", help="export again even if a package exists")
     p.set_defaults(func=cmd_web)
