@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..formats.quants import decompose
+from .memory import CACHE_LINE, prefetch, rows_ahead
 
 PREFILL_TILE_ROWS = 4096  # float32 tile of rows dequantized at a time for prefill
 
@@ -48,7 +49,7 @@ def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _matvec(q, scale, offset, sub, x, out):
+def _matvec(q, scale, offset, sub, x, out, ahead):
     rows, cols = q.shape
     n_sub = cols // sub
     has_offset = offset.shape[1] > 0
@@ -57,6 +58,13 @@ def _matvec(q, scale, offset, sub, x, out):
         x_sums[j // sub] += x[j]
     for r in prange(rows):
         row, row_scale = q[r], scale[r]
+        if r + ahead < rows:  # request a later row now (see kernels.memory)
+            later = q[r + ahead]
+            for c in range(0, cols, CACHE_LINE):
+                prefetch(later, c)
+            prefetch(scale[r + ahead], 0)
+            if has_offset:
+                prefetch(offset[r + ahead], 0)
         acc = np.float32(0.0)
         for b in range(n_sub):
             s = np.float32(0.0)
@@ -91,7 +99,7 @@ def _dequantize_rows(q, scale, offset, sub, first, out):
 def matvec(w: Int8Weight, x: np.ndarray) -> np.ndarray:
     """W [rows, cols] @ x [cols] -> [rows] (float32)."""
     out = np.empty(w.q.shape[0], np.float32)
-    _matvec(w.q, w.scale, w.offset, w.sub, np.ascontiguousarray(x, dtype=np.float32), out)
+    _matvec(w.q, w.scale, w.offset, w.sub, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(w.q.shape[1]))
     return out
 
 
