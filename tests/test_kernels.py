@@ -1,4 +1,4 @@
-"""The numba int8 kernels against the numpy reference dequantizers, for every quantized type."""
+"""The numba int8 and nibble kernels against the numpy reference dequantizers, for every quantized type."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
-from pocketlm.kernels import int8
+from pocketlm.kernels import int4, int8
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
@@ -31,7 +31,10 @@ def test_repacked_weights_dequantize_to_the_reference(kind, rows, blocks_per_row
 def test_matvec_equals_reference_product(kind, rows, blocks_per_row):
     data, shape, expected = weight(kind, rows, blocks_per_row, seed=1)
     x = np.random.default_rng(2).standard_normal(shape[1]).astype(np.float32)
-    ours = int8.matvec(int8.repack(data, kind, shape), x)
+    assert_close_to_product(int8.matvec(int8.repack(data, kind, shape), x), expected, x)
+
+
+def assert_close_to_product(ours, expected, x):
     reference = expected.astype(np.float64) @ x
     scale = np.abs(expected).sum(axis=1) * np.abs(x).max()  # the size of the terms summed
     assert np.all(np.abs(ours - reference) <= 1e-6 * scale + 1e-6)
@@ -53,3 +56,40 @@ def test_rms_norm_kernel_equals_the_numpy_formula():
     out = np.empty_like(x)
     rms_norm_rows(x, w, 1e-6, out)
     np.testing.assert_allclose(out, x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6) * w, rtol=1e-5, atol=1e-6)
+
+
+FOUR_BIT = list(int4.TYPES)
+
+
+@pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
+@pytest.mark.parametrize("rows, runs_per_row", [(1, 1), (37, 3), (130, 4)])
+def test_nibble_repacking_dequantizes_to_the_reference(kind, rows, runs_per_row):
+    block_size, _ = BLOCK_LAYOUT[kind]
+    data, shape, expected = weight(kind, rows, max(1, runs_per_row * 64 // block_size))
+    np.testing.assert_array_equal(int4.dequantize(int4.repack(data, kind, shape)), expected)
+
+
+@pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
+@pytest.mark.parametrize("rows, runs_per_row", [(1, 1), (37, 3), (130, 4), (2000, 10)])
+def test_nibble_matvec_equals_reference_product(kind, rows, runs_per_row):
+    block_size, _ = BLOCK_LAYOUT[kind]
+    data, shape, expected = weight(kind, rows, max(1, runs_per_row * 64 // block_size), seed=5)
+    x = np.random.default_rng(6).standard_normal(shape[1]).astype(np.float32)
+    assert_close_to_product(int4.matvec(int4.repack(data, kind, shape), x), expected, x)
+
+
+@pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
+def test_nibble_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
+    monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)
+    block_size, _ = BLOCK_LAYOUT[kind]
+    data, shape, expected = weight(kind, 45, max(1, 128 // block_size), seed=7)
+    x = np.random.default_rng(8).standard_normal((7, shape[1])).astype(np.float32)
+    np.testing.assert_allclose(int4.matmul(int4.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3)
+
+
+def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
+    assert int4.fits(GGMLType.Q4_K, (8, 256)) and int4.fits(GGMLType.Q4_0, (8, 64))
+    assert not int4.fits(GGMLType.Q4_0, (8, 96))  # 96 values: one and a half runs of 64
+    assert not int4.fits(GGMLType.Q5_0, (8, 64)) and not int4.fits(GGMLType.Q8_0, (8, 64))
+    with pytest.raises(ValueError):
+        int4.repack(np.zeros(8 * 3 * 18, np.uint8), GGMLType.Q4_0, (8, 96))

@@ -1,9 +1,9 @@
 """The CPU backend: the op set architecture files are written in, in numpy and numba.
 
 Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap).
-Quantized matrices are repacked once to int8 plus per-block scales and multiplied by the numba
-kernels of `kernels.int8` (`fast=True`, the default), or, in the reference mode, dequantized
-once to float32 and multiplied with numpy. float32 matrices are used in place. Embedding
+Quantized matrices are repacked once, 4-bit types to nibbles (`kernels.int4`) and the others
+to int8 (`kernels.int8`), with per-block scales, and multiplied by numba kernels (`fast=True`,
+the default), or, in the reference mode, dequantized once to float32 and multiplied with numpy. float32 matrices are used in place. Embedding
 lookups dequantize only the rows they read.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
-from ..kernels import int8
+from ..kernels import int4, int8
 from ..kernels.attention import attend
 from ..kernels.norms import rms_norm_rows
 from ..kvcache import LayerCache
@@ -32,7 +32,7 @@ class CpuBackend:
         self.fast = fast
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
-        self._packed: dict[str, int8.Int8Weight] = {}
+        self._packed: dict[str, int8.Int8Weight | int4.Int4Weight] = {}
         self._pinned: dict[str, np.ndarray] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -46,12 +46,14 @@ class CpuBackend:
             self._dequantized[w.name] = w.dequantize()
         return self._dequantized[w.name]
 
-    def packed(self, w: Tensor) -> int8.Int8Weight | None:
-        """The int8 repacking of a quantized matrix (made once), None for float ones."""
+    def packed(self, w: Tensor) -> int8.Int8Weight | int4.Int4Weight | None:
+        """The repacking of a quantized matrix (made once): nibbles for the 4-bit types, int8
+        for the others; None for float matrices."""
         if not self.fast or w.kind in _FLOAT or len(w.shape) != 2:
             return None
         if w.name not in self._packed:
-            self._packed[w.name] = int8.repack(w.data, w.kind, w.shape)
+            kernels = int4 if int4.fits(w.kind, w.shape) else int8
+            self._packed[w.name] = kernels.repack(w.data, w.kind, w.shape)
         return self._packed[w.name]
 
     def prepare(self, tensors, on_packed=None) -> None:
@@ -80,9 +82,9 @@ class CpuBackend:
         if packed is None:
             y = x @ self.dense(w).T
         elif len(x) == 1:
-            y = int8.matvec(packed, x[0])[None]
+            y = packed.matvec(x[0])[None]
         else:
-            y = int8.matmul(packed, x)
+            y = packed.matmul(x)
         return y + self.dense(bias) if bias is not None else y
 
     @property

@@ -31,8 +31,18 @@ class Int8Weight:
     sub: int  # values per scale
 
     @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes + self.offset.nbytes
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        return matvec(self, x)
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return matmul(self, x)
 
 
 def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
@@ -105,12 +115,18 @@ def matvec(w: Int8Weight, x: np.ndarray) -> np.ndarray:
 
 def matmul(w: Int8Weight, x: np.ndarray) -> np.ndarray:
     """x [T, cols] @ W.T -> [T, rows], dequantizing W one tile of rows at a time."""
-    rows, cols = w.q.shape
+    return tiled_matmul(lambda first, tile: _dequantize_rows(w.q, w.scale, w.offset, w.sub, first, tile), w.shape, x)
+
+
+def tiled_matmul(dequantize_rows, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:
+    """x [T, cols] @ W.T -> [T, rows] for a weight W [rows, cols] that `dequantize_rows(first,
+    tile)` writes to float32, PREFILL_TILE_ROWS rows at a time, each tile multiplied with BLAS."""
+    rows, cols = shape
     out = np.empty((len(x), rows), np.float32)
     tile = np.empty((min(rows, PREFILL_TILE_ROWS), cols), np.float32)
     for first in range(0, rows, PREFILL_TILE_ROWS):
         n = min(PREFILL_TILE_ROWS, rows - first)
-        _dequantize_rows(w.q, w.scale, w.offset, w.sub, first, tile[:n])
+        dequantize_rows(first, tile[:n])
         np.matmul(x, tile[:n].T, out=out[:, first : first + n])
     return out
 
