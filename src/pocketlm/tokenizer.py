@@ -70,13 +70,17 @@ _FALLBACK_TEMPLATES = {
 def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list[tuple[str, str]]:
     """Every (left, right) split of a normal token into two tokens, best-scored result first.
     Pairs are collected as ids and sorted with numpy: the Gemma vocabulary has 515k of them."""
-    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED, UNUSED)}
+    kept = np.nonzero(np.isin(types, [int(NORMAL), int(USER_DEFINED), int(UNUSED)]))[0].tolist()
+    vocab = {tokens[i]: i for i in kept}
     merged, left, right = array("i"), array("i"), array("i")
+    get = vocab.get
     for token, i in vocab.items():
         for cut in range(1, len(token)):
-            a, b = vocab.get(token[:cut]), vocab.get(token[cut:])
-            if a is not None and b is not None:
-                merged.append(i), left.append(a), right.append(b)
+            a = get(token[:cut])
+            if a is not None:
+                b = get(token[cut:])
+                if b is not None:
+                    merged.append(i), left.append(a), right.append(b)
     merged, left, right = (np.frombuffer(x, np.int32) for x in (merged, left, right))
     order = np.lexsort((right, left, -scores[merged]))  # best score first, then by left, right id
     return [(tokens[a], tokens[b]) for a, b in zip(left[order].tolist(), right[order].tolist())]
