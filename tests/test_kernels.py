@@ -7,7 +7,7 @@ import pytest
 
 from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
-from pocketlm.kernels import int4, int8
+from pocketlm.kernels import int4, int8, q8_0
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
@@ -93,3 +93,28 @@ def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
     assert not int4.fits(GGMLType.Q5_0, (8, 64)) and not int4.fits(GGMLType.Q8_0, (8, 64))
     with pytest.raises(ValueError):
         int4.repack(np.zeros(8 * 3 * 18, np.uint8), GGMLType.Q4_0, (8, 96))
+
+
+def q8_0_matrix(rows, blocks_per_row, seed):
+    data, shape, expected = weight(GGMLType.Q8_0, rows, blocks_per_row, seed)
+    return q8_0.wrap(data, shape), expected
+
+
+@pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (130, 2), (2000, 20)])
+def test_q8_0_read_in_place_matvec_equals_reference_product(rows, blocks_per_row):
+    w, expected = q8_0_matrix(rows, blocks_per_row, seed=9)
+    x = np.random.default_rng(10).standard_normal(w.shape[1]).astype(np.float32)
+    assert_close_to_product(w.matvec(x), expected, x)
+    np.testing.assert_array_equal(w.dequantize(), expected)
+
+
+def test_q8_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeypatch):
+    monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)
+    w, expected = q8_0_matrix(45, 2, seed=11)
+    x = np.random.default_rng(12).standard_normal((7, w.shape[1])).astype(np.float32)
+    np.testing.assert_allclose(w.matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3)
+
+
+def test_q8_0_matrices_are_views_of_the_file_bytes():
+    data, shape, _ = weight(GGMLType.Q8_0, 4, 2, seed=13)
+    assert np.shares_memory(q8_0.wrap(data, shape).blocks, data)

@@ -59,7 +59,7 @@ class BenchResult:
     peak_rss_mb: float
     start_to_first_token_seconds: float
     backend: str
-    weight_bytes: int  # what the backend holds for weights (repacked int8), read once per token
+    weight_bytes: int  # the weights the backend computes with (repacked, or the file's Q8_0), read once per token
     params_resident: int = 0  # parameters in memory
     params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
     streamed_bytes: int = 0

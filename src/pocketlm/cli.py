@@ -214,7 +214,7 @@ def cmd_bench(args) -> None:
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     rows = [
         ("model", f"{r.model} ({r.file_mb:.1f} MB)"), ("backend", r.backend),
-        ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (quantized matrices repacked to int8)"
+        ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (Q8_0 read in place, 4-bit types as nibbles, others as int8)"
                                                                   if r.backend == "cpu" else " (float32)")),
         ("parameters", f"{r.params_resident / 1e6:.1f} M in memory, {r.params_streamed / 1e6:.1f} M read from storage"
                        + (f" ({r.streamed_bytes / 1e6:.0f} MB)" if r.streamed_bytes else "")),

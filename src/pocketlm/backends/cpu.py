@@ -15,7 +15,7 @@ import numpy as np
 
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
-from ..kernels import int4, int8
+from ..kernels import int4, int8, q8_0
 from ..kernels.attention import attend
 from ..kernels.norms import rms_norm_rows
 from ..kvcache import LayerCache
@@ -32,7 +32,7 @@ class CpuBackend:
         self.fast = fast
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
-        self._packed: dict[str, int8.Int8Weight | int4.Int4Weight] = {}
+        self._packed: dict[str, int8.Int8Weight | int4.Int4Weight | q8_0.Q8_0Weight] = {}
         self._pinned: dict[str, np.ndarray] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -46,21 +46,25 @@ class CpuBackend:
             self._dequantized[w.name] = w.dequantize()
         return self._dequantized[w.name]
 
-    def packed(self, w: Tensor) -> int8.Int8Weight | int4.Int4Weight | None:
-        """The repacking of a quantized matrix (made once): nibbles for the 4-bit types, int8
-        for the others; None for float matrices."""
+    def packed(self, w: Tensor) -> int8.Int8Weight | int4.Int4Weight | q8_0.Q8_0Weight | None:
+        """A quantized matrix as the kernels read it (made once): Q8_0 blocks in place,
+        nibbles for the 4-bit types, int8 for the others; None for float matrices."""
         if not self.fast or w.kind in _FLOAT or len(w.shape) != 2:
             return None
         if w.name not in self._packed:
-            kernels = int4 if int4.fits(w.kind, w.shape) else int8
-            self._packed[w.name] = kernels.repack(w.data, w.kind, w.shape)
+            if w.kind == GGMLType.Q8_0:
+                self._packed[w.name] = q8_0.wrap(w.data, w.shape)
+            else:
+                kernels = int4 if int4.fits(w.kind, w.shape) else int8
+                self._packed[w.name] = kernels.repack(w.data, w.kind, w.shape)
         return self._packed[w.name]
 
     def prepare(self, tensors, on_packed=None) -> None:
         """Repack every quantized matrix up front, so that load time is paid at load;
-        `on_packed(tensor)` is called after each."""
+        `on_packed(tensor)` is called after each that was copied (not those read in place)."""
         for w in tensors:
-            if self.packed(w) is not None and on_packed:
+            packed = self.packed(w)
+            if packed is not None and on_packed and not getattr(packed, "in_place", False):
                 on_packed(w)
 
     @staticmethod
@@ -89,7 +93,8 @@ class CpuBackend:
 
     @property
     def weight_bytes(self) -> int:
-        """Memory this backend holds for weights (repacked or dequantized copies)."""
+        """Bytes of weights this backend computes with: its repacked or dequantized copies,
+        pinned tables, and the file's bytes of matrices read in place."""
         held = [*self._packed.values(), *self._dequantized.values(), *self._pinned.values()]
         return sum(p.nbytes for p in held)
 

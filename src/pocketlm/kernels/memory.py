@@ -1,10 +1,15 @@
-"""A software prefetch for numba kernels that stream weights from memory.
+"""Memory intrinsics for the numba kernels: a software prefetch, and a load of an f16.
 
 A decode step reads every weight once, from DRAM: SmolLM2's 165 MB and Gemma 3 270M's 314 MB
 are far beyond the caches. On the development machine the int8 matvec read them at 6-7 GB/s
 without help although two threads stream 17 GB/s: the hardware prefetcher does not run far
 enough ahead of a loop that works on each row for a while. Asking for the row a few rows
 ahead (`llvm.prefetch`) brought the kernel to 15-18 GB/s (benchmarks in DESIGN.md, "Speed").
+
+Indexing: inner loops that index a row at `base + j` index with unsigned integers
+(`np.uint64(...)`). With a signed index numba adds a wrap-around for negative values, LLVM
+cannot then prove the accesses consecutive, and it assembled the vectors byte by byte
+(2.3 GB/s against 19 for the same loop with unsigned indices).
 """
 
 from __future__ import annotations
@@ -35,6 +40,23 @@ def prefetch(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
+
+
+@intrinsic
+def load_f16(typingctx, array, index):
+    """The float16 stored at byte `index` of a 1-D byte array, as a float32 (numba has no
+    float16 type on the CPU; GGUF blocks keep their scales as f16, at any alignment)."""
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype.bitwidth == 8
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        half = builder.load(builder.gep(data, [index]), typ=ir.HalfType(), align=1)
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(array, index), codegen
 
 
 def rows_ahead(row_bytes: int) -> int:
