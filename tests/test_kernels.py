@@ -118,3 +118,56 @@ def test_q8_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeyp
 def test_q8_0_matrices_are_views_of_the_file_bytes():
     data, shape, _ = weight(GGMLType.Q8_0, 4, 2, seed=13)
     assert np.shares_memory(q8_0.wrap(data, shape).blocks, data)
+
+
+@pytest.mark.parametrize("n_heads, n_kv, S, T, window, softcap, alibi", [
+    (9, 3, 620, 1, 0, 0.0, False),  # SmolLM2's grouping, many chunks
+    (4, 1, 700, 2, 512, 0.0, False),  # Gemma 3's, a window shorter than the keys
+    (8, 8, 33, 3, 0, 30.0, False),  # fewer keys than a chunk, softcap
+    (4, 2, 100, 4, 0, 0.0, True),  # ALiBi
+])
+def test_decode_attention_kernel_equals_the_blas_path(n_heads, n_kv, S, T, window, softcap, alibi):
+    from pocketlm.backends.cpu import CpuBackend
+
+    rng = np.random.default_rng(14)
+    q = rng.standard_normal((T, n_heads, 64)).astype(np.float32)
+    k = rng.standard_normal((S, n_kv, 64)).astype(np.float32)
+    v = rng.standard_normal((S, n_kv, 48)).astype(np.float32)
+    k_pos = np.arange(S, dtype=np.int64)
+    k_pos[S // 3 : S // 3 + 5] = -1  # empty ring slots are masked
+    q_pos = np.arange(S - T, S, dtype=np.int64)
+    slopes = rng.random(n_heads).astype(np.float32) if alibi else None
+    args = (q, k, v, q_pos, k_pos, 0.125, window or None, softcap or None, slopes)
+    fast = CpuBackend(fast=True).attention(*args)
+    reference = CpuBackend(fast=False).attention(*args)  # the batched BLAS path
+    np.testing.assert_allclose(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_vectorisable_exp_is_within_float32_rounding_of_exp():
+    from numba import njit
+
+    from pocketlm.kernels.vecmath import exp_nonpositive
+
+    @njit
+    def exp_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_nonpositive(x[i])
+
+    x = np.concatenate([-np.logspace(-8, np.log10(87), 100_000), [0.0, -np.inf, -87.5, -1000.0]]).astype(np.float32)
+    ours = np.empty_like(x)
+    exp_all(x, ours)
+    exact = np.exp(x.astype(np.float64))
+    kept = x >= -87
+    assert np.all(np.abs(ours - exact)[kept] <= 3e-7 * exact[kept])  # a few float32 ulps
+    assert list(ours[-3:]) == [0.0, 0.0, 0.0]  # -inf (masked keys) and below e^-87 give 0
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("T, n_dims", [(1, 64), (5, 32)])  # 32 of 64: partial rotation (Phi, StableLM)
+def test_rope_kernel_equals_the_numpy_rotation(neox, T, n_dims):
+    from pocketlm.backends.cpu import CpuBackend
+
+    x = np.random.default_rng(15).standard_normal((T, 3, 64)).astype(np.float32)
+    positions = np.arange(100, 100 + T)
+    args = (x, positions, 10000.0, n_dims, neox, 1.0, None)
+    np.testing.assert_allclose(CpuBackend(fast=True).rope(*args), CpuBackend(fast=False).rope(*args), rtol=1e-6, atol=1e-6)

@@ -18,6 +18,7 @@ from ..formats.quants import GGMLType, dequantize
 from ..kernels import int4, int8, q8_0
 from ..kernels.attention import attend
 from ..kernels.norms import rms_norm_rows
+from ..kernels.rope import rope_rows
 from ..kvcache import LayerCache
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
@@ -34,6 +35,7 @@ class CpuBackend:
         self._dequantized: dict[str, np.ndarray] = {}
         self._packed: dict[str, int8.Int8Weight | int4.Int4Weight | q8_0.Q8_0Weight] = {}
         self._pinned: dict[str, np.ndarray] = {}
+        self._stacked: dict[tuple[str, ...], tuple | None] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- weights --------------------------------------------------------------------------------
@@ -90,6 +92,37 @@ class CpuBackend:
         else:
             y = packed.matmul(x)
         return y + self.dense(bias) if bias is not None else y
+
+    def linears(self, x: np.ndarray, weights: list[Tensor], biases: list[Tensor | None]) -> list[np.ndarray]:
+        """[x @ W.T (+ b) for each W]: matrices that take the same input (q/k/v, gate/up) are
+        multiplied in one kernel call when they are repacked alike; a decode step makes a few
+        hundred calls, each costing some microseconds besides its work."""
+        stacked = self._stack(weights)
+        if stacked is None:
+            return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+        packed, ends = stacked
+        y = packed.matvec(x[0])[None] if len(x) == 1 else packed.matmul(x)
+        parts = np.split(y, ends[:-1], axis=1)
+        return [p + self.dense(b) if b is not None else p for p, b in zip(parts, biases)]
+
+    def _stack(self, weights: list[Tensor]):
+        """(the weights' rows in one repacked matrix, the row where each ends), made at first
+        use; each weight's own entry becomes a view of its rows (no second copy). None when
+        they cannot be stacked (reference mode, float or in-place matrices, mixed kinds)."""
+        key = tuple(w.name for w in weights)
+        if key not in self._stacked:
+            parts = [self.packed(w) for w in weights]
+            kinds = {type(p) for p in parts}
+            stacked = None
+            if len(kinds) == 1 and kinds <= {int8.Int8Weight, int4.Int4Weight}:
+                stacked = kinds.pop().stack(parts)
+            if stacked is not None:
+                ends = np.cumsum([p.shape[0] for p in parts]).tolist()
+                for w, first, end in zip(weights, [0, *ends], ends):
+                    self._packed[w.name] = stacked.rows(first, end)
+                stacked = (stacked, ends)
+            self._stacked[key] = stacked
+        return self._stacked[key]
 
     @property
     def weight_bytes(self) -> int:
@@ -176,6 +209,10 @@ class CpuBackend:
         """
         half = n_dims // 2
         cos, sin = self.rope_tables(positions, base, n_dims, freq_scale, freq_factors)
+        if self.fast and x.dtype == np.float32:
+            out = np.empty(x.shape, np.float32)
+            rope_rows(np.ascontiguousarray(x), cos[:, 0, :], sin[:, 0, :], n_dims, neox, out)
+            return out
         out = x.copy()
         if neox:
             a, b = x[..., :half], x[..., half:n_dims]

@@ -52,6 +52,17 @@ class Int4Weight:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         return matmul(self, x)
 
+    def rows(self, first: int, end: int) -> "Int4Weight":
+        """Rows first..end, a view."""
+        return Int4Weight(self.packed[first:end], self.scale[first:end], self.offset[first:end])
+
+    @staticmethod
+    def stack(parts: list["Int4Weight"]) -> "Int4Weight | None":
+        """One matrix of the parts' rows (same width), or None if they differ."""
+        if len({p.shape[1] for p in parts}) != 1:
+            return None
+        return Int4Weight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("packed", "scale", "offset")))
+
 
 def fits(kind, shape: tuple[int, ...]) -> bool:
     """Whether a GGUF tensor can be held as nibbles: a 4-bit type, a matrix of whole runs."""

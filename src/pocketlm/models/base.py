@@ -135,7 +135,7 @@ class Attention:
             qkv = ops.linear(x, self.wqkv, self.bqkv)  # rows: all q, then k, then v
             q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
         else:
-            q, k, v = ops.linear(x, self.wq, self.bq), ops.linear(x, self.wk, self.bk), ops.linear(x, self.wv, self.bv)
+            q, k, v = ops.linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
         return q.reshape(T, s.n_heads, s.head_dim), k.reshape(T, s.n_kv_heads, s.head_dim), v.reshape(T, s.n_kv_heads, -1)
 
     def norm_qk(self, ops, q: np.ndarray, k: np.ndarray):
@@ -182,7 +182,8 @@ class GatedMLP:
 
     def __call__(self, ops, x: np.ndarray) -> np.ndarray:
         act = getattr(ops, self.activation)
-        h = act(ops.linear(x, self.gate, self.gate_b)) * ops.linear(x, self.up, self.up_b)
+        gate, up = ops.linears(x, [self.gate, self.up], [self.gate_b, self.up_b])
+        h = act(gate) * up
         return ops.linear(h, self.down, self.down_b)
 
 

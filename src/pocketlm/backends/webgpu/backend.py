@@ -214,6 +214,9 @@ class WebGPUBackend:
 
     # -- ops ------------------------------------------------------------------------------------
 
+    def linears(self, x: GpuTensor, weights: list[Tensor], biases: list[Tensor | None]) -> list[GpuTensor]:
+        return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+
     def linear(self, x: GpuTensor, w: Tensor, bias: Tensor | None = None) -> GpuTensor:
         m = self.matrix(w)
         rows, cols = m.shape
