@@ -64,3 +64,22 @@ def test_teacher_forced_top1_on_the_quantized_file_agrees_with_llama_cpp_as_well
     llama_cpp_self = float(np.mean(np.asarray(fixture["passage_top1_token_by_token"]) == fixture["passage_top1"]))
     print(f"{name}: top-1 agreement with llama.cpp {ours:.4f}; llama.cpp batched vs token-by-token {llama_cpp_self:.4f}")
     assert ours >= llama_cpp_self
+
+
+def test_cached_sentencepiece_merges_give_the_same_tokenizer(real_model, tmp_path, monkeypatch):
+    """Gemma's merges are found once and read from POCKETLM_HOME/tokenizers the next time; the
+    tokenizer built from the cache still equals llama.cpp's, and a damaged cache is rebuilt."""
+    from pocketlm.formats.gguf import GGUFFile
+    from pocketlm.tokenizer import GGUFTokenizer
+
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path))
+    metadata = GGUFFile(real_model("gemma3-270m")).metadata
+    varied = (FIXTURES / "varied.txt").read_text(encoding="utf-8")
+    expected = load_fixture("gemma3-270m")["varied_ids"]
+    assert GGUFTokenizer(metadata).encode(varied, parse_special=False) == expected
+    cached = list((tmp_path / "tokenizers").glob("merges-*.npy"))
+    assert len(cached) == 1 and not list((tmp_path / "tokenizers").glob("*.tmp"))
+    assert GGUFTokenizer(metadata).encode(varied, parse_special=False) == expected
+    cached[0].write_bytes(b"not an array")
+    assert GGUFTokenizer(metadata).encode(varied, parse_special=False) == expected
+    assert np.load(cached[0]).shape[0] == 2  # rewritten

@@ -53,10 +53,15 @@ MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def home_dir() -> Path:
+    """pocketlm's folder for pulled models and caches: $POCKETLM_HOME, else ~/.cache/pocketlm."""
+    home = os.environ.get("POCKETLM_HOME")
+    return Path(home) if home else Path.home() / ".cache" / "pocketlm"
+
+
 def models_dir() -> Path:
     """Where pulled models live: $POCKETLM_HOME/models, else ~/.cache/pocketlm/models."""
-    home = os.environ.get("POCKETLM_HOME")
-    return (Path(home) if home else Path.home() / ".cache" / "pocketlm") / "models"
+    return home_dir() / "models"
 
 
 def model_path(name: str) -> Path:
