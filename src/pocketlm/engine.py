@@ -63,6 +63,11 @@ class LoadedModel:
         self.streamed_bytes = sum(self.file.tensors[n].nbytes for n in self.streamed)
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
+        if self.ops.name == "cpu":
+            # One token through the model: the numba kernels are loaded from their cache and the
+            # q/k/v and gate/up rows stacked now, not in the first prompt (llama.cpp, too, runs a
+            # warm-up pass when it loads a model).
+            self.model.forward(self.ops, np.zeros(1, np.int64), self.make_cache(1))
 
     def _copy_out(self, tensor, chunk: int = 1 << 24) -> np.ndarray:
         """A resident copy of a tensor's bytes, its file pages let go chunk by chunk (so that the
