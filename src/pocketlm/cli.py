@@ -145,7 +145,8 @@ def cmd_inspect(args) -> None:
         print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
     n_params = sum(t.n_elements for t in f.tensors.values())
     print(f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters")
-    print("(the cpu backend repacks quantized matrices to int8 at load: about 1.1-1.3 bytes a weight in memory)")
+    print("(the cpu backend reads Q8_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75 bytes a\n"
+          " weight) and repacks the other quantized types to int8 (1.1-1.3 bytes a weight) at load)")
 
 
 def cmd_perplexity(args) -> None:
