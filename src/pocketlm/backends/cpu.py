@@ -1,10 +1,11 @@
 """The CPU backend: the op set architecture files are written in, in numpy and numba.
 
 Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap).
-Quantized matrices are repacked once, 4-bit types to nibbles (`kernels.int4`) and the others
-to int8 (`kernels.int8`), with per-block scales, and multiplied by numba kernels (`fast=True`,
-the default), or, in the reference mode, dequantized once to float32 and multiplied with numpy. float32 matrices are used in place. Embedding
-lookups dequantize only the rows they read.
+With `fast=True` (the default) quantized matrices are multiplied by numba kernels: Q8_0 ones
+read in place from the file (`kernels.q8_0`), 4-bit types repacked once to nibbles
+(`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block scales. In the
+reference mode they are dequantized once to float32 and multiplied with numpy. float32
+matrices are used in place. Embedding lookups dequantize only the rows they read.
 """
 
 from __future__ import annotations

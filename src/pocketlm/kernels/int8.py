@@ -1,10 +1,12 @@
 """Products with quantized weights repacked to int8 plus per-sub-block floats.
 
 Every GGUF block type we read decomposes into small integers and a scale (and for some an
-offset) per run of 16 or 32 values (`formats.quants.decompose`). Unpacking the 4/5/6-bit
+offset) per run of 16 or 32 values (`formats.quants.decompose`). Unpacking the 5/6-bit
 fields once at load, into one int8 per weight, keeps the inner loops contiguous 8-bit loads
-with float accumulation, which LLVM vectorises; unpacking nibbles inside the loop did not
-(DESIGN.md, "Speed"). The cost is memory: about 1.1-1.3 bytes per weight instead of 0.56-0.82.
+with float accumulation, which LLVM vectorises. The cost is memory: about 1.1-1.3 bytes per
+weight instead of 0.69-0.82. The 4-bit types have their own layout and kernel (`kernels.int4`),
+Q8_0 is read in place (`kernels.q8_0`); this module serves the other types, and any type
+for the webgpu backend, which converts from this repacking.
 
     decode (one token):  y[r] = sum_b scale[r,b] * (q[r,b,:] . x[b,:]) + offset[r,b] * sum(x[b,:])
     prefill (T tokens):  dequantize a tile of rows to float32 once, multiply with BLAS.
