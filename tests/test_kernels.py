@@ -171,3 +171,27 @@ def test_rope_kernel_equals_the_numpy_rotation(neox, T, n_dims):
     positions = np.arange(100, 100 + T)
     args = (x, positions, 10000.0, n_dims, neox, 1.0, None)
     np.testing.assert_allclose(CpuBackend(fast=True).rope(*args), CpuBackend(fast=False).rope(*args), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [7, 3 * (1 << 16) + 5])  # one row (decode), and split over threads
+def test_silu_and_gelu_kernels_equal_the_exact_functions(size):
+    """Against float64: within a few float32 ulps (the numpy formula in float32 loses more where
+    0.5 (1 + tanh(u)) cancels, far left of zero)."""
+    from pocketlm.backends.cpu import CpuBackend
+
+    x = (np.random.default_rng(16).standard_normal(size) * 4).astype(np.float32)
+    x[:4] = [0.0, -100.0, 100.0, -9.0]
+    fast, x64 = CpuBackend(fast=True), x.astype(np.float64).reshape(-1, 1)
+
+    def x_sigmoid(z):  # x * sigmoid(z) = 0.5 x (1 + tanh(z / 2)), without cancellation
+        e = np.exp(-np.abs(z))
+        return x64 * np.where(z >= 0, 1.0, e) / (1.0 + e)
+
+    for name, z in {"silu": x64, "gelu_tanh": 2 * np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)}.items():
+        ours, expected = getattr(fast, name)(x.reshape(-1, 1)), x_sigmoid(z)
+        assert ours.shape == expected.shape and ours.dtype == np.float32
+        # a few ulps, plus z's own rounding in float32 (e^z's relative error is z's absolute
+        # one; z = k (x + c x^3) takes 4 roundings: 4 ulps = 5e-7 |z|); e^z below e^-87
+        # (1.6e-38, float32's smallest normal numbers) flushes to 0, times |x|
+        tolerance = (1e-6 + 5e-7 * np.abs(z)) * np.abs(expected) + 1.7e-38 * np.maximum(1, np.abs(x64))
+        assert np.all(np.abs(ours - expected) <= tolerance), name

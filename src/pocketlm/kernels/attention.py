@@ -32,7 +32,7 @@ def chunks_for(T: int, S: int) -> int:
     return max(1, min(-(-WORK_ITEMS // T), S // MIN_CHUNK))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, part_max, part_sum, part_out):
     """Each (token, chunk of keys) item, for every head: the scores over the chunk's keys, their
     maximum and sum of exponentials, and the exponential-weighted sum of values (not yet
