@@ -17,7 +17,7 @@ import numpy as np
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import activations, int4, int8, q8_0
-from ..kernels.attention import attend
+from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
 from ..kvcache import LayerCache
@@ -225,6 +225,24 @@ class CpuBackend:
             out[..., 0:n_dims:2], out[..., 1:n_dims:2] = a * cos - b * sin, b * cos + a * sin
         return out
 
+    @staticmethod
+    def _softmax_scores(scores, q_pos, k_pos, window, softcap, alibi) -> np.ndarray:
+        """Scaled scores [Hkv, G, T, S] -> probabilities, with numpy (the reference mode)."""
+        n_kv, group = scores.shape[:2]
+        if softcap:
+            scores = np.tanh(scores / softcap) * softcap
+        if alibi is not None:
+            scores = scores + alibi.reshape(n_kv, group, 1, 1) * k_pos.astype(np.float32)
+        delta = q_pos[:, None] - k_pos[None, :]
+        visible = (delta >= 0) & (k_pos[None, :] >= 0)  # position -1: an empty cache slot
+        if window:
+            visible &= delta < window
+        scores = np.where(visible, scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        return probs
+
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
                   k_pos: np.ndarray, scale: float, window: int | None = None,
                   softcap: float | None = None, alibi: np.ndarray | None = None) -> np.ndarray:
@@ -246,18 +264,12 @@ class CpuBackend:
             return out.reshape(T, -1)
         # batched matmuls per kv head (BLAS), the query heads of a group stacked along rows
         qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_kv, group * T, -1)
-        scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S) * np.float32(scale)
-        if softcap:
-            scores = np.tanh(scores / softcap) * softcap
-        if alibi is not None:
-            scores = scores + alibi.reshape(n_kv, group, 1, 1) * k_pos.astype(np.float32)
-        delta = q_pos[:, None] - k_pos[None, :]
-        visible = (delta >= 0) & (k_pos[None, :] >= 0)  # position -1: an empty cache slot
-        if window:
-            visible &= delta < window
-        scores = np.where(visible, scores, np.float32(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S)
+        if self.fast:  # one numba pass, in place
+            softmax_scores(scores, q_pos, k_pos, np.float32(scale), window or 0, np.float32(softcap or 0.0),
+                           np.zeros(0, np.float32) if alibi is None else alibi)
+            probs = scores
+        else:
+            probs = self._softmax_scores(scores * np.float32(scale), q_pos, k_pos, window, softcap, alibi)
         out = np.matmul(probs.reshape(n_kv, group * T, S), v.transpose(1, 0, 2))  # [Hkv, G*T, Dv]
         return out.reshape(n_kv, group, T, -1).transpose(2, 0, 1, 3).reshape(T, -1)

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .memory import prefetch
-from .vecmath import exp_nonpositive
+from .vecmath import exp_nonpositive, tanh
 
 WORK_ITEMS = 16  # (token, chunk of keys) items to spread over the threads, at least
 MIN_CHUNK = 32  # keys
@@ -132,3 +132,34 @@ def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
     part_out = np.empty((T * n_chunks, n_heads, Dv), np.float32)
     _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, part_max, part_sum, part_out)
     _merge(part_max, part_sum, part_out, n_chunks, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def softmax_scores(scores, q_pos, k_pos, scale, window, softcap, alibi):
+    """Prompt attention's scores [Hkv, G, T, S] (q . k from BLAS) to probabilities, in place, in
+    one pass per row: scale, soft-cap, ALiBi, the causal / window / empty-slot mask, softmax
+    (numpy took seven passes over the array). alibi [Hkv * G] or empty."""
+    n_kv, group, T, S = scores.shape
+    for row in prange(n_kv * group * T):
+        h, t = row // T, row % T
+        dst = scores[h // group, h % group, t]
+        best = np.float32(-np.inf)
+        for s in range(S):
+            delta = q_pos[t] - k_pos[s]
+            x = dst[s] * scale
+            if softcap > 0:
+                x = tanh(x / softcap) * softcap
+            if alibi.shape[0] > 0:
+                x += alibi[h] * np.float32(k_pos[s])
+            visible = k_pos[s] >= 0 and delta >= 0 and not (window > 0 and delta >= window)  # -1: empty slot
+            x = x if visible else np.float32(-np.inf)
+            dst[s] = x
+            best = max(best, x)
+        total = np.float32(0.0)
+        for s in range(S):
+            e = exp_nonpositive(dst[s] - best)
+            dst[s] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for s in range(S):
+            dst[s] *= inv

@@ -1,4 +1,4 @@
-"""exp written so that LLVM vectorises it inside numba loops.
+"""exp (and tanh from it) written so that LLVM vectorises them inside numba loops.
 
 numba calls libm's scalar `expf` for `np.exp` on a scalar (SVML, which would vectorise it, needs
 an llvmlite we cannot install): in decode attention that was most of the time, 5580 calls a
@@ -54,3 +54,11 @@ def exp_nonpositive(x):
     p = p * f + C1
     p = p * f + C0
     return np.float32(0.0) if small else p * pow2(n)
+
+
+@njit(inline="always", fastmath=True, error_model="numpy")
+def tanh(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e) with e = e^(-2|x|) <= 1."""
+    e = exp_nonpositive(np.float32(-2.0) * abs(x))
+    t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+    return t if x >= 0 else -t
