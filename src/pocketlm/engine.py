@@ -51,6 +51,8 @@ class LoadedModel:
         self.model = build_model(self.file.metadata, self.file.tensors)
         # The tokenizer first: building it needs transient memory, best spent before the weights.
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+            self.file.metadata.pop(key, None)  # built into the tokenizer; as Python objects they are tens of MB
         self.ops = make_backend(backend, self.file.architecture, **backend_options)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).

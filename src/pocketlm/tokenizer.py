@@ -185,20 +185,26 @@ class GGUFTokenizer:
             raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (gpt2, llama)")
         self._tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in np.nonzero(types == USER_DEFINED)[0]])
         self._tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]])
-        self.tokens = tokens
+        # Token strings are not kept on the Python side (Gemma's 262k take 23 MB): `token(i)`.
         self.vocab_size = len(tokens)
         self.control_ids = frozenset(int(i) for i in np.nonzero(types == CONTROL)[0])
         self.bos_id = metadata.get("tokenizer.ggml.bos_token_id")
         self.eos_id = metadata.get("tokenizer.ggml.eos_token_id")
+        self.bos_token = tokens[self.bos_id] if self.bos_id is not None else None
+        self.eos_token = tokens[self.eos_id] if self.eos_id is not None else None
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         self.chat_template = metadata.get("tokenizer.chat_template")
-        self.stop_ids = self._stop_ids(metadata)
+        self.stop_ids = self._stop_ids(metadata, tokens)
 
-    def _stop_ids(self, metadata) -> frozenset[int]:
+    def token(self, i: int) -> str:
+        """The vocabulary's string for id `i`."""
+        return self._tok.id_to_token(int(i))
+
+    def _stop_ids(self, metadata, tokens: list[str]) -> frozenset[int]:
         """EOS, end-of-turn and the other tokens that end a reply."""
         ids = {metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")}
         ends = {"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>"}
-        ids |= {i for i in self.control_ids if self.tokens[i] in ends}
+        ids |= {i for i in self.control_ids if tokens[i] in ends}
         return frozenset(int(i) for i in ids if i is not None)
 
     def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
@@ -225,8 +231,8 @@ class GGUFTokenizer:
 
         env.globals["raise_exception"] = raise_exception
         special = {
-            "bos_token": self.tokens[self.bos_id] if self.bos_id is not None else "",
-            "eos_token": self.tokens[self.eos_id] if self.eos_id is not None else "",
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
         }
         try:
             return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
@@ -235,5 +241,5 @@ class GGUFTokenizer:
 
     def encode_chat(self, messages, add_generation_prompt: bool = True, architecture: str = "") -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt, architecture)
-        bos = self.tokens[self.bos_id] if self.bos_id is not None else None
+        bos = self.bos_token
         return self.encode(text, add_bos=False if bos and text.startswith(bos) else None)
