@@ -83,3 +83,14 @@ def test_cached_sentencepiece_merges_give_the_same_tokenizer(real_model, tmp_pat
     cached[0].write_bytes(b"not an array")
     assert GGUFTokenizer(metadata).encode(varied, parse_special=False) == expected
     assert np.load(cached[0]).shape[0] == 2  # rewritten
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tokenizer_names_its_tokens_without_holding_the_vocabulary(loaded, real_model, name):
+    from pocketlm.formats.gguf import GGUFFile
+
+    tokens = GGUFFile(real_model(name)).metadata["tokenizer.ggml.tokens"]
+    tok = loaded(name).tokenizer
+    assert not hasattr(tok, "tokens")
+    assert [tok.token(i) for i in (0, 1, 2, 100, tok.vocab_size - 1)] == [tokens[i] for i in (0, 1, 2, 100, len(tokens) - 1)]
+    assert tok.bos_token == tokens[tok.bos_id] and tok.eos_token == tokens[tok.eos_id]
