@@ -93,7 +93,8 @@ def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, types: np.ndarr
         pairs = _merge_ids(tokens, scores, types)
         if path:
             _write_cached(path, pairs)
-    return [(tokens[a], tokens[b]) for a, b in pairs.T.tolist()]
+    names = np.array(tokens, dtype=object)  # indexing an object array: 0.1 s for Gemma's 515k pairs, 0.4 in a loop
+    return list(zip(names[pairs[0]].tolist(), names[pairs[1]].tolist()))
 
 
 def _merge_ids(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> np.ndarray:
