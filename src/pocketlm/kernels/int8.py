@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..formats.quants import decompose
-from .memory import CACHE_LINE, prefetch, rows_ahead
+from ..formats.quants import BLOCK_LAYOUT, GGMLType, decompose
+from .memory import CACHE_LINE, load_f16, prefetch, rows_ahead
 
 PREFILL_TILE_ROWS = 4096  # float32 tile of rows dequantized at a time for prefill
 
@@ -61,10 +61,29 @@ class Int8Weight:
 def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
     """A quantized GGUF tensor [rows, cols] -> Int8Weight."""
     rows, cols = shape
-    q, scale, offset = decompose(data, kind)
+    if kind == GGMLType.Q5_0:  # Gemma 3's commonest type: numba, 0.26 -> 0.03 s for its 63 M values
+        blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])
+        q, scale, offset = np.empty((len(blocks), 32), np.int8), np.empty(len(blocks), np.float32), None
+        _unpack_q5_0(blocks, q, scale)
+    else:
+        q, scale, offset = decompose(data, kind)
     scale = np.ascontiguousarray(scale.reshape(rows, -1), dtype=np.float32)
     offset = np.zeros((rows, 0), np.float32) if offset is None else np.ascontiguousarray(offset.reshape(rows, -1))
     return Int8Weight(np.ascontiguousarray(q.reshape(rows, cols)), scale, offset, cols // scale.shape[1])
+
+
+@njit(parallel=True, cache=True)
+def _unpack_q5_0(blocks, q, scale):
+    """Q5_0 blocks [n, 22] (f16 d, 32 high bits, 16 bytes of nibbles) -> q [n, 32] = value - 16,
+    scale [n] = d; the same as `formats.quants.decompose`."""
+    for i in prange(blocks.shape[0]):
+        b = blocks[i]
+        scale[i] = load_f16(b, 0)
+        high = np.uint32(b[2]) | (np.uint32(b[3]) << 8) | (np.uint32(b[4]) << 16) | (np.uint32(b[5]) << 24)
+        for j in range(16):
+            low_bits, high_bits = b[6 + j] & 15, b[6 + j] >> 4
+            q[i, j] = np.int8((low_bits | (((high >> j) & 1) << 4)) - 16)
+            q[i, j + 16] = np.int8((high_bits | (((high >> (j + 16)) & 1) << 4)) - 16)
 
 
 # Inner loops index 1-D row views: with 2-D indexing LLVM did not vectorise (1.5 GB/s against
