@@ -6,15 +6,12 @@ numba matvecs around them (measured: Gemma 3 270M decode 6 tok/s with BLAS atten
 
 Decode attention reads the whole cache once per token (SmolLM2 at 620 tokens: 29 MB over its
 30 layers, as much as a fifth of its weights), so the kernel is written for memory: the
-query heads that share a kv head are computed together, reading each key and value once;
-the keys are split into chunks so that both threads have work even with one kv head, each
-chunk keeping its own softmax maximum and sum, merged at the end (as flash-decoding does);
-keys and values a few positions ahead are prefetched.
+keys are split into chunks, each read whole (all heads) front to back by one thread, keeping
+per head its own softmax maximum and sum, merged at the end (as flash-decoding does); keys
+and values a few positions ahead are prefetched.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
@@ -25,6 +22,13 @@ from .vecmath import exp_nonpositive, tanh
 WORK_ITEMS = 16  # (token, chunk of keys) items to spread over the threads, at least
 MIN_CHUNK = 32  # keys
 AHEAD = 4  # keys prefetched ahead
+
+
+@njit(inline="always")
+def _visible(query_pos, key_pos, window):
+    """Whether a query sees a key: not later, within the window (0: none); -1 is an empty slot."""
+    delta = query_pos - key_pos
+    return key_pos >= 0 and delta >= 0 and not (window > 0 and delta >= window)
 
 
 def chunks_for(T: int, S: int) -> int:
@@ -58,8 +62,7 @@ def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunk
                     prefetch(kf, (s + AHEAD) * n_kv * D + d)
                 for d in range(0, n_kv * Dv, 16):
                     prefetch(vf, (s + AHEAD) * n_kv * Dv + d)
-            delta = q_pos[t] - k_pos[s]
-            visible = k_pos[s] >= 0 and delta >= 0 and not (window > 0 and delta >= window)  # -1: empty slot
+            visible = _visible(q_pos[t], k_pos[s], window)
             for h in range(n_heads):
                 q_base, k_base = (t * n_heads + h) * D, (s * n_kv + h // group) * D
                 acc = np.float32(0.0)
@@ -67,7 +70,7 @@ def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunk
                     acc += qf[np.uint64(q_base + d)] * kf[np.uint64(k_base + d)]
                 acc *= scale
                 if softcap > 0:
-                    acc = np.float32(math.tanh(acc / softcap)) * softcap
+                    acc = tanh(acc / softcap) * softcap
                 if alibi.shape[0] > 0:
                     acc += alibi[h] * np.float32(k_pos[s])
                 if not visible:
@@ -145,14 +148,12 @@ def softmax_scores(scores, q_pos, k_pos, scale, window, softcap, alibi):
         dst = scores[h // group, h % group, t]
         best = np.float32(-np.inf)
         for s in range(S):
-            delta = q_pos[t] - k_pos[s]
             x = dst[s] * scale
             if softcap > 0:
                 x = tanh(x / softcap) * softcap
             if alibi.shape[0] > 0:
                 x += alibi[h] * np.float32(k_pos[s])
-            visible = k_pos[s] >= 0 and delta >= 0 and not (window > 0 and delta >= window)  # -1: empty slot
-            x = x if visible else np.float32(-np.inf)
+            x = x if _visible(q_pos[t], k_pos[s], window) else np.float32(-np.inf)
             dst[s] = x
             best = max(best, x)
         total = np.float32(0.0)
