@@ -30,47 +30,35 @@ def _x_sigmoid(x, z):
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")
-def _silu_serial(x, out):
-    for i in range(x.shape[0]):
-        out[i] = _x_sigmoid(x[i], x[i])
-
-
-@njit(fastmath=True, cache=True, error_model="numpy")
-def _gelu_tanh_serial(x, out):
+def _activate(x, out, gelu):
+    """out = silu(x), or gelu_tanh(x) when `gelu` (a flag LLVM moves out of the loop)."""
     for i in range(x.shape[0]):
         v = x[i]
-        out[i] = _x_sigmoid(v, GELU_K * (v + GELU_C * v * v * v))
+        out[i] = _x_sigmoid(v, GELU_K * (v + GELU_C * v * v * v) if gelu else v)
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _silu_parallel(x, out, n_chunks):
+def _activate_parallel(x, out, gelu, n_chunks):
     size = -(-x.shape[0] // n_chunks)
     for c in prange(n_chunks):
-        _silu_serial(x[c * size : (c + 1) * size], out[c * size : (c + 1) * size])
+        _activate(x[c * size : (c + 1) * size], out[c * size : (c + 1) * size], gelu)
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _gelu_tanh_parallel(x, out, n_chunks):
-    size = -(-x.shape[0] // n_chunks)
-    for c in prange(n_chunks):
-        _gelu_tanh_serial(x[c * size : (c + 1) * size], out[c * size : (c + 1) * size])
-
-
-def _apply(serial, parallel, x: np.ndarray) -> np.ndarray:
+def _apply(x: np.ndarray, gelu: bool) -> np.ndarray:
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty_like(flat)
     if flat.size >= PARALLEL_MIN:
-        parallel(flat, out, 16)
+        _activate_parallel(flat, out, gelu, 16)
     else:
-        serial(flat, out)
+        _activate(flat, out, gelu)
     return out.reshape(x.shape)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x)."""
-    return _apply(_silu_serial, _silu_parallel, x)
+    return _apply(x, gelu=False)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return _apply(_gelu_tanh_serial, _gelu_tanh_parallel, x)
+    return _apply(x, gelu=True)
