@@ -54,8 +54,9 @@ def load_f16(typingctx, array, index):
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         index = context.cast(builder, args[1], signature.args[1], types.intp)
-        half = builder.load(builder.gep(data, [index]), typ=ir.HalfType(), align=1)
-        return builder.fpext(half, ir.FloatType())
+        # the bitcast keeps this valid for LLVM's typed pointers (numba 0.60) and opaque ones
+        address = builder.bitcast(builder.gep(data, [index]), ir.HalfType().as_pointer())
+        return builder.fpext(builder.load(address, align=1), ir.FloatType())
 
     return types.float32(array, index), codegen
 
