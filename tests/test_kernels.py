@@ -1,4 +1,8 @@
-"""The numba int8 and nibble kernels against the numpy reference dequantizers, for every quantized type."""
+"""The numba int8 and nibble kernels against the numpy reference dequantizers, for every quantized type.
+
+The decode kernels of the nibble and Q5_0 matrices multiply int8-quantized activations
+(`kernels.intdot`): they are checked against the reference weights times the activations as
+quantized, to float rounding, and the quantization itself against its half-step bound."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import pytest
 
 from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
-from pocketlm.kernels import int4, int8, q8_0
+from pocketlm.kernels import int4, int8, intdot, q5_0, q8_0
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
@@ -38,6 +42,37 @@ def assert_close_to_product(ours, expected, x):
     reference = expected.astype(np.float64) @ x
     scale = np.abs(expected).sum(axis=1) * np.abs(x).max()  # the size of the terms summed
     assert np.all(np.abs(ours - reference) <= 1e-6 * scale + 1e-6)
+
+
+def quantized(x):
+    """x as the integer kernels see it: rounded to int8 blocks by `intdot.quantize`, in float64."""
+    q, d, _, _ = intdot.quantize(x)
+    return (q.reshape(-1, 32).astype(np.float64) * d[:, None]).ravel()
+
+
+def assert_close_to_integer_product(ours, scaled, x, offsets=None):
+    """The weights' scaled parts meet the quantized x, their offsets the exact x; to float
+    rounding, as in assert_close_to_product."""
+    offsets = np.zeros_like(scaled) if offsets is None else offsets
+    reference = scaled.astype(np.float64) @ quantized(x) + offsets.astype(np.float64) @ x
+    size = (np.abs(scaled).sum(axis=1) + np.abs(offsets).sum(axis=1)) * np.abs(x).max()
+    assert np.all(np.abs(ours - reference) <= 1e-6 * size + 1e-6)
+
+
+def test_activation_quantization_rounds_each_block_of_32_to_int8_within_half_a_step():
+    rng = np.random.default_rng(20)
+    x = (rng.standard_normal(32 * 40) * np.repeat(rng.uniform(0, 50, 40), 32)).astype(np.float32)
+    x[:32] = 0.0  # an all-zero block
+    x[32:64] = np.float32(1e-30)  # tiny values
+    q, d, sums, q_sums = intdot.quantize(x)
+    blocks, qb = x.reshape(-1, 32).astype(np.float64), q.reshape(-1, 32).astype(np.int64)
+    assert q.dtype == np.int8 and d.shape == sums.shape == q_sums.shape == (40,)
+    assert list(np.abs(qb).max(axis=1)) == [0] + [127] * 39  # the largest value of a block is +-127
+    assert np.all(np.abs(qb * d[:, None].astype(np.float64) - blocks) <= d[:, None] * (0.5 + 1e-6))
+    np.testing.assert_allclose(sums, blocks.sum(axis=1), rtol=1e-5, atol=1e-5 * np.abs(blocks).sum(axis=1).max())
+    np.testing.assert_array_equal(q_sums, qb.sum(axis=1))
+    with pytest.raises(ValueError, match="whole blocks"):
+        intdot.quantize(np.zeros(48, np.float32))
 
 
 @pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
@@ -75,7 +110,11 @@ def test_nibble_matvec_equals_reference_product(kind, rows, runs_per_row):
     block_size, _ = BLOCK_LAYOUT[kind]
     data, shape, expected = weight(kind, rows, max(1, runs_per_row * 64 // block_size), seed=5)
     x = np.random.default_rng(6).standard_normal(shape[1]).astype(np.float32)
-    assert_close_to_product(int4.matvec(int4.repack(data, kind, shape), x), expected, x)
+    w = int4.repack(data, kind, shape)
+    scaled = int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset)))
+    offsets = np.repeat(w.offset, 32, axis=1)
+    np.testing.assert_array_equal(scaled + offsets, expected)
+    assert_close_to_integer_product(int4.matvec(w, x), scaled, x, offsets)
 
 
 @pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
@@ -93,6 +132,65 @@ def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
     assert not int4.fits(GGMLType.Q5_0, (8, 64)) and not int4.fits(GGMLType.Q8_0, (8, 64))
     with pytest.raises(ValueError):
         int4.repack(np.zeros(8 * 3 * 18, np.uint8), GGMLType.Q4_0, (8, 96))
+
+
+@pytest.mark.parametrize("rows, blocks_per_row", [(1, 2), (37, 6), (2000, 20)])
+def test_q5_0_read_in_place_matvec_equals_reference_product(rows, blocks_per_row):
+    data, shape, expected = weight(GGMLType.Q5_0, rows, blocks_per_row, seed=21)
+    w = q5_0.wrap(data, shape)
+    assert np.shares_memory(w.blocks, data) and w.in_place
+    np.testing.assert_array_equal(w.dequantize(), expected)
+    x = np.random.default_rng(22).standard_normal(shape[1]).astype(np.float32)
+    assert_close_to_integer_product(w.matvec(x), expected, x)
+
+
+def test_q5_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeypatch):
+    monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)
+    data, shape, expected = weight(GGMLType.Q5_0, 45, 4, seed=23)
+    x = np.random.default_rng(24).standard_normal((7, shape[1])).astype(np.float32)
+    np.testing.assert_allclose(q5_0.wrap(data, shape).matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3)
+
+
+def test_q5_0_rows_of_an_odd_number_of_blocks_are_not_read_in_place():
+    assert q5_0.fits(GGMLType.Q5_0, (8, 64)) and not q5_0.fits(GGMLType.Q5_0, (8, 96))
+    assert not q5_0.fits(GGMLType.Q4_0, (8, 64))
+    with pytest.raises(ValueError, match="even number"):
+        q5_0.wrap(random_blocks(GGMLType.Q5_0, 24), (8, 96))
+
+
+def test_stacked_q5_0_matrices_are_a_copy_whose_rows_give_each_part():
+    parts = [weight(GGMLType.Q5_0, rows, 2, seed=25 + rows) for rows in (3, 5)]
+    stacked = q5_0.Q5_0Weight.stack([q5_0.wrap(data, shape) for data, shape, _ in parts])
+    assert not stacked.in_place and stacked.shape == (8, 64)
+    np.testing.assert_array_equal(stacked.rows(3, 8).dequantize(), parts[1][2])
+    assert q5_0.Q5_0Weight.stack([q5_0.wrap(*parts[0][:2]), q5_0.wrap(*weight(GGMLType.Q5_0, 2, 4)[:2])]) is None
+
+
+def test_portable_integer_dot_products_equal_the_reference():
+    """The vector IR that replaces VNNI on other CPUs, compiled and run here as well."""
+    from numba import njit
+
+    from pocketlm.kernels.intdot import nibble_dot_portable, q5_0_dot_portable
+
+    @njit
+    def nibble_rows(packed, scale, xq, xd, out):
+        for r in range(packed.shape[0]):
+            out[r] = nibble_dot_portable(packed[r], scale[r], xq, xd)
+
+    @njit
+    def q5_0_rows(blocks, xq, xd, xq_sums, out):
+        for r in range(blocks.shape[0]):
+            out[r] = q5_0_dot_portable(blocks[r], xq, xd, xq_sums)
+
+    x = np.random.default_rng(26).standard_normal(256).astype(np.float32)
+    xq, xd, _, xq_sums = intdot.quantize(x)
+    data, shape, expected = weight(GGMLType.Q4_0, 9, 8, seed=27)
+    w, out = int4.repack(data, GGMLType.Q4_0, shape), np.empty(9, np.float32)
+    nibble_rows(w.packed, w.scale, xq, xd, out)
+    assert_close_to_integer_product(out, int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))), x)
+    data, shape, expected = weight(GGMLType.Q5_0, 9, 8, seed=28)
+    q5_0_rows(q5_0.wrap(data, shape).blocks, xq, xd, xq_sums, out)
+    assert_close_to_integer_product(out, expected, x)
 
 
 def q8_0_matrix(rows, blocks_per_row, seed):

@@ -1,9 +1,11 @@
 """The CPU backend: the op set architecture files are written in, in numpy and numba.
 
 Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap).
-With `fast=True` (the default) quantized matrices are multiplied by numba kernels: Q8_0 ones
-read in place from the file (`kernels.q8_0`), 4-bit types repacked once to nibbles
-(`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block scales. In the
+With `fast=True` (the default) quantized matrices are multiplied by numba kernels: Q8_0 and
+Q5_0 ones read in place from the file (`kernels.q8_0`, `kernels.q5_0`), 4-bit types repacked
+once to nibbles (`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block
+scales. For one token (decode) the nibble and Q5_0 kernels quantize the activations to int8
+blocks and multiply integers (`kernels.intdot`). In the
 reference mode they are dequantized once to float32 and multiplied with numpy. float32
 matrices are used in place. Embedding lookups dequantize only the rows they read.
 """
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
-from ..kernels import activations, int4, int8, q8_0
+from ..kernels import activations, int4, int8, q5_0, q8_0
 from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
@@ -25,6 +27,7 @@ from ..kvcache import LayerCache
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+Packed = int8.Int8Weight | int4.Int4Weight | q5_0.Q5_0Weight | q8_0.Q8_0Weight
 
 
 class CpuBackend:
@@ -34,7 +37,7 @@ class CpuBackend:
         self.fast = fast
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
-        self._packed: dict[str, int8.Int8Weight | int4.Int4Weight | q8_0.Q8_0Weight] = {}
+        self._packed: dict[str, Packed] = {}
         self._pinned: dict[str, np.ndarray] = {}
         self._stacked: dict[tuple[str, ...], tuple | None] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -49,14 +52,16 @@ class CpuBackend:
             self._dequantized[w.name] = w.dequantize()
         return self._dequantized[w.name]
 
-    def packed(self, w: Tensor) -> int8.Int8Weight | int4.Int4Weight | q8_0.Q8_0Weight | None:
-        """A quantized matrix as the kernels read it (made once): Q8_0 blocks in place,
+    def packed(self, w: Tensor) -> Packed | None:
+        """A quantized matrix as the kernels read it (made once): Q8_0 and Q5_0 blocks in place,
         nibbles for the 4-bit types, int8 for the others; None for float matrices."""
         if not self.fast or w.kind in _FLOAT or len(w.shape) != 2:
             return None
         if w.name not in self._packed:
             if w.kind == GGMLType.Q8_0:
                 self._packed[w.name] = q8_0.wrap(w.data, w.shape)
+            elif q5_0.fits(w.kind, w.shape):
+                self._packed[w.name] = q5_0.wrap(w.data, w.shape)
             else:
                 kernels = int4 if int4.fits(w.kind, w.shape) else int8
                 self._packed[w.name] = kernels.repack(w.data, w.kind, w.shape)
@@ -109,13 +114,14 @@ class CpuBackend:
     def _stack(self, weights: list[Tensor]):
         """(the weights' rows in one repacked matrix, the row where each ends), made at first
         use; each weight's own entry becomes a view of its rows (no second copy). None when
-        they cannot be stacked (reference mode, float or in-place matrices, mixed kinds)."""
+        they cannot be stacked (reference mode, float or Q8_0 matrices, mixed kinds). Stacked Q5_0
+        blocks are a copy, and their pages of the file are then not read."""
         key = tuple(w.name for w in weights)
         if key not in self._stacked:
             parts = [self.packed(w) for w in weights]
             kinds = {type(p) for p in parts}
             stacked = None
-            if len(kinds) == 1 and kinds <= {int8.Int8Weight, int4.Int4Weight}:
+            if len(kinds) == 1 and kinds <= {int8.Int8Weight, int4.Int4Weight, q5_0.Q5_0Weight}:
                 stacked = kinds.pop().stack(parts)
             if stacked is not None:
                 ends = np.cumsum([p.shape[0] for p in parts]).tolist()

@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from ..formats.quants import GGMLType, decompose
 from .int8 import tiled_matmul
+from .intdot import nibble_dot, quantize_activations
 from .memory import CACHE_LINE, prefetch, rows_ahead
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)  # 16 levels per value, 32 values per scale
@@ -90,32 +91,20 @@ def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int4Weight:
 # As in kernels.int8, inner loops index 1-D row views.
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _matvec(packed, scale, offset, x, out, ahead):
     rows, half = packed.shape
-    n_runs = half // SUB
-    x_sums = np.zeros(2 * n_runs, np.float32)  # sum of x per 32 values, for the offsets
-    for j in range(2 * half):
-        x_sums[j // SUB] += x[j]
+    xq, xd, x_sums, _ = quantize_activations(x)
     for r in prange(rows):
-        row, row_scale, row_offset = packed[r], scale[r], offset[r]
         if r + ahead < rows:  # request a later row now (see kernels.memory)
             later = packed[r + ahead]
             for c in range(0, half, CACHE_LINE):
                 prefetch(later, c)
             prefetch(scale[r + ahead], 0)
             prefetch(offset[r + ahead], 0)
-        acc = np.float32(0.0)
-        for g in range(n_runs):
-            s_lo = np.float32(0.0)
-            s_hi = np.float32(0.0)
-            for j in range(SUB):
-                v = np.float32(row[g * SUB + j])
-                hi = np.floor(v * np.float32(0.0625))
-                s_lo += (v - np.float32(16.0) * hi) * x[g * RUN + j]
-                s_hi += hi * x[g * RUN + SUB + j]
-            acc += s_lo * row_scale[2 * g] + s_hi * row_scale[2 * g + 1]
-        for b in range(2 * n_runs):
+        acc = nibble_dot(packed[r], scale[r], xq, xd)
+        row_offset = offset[r]
+        for b in range(x_sums.size):
             acc += row_offset[b] * x_sums[b]
         out[r] = acc
 
@@ -137,10 +126,10 @@ def _dequantize_rows(packed, scale, offset, first, out):
 
 
 def matvec(w: Int4Weight, x: np.ndarray) -> np.ndarray:
-    """W [rows, cols] @ x [cols] -> [rows] (float32)."""
+    """W [rows, cols] @ x [cols] -> [rows] (float32), x quantized to int8 blocks for the
+    scaled parts (`kernels.intdot`)."""
     out = np.empty(w.packed.shape[0], np.float32)
-    _matvec(w.packed, w.scale, w.offset, np.ascontiguousarray(x, dtype=np.float32), out,
-            rows_ahead(w.packed.shape[1]))
+    _matvec(w.packed, w.scale, w.offset, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(w.packed.shape[1]))
     return out
 
 

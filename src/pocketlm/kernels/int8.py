@@ -79,11 +79,19 @@ def _unpack_q5_0(blocks, q, scale):
     for i in prange(blocks.shape[0]):
         b = blocks[i]
         scale[i] = load_f16(b, 0)
-        high = np.uint32(b[2]) | (np.uint32(b[3]) << 8) | (np.uint32(b[4]) << 16) | (np.uint32(b[5]) << 24)
         for j in range(16):
-            low_bits, high_bits = b[6 + j] & 15, b[6 + j] >> 4
-            q[i, j] = np.int8((low_bits | (((high >> j) & 1) << 4)) - 16)
-            q[i, j + 16] = np.int8((high_bits | (((high >> (j + 16)) & 1) << 4)) - 16)
+            q[i, j], q[i, j + 16] = q5_0_values(b, 0, j)
+
+
+@njit(inline="always")
+def q5_0_values(block, start, j):
+    """Values j and j + 16 (-16..15) of the Q5_0 block at byte `start` of `block`."""
+    fifth = (np.uint32(block[start + 2]) | (np.uint32(block[start + 3]) << 8)
+             | (np.uint32(block[start + 4]) << 16) | (np.uint32(block[start + 5]) << 24))
+    nibbles = block[start + 6 + j]
+    low = np.int32(nibbles & 15) | np.int32(((fifth >> j) & 1) << 4)
+    high = np.int32(nibbles >> 4) | np.int32(((fifth >> (j + 16)) & 1) << 4)
+    return low - 16, high - 16
 
 
 # Inner loops index 1-D row views: with 2-D indexing LLVM did not vectorise (1.5 GB/s against
