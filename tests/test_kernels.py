@@ -35,13 +35,11 @@ def test_repacked_weights_dequantize_to_the_reference(kind, rows, blocks_per_row
 def test_matvec_equals_reference_product(kind, rows, blocks_per_row):
     data, shape, expected = weight(kind, rows, blocks_per_row, seed=1)
     x = np.random.default_rng(2).standard_normal(shape[1]).astype(np.float32)
-    assert_close_to_product(int8.matvec(int8.repack(data, kind, shape), x), expected, x)
-
-
-def assert_close_to_product(ours, expected, x):
-    reference = expected.astype(np.float64) @ x
-    scale = np.abs(expected).sum(axis=1) * np.abs(x).max()  # the size of the terms summed
-    assert np.all(np.abs(ours - reference) <= 1e-6 * scale + 1e-6)
+    w = int8.repack(data, kind, shape)
+    scaled = int8.dequantize(int8.Int8Weight(w.q, w.scale, np.zeros_like(w.offset), w.sub))
+    offsets = np.repeat(w.offset, w.sub, axis=1) if w.offset.shape[1] else np.zeros_like(scaled)
+    np.testing.assert_array_equal(scaled + offsets, expected)
+    assert_close_to_integer_product(int8.matvec(w, x), scaled, x, offsets)
 
 
 def quantized(x):
@@ -52,7 +50,7 @@ def quantized(x):
 
 def assert_close_to_integer_product(ours, scaled, x, offsets=None):
     """The weights' scaled parts meet the quantized x, their offsets the exact x; to float
-    rounding, as in assert_close_to_product."""
+    rounding (1e-6 of the size of the terms summed)."""
     offsets = np.zeros_like(scaled) if offsets is None else offsets
     reference = scaled.astype(np.float64) @ quantized(x) + offsets.astype(np.float64) @ x
     size = (np.abs(scaled).sum(axis=1) + np.abs(offsets).sum(axis=1)) * np.abs(x).max()
@@ -64,13 +62,13 @@ def test_activation_quantization_rounds_each_block_of_32_to_int8_within_half_a_s
     x = (rng.standard_normal(32 * 40) * np.repeat(rng.uniform(0, 50, 40), 32)).astype(np.float32)
     x[:32] = 0.0  # an all-zero block
     x[32:64] = np.float32(1e-30)  # tiny values
-    q, d, sums, q_sums = intdot.quantize(x)
+    q, d, sums, sums4 = intdot.quantize(x)
     blocks, qb = x.reshape(-1, 32).astype(np.float64), q.reshape(-1, 32).astype(np.int64)
-    assert q.dtype == np.int8 and d.shape == sums.shape == q_sums.shape == (40,)
+    assert q.dtype == np.int8 and d.shape == sums.shape == (40,) and sums4.shape == (320,)
     assert list(np.abs(qb).max(axis=1)) == [0] + [127] * 39  # the largest value of a block is +-127
     assert np.all(np.abs(qb * d[:, None].astype(np.float64) - blocks) <= d[:, None] * (0.5 + 1e-6))
     np.testing.assert_allclose(sums, blocks.sum(axis=1), rtol=1e-5, atol=1e-5 * np.abs(blocks).sum(axis=1).max())
-    np.testing.assert_array_equal(q_sums, qb.sum(axis=1))
+    np.testing.assert_array_equal(sums4, q.reshape(-1, 4).astype(np.int64).sum(axis=1))
     with pytest.raises(ValueError, match="whole blocks"):
         intdot.quantize(np.zeros(48, np.float32))
 
@@ -134,7 +132,7 @@ def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
         int4.repack(np.zeros(8 * 3 * 18, np.uint8), GGMLType.Q4_0, (8, 96))
 
 
-@pytest.mark.parametrize("rows, blocks_per_row", [(1, 2), (37, 6), (2000, 20)])
+@pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (5, 6), (2000, 20)])  # odd: a last half step
 def test_q5_0_read_in_place_matvec_equals_reference_product(rows, blocks_per_row):
     data, shape, expected = weight(GGMLType.Q5_0, rows, blocks_per_row, seed=21)
     w = q5_0.wrap(data, shape)
@@ -151,11 +149,9 @@ def test_q5_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeyp
     np.testing.assert_allclose(q5_0.wrap(data, shape).matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3)
 
 
-def test_q5_0_rows_of_an_odd_number_of_blocks_are_not_read_in_place():
-    assert q5_0.fits(GGMLType.Q5_0, (8, 64)) and not q5_0.fits(GGMLType.Q5_0, (8, 96))
-    assert not q5_0.fits(GGMLType.Q4_0, (8, 64))
-    with pytest.raises(ValueError, match="even number"):
-        q5_0.wrap(random_blocks(GGMLType.Q5_0, 24), (8, 96))
+def test_only_q5_0_matrices_are_read_in_place_as_q5_0():
+    assert q5_0.fits(GGMLType.Q5_0, (8, 96)) and not q5_0.fits(GGMLType.Q4_0, (8, 64))
+    assert not q5_0.fits(GGMLType.Q5_0, (96,))
 
 
 def test_stacked_q5_0_matrices_are_a_copy_whose_rows_give_each_part():
@@ -170,7 +166,8 @@ def test_portable_integer_dot_products_equal_the_reference():
     """The vector IR that replaces VNNI on other CPUs, compiled and run here as well."""
     from numba import njit
 
-    from pocketlm.kernels.intdot import nibble_dot_portable, q5_0_dot_portable
+    from pocketlm.kernels.intdot import (int8_dot16_portable, int8_dot32_portable, nibble_dot_portable, q5_0_dot_portable,
+                                         q8_0_dot_portable)
 
     @njit
     def nibble_rows(packed, scale, xq, xd, out):
@@ -178,19 +175,40 @@ def test_portable_integer_dot_products_equal_the_reference():
             out[r] = nibble_dot_portable(packed[r], scale[r], xq, xd)
 
     @njit
-    def q5_0_rows(blocks, xq, xd, xq_sums, out):
+    def q5_0_rows(blocks, xq, xd, xq4, out):
         for r in range(blocks.shape[0]):
-            out[r] = q5_0_dot_portable(blocks[r], xq, xd, xq_sums)
+            out[r] = q5_0_dot_portable(blocks[r], xq, xd, xq4)
 
-    x = np.random.default_rng(26).standard_normal(256).astype(np.float32)
-    xq, xd, _, xq_sums = intdot.quantize(x)
+    @njit
+    def q8_0_rows(blocks, xq, xd, xq4, out):
+        for r in range(blocks.shape[0]):
+            out[r] = q8_0_dot_portable(blocks[r], xq, xd, xq4)
+
+    @njit
+    def int8_rows(q, scale, sub, xq, xd, xq4, out):
+        for r in range(q.shape[0]):
+            if sub == 16:
+                out[r] = int8_dot16_portable(q[r], scale[r], xq, xd, xq4)
+            else:
+                out[r] = int8_dot32_portable(q[r], scale[r], xq, xd, xq4)
+
+    x = np.random.default_rng(26).standard_normal(288).astype(np.float32)  # 9 blocks: a last half step
+    xq, xd, _, xq4 = intdot.quantize(x)
     data, shape, expected = weight(GGMLType.Q4_0, 9, 8, seed=27)
     w, out = int4.repack(data, GGMLType.Q4_0, shape), np.empty(9, np.float32)
-    nibble_rows(w.packed, w.scale, xq, xd, out)
-    assert_close_to_integer_product(out, int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))), x)
-    data, shape, expected = weight(GGMLType.Q5_0, 9, 8, seed=28)
-    q5_0_rows(q5_0.wrap(data, shape).blocks, xq, xd, xq_sums, out)
+    nibble_rows(w.packed, w.scale, xq[:256], xd[:8], out)
+    assert_close_to_integer_product(out, int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))), x[:256])
+    data, shape, expected = weight(GGMLType.Q5_0, 9, 9, seed=28)
+    q5_0_rows(q5_0.wrap(data, shape).blocks, xq, xd, xq4, out)
     assert_close_to_integer_product(out, expected, x)
+    data, shape, expected = weight(GGMLType.Q8_0, 9, 9, seed=29)
+    q8_0_rows(q8_0.wrap(data, shape).blocks, xq, xd, xq4, out)
+    assert_close_to_integer_product(out, expected, x)
+    for kind, blocks in ((GGMLType.Q5_0, 9), (GGMLType.Q6_K, 1)):  # 32 and 16 values a scale
+        data, shape, expected = weight(kind, 9, blocks, seed=30)
+        w = int8.repack(data, kind, shape)
+        int8_rows(w.q, w.scale, w.sub, xq[: shape[1]], xd[: shape[1] // 32], xq4[: shape[1] // 4], out)
+        assert_close_to_integer_product(out, expected, x[: shape[1]])
 
 
 def q8_0_matrix(rows, blocks_per_row, seed):
@@ -202,7 +220,7 @@ def q8_0_matrix(rows, blocks_per_row, seed):
 def test_q8_0_read_in_place_matvec_equals_reference_product(rows, blocks_per_row):
     w, expected = q8_0_matrix(rows, blocks_per_row, seed=9)
     x = np.random.default_rng(10).standard_normal(w.shape[1]).astype(np.float32)
-    assert_close_to_product(w.matvec(x), expected, x)
+    assert_close_to_integer_product(w.matvec(x), expected, x)
     np.testing.assert_array_equal(w.dequantize(), expected)
 
 

@@ -9,6 +9,7 @@ Q8_0 is read in place (`kernels.q8_0`); this module serves the other types, and 
 for the webgpu backend, which converts from this repacking.
 
     decode (one token):  y[r] = sum_b scale[r,b] * (q[r,b,:] . x[b,:]) + offset[r,b] * sum(x[b,:])
+                         with x quantized to int8 blocks in the first term (`kernels.intdot`)
     prefill (T tokens):  dequantize a tile of rows to float32 once, multiply with BLAS.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..formats.quants import BLOCK_LAYOUT, GGMLType, decompose
+from .intdot import int8_dot16, int8_dot32, quantize_activations
 from .memory import CACHE_LINE, load_f16, prefetch, rows_ahead
 
 PREFILL_TILE_ROWS = 4096  # float32 tile of rows dequantized at a time for prefill
@@ -69,6 +71,8 @@ def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
         q, scale, offset = decompose(data, kind)
     scale = np.ascontiguousarray(scale.reshape(rows, -1), dtype=np.float32)
     offset = np.zeros((rows, 0), np.float32) if offset is None else np.ascontiguousarray(offset.reshape(rows, -1))
+    if cols // scale.shape[1] not in (16, 32):  # the decode kernels' two layouts (kernels.intdot)
+        raise ValueError(f"{kind.name}: {cols // scale.shape[1]} values a scale, not 16 or 32")
     return Int8Weight(np.ascontiguousarray(q.reshape(rows, cols)), scale, offset, cols // scale.shape[1])
 
 
@@ -94,20 +98,16 @@ def q5_0_values(block, start, j):
     return low - 16, high - 16
 
 
-# Inner loops index 1-D row views: with 2-D indexing LLVM did not vectorise (1.5 GB/s against
-# 13-15 GB/s measured on the development machine).
-
-
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _matvec(q, scale, offset, sub, x, out, ahead):
     rows, cols = q.shape
     n_sub = cols // sub
     has_offset = offset.shape[1] > 0
+    xq, xd, _, xq4 = quantize_activations(x)
     x_sums = np.zeros(n_sub if has_offset else 0, np.float32)  # for the offsets: sum of x per sub-block
     for j in range(cols if has_offset else 0):
         x_sums[j // sub] += x[j]
     for r in prange(rows):
-        row, row_scale = q[r], scale[r]
         if r + ahead < rows:  # request a later row now (see kernels.memory)
             later = q[r + ahead]
             for c in range(0, cols, CACHE_LINE):
@@ -115,12 +115,10 @@ def _matvec(q, scale, offset, sub, x, out, ahead):
             prefetch(scale[r + ahead], 0)
             if has_offset:
                 prefetch(offset[r + ahead], 0)
-        acc = np.float32(0.0)
-        for b in range(n_sub):
-            s = np.float32(0.0)
-            for j in range(sub):
-                s += np.float32(row[b * sub + j]) * x[b * sub + j]
-            acc += s * row_scale[b]
+        if sub == 16:
+            acc = int8_dot16(q[r], scale[r], xq, xd, xq4)
+        else:
+            acc = int8_dot32(q[r], scale[r], xq, xd, xq4)
         if has_offset:
             row_offset = offset[r]
             for b in range(n_sub):

@@ -32,6 +32,7 @@ from numba.extending import intrinsic
 
 BLOCK = 32  # activation values per scale
 Q5_0_BYTES = 22  # a Q5_0 block: f16 scale, 32 fifth bits, 16 bytes of nibbles
+Q8_0_BYTES = 34  # a Q8_0 block: f16 scale, 32 int8 values
 
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
@@ -50,13 +51,13 @@ VNNI512 = _has_vnni512()
 @njit(fastmath=True, error_model="numpy", cache=True)
 def quantize_activations(x):
     """x [n] float32 (n a multiple of 32) -> (q int8 [n], d float32 [n/32], the exact sums of x
-    and the sums of q per block, float32 [n/32]), x ~ q * d per block of 32. For numba kernels;
-    `quantize` checks its input."""
+    per block float32 [n/32], the sums of q per group of 4 int32 [n/4]), x ~ q * d per block of
+    32. For numba kernels; `quantize` checks its input."""
     n_blocks = x.size // BLOCK
     q = np.empty(x.size, np.int8)
     d = np.empty(n_blocks, np.float32)
     sums = np.empty(n_blocks, np.float32)
-    q_sums = np.empty(n_blocks, np.float32)
+    sums4 = np.empty(x.size // 4, np.int32)
     for b in range(n_blocks):
         amax = np.float32(0.0)
         total = np.float32(0.0)
@@ -65,15 +66,13 @@ def quantize_activations(x):
             amax = max(amax, abs(v))
             total += v
         inverse = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        q_total = np.float32(0.0)
         for j in range(BLOCK):
-            v = np.rint(x[b * BLOCK + j] * inverse)
-            q[b * BLOCK + j] = np.int8(v)
-            q_total += v
+            q[b * BLOCK + j] = np.int8(np.rint(x[b * BLOCK + j] * inverse))
         d[b] = amax / np.float32(127.0)
         sums[b] = total
-        q_sums[b] = q_total
-    return q, d, sums, q_sums
+    for i in range(sums4.size):
+        sums4[i] = np.int32(q[4 * i]) + np.int32(q[4 * i + 1]) + np.int32(q[4 * i + 2]) + np.int32(q[4 * i + 3])
+    return q, d, sums, sums4
 
 
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,15 +103,15 @@ def _load(builder, data, index, typ, align=1):
     return builder.load(builder.bitcast(builder.gep(data, [index]), typ.as_pointer()), align=align)
 
 
-def _dot4(builder, a, b, vnni: bool):
-    """<64 x i8> a (unsigned), b (signed) -> <16 x i32>: lane i = sum_k a[4i+k] * b[4i+k]."""
+def _dot4(builder, acc, a, b, vnni: bool):
+    """acc <16 x i32> + (<64 x i8> a (unsigned), b (signed) -> lane i = sum_k a[4i+k] * b[4i+k])."""
+    t = _vec(_I32, 16)
     if vnni:  # declared with the <16 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
-        t = _vec(_I32, 16)
         fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", (), ir.FunctionType(t, [t, t, t]))
-        return builder.call(fn, [ir.Constant(t, None), builder.bitcast(a, t), builder.bitcast(b, t)])
+        return builder.call(fn, [acc, builder.bitcast(a, t), builder.bitcast(b, t)])
     products = builder.mul(builder.zext(a, _vec(_I32, 64)), builder.sext(b, _vec(_I32, 64)))
     part = [builder.shuffle_vector(products, products, _indices(range(k, 64, 4))) for k in range(4)]
-    return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
+    return builder.add(acc, builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3])))
 
 
 def _horizontal_sum(builder, v, n):
@@ -122,6 +121,24 @@ def _horizontal_sum(builder, v, n):
         high = builder.shuffle_vector(v, v, _indices(range(n, 2 * n)))
         v = builder.fadd(low, high, flags=("fast",))
     return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _pad(builder, v, n):
+    """The n-element vector v followed by n zeros."""
+    return builder.shuffle_vector(v, ir.Constant(v.type, None), _indices(range(2 * n)))
+
+
+def _spread(builder, v, n, lanes):
+    """<n x float> -> <n * lanes x float>, each value repeated over `lanes` lanes."""
+    return builder.shuffle_vector(v, v, _indices([i for i in range(n) for _ in range(lanes)]))
+
+
+def _fmul(builder, a, b):
+    return builder.fmul(a, b, flags=("fast",))
+
+
+def _const(value):
+    return ir.Constant(_I64, value)
 
 
 def _counted_loop(builder, count, initial, body):
@@ -148,81 +165,129 @@ def _counted_loop(builder, count, initial, body):
     return phis
 
 
-def _scaled_lanes(builder, acc, values, x, scales, vnni):
-    """acc + (values . x in 16 lanes, 8 a block) * (scales [2] spread over each block's lanes)."""
-    lanes = builder.sitofp(_dot4(builder, values, x, vnni), _vec(_F32, 16))
-    spread = builder.shuffle_vector(scales, scales, _indices([0] * 8 + [1] * 8))
-    return builder.fadd(acc, builder.fmul(lanes, spread, flags=("fast",)), flags=("fast",))
+def _row_dot(builder, vnni, n_values, xq, xq4, bias, step, tail=True):
+    """The dot product of one weight row with the quantized activations, 64 values a step (and
+    with `tail`, one step of 32 when n_values is an odd multiple of 32). `step(builder, start, width)`
+    gives the weights start..start+width as unsigned bytes (the stored values + bias) and a
+    float scale for each group of 4 (weight scale x activation scale); the bias comes back
+    out with the activations' sums of 4 (`xq4`), subtracted in the integer lanes."""
+
+    def accumulate(builder, acc, start, width):
+        values, scales = step(builder, start, width)
+        x = _load(builder, xq.data, start, _vec(_I8, width))
+        init = ir.Constant(_vec(_I32, width // 4), None)
+        if bias:
+            sums = _load(builder, xq4.data, builder.udiv(start, _const(4)), _vec(_I32, width // 4))
+            init = builder.mul(sums, _splat(_I32, width // 4, -bias))
+        if width == 32:
+            values, x, init, scales = (_pad(builder, v, n) for v, n in ((values, 32), (x, 32), (init, 8), (scales, 8)))
+        lanes = builder.sitofp(_dot4(builder, init, values, x, vnni), _vec(_F32, 16))
+        return builder.fadd(acc, _fmul(builder, lanes, scales), flags=("fast",))
+
+    def full_step(builder, i, accs):
+        return [accumulate(builder, accs[0], builder.mul(i, _const(64)), 64)]
+
+    (acc,) = _counted_loop(builder, builder.udiv(n_values, _const(64)), [ir.Constant(_vec(_F32, 16), None)], full_step)
+    if not tail:
+        return _horizontal_sum(builder, acc, 16)
+    tail_start = builder.mul(builder.udiv(n_values, _const(64)), _const(64))
+    before = builder.block
+    with builder.if_then(builder.icmp_unsigned("<", tail_start, n_values)):
+        with_tail = accumulate(builder, acc, tail_start, 32)
+        tail_end = builder.block
+    total = builder.phi(acc.type)
+    total.add_incoming(acc, before)
+    total.add_incoming(with_tail, tail_end)
+    return _horizontal_sum(builder, total, 16)
 
 
-def _fmul(builder, a, b):
-    return builder.fmul(a, b, flags=("fast",))
+def _lane_scales(builder, weight_scales, xd, start, width, sub):
+    """Scales of the lanes of a step: weight scales <width/sub x float> (one per sub values) times
+    the activation scales of their blocks of 32, each over the sub/4 lanes of its values."""
+    n_weight, n_x = width // sub, width // BLOCK
+    x_scales = _load(builder, xd.data, builder.udiv(start, _const(BLOCK)), _vec(_F32, n_x), 4)
+    x_scales = _spread(builder, x_scales, n_x, n_weight // n_x)
+    return _spread(builder, _fmul(builder, weight_scales, x_scales), n_weight, sub // 4)
 
 
 def _arrays(context, builder, signature, args):
     return [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
 
 
-def _const(value):
-    return ir.Constant(_I64, value)
+def _n_values(builder, array, per_byte_num=1, per_byte_den=1):
+    n = builder.extract_value(array.shape, 0)
+    return builder.udiv(builder.mul(n, _const(per_byte_num)), _const(per_byte_den))
 
 
 def _nibble_dot_codegen(vnni: bool):
     def codegen(context, builder, signature, args):
         row, scale, xq, xd = _arrays(context, builder, signature, args)
 
-        def run(builder, g, acc):  # run g: 32 bytes, values 64g + j (low nibbles) and 64g + 32 + j (high)
-            (acc,) = acc
-            nibbles = _load(builder, row.data, builder.mul(g, _const(32)), _vec(_I8, 32))
+        def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
+            nibbles = _load(builder, row.data, builder.udiv(start, _const(2)), _vec(_I8, 32))
             low = builder.and_(nibbles, _splat(_I8, 32, 15))
             high = builder.lshr(nibbles, _splat(_I8, 32, 4))
-            values = builder.shuffle_vector(low, high, _indices(range(64)))
-            x = _load(builder, xq.data, builder.mul(g, _const(64)), _vec(_I8, 64))
-            pair = builder.mul(g, _const(2))
-            scales = _fmul(builder, _load(builder, scale.data, pair, _vec(_F32, 2), 4), _load(builder, xd.data, pair, _vec(_F32, 2), 4))
-            return [_scaled_lanes(builder, acc, values, x, scales, vnni)]
+            weight_scales = _load(builder, scale.data, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
+            return builder.shuffle_vector(low, high, _indices(range(64))), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
 
-        n_runs = builder.udiv(builder.extract_value(row.shape, 0), _const(32))
-        (acc,) = _counted_loop(builder, n_runs, [ir.Constant(_vec(_F32, 16), None)], run)
-        return _horizontal_sum(builder, acc, 16)
+        return _row_dot(builder, vnni, _n_values(builder, row, 2), xq, None, 0, step, tail=False)
 
     return codegen
 
 
-def _q5_0_dot_codegen(vnni: bool):
+def _int8_dot_codegen(vnni: bool, sub: int):
     def codegen(context, builder, signature, args):
-        row, xq, xd, xq_sums = _arrays(context, builder, signature, args)
-        half = ir.HalfType()
+        row, scale, xq, xd, xq4 = _arrays(context, builder, signature, args)
 
-        def block_values(builder, offset):  # the 32 values of the block at byte `offset`, + 16 (0..31)
-            nibbles = _load(builder, row.data, builder.add(offset, _const(6)), _vec(_I8, 16))
-            low = builder.and_(nibbles, _splat(_I8, 16, 15))
-            high = builder.lshr(nibbles, _splat(_I8, 16, 4))
-            fifth = builder.bitcast(_load(builder, row.data, builder.add(offset, _const(2)), _I32), _vec(ir.IntType(1), 32))
-            fifth = builder.shl(builder.zext(fifth, _vec(_I8, 32)), _splat(_I8, 32, 4))
-            return builder.or_(builder.shuffle_vector(low, high, _indices(range(32))), fifth)
+        def step(builder, start, width):  # int8 values + 128 as unsigned bytes, a scale per sub
+            values = builder.xor(_load(builder, row.data, start, _vec(_I8, width)), _splat(_I8, width, 0x80))
+            weight_scales = _load(builder, scale.data, builder.udiv(start, _const(sub)), _vec(_F32, width // sub), 4)
+            return values, _lane_scales(builder, weight_scales, xd, start, width, sub)
 
-        def pair(builder, p, accs):  # blocks 2p and 2p + 1
-            acc, correction = accs
-            first = builder.mul(p, _const(2 * Q5_0_BYTES))
-            second = builder.add(first, _const(Q5_0_BYTES))
-            values = builder.shuffle_vector(block_values(builder, first), block_values(builder, second), _indices(range(64)))
-            x = _load(builder, xq.data, builder.mul(p, _const(64)), _vec(_I8, 64))
-            d = ir.Constant(_vec(_F32, 2), None)
-            for k, offset in enumerate((first, second)):
-                d = builder.insert_element(d, builder.fpext(_load(builder, row.data, offset, half), _F32), ir.Constant(_I32, k))
-            blocks = builder.mul(p, _const(2))
-            scales = _fmul(builder, d, _load(builder, xd.data, blocks, _vec(_F32, 2), 4))
-            shift = _fmul(builder, scales, _load(builder, xq_sums.data, blocks, _vec(_F32, 2), 4))
-            return [_scaled_lanes(builder, acc, values, x, scales, vnni), builder.fadd(correction, shift, flags=("fast",))]
-
-        n_pairs = builder.udiv(builder.extract_value(row.shape, 0), _const(2 * Q5_0_BYTES))
-        acc, correction = _counted_loop(builder, n_pairs, [ir.Constant(_vec(_F32, 16), None), ir.Constant(_vec(_F32, 2), None)], pair)
-        sixteen = ir.Constant(_F32, 16.0)
-        return builder.fsub(_horizontal_sum(builder, acc, 16), _fmul(builder, sixteen, _horizontal_sum(builder, correction, 2)),
-                            flags=("fast",))
+        return _row_dot(builder, vnni, _n_values(builder, row), xq, xq4, 128, step)
 
     return codegen
+
+
+def _blocks_dot_codegen(vnni: bool, block_bytes: int, bias: int, block_values):
+    """A row of GGUF blocks of 32 values with an f16 scale first (Q5_0, Q8_0): `block_values(
+    builder, data, offset)` gives the 32 values + bias of the block at byte `offset`, as bytes."""
+
+    def codegen(context, builder, signature, args):
+        row, xq, xd, xq4 = _arrays(context, builder, signature, args)
+
+        def step(builder, start, width):
+            values, scales = [], ir.Constant(_vec(_F32, width // BLOCK), None)
+            for k in range(width // BLOCK):
+                offset = builder.mul(builder.add(builder.udiv(start, _const(BLOCK)), _const(k)), _const(block_bytes))
+                values.append(block_values(builder, row.data, offset))
+                d = builder.fpext(_load(builder, row.data, offset, ir.HalfType()), _F32)
+                scales = builder.insert_element(scales, d, ir.Constant(_I32, k))
+            if width == 64:
+                values = [builder.shuffle_vector(values[0], values[1], _indices(range(64)))]
+            return values[0], _lane_scales(builder, scales, xd, start, width, BLOCK)
+
+        n_values = _n_values(builder, row, BLOCK, block_bytes)
+        return _row_dot(builder, vnni, n_values, xq, xq4, bias, step)
+
+    return codegen
+
+
+def _q5_0_values(builder, data, offset):
+    """The 32 values of a Q5_0 block + 16 (0..31): nibbles 0..15 low, 16..31 high, fifth bits
+    from a 32-bit mask."""
+    nibbles = _load(builder, data, builder.add(offset, _const(6)), _vec(_I8, 16))
+    low = builder.and_(nibbles, _splat(_I8, 16, 15))
+    high = builder.lshr(nibbles, _splat(_I8, 16, 4))
+    fifth = builder.bitcast(_load(builder, data, builder.add(offset, _const(2)), _I32), _vec(ir.IntType(1), 32))
+    fifth = builder.shl(builder.zext(fifth, _vec(_I8, 32)), _splat(_I8, 32, 4))
+    return builder.or_(builder.shuffle_vector(low, high, _indices(range(32))), fifth)
+
+
+def _q8_0_values(builder, data, offset):
+    """The 32 int8 values of a Q8_0 block + 128, as unsigned bytes (the sign bit flipped)."""
+    values = _load(builder, data, builder.add(offset, _const(2)), _vec(_I8, 32))
+    return builder.xor(values, _splat(_I8, 32, 0x80))
 
 
 def _checked(arrays, dtypes) -> bool:
@@ -230,7 +295,7 @@ def _checked(arrays, dtypes) -> bool:
     return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in zip(arrays, dtypes))
 
 
-def _nibble_dot_intrinsic(vnni: bool):
+def _intrinsics(vnni: bool):
     @intrinsic
     def nibble_dot(typingctx, row, scale, xq, xd):
         """sum over runs g of a nibble row (kernels.int4 layout, uint8 [cols/2]) of
@@ -239,23 +304,32 @@ def _nibble_dot_intrinsic(vnni: bool):
             return None
         return types.float32(row, scale, xq, xd), _nibble_dot_codegen(vnni)
 
-    return nibble_dot
+    def blocks_dot(block_bytes, bias, values, dtype):
+        @intrinsic
+        def dot(typingctx, row, xq, xd, xq4):
+            """A row of blocks (bytes, whole blocks) . the quantized activations:
+            sum over blocks b of d[b] xd[b] (values[b] . xq[32b:32b+32])."""
+            if not _checked((row, xq, xd, xq4), (dtype, types.int8, types.float32, types.int32)):
+                return None
+            return types.float32(row, xq, xd, xq4), _blocks_dot_codegen(vnni, block_bytes, bias, values)
+
+        return dot
+
+    def int8_dot(sub):
+        @intrinsic
+        def dot(typingctx, row, scale, xq, xd, xq4):
+            """An int8 row (kernels.int8) . the quantized activations, a scale per `sub` (16 or 32)
+            values: sum over sub-blocks s of scale[s] xd[block of s] (q[s] . xq[s])."""
+            if not _checked((row, scale, xq, xd, xq4), (types.int8, types.float32, types.int8, types.float32, types.int32)):
+                return None
+            return types.float32(row, scale, xq, xd, xq4), _int8_dot_codegen(vnni, sub)
+
+        return dot
+
+    return (nibble_dot, blocks_dot(Q5_0_BYTES, 16, _q5_0_values, types.uint8),
+            blocks_dot(Q8_0_BYTES, 128, _q8_0_values, types.int8), int8_dot(16), int8_dot(32))
 
 
-def _q5_0_dot_intrinsic(vnni: bool):
-    @intrinsic
-    def q5_0_dot(typingctx, row, xq, xd, xq_sums):
-        """A row of Q5_0 blocks (uint8, an even number of 22-byte blocks) . the quantized
-        activations: sum over blocks b of d[b] xd[b] (values[b] . xq[32b:32b+32]), values -16..15."""
-        if not _checked((row, xq, xd, xq_sums), (types.uint8, types.int8, types.float32, types.float32)):
-            return None
-        return types.float32(row, xq, xd, xq_sums), _q5_0_dot_codegen(vnni)
-
-    return q5_0_dot
-
-
-nibble_dot = _nibble_dot_intrinsic(VNNI512)
-q5_0_dot = _q5_0_dot_intrinsic(VNNI512)
+nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = _intrinsics(VNNI512)
 # the portable fallbacks, also compiled where VNNI is (tests)
-nibble_dot_portable = _nibble_dot_intrinsic(False)
-q5_0_dot_portable = _q5_0_dot_intrinsic(False)
+nibble_dot_portable, q5_0_dot_portable, q8_0_dot_portable, int8_dot16_portable, int8_dot32_portable = _intrinsics(False)

@@ -7,13 +7,10 @@ int8 they took 71 MB and 4 ms of a decode step; read in place, the decode step r
 
 Decode (`kernels.intdot.q5_0_dot`) rebuilds each block's values + 16 (0..31) in vector
 registers, the fifth bits through a 32-bit mask, and multiplies them with the quantized
-activations as bytes; the + 16 is taken back with the sums of the activation blocks:
+activations as bytes; the + 16 is taken back with the sums of the activations:
 
     decode (one token):  y[r] = sum_b d[r,b] xd[b] ((v[r,b,:] + 16) . xq[b,:] - 16 sum(xq[b,:]))
     prefill (T tokens):  dequantize a tile of rows to float32 once, multiply with BLAS.
-
-Rows must hold an even number of blocks (the kernel takes two at a time); others are
-repacked to int8 (`kernels.int8`).
 """
 
 from __future__ import annotations
@@ -72,14 +69,12 @@ class Q5_0Weight:
 
 
 def fits(kind, shape: tuple[int, ...]) -> bool:
-    """Whether a GGUF tensor can be read in place here: a Q5_0 matrix of an even number of blocks a row."""
-    return kind == GGMLType.Q5_0 and len(shape) == 2 and shape[1] % (2 * BLOCK) == 0
+    """Whether a GGUF tensor can be read in place here: a Q5_0 matrix."""
+    return kind == GGMLType.Q5_0 and len(shape) == 2
 
 
 def wrap(data: np.ndarray, shape: tuple[int, ...]) -> Q5_0Weight:
-    """A Q5_0 tensor's bytes (a view; nothing is copied)."""
-    if not fits(GGMLType.Q5_0, shape):
-        raise ValueError(f"Q5_0 {shape} cannot be read in place (rows of an even number of blocks)")
+    """A Q5_0 tensor's bytes [rows, cols / 32 * 22] (a view; nothing is copied)."""
     rows, cols = shape
     return Q5_0Weight(np.asarray(data).view(np.uint8).reshape(rows, cols // BLOCK * BLOCK_BYTES))
 
@@ -87,14 +82,14 @@ def wrap(data: np.ndarray, shape: tuple[int, ...]) -> Q5_0Weight:
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _matvec(blocks, x, out, ahead):
     rows, row_bytes = blocks.shape
-    xq, xd, _, xq_sums = quantize_activations(x)
+    xq, xd, _, xq4 = quantize_activations(x)
     for r in prange(rows):
         if r + ahead < rows:  # request a later row now (see kernels.memory)
             later = blocks[r + ahead]
             for c in range(0, row_bytes, CACHE_LINE):
                 prefetch(later, c)
             prefetch(later, row_bytes - 1)
-        out[r] = q5_0_dot(blocks[r], xq, xd, xq_sums)
+        out[r] = q5_0_dot(blocks[r], xq, xd, xq4)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -5,7 +5,8 @@ widen the scale to float32 (36 bytes a block) and cost a copy at load (Gemma 3's
 embedding, which is also its output matrix: 0.6 s and 190 MB of transient memory). The
 kernels read the blocks where they lie, the scales through `memory.load_f16`.
 
-    decode (one token):  y[r] = sum_b d[r,b] * (q[r,b,:] . x[b,:])
+    decode (one token):  y[r] = sum_b d[r,b] xd[b] ((q[r,b,:] + 128) . xq[b,:] - 128 sum(xq[b,:]))
+                         with the activations quantized to int8 blocks (`kernels.intdot`)
     prefill (T tokens):  dequantize a tile of rows to float32 once, multiply with BLAS.
 """
 
@@ -18,6 +19,7 @@ from numba import njit, prange
 
 from ..formats.quants import BLOCK_LAYOUT, GGMLType
 from .int8 import tiled_matmul
+from .intdot import q8_0_dot, quantize_activations
 from .memory import CACHE_LINE, load_f16, prefetch, rows_ahead
 
 BLOCK, BLOCK_BYTES = BLOCK_LAYOUT[GGMLType.Q8_0]  # 32 values, 34 bytes
@@ -38,7 +40,7 @@ class Q8_0Weight:
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(self.blocks.shape[0], np.float32)
-        _matvec(self.blocks, BLOCK, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(self.blocks.shape[1]))
+        _matvec(self.blocks, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(self.blocks.shape[1]))
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
@@ -56,30 +58,17 @@ def wrap(data: np.ndarray, shape: tuple[int, ...]) -> Q8_0Weight:
     return Q8_0Weight(np.asarray(data).view(np.int8).reshape(rows, cols // BLOCK * BLOCK_BYTES))
 
 
-# Inner loops index with unsigned integers (see kernels.memory). The block length is an
-# argument, not the constant: with a constant trip count LLVM unrolled the loop instead of
-# vectorising it (5x slower).
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _matvec(blocks, block, x, out, ahead):
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+def _matvec(blocks, x, out, ahead):
     rows, row_bytes = blocks.shape
-    stride = block + 2
+    xq, xd, _, xq4 = quantize_activations(x)
     for r in prange(rows):
-        row = blocks[r]
         if r + ahead < rows:  # request a later row now (see kernels.memory)
             later = blocks[r + ahead]
             for c in range(0, row_bytes, CACHE_LINE):
                 prefetch(later, c)
             prefetch(later, row_bytes - 1)
-        acc = np.float32(0.0)
-        for b in range(row_bytes // stride):
-            base = b * stride + 2
-            s = np.float32(0.0)
-            for j in range(block):
-                s += np.float32(row[np.uint64(base + j)]) * x[np.uint64(b * block + j)]
-            acc += s * load_f16(row, base - 2)
-        out[r] = acc
+        out[r] = q8_0_dot(blocks[r], xq, xd, xq4)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
