@@ -145,8 +145,8 @@ def cmd_inspect(args) -> None:
         print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
     n_params = sum(t.n_elements for t in f.tensors.values())
     print(f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters")
-    print("(the cpu backend reads Q8_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75 bytes a\n"
-          " weight) and repacks the other quantized types to int8 (1.1-1.3 bytes a weight) at load)")
+    print("(the cpu backend reads Q8_0 and Q5_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75\n"
+          " bytes a weight) and repacks the other quantized types to int8 (1.1-1.3 bytes a weight) at load)")
 
 
 def cmd_perplexity(args) -> None:
@@ -215,7 +215,7 @@ def cmd_bench(args) -> None:
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     rows = [
         ("model", f"{r.model} ({r.file_mb:.1f} MB)"), ("backend", r.backend),
-        ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (Q8_0 read in place, 4-bit types as nibbles, others as int8)"
+        ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (Q8_0 and Q5_0 read in place, 4-bit types as nibbles, others as int8)"
                                                                   if r.backend == "cpu" else " (float32)")),
         ("parameters", f"{r.params_resident / 1e6:.1f} M in memory, {r.params_streamed / 1e6:.1f} M read from storage"
                        + (f" ({r.streamed_bytes / 1e6:.0f} MB)" if r.streamed_bytes else "")),

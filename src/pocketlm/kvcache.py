@@ -29,6 +29,9 @@ class LayerCache:
 
     def _update_and_fetch(self, k: np.ndarray, v: np.ndarray, start: int):
         T = len(k)
+        if T == 1 and not self.window:  # decode: the common case, without the array of positions
+            self.keys[start], self.values[start], self.positions[start] = k[0], v[0], start
+            return self.keys[: start + 1], self.values[: start + 1], self.positions[: start + 1]
         positions = np.arange(start, start + T)
         if not self.window:
             self.keys[start : start + T], self.values[start : start + T] = k, v

@@ -41,6 +41,7 @@ class CpuBackend:
         self._pinned: dict[str, np.ndarray] = {}
         self._stacked: dict[tuple[str, ...], tuple | None] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._on_packed = None
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -70,6 +71,7 @@ class CpuBackend:
     def prepare(self, tensors, on_packed=None) -> None:
         """Repack every quantized matrix up front, so that load time is paid at load;
         `on_packed(tensor)` is called after each that was copied (not those read in place)."""
+        self._on_packed = on_packed  # also for blocks read in place and later stacked (a copy)
         for w in tensors:
             packed = self.packed(w)
             if packed is not None and on_packed and not getattr(packed, "in_place", False):
@@ -108,7 +110,7 @@ class CpuBackend:
             return [self.linear(x, w, b) for w, b in zip(weights, biases)]
         packed, ends = stacked
         y = packed.matvec(x[0])[None] if len(x) == 1 else packed.matmul(x)
-        parts = np.split(y, ends[:-1], axis=1)
+        parts = [y[:, first:end] for first, end in zip([0, *ends], ends)]  # (np.split: 10 us a call)
         return [p + self.dense(b) if b is not None else p for p, b in zip(parts, biases)]
 
     def _stack(self, weights: list[Tensor]):
@@ -125,8 +127,10 @@ class CpuBackend:
                 stacked = kinds.pop().stack(parts)
             if stacked is not None:
                 ends = np.cumsum([p.shape[0] for p in parts]).tolist()
-                for w, first, end in zip(weights, [0, *ends], ends):
+                for w, part, first, end in zip(weights, parts, [0, *ends], ends):
                     self._packed[w.name] = stacked.rows(first, end)
+                    if getattr(part, "in_place", False) and self._on_packed:
+                        self._on_packed(w)  # its file pages, read for the copy, are not read again
                 stacked = (stacked, ends)
             self._stacked[key] = stacked
         return self._stacked[key]
