@@ -111,12 +111,15 @@ METRICS = [  # name, key, format, higher is better
 
 
 def compare(name: str, rounds: int, prompt_tokens: int, gen_tokens: int, bandwidth: float) -> dict:
-    from pocketlm import load
     from pocketlm.bench import bench_prompt
+    from pocketlm.formats.gguf import GGUFFile
     from pocketlm.registry import resolve_model
+    from pocketlm.tokenizer import GGUFTokenizer
 
     path = str(resolve_model(name, auto_pull=True))
-    ids = bench_prompt(load(path, backend="reference"), prompt_tokens)
+    # the tokenizer only: this process stays small while the children run (it used to build the
+    # reference model, 1-2 GB of float32 weights, for the same ids)
+    ids = bench_prompt(GGUFTokenizer(GGUFFile(path).metadata, path), prompt_tokens)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
     runs = {"llama.cpp": [], "pocketlm": []}

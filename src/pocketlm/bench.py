@@ -65,10 +65,10 @@ class BenchResult:
     streamed_bytes: int = 0
 
 
-def bench_prompt(lm: LoadedModel, n_tokens: int) -> list[int]:
+def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
     """n_tokens of real text (a passage repeated), so attention sees realistic content."""
     text = (files("pocketlm") / "bench_text.txt").read_text(encoding="utf-8")
-    ids = lm.tokenizer.encode(text)
+    ids = tokenizer.encode(text)
     while len(ids) < n_tokens:
         ids += ids
     return ids[:n_tokens]
@@ -106,7 +106,7 @@ def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int
     start = time.perf_counter()
     lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram)
     load_seconds = time.perf_counter() - start
-    ids = prompt_ids if prompt_ids is not None else bench_prompt(lm, prompt_tokens)
+    ids = prompt_ids if prompt_ids is not None else bench_prompt(lm.tokenizer, prompt_tokens)
     cache = lm.make_cache(prompt_tokens + gen_tokens)
     say(f"prefill {prompt_tokens} tokens")
     start = time.perf_counter()
