@@ -318,3 +318,18 @@ def test_silu_and_gelu_kernels_equal_the_exact_functions(size):
         # (1.6e-38, float32's smallest normal numbers) flushes to 0, times |x|
         tolerance = (1e-6 + 5e-7 * np.abs(z)) * np.abs(expected) + 1.7e-38 * np.maximum(1, np.abs(x64))
         assert np.all(np.abs(ours - expected) <= tolerance), name
+
+
+def test_the_engine_reads_q8_0_matrices_from_a_resident_copy_of_their_bytes(tiny, tmp_path):
+    """Not through the file's mapping (4 KB pages; see CpuBackend._resident), counted once."""
+    from pocketlm import ConversionConfig, convert, load
+
+    _, folder, _ = tiny("llama")
+    lm = load(convert(folder, tmp_path / "q8_0.gguf", ConversionConfig(quant="q8_0"), progress=False))
+    matrices = [t for t in lm.file.tensors.values() if t.kind == GGMLType.Q8_0 and len(t.shape) == 2]
+    assert matrices
+    for t in matrices:
+        blocks = lm.ops.packed(t).blocks
+        assert not np.shares_memory(blocks, lm.file.tensors[t.name].data)
+        np.testing.assert_array_equal(blocks.view(np.uint8).ravel(), t.data.ravel())
+    assert lm.ops.weight_bytes == sum(p.nbytes for p in [*lm.ops._packed.values(), *lm.ops._dequantized.values()])

@@ -1,9 +1,10 @@
-"""Q5_0 matrices read in place from the mapped file, multiplied with int8 activations.
+"""Q5_0 matrices read as the file lays them out, multiplied with int8 activations.
 
 A Q5_0 block is an f16 scale d, 32 fifth bits and 16 bytes of nibbles (22 bytes for 32
 values -16..15, 5.5 bits a value). Gemma 3 270M's Q4_K_M file holds most of its matrices so
 (the K-quants need rows of 256 values, its rows are 640): 63 M values, 44 MB. Repacked to
-int8 they took 71 MB and 4 ms of a decode step; read in place, the decode step reads 44 MB.
+int8 they took 71 MB and 4 ms of a decode step; read as they are (from the mapped file, or
+a copy when q/k/v or gate/up are stacked), the decode step reads 44 MB.
 
 Decode (`kernels.intdot.q5_0_dot`) rebuilds each block's values + 16 (0..31) in vector
 registers, the fifth bits through a 32-bit mask, and multiplies them with the quantized
@@ -31,8 +32,8 @@ assert BLOCK_BYTES == Q5_0_BYTES
 
 @dataclass
 class Q5_0Weight:
-    blocks: np.ndarray  # uint8 [rows, cols / 32 * 22], a view of the file's bytes (or a stacked copy)
-    in_place: bool = True  # its bytes are the file's: they must stay mapped
+    blocks: np.ndarray  # uint8 [rows, cols / 32 * 22], the file's bytes (mapped, or a resident copy)
+    in_place: bool = True  # its bytes are one tensor's blocks from the file (False: stacked)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -1,9 +1,10 @@
-"""Q8_0 matrices read in place from the mapped file: no repacked copy.
+"""Q8_0 matrices read as the file lays them out: no repacking.
 
 A Q8_0 block is an f16 scale and 32 int8 values (34 bytes): the int8 repacking would only
-widen the scale to float32 (36 bytes a block) and cost a copy at load (Gemma 3's 168 M-value
-embedding, which is also its output matrix: 0.6 s and 190 MB of transient memory). The
-kernels read the blocks where they lie, the scales through `memory.load_f16`.
+widen the scale to float32 (36 bytes a block) and cost a conversion at load (Gemma 3's 168
+M-value embedding, which is also its output matrix: 0.6 s and 190 MB of transient memory). The
+kernels read the blocks as they are, from the mapped file or a plain copy of its bytes (the
+CPU backend's `_resident`), the scales through `memory.load_f16`.
 
     decode (one token):  y[r] = sum_b d[r,b] xd[b] ((q[r,b,:] + 128) . xq[b,:] - 128 sum(xq[b,:]))
                          with the activations quantized to int8 blocks (`kernels.intdot`)
@@ -27,8 +28,8 @@ BLOCK, BLOCK_BYTES = BLOCK_LAYOUT[GGMLType.Q8_0]  # 32 values, 34 bytes
 
 @dataclass
 class Q8_0Weight:
-    blocks: np.ndarray  # int8 [rows, cols / 32 * 34], a view of the file's bytes
-    in_place = True  # its bytes are the file's: they must stay mapped
+    blocks: np.ndarray  # int8 [rows, cols / 32 * 34], the file's bytes (mapped, or a resident copy)
+    in_place = True  # its bytes are the file's blocks, not a repacking
 
     @property
     def shape(self) -> tuple[int, int]:
