@@ -11,7 +11,7 @@ import pytest
 
 from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
-from pocketlm.kernels import int4, int8, intdot, q5_0, q8_0
+from pocketlm.kernels import blocks, int4, int8, intdot
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
@@ -135,7 +135,7 @@ def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
 @pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (5, 6), (2000, 20)])  # odd: a last half step
 def test_q5_0_read_in_place_matvec_equals_reference_product(rows, blocks_per_row):
     data, shape, expected = weight(GGMLType.Q5_0, rows, blocks_per_row, seed=21)
-    w = q5_0.wrap(data, shape)
+    w = blocks.wrap(data, GGMLType.Q5_0, shape)
     assert np.shares_memory(w.blocks, data) and w.in_place
     np.testing.assert_array_equal(w.dequantize(), expected)
     x = np.random.default_rng(22).standard_normal(shape[1]).astype(np.float32)
@@ -146,20 +146,25 @@ def test_q5_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeyp
     monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)
     data, shape, expected = weight(GGMLType.Q5_0, 45, 4, seed=23)
     x = np.random.default_rng(24).standard_normal((7, shape[1])).astype(np.float32)
-    np.testing.assert_allclose(q5_0.wrap(data, shape).matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(blocks.wrap(data, GGMLType.Q5_0, shape).matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3)
 
 
-def test_only_q5_0_matrices_are_read_in_place_as_q5_0():
-    assert q5_0.fits(GGMLType.Q5_0, (8, 96)) and not q5_0.fits(GGMLType.Q4_0, (8, 64))
-    assert not q5_0.fits(GGMLType.Q5_0, (96,))
+def test_only_q8_0_and_q5_0_matrices_are_read_as_blocks():
+    assert blocks.fits(GGMLType.Q5_0, (8, 96)) and blocks.fits(GGMLType.Q8_0, (8, 96))
+    assert not blocks.fits(GGMLType.Q4_0, (8, 64)) and not blocks.fits(GGMLType.Q5_0, (96,))
+    with pytest.raises(ValueError, match="not a Q8_0 or Q5_0 matrix"):
+        blocks.wrap(random_blocks(GGMLType.Q4_0, 2), GGMLType.Q4_0, (2, 32))
 
 
-def test_stacked_q5_0_matrices_are_a_copy_whose_rows_give_each_part():
+def test_stacked_block_matrices_are_a_copy_whose_rows_give_each_part_and_need_one_type():
     parts = [weight(GGMLType.Q5_0, rows, 2, seed=25 + rows) for rows in (3, 5)]
-    stacked = q5_0.Q5_0Weight.stack([q5_0.wrap(data, shape) for data, shape, _ in parts])
+    stacked = blocks.BlockWeight.stack([blocks.wrap(data, GGMLType.Q5_0, shape) for data, shape, _ in parts])
     assert not stacked.in_place and stacked.shape == (8, 64)
     np.testing.assert_array_equal(stacked.rows(3, 8).dequantize(), parts[1][2])
-    assert q5_0.Q5_0Weight.stack([q5_0.wrap(*parts[0][:2]), q5_0.wrap(*weight(GGMLType.Q5_0, 2, 4)[:2])]) is None
+    other_width, other_type = weight(GGMLType.Q5_0, 2, 4), weight(GGMLType.Q8_0, 2, 2)
+    first = blocks.wrap(parts[0][0], GGMLType.Q5_0, parts[0][1])
+    assert blocks.BlockWeight.stack([first, blocks.wrap(other_width[0], GGMLType.Q5_0, other_width[1])]) is None
+    assert blocks.BlockWeight.stack([first, blocks.wrap(other_type[0], GGMLType.Q8_0, other_type[1])]) is None
 
 
 def test_portable_integer_dot_products_equal_the_reference():
@@ -199,13 +204,13 @@ def test_portable_integer_dot_products_equal_the_reference():
     nibble_rows(w.packed, w.scale, xq[:256], xd[:8], out)
     assert_close_to_integer_product(out, int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))), x[:256])
     data, shape, expected = weight(GGMLType.Q5_0, 9, 9, seed=28)
-    q5_0_rows(q5_0.wrap(data, shape).blocks, xq, xd, xq4, out)
+    q5_0_rows(blocks.wrap(data, GGMLType.Q5_0, shape).blocks, xq, xd, xq4, out)
     assert_close_to_integer_product(out, expected, x)
     data, shape, expected = weight(GGMLType.Q8_0, 9, 9, seed=29)
-    q8_0_rows(q8_0.wrap(data, shape).blocks, xq, xd, xq4, out)
+    q8_0_rows(blocks.wrap(data, GGMLType.Q8_0, shape).blocks, xq, xd, xq4, out)
     assert_close_to_integer_product(out, expected, x)
-    for kind, blocks in ((GGMLType.Q5_0, 9), (GGMLType.Q6_K, 1)):  # 32 and 16 values a scale
-        data, shape, expected = weight(kind, 9, blocks, seed=30)
+    for kind, n_blocks in ((GGMLType.Q5_0, 9), (GGMLType.Q6_K, 1)):  # 32 and 16 values a scale
+        data, shape, expected = weight(kind, 9, n_blocks, seed=30)
         w = int8.repack(data, kind, shape)
         int8_rows(w.q, w.scale, w.sub, xq[: shape[1]], xd[: shape[1] // 32], xq4[: shape[1] // 4], out)
         assert_close_to_integer_product(out, expected, x[: shape[1]])
@@ -213,7 +218,7 @@ def test_portable_integer_dot_products_equal_the_reference():
 
 def q8_0_matrix(rows, blocks_per_row, seed):
     data, shape, expected = weight(GGMLType.Q8_0, rows, blocks_per_row, seed)
-    return q8_0.wrap(data, shape), expected
+    return blocks.wrap(data, GGMLType.Q8_0, shape), expected
 
 
 @pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (130, 2), (2000, 20)])
@@ -233,7 +238,7 @@ def test_q8_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeyp
 
 def test_q8_0_matrices_are_views_of_the_file_bytes():
     data, shape, _ = weight(GGMLType.Q8_0, 4, 2, seed=13)
-    assert np.shares_memory(q8_0.wrap(data, shape).blocks, data)
+    assert np.shares_memory(blocks.wrap(data, GGMLType.Q8_0, shape).blocks, data)
 
 
 @pytest.mark.parametrize("n_heads, n_kv, S, T, window, softcap, alibi", [

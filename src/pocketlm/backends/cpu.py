@@ -2,8 +2,8 @@
 
 Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap).
 With `fast=True` (the default) quantized matrices are multiplied by numba kernels: Q8_0 and
-Q5_0 ones read as the file lays them out (`kernels.q8_0`, `kernels.q5_0`; Q8_0 from a resident
-copy in huge pages when loaded by the engine, `_resident`), 4-bit types repacked
+Q5_0 ones read as the file lays them out (`kernels.blocks`; Q8_0 from a resident copy in huge
+pages when loaded by the engine, `_resident`), 4-bit types repacked
 once to nibbles (`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block
 scales. For one token (decode) the nibble and Q5_0 kernels quantize the activations to int8
 blocks and multiply integers (`kernels.intdot`). In the
@@ -19,7 +19,7 @@ import numpy as np
 
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
-from ..kernels import activations, int4, int8, q5_0, q8_0
+from ..kernels import activations, blocks, int4, int8
 from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
@@ -28,7 +28,7 @@ from ..kvcache import LayerCache
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-Packed = int8.Int8Weight | int4.Int4Weight | q5_0.Q5_0Weight | q8_0.Q8_0Weight
+Packed = int8.Int8Weight | int4.Int4Weight | blocks.BlockWeight
 
 
 class CpuBackend:
@@ -61,9 +61,9 @@ class CpuBackend:
             return None
         if w.name not in self._packed:
             if w.kind == GGMLType.Q8_0:
-                self._packed[w.name] = q8_0.wrap(self._resident(w), w.shape)
-            elif q5_0.fits(w.kind, w.shape):
-                self._packed[w.name] = q5_0.wrap(w.data, w.shape)  # most are stacked (copied) at first use
+                self._packed[w.name] = blocks.wrap(self._resident(w), w.kind, w.shape)
+            elif blocks.fits(w.kind, w.shape):  # Q5_0: most are stacked (copied) at first use
+                self._packed[w.name] = blocks.wrap(w.data, w.kind, w.shape)
             else:
                 kernels = int4 if int4.fits(w.kind, w.shape) else int8
                 self._packed[w.name] = kernels.repack(w.data, w.kind, w.shape)
@@ -134,21 +134,23 @@ class CpuBackend:
     def _stack(self, weights: list[Tensor]):
         """(the weights' rows in one repacked matrix, the row where each ends), made at first
         use; each weight's own entry becomes a view of its rows (no second copy). None when
-        they cannot be stacked (reference mode, float or Q8_0 matrices, mixed kinds). Stacked Q5_0
-        blocks are a copy, and their pages of the file are then not read."""
+        they cannot be stacked (reference mode, float matrices, mixed kinds). Stacked Q8_0 / Q5_0
+        blocks are a copy, and their file pages or resident copies are then let go."""
         key = tuple(w.name for w in weights)
         if key not in self._stacked:
             parts = [self.packed(w) for w in weights]
             kinds = {type(p) for p in parts}
             stacked = None
-            if len(kinds) == 1 and kinds <= {int8.Int8Weight, int4.Int4Weight, q5_0.Q5_0Weight}:
+            if len(kinds) == 1 and kinds <= {int8.Int8Weight, int4.Int4Weight, blocks.BlockWeight}:
                 stacked = kinds.pop().stack(parts)
             if stacked is not None:
                 ends = np.cumsum([p.shape[0] for p in parts]).tolist()
                 for w, part, first, end in zip(weights, parts, [0, *ends], ends):
                     self._packed[w.name] = stacked.rows(first, end)
-                    if getattr(part, "in_place", False) and self._on_packed:
-                        self._on_packed(w)  # its file pages, read for the copy, are not read again
+                    if getattr(part, "in_place", False):  # its bytes, copied to the stack, are not read again
+                        self._pinned.pop(w.name, None)
+                        if self._on_packed:
+                            self._on_packed(w)
                 stacked = (stacked, ends)
             self._stacked[key] = stacked
         return self._stacked[key]

@@ -26,7 +26,7 @@ from numba import njit, prange
 from ..formats.quants import GGMLType, decompose
 from .int8 import tiled_matmul
 from .intdot import nibble_dot, quantize_activations
-from .memory import CACHE_LINE, prefetch, rows_ahead
+from .memory import prefetch_row, rows_ahead
 
 TYPES = (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K)  # 16 levels per value, 32 values per scale
 SUB = 32  # values per scale
@@ -96,12 +96,9 @@ def _matvec(packed, scale, offset, x, out, ahead):
     rows, half = packed.shape
     xq, xd, x_sums, _ = quantize_activations(x)
     for r in prange(rows):
-        if r + ahead < rows:  # request a later row now (see kernels.memory)
-            later = packed[r + ahead]
-            for c in range(0, half, CACHE_LINE):
-                prefetch(later, c)
-            prefetch(scale[r + ahead], 0)
-            prefetch(offset[r + ahead], 0)
+        prefetch_row(packed, r + ahead)  # request a later row now (see kernels.memory)
+        prefetch_row(scale, r + ahead)
+        prefetch_row(offset, r + ahead)
         acc = nibble_dot(packed[r], scale[r], xq, xd)
         row_offset = offset[r]
         for b in range(x_sums.size):

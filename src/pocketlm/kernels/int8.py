@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from ..formats.quants import BLOCK_LAYOUT, GGMLType, decompose
 from .intdot import int8_dot16, int8_dot32, quantize_activations
-from .memory import CACHE_LINE, load_f16, prefetch, rows_ahead
+from .memory import load_f16, prefetch_row, rows_ahead
 
 PREFILL_TILE_ROWS = 4096  # float32 tile of rows dequantized at a time for prefill
 
@@ -108,13 +108,9 @@ def _matvec(q, scale, offset, sub, x, out, ahead):
     for j in range(cols if has_offset else 0):
         x_sums[j // sub] += x[j]
     for r in prange(rows):
-        if r + ahead < rows:  # request a later row now (see kernels.memory)
-            later = q[r + ahead]
-            for c in range(0, cols, CACHE_LINE):
-                prefetch(later, c)
-            prefetch(scale[r + ahead], 0)
-            if has_offset:
-                prefetch(offset[r + ahead], 0)
+        prefetch_row(q, r + ahead)  # request a later row now (see kernels.memory)
+        prefetch_row(scale, r + ahead)
+        prefetch_row(offset, r + ahead)
         if sub == 16:
             acc = int8_dot16(q[r], scale[r], xq, xd, xq4)
         else:

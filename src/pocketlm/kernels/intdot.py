@@ -335,7 +335,7 @@ def _intrinsics(vnni: bool):
         return dot
 
     return (nibble_dot, blocks_dot(Q5_0_BYTES, 16, _q5_0_values, types.uint8),
-            blocks_dot(Q8_0_BYTES, 128, _q8_0_values, types.int8), int8_dot(16), int8_dot(32))
+            blocks_dot(Q8_0_BYTES, 128, _q8_0_values, types.uint8), int8_dot(16), int8_dot(32))
 
 
 nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = _intrinsics(VNNI512)

@@ -16,7 +16,7 @@ cannot then prove the accesses consecutive, and it assembled the vectors byte by
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 PREFETCH_BYTES = 2048  # how far ahead of the row being read its successors are requested
@@ -59,6 +59,17 @@ def load_f16(typingctx, array, index):
         return builder.fpext(builder.load(address, align=1), ir.FloatType())
 
     return types.float32(array, index), codegen
+
+
+@njit(inline="always")
+def prefetch_row(matrix, r):
+    """Request every cache line of row r of a 2-D array (nothing when r is past its end)."""
+    if r < matrix.shape[0]:
+        row = matrix[r]
+        for i in range(0, row.size, max(1, CACHE_LINE // row.itemsize)):
+            prefetch(row, i)
+        if row.size:
+            prefetch(row, row.size - 1)
 
 
 def rows_ahead(row_bytes: int) -> int:
