@@ -56,29 +56,32 @@ def test_generation_stops_at_max_tokens_of_context(tiny):
     assert len(session.tokens) == 40
 
 
-def test_session_follow_up_prefills_only_the_new_tokens_and_agrees_with_a_fresh_run(smol):
-    session = smol.create_session()
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_session_follow_up_prefills_only_the_new_tokens_and_matches_a_replay_and_a_fresh_run(real_model, backend):
+    """A follow-up prefills only the new turn and equals a session that went through the same
+    turns. On the reference backend it also equals a fresh run that prefills the whole
+    conversation. The cpu backend's decode rounds activations to int8 blocks (kernels.intdot)
+    and its prefill does not, so there a decoded answer and the same answer prefilled leave
+    slightly different caches, and greedy text parts where two tokens are a near tie (as a
+    llama.cpp conversation continued and the same conversation re-sent do)."""
+    llm = LlmInference(real_model("smollm2-135m"), max_tokens=256, temperature=0.0, backend=backend)
+    session = llm.create_session()
     first = session.chat("What is the capital of France?", max_new_tokens=40)
     before = len(session.tokens)
     second = session.chat("And of Italy?", max_new_tokens=40)
     assert 0 < session.last_stats.prompt_tokens < 20 < before  # only the new turn was prefilled
-    replay = smol.create_session()
+    replay = llm.create_session()
     assert replay.chat("What is the capital of France?", max_new_tokens=40) == first
     assert replay.chat("And of Italy?", max_new_tokens=40) == second
-    fresh = smol.create_session()
-    fresh.add_messages([
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": first},
-        {"role": "user", "content": "And of Italy?"},
-    ])
-    again = fresh.generate_response(max_new_tokens=40)
-    assert fresh.last_stats.prompt_tokens > before
-    # The session decoded its first answer, the fresh run prefills it: decode rounds activations
-    # to int8 blocks (kernels.intdot), prefill multiplies them exactly, so the two caches differ
-    # by that rounding and greedy text may part after a while (as a llama.cpp conversation
-    # continued and the same conversation re-sent do); measured: the first 29 of 40 tokens agree.
-    encode = smol.tokenizer.encode
-    assert encode(again, parse_special=False)[:10] == encode(second, parse_special=False)[:10]
+    if backend == "reference":
+        fresh = llm.create_session()
+        fresh.add_messages([
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And of Italy?"},
+        ])
+        assert fresh.generate_response(max_new_tokens=40) == second
+        assert fresh.last_stats.prompt_tokens > before
 
 
 def test_clone_continues_independently_from_the_same_state(tiny):
