@@ -23,7 +23,7 @@ def test_run_prints_the_answer_of_the_default_model(capsys, real_model):
     "The capital of France is Paris." or a French ramble, 0.08 apart in the first token's logits)."""
     path = real_model("smollm2-135m")
     code, out, _ = run_cli(capsys, "run", "What is the capital of France?", "--temperature", "0", "--max-tokens", "128")
-    expected = LlmInference(path, temperature=0.0).generate_response("What is the capital of France?", max_new_tokens=128)
+    expected = LlmInference(path, temperature=0.0, max_tokens=128).generate_response("What is the capital of France?")
     assert code == 0 and out.strip() == expected.strip() and len(expected) > 20
 
 
