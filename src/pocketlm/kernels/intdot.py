@@ -83,7 +83,7 @@ def quantize_activations(x):
     return q, d, sums, sums4
 
 
-def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`quantize_activations` for a vector from Python, checked."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1 or x.size % BLOCK:
