@@ -3,11 +3,11 @@
 Activations are float32 arrays [T, ...]. Weights arrive as GGUF tensors (views into the mmap).
 With `fast=True` (the default) quantized matrices are multiplied by numba kernels: Q8_0 and
 Q5_0 ones read as the file lays them out (`kernels.blocks`; Q8_0 from a resident copy in huge
-pages when loaded by the engine, `_resident`), 4-bit types repacked
-once to nibbles (`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block
-scales. For one token (decode) the nibble and Q5_0 kernels quantize the activations to int8
-blocks and multiply integers (`kernels.intdot`). In the
-reference mode they are dequantized once to float32 and multiplied with numpy. float32
+pages when loaded by the engine, `_resident`), 4-bit types repacked once to nibbles
+(`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block scales. For one
+token (decode) the kernels quantize the activations to int8 blocks and multiply integers
+(`kernels.intdot`); a prompt's products are float32 BLAS over dequantized tiles. In the
+reference mode matrices are dequantized once to float32 and multiplied with numpy. float32
 matrices are used in place. Embedding lookups dequantize only the rows they read.
 """
 
@@ -55,8 +55,9 @@ class CpuBackend:
         return self._dequantized[w.name]
 
     def packed(self, w: Tensor) -> Packed | None:
-        """A quantized matrix as the kernels read it (made once): Q8_0 and Q5_0 blocks in place,
-        nibbles for the 4-bit types, int8 for the others; None for float matrices."""
+        """A quantized matrix as the kernels read it (made once): Q8_0 and Q5_0 blocks as the
+        file lays them out, nibbles for the 4-bit types, int8 for the others; None for float
+        matrices."""
         if not self.fast or w.kind in _FLOAT or len(w.shape) != 2:
             return None
         if w.name not in self._packed:
