@@ -222,9 +222,17 @@ def _arrays(context, builder, signature, args):
     return [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
 
 
-def _n_values(builder, array, per_byte_num=1, per_byte_den=1):
+def _n_values(builder, array, values=1, per_bytes=1):
+    """How many weights a row of `array` holds: its length in bytes times values / per_bytes."""
     n = builder.extract_value(array.shape, 0)
-    return builder.udiv(builder.mul(n, _const(per_byte_num)), _const(per_byte_den))
+    return builder.udiv(builder.mul(n, _const(values)), _const(per_bytes))
+
+
+def _nibble_values(builder, packed, n):
+    """<n x i8> bytes -> <2n x i8>: their low nibbles, then their high ones."""
+    low = builder.and_(packed, _splat(_I8, n, 15))
+    high = builder.lshr(packed, _splat(_I8, n, 4))
+    return builder.shuffle_vector(low, high, _indices(range(2 * n)))
 
 
 def _nibble_dot_codegen(vnni: bool):
@@ -233,10 +241,8 @@ def _nibble_dot_codegen(vnni: bool):
 
         def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
             nibbles = _load(builder, row.data, builder.udiv(start, _const(2)), _vec(_I8, 32))
-            low = builder.and_(nibbles, _splat(_I8, 32, 15))
-            high = builder.lshr(nibbles, _splat(_I8, 32, 4))
             weight_scales = _load(builder, scale.data, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
-            return builder.shuffle_vector(low, high, _indices(range(64))), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
+            return _nibble_values(builder, nibbles, 32), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
 
         return _row_dot(builder, vnni, _n_values(builder, row, 2), xq, None, 0, step, tail=False)
 
@@ -285,11 +291,9 @@ def _q5_0_values(builder, data, offset):
     """The 32 values of a Q5_0 block + 16 (0..31): nibbles 0..15 low, 16..31 high, fifth bits
     from a 32-bit mask."""
     nibbles = _load(builder, data, builder.add(offset, _const(6)), _vec(_I8, 16))
-    low = builder.and_(nibbles, _splat(_I8, 16, 15))
-    high = builder.lshr(nibbles, _splat(_I8, 16, 4))
     fifth = builder.bitcast(_load(builder, data, builder.add(offset, _const(2)), _I32), _vec(ir.IntType(1), 32))
     fifth = builder.shl(builder.zext(fifth, _vec(_I8, 32)), _splat(_I8, 32, 4))
-    return builder.or_(builder.shuffle_vector(low, high, _indices(range(32))), fifth)
+    return builder.or_(_nibble_values(builder, nibbles, 16), fifth)
 
 
 def _q8_0_values(builder, data, offset):
@@ -312,12 +316,12 @@ def _intrinsics(vnni: bool):
             return None
         return types.float32(row, scale, xq, xd), _nibble_dot_codegen(vnni)
 
-    def blocks_dot(block_bytes, bias, values, dtype):
+    def blocks_dot(block_bytes, bias, values):
         @intrinsic
         def dot(typingctx, row, xq, xd, xq4):
             """A row of blocks (bytes, whole blocks) . the quantized activations:
             sum over blocks b of d[b] xd[b] (values[b] . xq[32b:32b+32])."""
-            if not _checked((row, xq, xd, xq4), (dtype, types.int8, types.float32, types.int32)):
+            if not _checked((row, xq, xd, xq4), (types.uint8, types.int8, types.float32, types.int32)):
                 return None
             return types.float32(row, xq, xd, xq4), _blocks_dot_codegen(vnni, block_bytes, bias, values)
 
@@ -334,8 +338,8 @@ def _intrinsics(vnni: bool):
 
         return dot
 
-    return (nibble_dot, blocks_dot(Q5_0_BYTES, 16, _q5_0_values, types.uint8),
-            blocks_dot(Q8_0_BYTES, 128, _q8_0_values, types.uint8), int8_dot(16), int8_dot(32))
+    return (nibble_dot, blocks_dot(Q5_0_BYTES, 16, _q5_0_values), blocks_dot(Q8_0_BYTES, 128, _q8_0_values),
+            int8_dot(16), int8_dot(32))
 
 
 nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = _intrinsics(VNNI512)
