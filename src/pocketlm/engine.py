@@ -57,10 +57,8 @@ class LoadedModel:
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         streamed = getattr(self.model, "streamed", frozenset())
-        prepare = dict(on_packed=self.file.release_pages)
-        if self.ops.name == "cpu":
-            prepare["copy_out"] = self._copy_out  # Q8_0 blocks, read faster from memory of our own
-        self.ops.prepare([t for t in self.file.tensors.values() if t.name not in streamed], **prepare)
+        self.ops.prepare([t for t in self.file.tensors.values() if t.name not in streamed],
+                         on_packed=self.file.release_pages, copy_out=self._copy_out)
         for name in streamed if ple_in_ram else ():
             self.ops.pin(name, self._copy_out(self.file.tensors[name]))
         self.streamed = frozenset() if ple_in_ram else frozenset(streamed)  # tensors read from the file per token

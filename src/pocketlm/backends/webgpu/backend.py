@@ -127,7 +127,9 @@ class WebGPUBackend:
 
     # -- weights --------------------------------------------------------------------------------
 
-    def prepare(self, tensors, on_packed=None) -> None:
+    def prepare(self, tensors, on_packed=None, copy_out=None) -> None:
+        """Upload every matrix now; `on_packed(tensor)` after each (its file pages are not read
+        again). `copy_out` (host copies of the file's bytes, for the cpu backend) is not needed."""
         for w in tensors:
             if len(w.shape) == 2 and w.name not in self._matrices:
                 self.matrix(w)
