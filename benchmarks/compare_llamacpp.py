@@ -6,6 +6,9 @@ one pass, then greedy decode. Medians over the rounds are printed with the ratio
 pocketlm / llama.cpp (higher is better for speeds, lower for memory and time).
 
     python benchmarks/compare_llamacpp.py smollm2-135m gemma3-270m --rounds 3
+    python benchmarks/compare_llamacpp.py --isa avx2     # pocketlm's kernels forced to one path
+
+The first lines name the CPU (model and the ISA flags that matter) and pocketlm's kernel path.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 # llama.cpp gets exactly this one.
 ORIGINAL_ENV = dict(os.environ)
 NO_REPACK = False  # --no-repack
+ISA = None  # --isa: POCKETLM_CPU_ISA for pocketlm's children
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
     from pocketlm.bench import peak_rss_mb
@@ -64,11 +68,27 @@ def pocketlm_child(path: str, ids: list[int], gen_tokens: int) -> dict:
 
 def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
     env = dict(ORIGINAL_ENV if peer == "llama.cpp" else os.environ, OMP_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
+    if ISA and peer == "pocketlm":
+        env["POCKETLM_CPU_ISA"] = ISA
     if NO_REPACK:
         env["COMPARE_LLAMACPP_NO_REPACK"] = "1"
     cmd = [sys.executable, __file__, "--child", peer, path, ids_file, str(gen_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    """The CPU's model name and the flags that choose kernels, as lscpu / /proc/cpuinfo give them."""
+    model, flags = "unknown CPU", set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    return f"{model}; flags: {' '.join(f for f in wanted if f in flags)}"
 
 
 def memory_bandwidth_gbs() -> float:
@@ -160,12 +180,20 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--isa", help="force pocketlm's kernel path (POCKETLM_CPU_ISA: avx512vnni, avxvnni, avx2, "
+                                      "i8mm, dotprod, portable); default: the best this CPU runs")
     parser.add_argument("--no-repack", action="store_true",
                         help="load llama.cpp without its repacked weight buffers (they segfault on AMX machines "
                              "with llama-cpp-python 0.3.36)")
     args = parser.parse_args()
-    global NO_REPACK
-    NO_REPACK = args.no_repack
+    global NO_REPACK, ISA
+    NO_REPACK, ISA = args.no_repack, args.isa
+    if ISA:
+        os.environ["POCKETLM_CPU_ISA"] = ISA
+    from pocketlm.kernels import isa
+
+    isa.check()
+    print(f"CPU: {machine()}; pocketlm kernels: {isa.PATH}")
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth, 2 threads: {bandwidth:.1f} GB/s", file=sys.stderr)
     results = [compare(m, args.rounds, args.prompt_tokens, args.gen_tokens, bandwidth) for m in args.models]

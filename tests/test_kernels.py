@@ -6,12 +6,15 @@ quantized, to float rounding, and the quantization itself against its half-step 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
-from pocketlm.kernels import blocks, int4, int8, intdot
+from pocketlm.errors import InvalidOptionError
+from pocketlm.kernels import blocks, int4, int8, intdot, isa
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
@@ -167,53 +170,110 @@ def test_stacked_block_matrices_are_a_copy_whose_rows_give_each_part_and_need_on
     assert blocks.BlockWeight.stack([first, blocks.wrap(other_type[0], GGMLType.Q8_0, other_type[1])]) is None
 
 
-def test_portable_integer_dot_products_equal_the_reference():
-    """The vector IR that replaces VNNI on other CPUs, compiled and run here as well."""
+HOST = isa.host_features()
+
+
+@pytest.mark.parametrize("path", isa.ISAS)
+def test_integer_dot_products_of_each_instruction_set_equal_the_reference(path):
+    """Every layout's dot product built for each path this CPU executes (the others are
+    compile-tested only, below), on random blocks including the extremes (-128 and 127 bytes)."""
+    if not isa.runs(HOST, path):
+        pytest.skip(f"this CPU cannot execute {path}: compile-tested only "
+                    "(test_each_instruction_set_compiles_to_its_dot_product_instruction)")
     from numba import njit
 
-    from pocketlm.kernels.intdot import (int8_dot16_portable, int8_dot32_portable, nibble_dot_portable, q5_0_dot_portable,
-                                         q8_0_dot_portable)
+    nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = intdot._intrinsics(path)
 
     @njit
     def nibble_rows(packed, scale, xq, xd, out):
         for r in range(packed.shape[0]):
-            out[r] = nibble_dot_portable(packed[r], scale[r], xq, xd)
+            out[r] = nibble_dot(packed[r], scale[r], xq, xd)
 
     @njit
-    def q5_0_rows(blocks, xq, xd, xq4, out):
+    def block_rows(blocks, q5, xq, xd, xq4, out):
         for r in range(blocks.shape[0]):
-            out[r] = q5_0_dot_portable(blocks[r], xq, xd, xq4)
-
-    @njit
-    def q8_0_rows(blocks, xq, xd, xq4, out):
-        for r in range(blocks.shape[0]):
-            out[r] = q8_0_dot_portable(blocks[r], xq, xd, xq4)
+            out[r] = q5_0_dot(blocks[r], xq, xd, xq4) if q5 else q8_0_dot(blocks[r], xq, xd, xq4)
 
     @njit
     def int8_rows(q, scale, sub, xq, xd, xq4, out):
         for r in range(q.shape[0]):
             if sub == 16:
-                out[r] = int8_dot16_portable(q[r], scale[r], xq, xd, xq4)
+                out[r] = int8_dot16(q[r], scale[r], xq, xd, xq4)
             else:
-                out[r] = int8_dot32_portable(q[r], scale[r], xq, xd, xq4)
+                out[r] = int8_dot32(q[r], scale[r], xq, xd, xq4)
 
     x = np.random.default_rng(26).standard_normal(288).astype(np.float32)  # 9 blocks: a last half step
+    x[5] = 40.0  # a block whose largest value rounds to 127 exactly
     xq, xd, _, xq4 = intdot.quantize(x)
     data, shape, expected = weight(GGMLType.Q4_0, 9, 8, seed=27)
     w, out = int4.repack(data, GGMLType.Q4_0, shape), np.empty(9, np.float32)
     nibble_rows(w.packed, w.scale, xq[:256], xd[:8], out)
     assert_close_to_integer_product(out, int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))), x[:256])
-    data, shape, expected = weight(GGMLType.Q5_0, 9, 9, seed=28)
-    q5_0_rows(blocks.wrap(data, GGMLType.Q5_0, shape).blocks, xq, xd, xq4, out)
-    assert_close_to_integer_product(out, expected, x)
-    data, shape, expected = weight(GGMLType.Q8_0, 9, 9, seed=29)
-    q8_0_rows(blocks.wrap(data, GGMLType.Q8_0, shape).blocks, xq, xd, xq4, out)
-    assert_close_to_integer_product(out, expected, x)
-    for kind, n_blocks in ((GGMLType.Q5_0, 9), (GGMLType.Q6_K, 1)):  # 32 and 16 values a scale
+    for kind in (GGMLType.Q5_0, GGMLType.Q8_0):
+        data, shape, expected = weight(kind, 9, 9, seed=28)
+        if kind == GGMLType.Q8_0:  # the largest products: -128 and 127 weights against 127 activations
+            data.reshape(9, 9, 34)[0, :, 2:] = np.array([-128, 127] * 16, np.int8).view(np.uint8)
+            expected = dequantize(data, kind, shape)
+        block_rows(blocks.wrap(data, kind, shape).blocks, kind == GGMLType.Q5_0, xq, xd, xq4, out)
+        assert_close_to_integer_product(out, expected, x)
+    for kind, n_blocks in ((GGMLType.Q5_0, 9), (GGMLType.Q6_K, 1), (GGMLType.Q8_0, 9)):  # 32, 16, 32 a scale
         data, shape, expected = weight(kind, 9, n_blocks, seed=30)
         w = int8.repack(data, kind, shape)
+        if kind == GGMLType.Q8_0:
+            w.q[0] = np.array([-128, 127] * (shape[1] // 2), np.int8)
+            expected = int8.dequantize(w)
         int8_rows(w.q, w.scale, w.sub, xq[: shape[1]], xd[: shape[1] // 32], xq4[: shape[1] // 4], out)
         assert_close_to_integer_product(out, expected, x[: shape[1]])
+
+
+# target triple, CPU, features, the instruction each path must use
+TARGETS = {
+    "avx512vnni": ("x86_64-unknown-linux-gnu", "icelake-server", "", "vpdpbusd"),
+    "avxvnni": ("x86_64-unknown-linux-gnu", "alderlake", "", "vpdpbusd"),
+    "avx2": ("x86_64-unknown-linux-gnu", "haswell", "", "vpmaddubsw"),
+    "i8mm": ("aarch64-unknown-linux-gnu", "", "+neon,+dotprod,+i8mm", "usdot"),
+    "dotprod": ("aarch64-unknown-linux-gnu", "", "+neon,+dotprod", "sdot"),
+}
+
+
+@pytest.mark.parametrize("path", list(TARGETS))
+def test_each_instruction_set_compiles_to_its_dot_product_instruction(path):
+    """The paths a machine may not run (ARM on x86, AVX-512 on AVX2) are compiled for their own
+    target through llvmlite; each of the five layouts' functions must use the instruction."""
+    triple, cpu, features, instruction = TARGETS[path]
+    functions = re.split(r"\n(?=\w+:)", intdot.assembly(path, triple, cpu, features))
+    bodies = {name: next(f for f in functions if f.startswith(name + ":")) for name in intdot.LAYOUTS}
+    for name, body in bodies.items():
+        assert re.search(rf"\b{instruction}\b", body), f"{path} {name}: no {instruction}"
+    if path == "avxvnni":  # the VEX (256-bit) form, not the EVEX one of AVX-512
+        assert "zmm" not in "".join(bodies.values())
+
+
+@pytest.mark.parametrize("features, expected", [
+    ({"avx512vnni": True, "avx512bw": True, "avx512f": True, "avx512vl": True, "avx2": True, "avxvnni": False}, "avx512vnni"),
+    ({"avxvnni": True, "avx2": True, "avx512f": False}, "avxvnni"),
+    ({"avx2": True, "fma": True, "avx512f": False, "avxvnni": False}, "avx2"),
+    ({"avx": True, "sse4.2": True}, "portable"),
+    ({"neon": True, "dotprod": True, "i8mm": True}, "i8mm"),
+    ({"dotprod": True}, "dotprod"),
+    ({"neon": True}, "portable"),
+    ({}, "portable"),
+])
+def test_the_dispatcher_picks_the_best_path_for_a_feature_set(features, expected):
+    assert isa.choose(features) == expected
+
+
+def test_a_forced_path_must_be_one_this_cpu_runs(monkeypatch):
+    monkeypatch.setenv(isa.ENV, "portable")
+    assert isa.selected() == "portable"
+    monkeypatch.setenv(isa.ENV, "sse9")
+    with pytest.raises(InvalidOptionError, match="not a known path"):
+        isa.selected()
+    missing = next((p for p in isa.ISAS if not isa.runs(HOST, p)), None)
+    if missing:
+        monkeypatch.setenv(isa.ENV, missing)
+        with pytest.raises(InvalidOptionError, match="this CPU lacks"):
+            isa.selected()
 
 
 def q8_0_matrix(rows, blocks_per_row, seed):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelFileError
+from .paths import home_dir
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,6 @@ MODELS = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def home_dir() -> Path:
-    """pocketlm's folder for pulled models and caches: $POCKETLM_HOME, else ~/.cache/pocketlm."""
-    home = os.environ.get("POCKETLM_HOME")
-    return Path(home) if home else Path.home() / ".cache" / "pocketlm"
 
 
 def models_dir() -> Path:

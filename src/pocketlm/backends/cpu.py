@@ -19,7 +19,7 @@ import numpy as np
 
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
-from ..kernels import activations, blocks, int4, int8
+from ..kernels import activations, blocks, int4, int8, isa
 from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
@@ -35,6 +35,8 @@ class CpuBackend:
     layer_cache = LayerCache  # the KV cache of one layer, as models make it
 
     def __init__(self, fast: bool = True):
+        if fast:
+            isa.check()
         self.fast = fast
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}

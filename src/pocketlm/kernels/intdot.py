@@ -17,9 +17,13 @@ starting value.
 
 numba types arithmetic on 8-bit integers as 64-bit (its typing rules), so this loop is not
 written in numba's Python but built as LLVM IR (llvmlite) inside a numba intrinsic; the
-kernels around it (threads, prefetch, offsets) stay numba. Where the CPU has no AVX-512 VNNI
-the same lanes are computed with portable vector IR (widen, multiply, add groups of 4), which
-LLVM lowers for any target.
+kernels around it (threads, prefetch, offsets) stay numba. The instruction that computes the
+lanes is chosen at run time from the CPU (`kernels.isa`: AVX-512 VNNI, AVX-VNNI, AVX2's
+`vpmaddubsw` + `vpmaddwd`, ARM's `usdot` / `sdot`, or portable vector IR); where it cannot
+take unsigned bytes up to 255 (AVX2 saturates pairs to int16, `sdot` is signed x signed), int8
+weights go in signed with no bias (AVX2 takes their absolute values and moves their signs onto
+the activations, `vpsignb`). `assembly` compiles a path for any target, to check the paths a
+machine cannot run.
 
 What changes numerically: the weights' scaled parts meet the activations as rounded to int8,
 an error of at most d / 2 a value (0.4% of the block's largest), as in llama.cpp. Offsets
@@ -35,8 +39,9 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import config
 from numba.extending import intrinsic
+
+from . import isa as isas
 
 BLOCK = 32  # activation values per scale
 Q5_0_BYTES = 22  # a Q5_0 block: f16 scale, 32 fifth bits, 16 bytes of nibbles
@@ -45,15 +50,7 @@ Q8_0_BYTES = 34  # a Q8_0 block: f16 scale, 32 int8 values
 _I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
 
-def _has_vnni512() -> bool:
-    """Whether numba compiles for this CPU and it has the 512-bit byte dot product."""
-    if config.CPU_NAME not in (None, "host"):
-        return False
-    features = llvm.get_host_cpu_features()
-    return all(features.get(f, False) for f in ("avx512vnni", "avx512bw", "avx512f"))
-
-
-VNNI512 = _has_vnni512()
+ISA = isas.PATH  # the path this process's kernels are built with
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
@@ -111,13 +108,66 @@ def _load(builder, data, index, typ, align=1):
     return builder.load(builder.bitcast(builder.gep(data, [index]), typ.as_pointer()), align=align)
 
 
-def _dot4(builder, acc, a, b, vnni: bool):
-    """acc <16 x i32> + (<64 x i8> a (unsigned), b (signed) -> lane i = sum_k a[4i+k] * b[4i+k])."""
-    t = _vec(_I32, 16)
-    if vnni:  # declared with the <16 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
-        fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", (), ir.FunctionType(t, [t, t, t]))
-        return builder.call(fn, [acc, builder.bitcast(a, t), builder.bitcast(b, t)])
-    products = builder.mul(builder.zext(a, _vec(_I32, 64)), builder.sext(b, _vec(_I32, 64)))
+def _declare(builder, name, result, operands):
+    return builder.module.declare_intrinsic(name, (), ir.FunctionType(result, operands))
+
+
+def _chunks(builder, v, size):
+    """A vector cut into consecutive vectors of `size` elements."""
+    n = v.type.count
+    return [builder.shuffle_vector(v, v, _indices(range(k, k + size))) for k in range(0, n, size)]
+
+
+def _joined(builder, parts):
+    """The inverse of `_chunks`."""
+    while len(parts) > 1:
+        parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count))) for a, b in zip(parts[::2], parts[1::2])]
+    return parts[0]
+
+
+def _dot4_avx2(builder, acc, a, b, signed):
+    """<8 x i32> acc + sums of 4 of <32 x i8> a x b: vpmaddubsw (unsigned a x signed b, pairs
+    to int16; no saturation for |a| <= 128 with |b| <= 127, or a <= 31), vpmaddwd by ones."""
+    t8, t16 = _vec(_I8, 32), _vec(ir.IntType(16), 16)
+    if signed:  # |a| x (b with a's sign): the same products, a now unsigned
+        sign = _declare(builder, "llvm.x86.avx2.psign.b", t8, [t8, t8])
+        a, b = builder.call(sign, [a, a]), builder.call(sign, [b, a])
+    pairs = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.ub.sw", t16, [t8, t8]), [a, b])
+    quads = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [t16, t16]),
+                         [pairs, _splat(ir.IntType(16), 16, 1)])
+    return builder.add(acc, quads)
+
+
+def _dot4_chunk(builder, isa, acc, a, b, signed):
+    """One native register's worth of `_dot4`."""
+    if isa == "avx2":
+        return _dot4_avx2(builder, acc, a, b, signed)
+    if isa == "avxvnni":  # declared with the <8 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
+        t = _vec(_I32, 8)
+        return builder.call(_declare(builder, "llvm.x86.avx512.vpdpbusd.256", t, [t, t, t]),
+                            [acc, builder.bitcast(a, t), builder.bitcast(b, t)])
+    t, t8 = _vec(_I32, 4), _vec(_I8, 16)  # ARM: usdot (unsigned x signed), sdot (signed x signed)
+    name = "llvm.aarch64.neon.sdot.v4i32.v16i8" if isa == "dotprod" else "llvm.aarch64.neon.usdot.v4i32.v16i8"
+    return builder.call(_declare(builder, name, t, [t, t8, t8]), [acc, a, b])
+
+
+_CHUNK_BYTES = {"avx2": 32, "avxvnni": 32, "dotprod": 16, "i8mm": 16}
+
+
+def _dot4(builder, isa, acc, a, b, signed=False):
+    """acc <16 x i32> + (<64 x i8> a, b -> lane i = sum_k a[4i+k] * b[4i+k]): a the weights,
+    unsigned (or signed, for the paths in isa.SIGNED_WEIGHTS), b the signed activations."""
+    assert not signed or isa in isas.SIGNED_WEIGHTS or isa == "portable"
+    if isa == "avx512vnni":  # declared with the <16 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
+        t = _vec(_I32, 16)
+        return builder.call(_declare(builder, "llvm.x86.avx512.vpdpbusd.512", t, [t, t, t]),
+                            [acc, builder.bitcast(a, t), builder.bitcast(b, t)])
+    if isa in _CHUNK_BYTES:
+        size = _CHUNK_BYTES[isa]
+        parts = zip(_chunks(builder, acc, size // 4), _chunks(builder, a, size), _chunks(builder, b, size))
+        return _joined(builder, [_dot4_chunk(builder, isa, *part, signed) for part in parts])
+    widen = builder.sext if signed else builder.zext
+    products = builder.mul(widen(a, _vec(_I32, 64)), builder.sext(b, _vec(_I32, 64)))
     part = [builder.shuffle_vector(products, products, _indices(range(k, 64, 4))) for k in range(4)]
     return builder.add(acc, builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3])))
 
@@ -173,23 +223,24 @@ def _counted_loop(builder, count, initial, body):
     return phis
 
 
-def _row_dot(builder, vnni, n_values, xq, xq4, bias, step, tail=True):
-    """The dot product of one weight row with the quantized activations, 64 values a step (and
-    with `tail`, one step of 32 when n_values is an odd multiple of 32). `step(builder, start, width)`
-    gives the weights start..start+width as unsigned bytes (the stored values + bias) and a
-    float scale for each group of 4 (weight scale x activation scale); the bias comes back
-    out with the activations' sums of 4 (`xq4`), subtracted in the integer lanes."""
+def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True):
+    """The dot product of one weight row with the quantized activations (data pointers `xq`,
+    `xq4`), 64 values a step (and with `tail`, one step of 32 when n_values is an odd multiple of
+    32). `step(builder, start, width)` gives the weights start..start+width as bytes (the stored
+    values + bias, unsigned; or with `signed` the values themselves) and a float scale for each
+    group of 4 (weight scale x activation scale); a bias comes back out with the activations'
+    sums of 4 (`xq4`), subtracted in the integer lanes."""
 
     def accumulate(builder, acc, start, width):
         values, scales = step(builder, start, width)
-        x = _load(builder, xq.data, start, _vec(_I8, width))
+        x = _load(builder, xq, start, _vec(_I8, width))
         init = ir.Constant(_vec(_I32, width // 4), None)
         if bias:
-            sums = _load(builder, xq4.data, builder.udiv(start, _const(4)), _vec(_I32, width // 4))
+            sums = _load(builder, xq4, builder.udiv(start, _const(4)), _vec(_I32, width // 4))
             init = builder.mul(sums, _splat(_I32, width // 4, -bias))
         if width == 32:
             values, x, init, scales = (_pad(builder, v, n) for v, n in ((values, 32), (x, 32), (init, 8), (scales, 8)))
-        lanes = builder.sitofp(_dot4(builder, init, values, x, vnni), _vec(_F32, 16))
+        lanes = builder.sitofp(_dot4(builder, isa, init, values, x, signed), _vec(_F32, 16))
         return builder.fadd(acc, _fmul(builder, lanes, scales), flags=("fast",))
 
     def full_step(builder, i, accs):
@@ -211,21 +262,11 @@ def _row_dot(builder, vnni, n_values, xq, xq4, bias, step, tail=True):
 
 def _lane_scales(builder, weight_scales, xd, start, width, sub):
     """Scales of the lanes of a step: weight scales <width/sub x float> (one per sub values) times
-    the activation scales of their blocks of 32, each over the sub/4 lanes of its values."""
+    the activation scales (pointer `xd`) of their blocks of 32, each over the sub/4 lanes of its values."""
     n_weight, n_x = width // sub, width // BLOCK
-    x_scales = _load(builder, xd.data, builder.udiv(start, _const(BLOCK)), _vec(_F32, n_x), 4)
+    x_scales = _load(builder, xd, builder.udiv(start, _const(BLOCK)), _vec(_F32, n_x), 4)
     x_scales = _spread(builder, x_scales, n_x, n_weight // n_x)
     return _spread(builder, _fmul(builder, weight_scales, x_scales), n_weight, sub // 4)
-
-
-def _arrays(context, builder, signature, args):
-    return [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
-
-
-def _n_values(builder, array, values=1, per_bytes=1):
-    """How many weights a row of `array` holds: its length in bytes times values / per_bytes."""
-    n = builder.extract_value(array.shape, 0)
-    return builder.udiv(builder.mul(n, _const(values)), _const(per_bytes))
 
 
 def _nibble_values(builder, packed, n):
@@ -235,59 +276,69 @@ def _nibble_values(builder, packed, n):
     return builder.shuffle_vector(low, high, _indices(range(2 * n)))
 
 
-def _nibble_dot_codegen(vnni: bool):
-    def codegen(context, builder, signature, args):
-        row, scale, xq, xd = _arrays(context, builder, signature, args)
-
-        def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
-            nibbles = _load(builder, row.data, builder.udiv(start, _const(2)), _vec(_I8, 32))
-            weight_scales = _load(builder, scale.data, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
-            return _nibble_values(builder, nibbles, 32), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
-
-        return _row_dot(builder, vnni, _n_values(builder, row, 2), xq, None, 0, step, tail=False)
-
-    return codegen
+# Each layout's dot product as IR over data pointers: (builder, isa, row, scale, xq, xd, xq4,
+# n_values) -> float; `row` the weights' bytes, `scale` their float scales (unused by the block
+# layouts), the quantized activations as `quantize_activations` gives them, n_values the row's length.
 
 
-def _int8_dot_codegen(vnni: bool, sub: int):
-    def codegen(context, builder, signature, args):
-        row, scale, xq, xd, xq4 = _arrays(context, builder, signature, args)
+def _nibble_dot_ir(builder, isa, row, scale, xq, xd, xq4, n_values):
+    def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
+        nibbles = _load(builder, row, builder.udiv(start, _const(2)), _vec(_I8, 32))
+        weight_scales = _load(builder, scale, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
+        return _nibble_values(builder, nibbles, 32), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
 
-        def step(builder, start, width):  # int8 values + 128 as unsigned bytes, a scale per sub
-            values = builder.xor(_load(builder, row.data, start, _vec(_I8, width)), _splat(_I8, width, 0x80))
-            weight_scales = _load(builder, scale.data, builder.udiv(start, _const(sub)), _vec(_F32, width // sub), 4)
+    return _row_dot(builder, isa, n_values, xq, None, 0, False, step, tail=False)
+
+
+def _int8_dot_ir(sub: int):
+    """int8 rows (kernels.int8), a float scale per `sub` values."""
+
+    def build(builder, isa, row, scale, xq, xd, xq4, n_values):
+        signed = _signed(isa, 128)
+
+        def step(builder, start, width):  # int8 values (+ 128 as unsigned bytes), a scale per sub
+            values = _load(builder, row, start, _vec(_I8, width))
+            if not signed:
+                values = builder.xor(values, _splat(_I8, width, 0x80))
+            weight_scales = _load(builder, scale, builder.udiv(start, _const(sub)), _vec(_F32, width // sub), 4)
             return values, _lane_scales(builder, weight_scales, xd, start, width, sub)
 
-        return _row_dot(builder, vnni, _n_values(builder, row), xq, xq4, 128, step)
+        return _row_dot(builder, isa, n_values, xq, xq4, 0 if signed else 128, signed, step)
 
-    return codegen
+    return build
 
 
-def _blocks_dot_codegen(vnni: bool, block_bytes: int, bias: int, block_values):
+def _signed(isa: str, bias: int) -> bool:
+    """Whether a layout whose values + bias are unsigned bytes goes to this path signed instead:
+    where the path cannot take unsigned bytes over 127 (kernels.isa.SIGNED_WEIGHTS)."""
+    return bias > 127 and isa in isas.SIGNED_WEIGHTS
+
+
+def _blocks_dot_ir(block_bytes: int, bias: int, block_values):
     """A row of GGUF blocks of 32 values with an f16 scale first (Q5_0, Q8_0): `block_values(
-    builder, data, offset)` gives the 32 values + bias of the block at byte `offset`, as bytes."""
+    builder, data, offset, signed)` gives the 32 values of the block at byte `offset` as bytes,
+    + bias as unsigned ones (or the values themselves with `signed`)."""
 
-    def codegen(context, builder, signature, args):
-        row, xq, xd, xq4 = _arrays(context, builder, signature, args)
+    def build(builder, isa, row, scale, xq, xd, xq4, n_values):
+        signed = _signed(isa, bias)
 
         def step(builder, start, width):
             values, scales = [], ir.Constant(_vec(_F32, width // BLOCK), None)
             for k in range(width // BLOCK):
                 offset = builder.mul(builder.add(builder.udiv(start, _const(BLOCK)), _const(k)), _const(block_bytes))
-                values.append(block_values(builder, row.data, offset))
-                d = builder.fpext(_load(builder, row.data, offset, ir.HalfType()), _F32)
+                values.append(block_values(builder, row, offset, signed))
+                d = builder.fpext(_load(builder, row, offset, ir.HalfType()), _F32)
                 scales = builder.insert_element(scales, d, ir.Constant(_I32, k))
             if width == 64:
                 values = [builder.shuffle_vector(values[0], values[1], _indices(range(64)))]
             return values[0], _lane_scales(builder, scales, xd, start, width, BLOCK)
 
-        n_values = _n_values(builder, row, BLOCK, block_bytes)
-        return _row_dot(builder, vnni, n_values, xq, xq4, bias, step)
+        return _row_dot(builder, isa, n_values, xq, xq4, 0 if signed else bias, signed, step)
 
-    return codegen
+    return build
 
 
-def _q5_0_values(builder, data, offset):
+def _q5_0_values(builder, data, offset, signed):
     """The 32 values of a Q5_0 block + 16 (0..31): nibbles 0..15 low, 16..31 high, fifth bits
     from a 32-bit mask."""
     nibbles = _load(builder, data, builder.add(offset, _const(6)), _vec(_I8, 16))
@@ -296,10 +347,41 @@ def _q5_0_values(builder, data, offset):
     return builder.or_(_nibble_values(builder, nibbles, 16), fifth)
 
 
-def _q8_0_values(builder, data, offset):
-    """The 32 int8 values of a Q8_0 block + 128, as unsigned bytes (the sign bit flipped)."""
+def _q8_0_values(builder, data, offset, signed):
+    """The 32 int8 values of a Q8_0 block: + 128 as unsigned bytes (the sign bit flipped), or
+    as they are with `signed`."""
     values = _load(builder, data, builder.add(offset, _const(2)), _vec(_I8, 32))
-    return builder.xor(values, _splat(_I8, 32, 0x80))
+    return values if signed else builder.xor(values, _splat(_I8, 32, 0x80))
+
+
+# name -> (IR builder, bytes of the row per `per` values)
+LAYOUTS = {
+    "nibble_dot": (_nibble_dot_ir, 1, 2),
+    "q5_0_dot": (_blocks_dot_ir(Q5_0_BYTES, 16, _q5_0_values), Q5_0_BYTES, BLOCK),
+    "q8_0_dot": (_blocks_dot_ir(Q8_0_BYTES, 128, _q8_0_values), Q8_0_BYTES, BLOCK),
+    "int8_dot16": (_int8_dot_ir(16), 1, 1),
+    "int8_dot32": (_int8_dot_ir(32), 1, 1),
+}
+
+
+def assembly(isa: str, triple: str, cpu: str = "", features: str = "") -> str:
+    """The five dot products of a path compiled for a target as assembly (to check paths this
+    machine cannot run: `assembly("i8mm", "aarch64-unknown-linux-gnu", features="+neon,+i8mm")`)."""
+    module = ir.Module(name=f"intdot_{isa}")
+    pointers = [t.as_pointer() for t in (_I8, _F32, _I8, _F32, _I32)]
+    for name, (build, _, _) in LAYOUTS.items():
+        function = ir.Function(module, ir.FunctionType(_F32, [*pointers, _I64]), name=name)
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        builder.ret(build(builder, isa, *function.args))
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
+    parsed = llvm.parse_assembly(str(module))
+    parsed.verify()
+    return machine.emit_assembly(parsed)
+
+
+# -- numba intrinsics ---------------------------------------------------------------------------
 
 
 def _checked(arrays, dtypes) -> bool:
@@ -307,41 +389,52 @@ def _checked(arrays, dtypes) -> bool:
     return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in zip(arrays, dtypes))
 
 
-def _intrinsics(vnni: bool):
+def _codegen(isa, name, fields):
+    """A numba codegen calling layout `name`'s IR on the arrays given as `fields` (a subset of
+    row, scale, xq, xd, xq4, in that order)."""
+    build, row_bytes, per = LAYOUTS[name]
+
+    def codegen(context, builder, signature, args):
+        arrays = dict(zip(fields, (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args))))
+        pointers = [arrays[f].data if f in arrays else None for f in ("row", "scale", "xq", "xd", "xq4")]
+        n = builder.mul(builder.extract_value(arrays["row"].shape, 0), _const(per))
+        return build(builder, isa, *pointers, builder.udiv(n, _const(row_bytes)))
+
+    return codegen
+
+
+def _intrinsics(isa: str):
     @intrinsic
     def nibble_dot(typingctx, row, scale, xq, xd):
         """sum over runs g of a nibble row (kernels.int4 layout, uint8 [cols/2]) of
         scale[2g] xd[2g] (low nibbles . xq[64g:64g+32]) + scale[2g+1] xd[2g+1] (high . xq[64g+32:64g+64])."""
         if not _checked((row, scale, xq, xd), (types.uint8, types.float32, types.int8, types.float32)):
             return None
-        return types.float32(row, scale, xq, xd), _nibble_dot_codegen(vnni)
+        return types.float32(row, scale, xq, xd), _codegen(isa, "nibble_dot", ("row", "scale", "xq", "xd"))
 
-    def blocks_dot(block_bytes, bias, values):
+    def blocks_dot(name):
         @intrinsic
         def dot(typingctx, row, xq, xd, xq4):
             """A row of blocks (bytes, whole blocks) . the quantized activations:
             sum over blocks b of d[b] xd[b] (values[b] . xq[32b:32b+32])."""
             if not _checked((row, xq, xd, xq4), (types.uint8, types.int8, types.float32, types.int32)):
                 return None
-            return types.float32(row, xq, xd, xq4), _blocks_dot_codegen(vnni, block_bytes, bias, values)
+            return types.float32(row, xq, xd, xq4), _codegen(isa, name, ("row", "xq", "xd", "xq4"))
 
         return dot
 
-    def int8_dot(sub):
+    def int8_dot(name):
         @intrinsic
         def dot(typingctx, row, scale, xq, xd, xq4):
-            """An int8 row (kernels.int8) . the quantized activations, a scale per `sub` (16 or 32)
+            """An int8 row (kernels.int8) . the quantized activations, a scale per 16 or 32
             values: sum over sub-blocks s of scale[s] xd[block of s] (q[s] . xq[s])."""
             if not _checked((row, scale, xq, xd, xq4), (types.int8, types.float32, types.int8, types.float32, types.int32)):
                 return None
-            return types.float32(row, scale, xq, xd, xq4), _int8_dot_codegen(vnni, sub)
+            return types.float32(row, scale, xq, xd, xq4), _codegen(isa, name, ("row", "scale", "xq", "xd", "xq4"))
 
         return dot
 
-    return (nibble_dot, blocks_dot(Q5_0_BYTES, 16, _q5_0_values), blocks_dot(Q8_0_BYTES, 128, _q8_0_values),
-            int8_dot(16), int8_dot(32))
+    return nibble_dot, blocks_dot("q5_0_dot"), blocks_dot("q8_0_dot"), int8_dot("int8_dot16"), int8_dot("int8_dot32")
 
 
-nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = _intrinsics(VNNI512)
-# the portable fallbacks, also compiled where VNNI is (tests)
-nibble_dot_portable, q5_0_dot_portable, q8_0_dot_portable, int8_dot16_portable, int8_dot32_portable = _intrinsics(False)
+nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = _intrinsics(ISA)
