@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -94,6 +95,24 @@ def test_corrupt_file_from_a_real_process_exits_2_without_traceback(tmp_path):
     bad.write_bytes(b"GGUF" + bytes(10))
     result = subprocess.run([sys.executable, "-m", "pocketlm", "inspect", str(bad)], capture_output=True, text=True)
     assert result.returncode == 2 and "bad.gguf" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value, message", [("sse9", "not a known path"), ("  AVX2 ", None)])
+def test_the_kernel_path_named_in_the_environment_is_checked_before_a_model_runs(tiny, value, message):
+    """POCKETLM_CPU_ISA is read when the kernels are built (import time); a bad value is one line
+    and exit 2 from the first command that runs a model, a path this CPU lacks likewise."""
+    from pocketlm.kernels import isa
+
+    if message is None and not isa.runs(isa.host_features(), "avx2"):
+        message = "this CPU lacks"
+    env = dict(os.environ, POCKETLM_CPU_ISA=value)
+    cmd = [sys.executable, "-m", "pocketlm", "run", str(tiny("llama")[2]), "Hi", "--max-tokens", "24"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if message is None:
+        assert result.returncode == 0 and result.stdout.strip()
+    else:
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert result.stderr.count("\n") == 1
 
 
 def test_unknown_architecture_is_named(capsys, tmp_path, tiny):

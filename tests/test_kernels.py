@@ -185,9 +185,9 @@ def test_integer_dot_products_of_each_instruction_set_equal_the_reference(path):
     nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = intdot._intrinsics(path)
 
     @njit
-    def nibble_rows(packed, scale, xq, xd, out):
+    def nibble_rows(packed, scale, offset, xq, xd, x_sums, out):
         for r in range(packed.shape[0]):
-            out[r] = nibble_dot(packed[r], scale[r], xq, xd)
+            out[r] = nibble_dot(packed[r], scale[r], offset[r], xq, xd, x_sums)
 
     @njit
     def block_rows(blocks, q5, xq, xd, xq4, out):
@@ -204,11 +204,14 @@ def test_integer_dot_products_of_each_instruction_set_equal_the_reference(path):
 
     x = np.random.default_rng(26).standard_normal(288).astype(np.float32)  # 9 blocks: a last half step
     x[5] = 40.0  # a block whose largest value rounds to 127 exactly
-    xq, xd, _, xq4 = intdot.quantize(x)
-    data, shape, expected = weight(GGMLType.Q4_0, 9, 8, seed=27)
-    w, out = int4.repack(data, GGMLType.Q4_0, shape), np.empty(9, np.float32)
-    nibble_rows(w.packed, w.scale, xq[:256], xd[:8], out)
-    assert_close_to_integer_product(out, int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))), x[:256])
+    xq, xd, x_sums, xq4 = intdot.quantize(x)
+    for kind in (GGMLType.Q4_0, GGMLType.Q4_1):
+        data, shape, expected = weight(kind, 9, 8, seed=27)
+        w, out = int4.repack(data, kind, shape), np.empty(9, np.float32)
+        nibble_rows(w.packed, w.scale, w.offset, xq[:256], xd[:8], x_sums[:8], out)
+        offsets = np.repeat(w.offset, 32, axis=1)
+        scaled = int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset)))
+        assert_close_to_integer_product(out, scaled, x[:256], offsets)
     for kind in (GGMLType.Q5_0, GGMLType.Q8_0):
         data, shape, expected = weight(kind, 9, 9, seed=28)
         if kind == GGMLType.Q8_0:  # the largest products: -128 and 127 weights against 127 activations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .memory import prefetch
+from .memory import PREFETCH, prefetch
 from .vecmath import exp_nonpositive, tanh
 
 WORK_ITEMS = 16  # (token, chunk of keys) items to spread over the threads, at least
@@ -37,10 +37,11 @@ def chunks_for(T: int, S: int) -> int:
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, part_max, part_sum, part_out):
+def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out):
     """Each (token, chunk of keys) item, for every head: the scores over the chunk's keys, their
     maximum and sum of exponentials, and the exponential-weighted sum of values (not yet
-    divided). An item reads its keys' rows of the cache whole, all kv heads, front to back.
+    divided). An item reads its keys' rows of the cache whole, all kv heads, front to back,
+    prefetching `ahead` keys ahead (0: none; kernels.memory.PREFETCH).
 
     Rows are read through flat views with unsigned offsets (see kernels.memory): with 2-D
     views made in the loop LLVM vectorised across the group instead of along the rows."""
@@ -57,11 +58,11 @@ def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunk
         best = np.full(n_heads, -np.inf, np.float32)
         for i in range(n):
             s = first + i
-            if s + AHEAD < end:
+            if ahead > 0 and s + ahead < end:
                 for d in range(0, n_kv * D, 16):
-                    prefetch(kf, (s + AHEAD) * n_kv * D + d)
+                    prefetch(kf, (s + ahead) * n_kv * D + d)
                 for d in range(0, n_kv * Dv, 16):
-                    prefetch(vf, (s + AHEAD) * n_kv * Dv + d)
+                    prefetch(vf, (s + ahead) * n_kv * Dv + d)
             visible = _visible(q_pos[t], k_pos[s], window)
             for h in range(n_heads):
                 q_base, k_base = (t * n_heads + h) * D, (s * n_kv + h // group) * D
@@ -133,7 +134,8 @@ def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
     part_max = np.empty((T * n_chunks, n_heads), np.float32)
     part_sum = np.empty((T * n_chunks, n_heads), np.float32)
     part_out = np.empty((T * n_chunks, n_heads, Dv), np.float32)
-    _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, part_max, part_sum, part_out)
+    ahead = AHEAD if PREFETCH else 0
+    _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out)
     _merge(part_max, part_sum, part_out, n_chunks, out)
 
 

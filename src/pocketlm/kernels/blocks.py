@@ -96,7 +96,7 @@ def _matvec(blocks, q5, x, out, ahead):
     rows = blocks.shape[0]
     xq, xd, _, xq4 = quantize_activations(x)
     for r in prange(rows):
-        prefetch_row(blocks, r + ahead)  # request a later row now (see kernels.memory)
+        prefetch_row(blocks, r, ahead)  # request a later row now (see kernels.memory)
         out[r] = q5_0_dot(blocks[r], xq, xd, xq4) if q5 else q8_0_dot(blocks[r], xq, xd, xq4)
 
 

@@ -96,14 +96,10 @@ def _matvec(packed, scale, offset, x, out, ahead):
     rows, half = packed.shape
     xq, xd, x_sums, _ = quantize_activations(x)
     for r in prange(rows):
-        prefetch_row(packed, r + ahead)  # request a later row now (see kernels.memory)
-        prefetch_row(scale, r + ahead)
-        prefetch_row(offset, r + ahead)
-        acc = nibble_dot(packed[r], scale[r], xq, xd)
-        row_offset = offset[r]
-        for b in range(x_sums.size):
-            acc += row_offset[b] * x_sums[b]
-        out[r] = acc
+        prefetch_row(packed, r, ahead)  # request a later row now (see kernels.memory)
+        prefetch_row(scale, r, ahead)
+        prefetch_row(offset, r, ahead)
+        out[r] = nibble_dot(packed[r], scale[r], offset[r], xq, xd, x_sums)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -108,9 +108,9 @@ def _matvec(q, scale, offset, sub, x, out, ahead):
     for j in range(cols if has_offset else 0):
         x_sums[j // sub] += x[j]
     for r in prange(rows):
-        prefetch_row(q, r + ahead)  # request a later row now (see kernels.memory)
-        prefetch_row(scale, r + ahead)
-        prefetch_row(offset, r + ahead)
+        prefetch_row(q, r, ahead)  # request a later row now (see kernels.memory)
+        prefetch_row(scale, r, ahead)
+        prefetch_row(offset, r, ahead)
         if sub == 16:
             acc = int8_dot16(q[r], scale[r], xq, xd, xq4)
         else:

@@ -223,13 +223,15 @@ def _counted_loop(builder, count, initial, body):
     return phis
 
 
-def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True):
+def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True, offsets=None):
     """The dot product of one weight row with the quantized activations (data pointers `xq`,
     `xq4`), 64 values a step (and with `tail`, one step of 32 when n_values is an odd multiple of
     32). `step(builder, start, width)` gives the weights start..start+width as bytes (the stored
     values + bias, unsigned; or with `signed` the values themselves) and a float scale for each
     group of 4 (weight scale x activation scale); a bias comes back out with the activations'
-    sums of 4 (`xq4`), subtracted in the integer lanes."""
+    sums of 4 (`xq4`), subtracted in the integer lanes. `offsets` (pointers to the row's float
+    offsets per 32 values and the activations' exact float sums per 32) adds their products,
+    in the same loop."""
 
     def accumulate(builder, acc, start, width):
         values, scales = step(builder, start, width)
@@ -243,21 +245,33 @@ def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True):
         lanes = builder.sitofp(_dot4(builder, isa, init, values, x, signed), _vec(_F32, 16))
         return builder.fadd(acc, _fmul(builder, lanes, scales), flags=("fast",))
 
-    def full_step(builder, i, accs):
-        return [accumulate(builder, accs[0], builder.mul(i, _const(64)), 64)]
+    def offset_terms(builder, acc, start):
+        block = builder.udiv(start, _const(BLOCK))
+        terms = _fmul(builder, _load(builder, offsets[0], block, _vec(_F32, 2), 4),
+                      _load(builder, offsets[1], block, _vec(_F32, 2), 4))
+        return builder.fadd(acc, terms, flags=("fast",))
 
-    (acc,) = _counted_loop(builder, builder.udiv(n_values, _const(64)), [ir.Constant(_vec(_F32, 16), None)], full_step)
-    if not tail:
-        return _horizontal_sum(builder, acc, 16)
-    tail_start = builder.mul(builder.udiv(n_values, _const(64)), _const(64))
-    before = builder.block
-    with builder.if_then(builder.icmp_unsigned("<", tail_start, n_values)):
-        with_tail = accumulate(builder, acc, tail_start, 32)
-        tail_end = builder.block
-    total = builder.phi(acc.type)
-    total.add_incoming(acc, before)
-    total.add_incoming(with_tail, tail_end)
-    return _horizontal_sum(builder, total, 16)
+    def full_step(builder, i, accs):
+        start = builder.mul(i, _const(64))
+        updated = [accumulate(builder, accs[0], start, 64)]
+        return updated + [offset_terms(builder, accs[1], start)] if offsets else updated
+
+    initial = [ir.Constant(_vec(_F32, 16), None)] + ([ir.Constant(_vec(_F32, 2), None)] if offsets else [])
+    accs = _counted_loop(builder, builder.udiv(n_values, _const(64)), initial, full_step)
+    extra = _horizontal_sum(builder, accs[1], 2) if offsets else None
+    acc = accs[0]
+    if tail:
+        tail_start = builder.mul(builder.udiv(n_values, _const(64)), _const(64))
+        before = builder.block
+        with builder.if_then(builder.icmp_unsigned("<", tail_start, n_values)):
+            with_tail = accumulate(builder, acc, tail_start, 32)
+            tail_end = builder.block
+        total = builder.phi(acc.type)
+        total.add_incoming(acc, before)
+        total.add_incoming(with_tail, tail_end)
+        acc = total
+    result = _horizontal_sum(builder, acc, 16)
+    return builder.fadd(result, extra, flags=("fast",)) if offsets else result
 
 
 def _lane_scales(builder, weight_scales, xd, start, width, sub):
@@ -276,24 +290,25 @@ def _nibble_values(builder, packed, n):
     return builder.shuffle_vector(low, high, _indices(range(2 * n)))
 
 
-# Each layout's dot product as IR over data pointers: (builder, isa, row, scale, xq, xd, xq4,
-# n_values) -> float; `row` the weights' bytes, `scale` their float scales (unused by the block
-# layouts), the quantized activations as `quantize_activations` gives them, n_values the row's length.
+# Each layout's dot product as IR over data pointers: (builder, isa, row, scale, offset, xq, xd,
+# x_sums, xq4, n_values) -> float; `row` the weights' bytes, `scale` and `offset` their float
+# scales and offsets (the block layouts keep theirs in the row and have no offsets), the
+# activations as `quantize_activations` gives them, n_values the row's length.
 
 
-def _nibble_dot_ir(builder, isa, row, scale, xq, xd, xq4, n_values):
+def _nibble_dot_ir(builder, isa, row, scale, offset, xq, xd, x_sums, xq4, n_values):
     def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
         nibbles = _load(builder, row, builder.udiv(start, _const(2)), _vec(_I8, 32))
         weight_scales = _load(builder, scale, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
         return _nibble_values(builder, nibbles, 32), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
 
-    return _row_dot(builder, isa, n_values, xq, None, 0, False, step, tail=False)
+    return _row_dot(builder, isa, n_values, xq, None, 0, False, step, tail=False, offsets=(offset, x_sums))
 
 
 def _int8_dot_ir(sub: int):
     """int8 rows (kernels.int8), a float scale per `sub` values."""
 
-    def build(builder, isa, row, scale, xq, xd, xq4, n_values):
+    def build(builder, isa, row, scale, offset, xq, xd, x_sums, xq4, n_values):
         signed = _signed(isa, 128)
 
         def step(builder, start, width):  # int8 values (+ 128 as unsigned bytes), a scale per sub
@@ -319,7 +334,7 @@ def _blocks_dot_ir(block_bytes: int, bias: int, block_values):
     builder, data, offset, signed)` gives the 32 values of the block at byte `offset` as bytes,
     + bias as unsigned ones (or the values themselves with `signed`)."""
 
-    def build(builder, isa, row, scale, xq, xd, xq4, n_values):
+    def build(builder, isa, row, scale, offset, xq, xd, x_sums, xq4, n_values):
         signed = _signed(isa, bias)
 
         def step(builder, start, width):
@@ -368,7 +383,7 @@ def assembly(isa: str, triple: str, cpu: str = "", features: str = "") -> str:
     """The five dot products of a path compiled for a target as assembly (to check paths this
     machine cannot run: `assembly("i8mm", "aarch64-unknown-linux-gnu", features="+neon,+i8mm")`)."""
     module = ir.Module(name=f"intdot_{isa}")
-    pointers = [t.as_pointer() for t in (_I8, _F32, _I8, _F32, _I32)]
+    pointers = [t.as_pointer() for t in (_I8, _F32, _F32, _I8, _F32, _F32, _I32)]
     for name, (build, _, _) in LAYOUTS.items():
         function = ir.Function(module, ir.FunctionType(_F32, [*pointers, _I64]), name=name)
         builder = ir.IRBuilder(function.append_basic_block("entry"))
@@ -389,14 +404,17 @@ def _checked(arrays, dtypes) -> bool:
     return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in zip(arrays, dtypes))
 
 
+_FIELDS = ("row", "scale", "offset", "xq", "xd", "x_sums", "xq4")
+
+
 def _codegen(isa, name, fields):
     """A numba codegen calling layout `name`'s IR on the arrays given as `fields` (a subset of
-    row, scale, xq, xd, xq4, in that order)."""
+    `_FIELDS`, in that order)."""
     build, row_bytes, per = LAYOUTS[name]
 
     def codegen(context, builder, signature, args):
         arrays = dict(zip(fields, (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args))))
-        pointers = [arrays[f].data if f in arrays else None for f in ("row", "scale", "xq", "xd", "xq4")]
+        pointers = [arrays[f].data if f in arrays else None for f in _FIELDS]
         n = builder.mul(builder.extract_value(arrays["row"].shape, 0), _const(per))
         return build(builder, isa, *pointers, builder.udiv(n, _const(row_bytes)))
 
@@ -405,12 +423,14 @@ def _codegen(isa, name, fields):
 
 def _intrinsics(isa: str):
     @intrinsic
-    def nibble_dot(typingctx, row, scale, xq, xd):
+    def nibble_dot(typingctx, row, scale, offset, xq, xd, x_sums):
         """sum over runs g of a nibble row (kernels.int4 layout, uint8 [cols/2]) of
-        scale[2g] xd[2g] (low nibbles . xq[64g:64g+32]) + scale[2g+1] xd[2g+1] (high . xq[64g+32:64g+64])."""
-        if not _checked((row, scale, xq, xd), (types.uint8, types.float32, types.int8, types.float32)):
+        scale[2g] xd[2g] (low nibbles . xq[64g:64g+32]) + scale[2g+1] xd[2g+1] (high . xq[64g+32:64g+64])
+        + offset[2g] x_sums[2g] + offset[2g+1] x_sums[2g+1]."""
+        arrays = (row, scale, offset, xq, xd, x_sums)
+        if not _checked(arrays, (types.uint8, types.float32, types.float32, types.int8, types.float32, types.float32)):
             return None
-        return types.float32(row, scale, xq, xd), _codegen(isa, "nibble_dot", ("row", "scale", "xq", "xd"))
+        return types.float32(*arrays), _codegen(isa, "nibble_dot", ("row", "scale", "offset", "xq", "xd", "x_sums"))
 
     def blocks_dot(name):
         @intrinsic

@@ -1,11 +1,10 @@
 """Memory intrinsics for the numba kernels: a software prefetch, and a load of an f16.
 
-A decode step reads every weight once, from DRAM: as int8, SmolLM2's 165 MB and Gemma 3 270M's 314 MB
-are far beyond the caches. On the development machine the int8 matvec read them at 6-7 GB/s
-without help although two threads stream 17 GB/s: the hardware prefetcher does not run far
-enough ahead of a loop that works on each row for a while. Asking for the row a few rows
-ahead (`llvm.prefetch`) brought the kernel to 15-18 GB/s (SmolLM2's matrices in a row: 28.5 ms
-a token without the prefetch, 10.1 ms with it; README, "Performance").
+A decode step reads every weight once, from DRAM. On Intel Xeons the hardware prefetcher does
+not run far enough ahead of a loop that works on each row for a while, and asking for the row a
+few rows ahead (`llvm.prefetch`) more than doubled the matvecs' speed; on AMD's Zen cores the
+hardware keeps up by itself and the prefetch instructions only cost (`PREFETCH`; the figures are
+in benchmarks/RESULTS.md).
 
 Indexing: inner loops that index a row at `base + j` index with unsigned integers
 (`np.uint64(...)`). With a signed index numba adds a wrap-around for negative values, LLVM
@@ -15,6 +14,9 @@ cannot then prove the accesses consecutive, and it assembled the vectors byte by
 
 from __future__ import annotations
 
+import os
+
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
@@ -62,16 +64,30 @@ def load_f16(typingctx, array, index):
 
 
 @njit(inline="always")
-def prefetch_row(matrix, r):
-    """Request every cache line of row r of a 2-D array (nothing when r is past its end)."""
-    if r < matrix.shape[0]:
-        row = matrix[r]
+def prefetch_row(matrix, r, ahead):
+    """Request every cache line of row r + ahead of a 2-D array (nothing when ahead is 0 or the
+    row is past its end)."""
+    if ahead > 0 and r + ahead < matrix.shape[0]:
+        row = matrix[r + ahead]
         for i in range(0, row.size, max(1, CACHE_LINE // row.itemsize)):
             prefetch(row, i)
         if row.size:
             prefetch(row, row.size - 1)
 
 
+def _prefetch_pays() -> bool:
+    """Whether the decode kernels prefetch: $POCKETLM_PREFETCH (0 or 1) if set, else on all but
+    AMD's Zen cores, whose hardware prefetchers keep up with the row loop by themselves and where
+    the prefetch instructions cost more than they bring (benchmarks/RESULTS.md)."""
+    forced = os.environ.get("POCKETLM_PREFETCH", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not llvm.get_host_cpu_name().startswith("znver")
+
+
+PREFETCH = _prefetch_pays()
+
+
 def rows_ahead(row_bytes: int) -> int:
-    """How many rows ahead to prefetch for rows of this many bytes."""
-    return max(1, -(-PREFETCH_BYTES // max(row_bytes, 1)))
+    """How many rows ahead to prefetch for rows of this many bytes (0: no prefetch)."""
+    return max(1, -(-PREFETCH_BYTES // max(row_bytes, 1))) if PREFETCH else 0
