@@ -92,6 +92,15 @@ def test_tensor_offset_outside_the_file_is_rejected(tmp_path):
         GGUFFile(path)
 
 
+def test_dimensions_whose_product_overflows_64_bits_are_rejected(tmp_path):
+    """2^40 x 2^40 values: a product taken in 64-bit integers wraps to 0 bytes, which would fit."""
+    path = tmp_path / "m.gguf"
+    write_small(path)
+    patch_mat_info(path, 4, struct.pack("<QQ", 1 << 40, 1 << 40))  # past n_dims: the two dimensions
+    with pytest.raises(ModelFileError, match="'mat'.*outside"):
+        GGUFFile(path)
+
+
 def test_unsupported_tensor_type_is_rejected(tmp_path):
     path = tmp_path / "m.gguf"
     write_small(path)

@@ -7,6 +7,7 @@ alignment, then tensor data. Tensors are numpy views into the mmap: nothing is c
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -90,7 +91,7 @@ class Tensor:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     def dequantize(self) -> np.ndarray:
         return dequantize(self.data, self.kind, self.shape)
@@ -238,7 +239,7 @@ class GGUFFile:
         data_size = len(buf) - data_start
         for name, kind, shape, offset in infos:
             try:
-                nbytes = tensor_nbytes(kind, int(np.prod(shape)))
+                nbytes = tensor_nbytes(kind, math.prod(shape))  # Python ints: no 64-bit wrap-around
             except Exception as e:
                 raise ModelFileError(f"{self.path}: tensor {name!r}: {e}") from None
             if shape[-1] % BLOCK_LAYOUT[kind][0]:
