@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .backends.cpu import CpuBackend
-from .errors import ContextLengthError, InvalidOptionError, UnsupportedError
+from .errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedError
 from .formats.gguf import GGUFFile
 from .kvcache import KVCache
 from .models import build_model
@@ -69,7 +69,12 @@ class LoadedModel:
             # One token through the model: the numba kernels are loaded from their cache and the
             # q/k/v and gate/up rows stacked now, not in the first prompt (llama.cpp, too, runs a
             # warm-up pass when it loads a model).
-            self.model.forward(self.ops, np.zeros(1, np.int64), self.make_cache(1))
+            try:
+                self.model.forward(self.ops, np.zeros(1, np.int64), self.make_cache(1))
+            except ModelFileError as e:
+                raise ModelFileError(f"{self.path}: {e}") from None
+            except (ValueError, IndexError) as e:  # numpy's reshape or broadcast of tensors that do not fit
+                raise ModelFileError(f"{self.path}: the tensors do not fit the model's hyper-parameters ({e})") from None
 
     def _copy_out(self, tensor, chunk: int = 1 << 24) -> np.ndarray:
         """A resident copy of a tensor's bytes, its file pages let go chunk by chunk (so that the

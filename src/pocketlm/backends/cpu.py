@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from ..errors import ModelFileError
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import activations, blocks, int4, int8, isa
@@ -29,6 +30,18 @@ DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numb
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 Packed = int8.Int8Weight | int4.Int4Weight | blocks.BlockWeight
+
+
+# The numba kernels trust their arrays' sizes (they read a row's length of the input), so a file
+# whose tensor shapes disagree with its hyper-parameters is stopped before a kernel runs.
+def _mismatch(w: Tensor, what: str) -> ModelFileError:
+    return ModelFileError(f"tensor {w.name!r} {list(w.shape)} {what}: its shape does not match the model's "
+                          "hyper-parameters (a corrupt or hand-edited file)")
+
+
+def _check_width(x: np.ndarray, w: Tensor) -> None:
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[-1]:
+        raise _mismatch(w, f"multiplies vectors of {x.shape[-1]} values")
 
 
 class CpuBackend:
@@ -113,6 +126,7 @@ class CpuBackend:
 
     def linear(self, x: np.ndarray, w: Tensor, bias: Tensor | None = None) -> np.ndarray:
         """x [T, in] @ W[out, in].T (+ bias) -> [T, out]."""
+        _check_width(x, w)
         packed = self.packed(w)
         if packed is None:
             y = x @ self.dense(w).T
@@ -126,6 +140,8 @@ class CpuBackend:
         """[x @ W.T (+ b) for each W]: matrices that take the same input (q/k/v, gate/up) are
         multiplied in one kernel call when they are repacked alike; a decode step makes a few
         hundred calls, each costing some microseconds besides its work."""
+        for w in weights:
+            _check_width(x, w)
         stacked = self._stack(weights)
         if stacked is None:
             return [self.linear(x, w, b) for w, b in zip(weights, biases)]
@@ -170,6 +186,9 @@ class CpuBackend:
         if w.name in self._dequantized:
             return self._dequantized[w.name][ids]
         n_rows, dim = w.shape
+        if len(ids) and (int(np.min(ids)) < 0 or int(np.max(ids)) >= n_rows):
+            raise ModelFileError(f"tensor {w.name!r} has {n_rows} rows but token id {int(np.max(ids))} was asked for: "
+                                 "the file's vocabulary and embedding disagree")
         row_bytes = w.nbytes // n_rows
         rows = self._pinned.get(w.name, w.data).reshape(n_rows, row_bytes)[np.asarray(ids)]
         return dequantize(rows, w.kind, (len(ids), dim))
@@ -178,6 +197,8 @@ class CpuBackend:
 
     def rms_norm(self, x: np.ndarray, w: Tensor | None, eps: float) -> np.ndarray:
         weight = self.dense(w) if w is not None else None
+        if weight is not None and weight.shape[-1] != x.shape[-1]:
+            raise _mismatch(w, f"normalises vectors of {x.shape[-1]} values")
         if self.fast and weight is not None and weight.ndim == 1 and x.dtype == np.float32:
             rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
             out = np.empty_like(rows)
@@ -244,6 +265,9 @@ class CpuBackend:
         `freq_factors` (llama.cpp's rope_freqs tensor) divide each frequency (Llama 3 scaling).
         """
         half = n_dims // 2
+        if not 0 < n_dims <= x.shape[-1] or n_dims % 2:
+            raise ModelFileError(f"RoPE over {n_dims} dimensions of heads of {x.shape[-1]}: the file's "
+                                 "rope dimension count does not fit its heads")
         cos, sin = self.rope_tables(positions, base, n_dims, freq_scale, freq_factors)
         if self.fast and x.dtype == np.float32:
             out = np.empty(x.shape, np.float32)
@@ -288,6 +312,9 @@ class CpuBackend:
         """
         T, n_heads, _ = q.shape
         S, n_kv, _ = k.shape
+        if n_heads % n_kv or q.shape[-1] != k.shape[-1] or v.shape[:2] != k.shape[:2]:
+            raise ModelFileError(f"attention of {n_heads} query heads {q.shape[-1]} wide over {n_kv} key heads "
+                                 f"{k.shape[-1]} wide: the file's head counts do not fit its tensors")
         group = n_heads // n_kv
         if T <= DECODE_ATTENTION_MAX_T and self.fast:
             out = np.empty((T, n_heads, v.shape[-1]), np.float32)

@@ -1,0 +1,60 @@
+"""Model files whose tensors disagree with their hyper-parameters are refused at load, in one line
+naming the tensor, before a numba kernel can read past an array (which crashed the process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pocketlm import load
+from pocketlm.convert import ConversionConfig, convert
+from pocketlm.errors import ModelFileError
+from pocketlm.formats.gguf import GGUFFile, GGUFWriter
+
+
+@pytest.fixture(scope="module")
+def q8_llama(tiny, tmp_path_factory):
+    """A tiny Llama with Q8_0 matrices: the decode kernels read them in place."""
+    folder = tiny("llama")[1]
+    return convert(folder, tmp_path_factory.mktemp("q8") / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
+
+
+def rewritten(src, dst, shapes=None, metadata=None):
+    """A copy of a GGUF file with some tensors given other shapes (same bytes) or other metadata."""
+    f = GGUFFile(src)
+    w = GGUFWriter()
+    for key, value in {**f.metadata, **(metadata or {})}.items():
+        w.add(key, value)
+    for name, t in f.tensors.items():
+        w.add_tensor(name, t.kind, (shapes or {}).get(name, t.shape), lambda t=t: t.data)
+    w.write(dst)
+    return dst
+
+
+def test_a_matrix_whose_shape_is_transposed_is_named_at_load(q8_llama, tmp_path):
+    """Same bytes, rows and columns swapped: the kernel would read a row twice the input's length."""
+    name = "blk.0.ffn_down.weight"
+    rows, cols = GGUFFile(q8_llama).tensors[name].shape
+    bad = rewritten(q8_llama, tmp_path / "bad.gguf", shapes={name: (cols, rows)})
+    with pytest.raises(ModelFileError, match=rf"bad.gguf: tensor '{name}' \[{cols}, {rows}\] multiplies vectors of"):
+        load(bad)
+
+
+def test_head_counts_that_do_not_fit_the_tensors_are_refused(q8_llama, tmp_path):
+    heads = GGUFFile(q8_llama).metadata["llama.attention.head_count"]
+    bad = rewritten(q8_llama, tmp_path / "heads.gguf", metadata={"llama.attention.head_count_kv": heads + 1})
+    with pytest.raises(ModelFileError, match="heads.gguf: "):
+        load(bad)
+
+
+def test_a_crafted_file_is_one_line_and_exit_2_in_a_real_process(q8_llama, tmp_path):
+    """Run in a child: before the checks this file crashed or read neighbouring memory."""
+    name = "blk.1.attn_output.weight"
+    rows, cols = GGUFFile(q8_llama).tensors[name].shape
+    bad = rewritten(q8_llama, tmp_path / "crafted.gguf", shapes={name: (rows // 2, cols * 2)})
+    result = subprocess.run([sys.executable, "-m", "pocketlm", "run", str(bad), "Hi", "--max-tokens", "16"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert name in result.stderr and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
