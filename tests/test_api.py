@@ -103,6 +103,31 @@ def test_prompt_longer_than_max_tokens_is_a_clear_error(tiny):
         llm.generate_response("word " * 40)
 
 
+def test_a_chat_turn_that_does_not_fit_leaves_the_session_as_it_was(tiny):
+    """The long message is refused; the next one is answered as by a session that never saw it."""
+    llm = LlmInference(tiny("llama")[2], max_tokens=64, temperature=0.0)
+    session, fresh = llm.create_session(), llm.create_session()
+    with pytest.raises(ContextLengthError):
+        session.chat("word " * 80, max_new_tokens=4)
+    assert session.chat("Hi", max_new_tokens=6) == fresh.chat("Hi", max_new_tokens=6)
+    assert session.tokens == fresh.tokens
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_max_new_tokens_must_be_a_positive_integer(tiny, value):
+    llm = LlmInference(tiny("llama")[2], max_tokens=64, temperature=0.0)
+    with pytest.raises(InvalidOptionError, match="max_new_tokens"):
+        llm.generate_response("Hello", max_new_tokens=value)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+    session = LlmInference(tiny("llama")[2], max_tokens=64).create_session()
+    for ids in ([-1], [10**9]):
+        with pytest.raises(InvalidOptionError, match="token ids must be in"):
+            session.add_token_ids(ids)
+    assert session.tokens == []
+
+
 @pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_p=2.0), dict(max_tokens=0)])
 def test_bad_options_are_rejected_at_construction(tiny, options):
     with pytest.raises(InvalidOptionError):

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
+import numpy as np
+
 from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
 from .errors import InvalidOptionError
 from .registry import resolve_model
@@ -119,7 +121,9 @@ class Session:
 
     def add_token_ids(self, ids: list[int]) -> None:
         """Append tokens that are already tokenized (e.g. by a server that counted them)."""
-        self._pending_ids += list(ids)
+        ids = [int(i) for i in ids]
+        self._lm.check_ids(np.asarray(ids, np.int64))
+        self._pending_ids += ids
 
     def add_messages(self, messages: list[dict[str, str]]) -> None:
         """Append chat messages; the conversation is rendered with the model's template and only
@@ -133,15 +137,28 @@ class Session:
             self._cached_ids, self._pending_ids = [], ids
 
     def chat(self, message: str, listener: Listener | None = None, max_new_tokens: int | None = None) -> str:
-        """Add a user message and return the reply, which joins the conversation."""
+        """Add a user message and return the reply, which joins the conversation. A reply that
+        fails before the model saw the message (a full context, a bad option) leaves the session
+        as it was, so the next message still gets an answer."""
+        before = (list(self._messages), list(self._pending_ids), list(self._cached_ids), self._cache, self._cache.offset)
         self.add_messages([{"role": "user", "content": message}])
-        reply = self.generate_response(listener, max_new_tokens)
+        try:
+            reply = self.generate_response(listener, max_new_tokens)
+        except BaseException:
+            messages, pending, cached, cache, offset = before
+            if cache.offset == offset:  # nothing of this turn reached the cache the session had
+                self._messages, self._pending_ids, self._cached_ids, self._cache = messages, pending, cached, cache
+            raise
         self._messages.append({"role": "assistant", "content": reply})
         return reply
 
     def generate_response_stream(self, max_new_tokens: int | None = None) -> Iterator[str]:
         """Text pieces of the reply to everything added so far (at most `max_new_tokens`, if
         given; the reply also ends at a stop token or when the context is full)."""
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
+            raise InvalidOptionError(f"max_new_tokens must be an integer >= 1 (or None: up to the context), "
+                                     f"got {max_new_tokens!r}")
         if not self._pending_ids:
             raise InvalidOptionError("nothing to answer: add a query chunk or a message first")
         prompt, self._pending_ids = self._pending_ids, []
