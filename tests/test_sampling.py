@@ -42,3 +42,10 @@ def test_same_seed_same_draws():
 def test_bad_values_raise_one_clear_error(options):
     with pytest.raises(InvalidOptionError, match=next(iter(options))):
         make_sampler(**options)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-30])
+def test_a_tiny_temperature_samples_the_best_token_instead_of_failing_on_nan(temperature):
+    logits = np.array([3.0, 7.5, -2.0, 7.4], np.float32)
+    sample = make_sampler(temperature, top_k=0, top_p=1.0, seed=1)
+    assert [sample(logits) for _ in range(5)] == [1] * 5

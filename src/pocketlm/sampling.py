@@ -56,7 +56,10 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
-        scaled = logits.astype(np.float64) / temperature
+        # the largest logit first taken out: a tiny temperature then gives 0 and -inf, not inf - inf = NaN
+        logits = logits.astype(np.float64)
+        with np.errstate(over="ignore"):
+            scaled = (logits - np.max(logits)) / temperature
         probs = softmax(top_p_filter(top_k_filter(scaled, top_k), top_p))
         return int(rng.choice(len(probs), p=probs))
 
