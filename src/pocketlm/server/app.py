@@ -70,6 +70,8 @@ def parse_params(body: dict, context_size: int) -> Params:
         stop = [stop]
     if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
         raise RequestError(400, "'stop' must be a string or a list of at most 4 strings", param="stop")
+    for s in stop:
+        _check_text(s, "'stop'", "stop")
     options = body.get("stream_options") or {}
     return Params(
         max_new_tokens=_number(body, "max_tokens", context_size, 1, context_size, integer=True),  # default: what fits
@@ -83,6 +85,14 @@ def parse_params(body: dict, context_size: int) -> Params:
     )
 
 
+def _check_text(text: str, where: str, param: str) -> None:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(400, f"{where} is not valid Unicode (a lone surrogate)", param=param) from None
+
+
 def _messages(body: dict) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -93,9 +103,13 @@ def _messages(body: dict) -> list[dict[str, str]]:
             raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise RequestError(400, f"messages[{i}].content: a text part's 'text' must be a string", param="messages")
+            content = "".join(texts)
         if not isinstance(content, str):
             raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
+        _check_text(content, f"messages[{i}].content", "messages")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
 
@@ -122,6 +136,8 @@ class OpenAIServer:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise RequestError(400, "request body is not valid JSON") from None
+        except RecursionError:
+            raise RequestError(400, "request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object")
         model = body.get("model")
@@ -176,6 +192,7 @@ class OpenAIServer:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise RequestError(400, "'prompt' must be a non-empty string", param="prompt")
+        _check_text(prompt, "'prompt'", "prompt")
         params = parse_params(body, self.context_size)
         return await self._complete(request, self._job(self.llm.tokenizer.encode(prompt), params), params, chat=False)
 
