@@ -186,3 +186,12 @@ def test_large_tensors_converted_by_bands_of_rows_give_the_same_file(tiny, tmp_p
     monkeypatch.setattr(conversion, "CHUNK_VALUES", 1000)
     banded = convert(folder, tmp_path / "banded.gguf", ConversionConfig(quant="q8_0"), progress=False)
     assert whole.read_bytes() == banded.read_bytes()
+
+
+def test_converting_onto_a_folder_is_refused_before_any_work(tiny, tmp_path):
+    """Named up front, not after converting every tensor (it used to end in a traceback)."""
+    from pocketlm.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="is a folder; give the output file's name"):
+        convert(tiny("llama")[1], tmp_path, ConversionConfig(quant="q8_0"), progress=False)
+    assert list(tmp_path.iterdir()) == []

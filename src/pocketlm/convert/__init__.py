@@ -37,6 +37,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, config: ConversionCo
         raise ModelFileError(f"{out}: the output would overwrite the input; choose another name")
     if not out.parent.is_dir():
         raise ModelFileError(f"{out.parent}: output folder does not exist")
+    if out.is_dir():
+        raise ModelFileError(f"{out}: is a folder; give the output file's name (e.g. {out / 'model.gguf'})")
     writer = _from_gguf(GGUFFile(src), config) if src.is_file() else _from_checkpoint(HFCheckpoint(src), config)
     total = sum(t.nbytes for t in writer.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress,
