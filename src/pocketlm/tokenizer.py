@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .errors import ModelFileError, PocketLMError, UnsupportedError
+from . import chat_template
+from .errors import ModelFileError, UnsupportedError
 from .formats.gguf import TokenType
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL,
@@ -225,20 +224,8 @@ class GGUFTokenizer:
         template = self.chat_template
         if not template:
             template = _FALLBACK_TEMPLATES["gemma" if architecture.startswith("gemma") else "chatml"]
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        special = {
-            "bos_token": self.bos_token or "",
-            "eos_token": self.eos_token or "",
-        }
-        try:
-            return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
-        except TemplateError as e:
-            raise PocketLMError(f"the model's chat template failed: {e}") from None
+        special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
+        return chat_template.render(template, messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
     def encode_chat(self, messages, add_generation_prompt: bool = True, architecture: str = "") -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt, architecture)
