@@ -10,7 +10,7 @@ import pytest
 
 from pocketlm import load
 from pocketlm.convert import ConversionConfig, convert
-from pocketlm.errors import ModelFileError
+from pocketlm.errors import ModelFileError, PocketLMError
 from pocketlm.formats.gguf import GGUFFile, GGUFWriter
 
 
@@ -58,3 +58,19 @@ def test_a_crafted_file_is_one_line_and_exit_2_in_a_real_process(q8_llama, tmp_p
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr[-2000:]
     assert name in result.stderr and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("change", [
+    {"tokenizer.ggml.bos_token_id": 10**6},
+    {"tokenizer.ggml.merges": ["no-space-here", "a b c d"]},
+    {"tokenizer.ggml.token_type": "not an array"},
+    {"tokenizer.ggml.tokens": [1, 2, 3]},
+    {"tokenizer.ggml.model": 7},
+])
+def test_a_corrupt_tokenizer_in_the_metadata_is_one_line(q8_llama, change):
+    from pocketlm.tokenizer import GGUFTokenizer
+
+    f = GGUFFile(q8_llama)
+    with pytest.raises(PocketLMError, match="m.gguf: ") as info:
+        GGUFTokenizer({**f.metadata, **change}, "m.gguf")
+    assert "\n" not in str(info.value)

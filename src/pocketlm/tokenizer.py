@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from . import chat_template
-from .errors import ModelFileError, UnsupportedError
+from .errors import ModelFileError, PocketLMError, UnsupportedError
 from .formats.gguf import TokenType
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL,
@@ -168,6 +168,15 @@ class GGUFTokenizer:
     """Text <-> token ids for one model file, plus its special ids and chat template."""
 
     def __init__(self, metadata: dict[str, Any], source: str = "model file"):
+        try:
+            self._build(metadata, source)
+        except PocketLMError:
+            raise
+        except Exception as e:  # tokenizers' own errors, ids out of range, metadata of the wrong type
+            detail = " ".join(str(e).split())[:300]  # the library's messages run over several lines
+            raise ModelFileError(f"{source}: the tokenizer in its metadata is corrupt ({type(e).__name__}: {detail})") from None
+
+    def _build(self, metadata: dict[str, Any], source: str) -> None:
         def need(key):
             if key not in metadata:
                 raise ModelFileError(f"{source}: tokenizer metadata {key!r} is missing")
