@@ -74,3 +74,27 @@ def test_a_corrupt_tokenizer_in_the_metadata_is_one_line(q8_llama, change):
     with pytest.raises(PocketLMError, match="m.gguf: ") as info:
         GGUFTokenizer({**f.metadata, **change}, "m.gguf")
     assert "\n" not in str(info.value)
+
+
+HOSTILE_VALUES = [0, -1, 2**31, 2**62, 1.5, float("nan"), "abc", True, [1, 2], ["a"]]
+
+
+def test_every_metadata_key_with_hostile_values_loads_or_fails_in_one_line(q8_llama, tmp_path):
+    """Each key of a real file set to each value of the wrong type or range in turn: the model
+    loads and renders a chat, or a PocketLMError says why; nothing else (a traceback) escapes."""
+    from pocketlm.engine import LoadedModel
+
+    f = GGUFFile(q8_llama)
+    escaped = []
+    for key in [*f.metadata, "general.alignment"]:
+        for value in HOSTILE_VALUES:
+            path = rewritten(q8_llama, tmp_path / "m.gguf", metadata={key: value})
+            try:
+                GGUFFile(path)  # what `inspect` reads
+                lm = LoadedModel(path)
+                lm.tokenizer.encode_chat([{"role": "user", "content": "hi"}], architecture=lm.architecture)
+            except PocketLMError as e:
+                assert "\n" not in str(e)
+            except Exception as e:
+                escaped.append(f"{key}={value!r}: {type(e).__name__}: {e}")
+    assert not escaped, "\n".join(escaped)

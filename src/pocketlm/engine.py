@@ -48,7 +48,10 @@ class LoadedModel:
             raise InvalidOptionError(f"backend {backend!r} is not available (available: {', '.join(BACKENDS)})")
         self.file = GGUFFile(path)
         self.path = self.file.path
-        self.model = build_model(self.file.metadata, self.file.tensors)
+        try:
+            self.model = build_model(self.file.metadata, self.file.tensors)
+        except ModelFileError as e:
+            raise ModelFileError(f"{self.path}: {e}") from None
         # The tokenizer first: building it needs transient memory, best spent before the weights.
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):

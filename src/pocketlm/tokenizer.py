@@ -203,6 +203,8 @@ class GGUFTokenizer:
         self.eos_token = tokens[self.eos_id] if self.eos_id is not None else None
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         self.chat_template = metadata.get("tokenizer.chat_template")
+        if not isinstance(self.chat_template, (str, type(None))):
+            raise ModelFileError(f"{source}: tokenizer.chat_template must be a string, not {type(self.chat_template).__name__}")
         self.stop_ids = self._stop_ids(metadata, tokens)
 
     def token(self, i: int) -> str:

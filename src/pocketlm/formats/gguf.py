@@ -215,9 +215,11 @@ class GGUFFile:
             item_type = cur.last_item_type if vtype == ValueType.ARRAY else None
             self.value_types[key] = (ValueType(vtype), item_type)
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise ModelFileError(f"{self.path}: general.alignment {alignment} is not a power of two")
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(alignment, bool) or not isinstance(alignment, (int, np.integer)) or not 0 < alignment <= 1 << 30 \
+                or alignment & (alignment - 1):
+            raise ModelFileError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
+        alignment = int(alignment)
         data_start = -(-cur.pos // alignment) * alignment
         self._map_tensors(infos, buf, data_start, alignment)
 
@@ -297,7 +299,9 @@ def _value_type(value: Any) -> ValueType:
     if isinstance(value, bool):
         return ValueType.BOOL
     if isinstance(value, int):
-        return ValueType.INT32 if value < 0 else ValueType.UINT32
+        if -(1 << 31) <= value < 1 << 32:
+            return ValueType.INT32 if value < 0 else ValueType.UINT32
+        return ValueType.INT64 if value < 0 else ValueType.UINT64
     if isinstance(value, float):
         return ValueType.FLOAT32
     if isinstance(value, str):

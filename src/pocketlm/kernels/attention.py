@@ -120,7 +120,7 @@ def _merge(part_max, part_sum, part_out, n_chunks, out):
                     src = part_out[items + c, h]
                     for d in range(Dv):
                         dst[d] += w * src[d]
-            inv = np.float32(1.0) / total
+            inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)  # 0: scores all NaN (broken weights)
             for d in range(Dv):
                 dst[d] *= inv
 

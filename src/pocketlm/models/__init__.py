@@ -18,7 +18,7 @@ ARCHITECTURES = {
 def build_model(metadata: Mapping[str, Any], tensors: Mapping[str, Any]) -> CausalLM:
     """The model for `metadata["general.architecture"]`, with `tensors` by llama.cpp name."""
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise UnsupportedError(
             f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )

@@ -26,6 +26,9 @@ class ModelArgs:
 
     _keys = {}  # field name -> metadata key without the "{arch}." prefix (see formats.gguf.arch_key)
 
+    _per_layer = frozenset()  # int fields that may also be one value per layer (a list)
+    _positive = frozenset()  # fields that must be at least 1 (integers) or above 0 (numbers)
+
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> "ModelArgs":
         arch = metadata["general.architecture"]
@@ -35,7 +38,41 @@ class ModelArgs:
         missing = [keys[f.name] for f in fields(cls) if f.name not in values and f.default is _REQUIRED]
         if missing:
             raise ModelFileError(f"model metadata lacks {', '.join(missing)}")
+        for f in fields(cls):
+            if f.name in keys and f.name in values:
+                values[f.name] = cls._checked(keys[f.name], f.name, values[f.name], str(f.type))
         return cls(**values)
+
+    @classmethod
+    def _checked(cls, key: str, name: str, value: Any, annotation: str) -> Any:
+        """A metadata value as its field's type says (int, float, str, bool, optionally None),
+        within sane bounds; other fields (`object`) are the architecture's to check."""
+        kinds = {k.strip() for k in annotation.split("|")}
+        if value is None and "None" in kinds:
+            return None
+        if "int" in kinds:
+            low = 1 if name in cls._positive else 0
+            if name in cls._per_layer and isinstance(value, (list, np.ndarray)) and len(value):
+                return [_int(key, v, low) for v in value]
+            return _int(key, value, low)
+        if "float" in kinds:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value) or name in cls._positive and value <= 0:
+                sign = "positive" if name in cls._positive else "finite"
+                raise ModelFileError(f"model metadata {key} must be a {sign} number, not {value!r}")
+            return float(value)
+        if "str" in kinds and not isinstance(value, str) or "bool" in kinds and not isinstance(value, (bool, np.bool_)):
+            raise ModelFileError(f"model metadata {key} must be a {annotation}, not {value!r}")
+        return value
+
+
+MAX_DIMENSION = 1 << 24  # no count or size in a model's hyper-parameters comes near this
+
+
+def _int(key: str, value: Any, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= MAX_DIMENSION:
+        raise ModelFileError(f"model metadata {key} must be an integer in [{low}, {MAX_DIMENSION}], not {value!r}")
+    return int(value)
 
 
 REQUIRED: Any = _REQUIRED
@@ -56,12 +93,21 @@ class DecoderArgs(ModelArgs):
     norm_eps: float = 1e-5
     context_length: int = 2048
 
+    _positive = frozenset({"hidden_size", "n_layers", "n_heads", "ffn_size", "n_kv_heads", "head_dim", "context_length",
+                           "rope_base"})
     _keys = {
         "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
         "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
         "head_dim": "attention.key_length", "rope_base": "rope.freq_base", "rope_dims": "rope.dimension_count",
         "norm_eps": "attention.layer_norm_rms_epsilon", "context_length": "context_length",
     }
+
+    def __post_init__(self):
+        kv_heads = self.n_kv_heads or self.n_heads
+        head_dim = self.head_dim or self.hidden_size // self.n_heads
+        if self.n_heads % kv_heads or not 0 < kv_heads * head_dim <= 1 << 20:
+            raise ModelFileError(f"model metadata: {self.n_heads} attention heads, {kv_heads} key/value heads of "
+                                 f"{head_dim} values do not make an attention layer")
 
     def attention_spec(self, **overrides) -> "AttentionSpec":
         """The usual attention of these hyper-parameters (NeoX RoPE over rope_dims, 1/sqrt(d)

@@ -14,6 +14,7 @@ class Gemma2Args(gemma3.Gemma3Args):
     default_period = 2
 
     def __post_init__(self):
+        super().__post_init__()
         self.rope_base_swa = self.rope_base  # one base for every layer
 
 

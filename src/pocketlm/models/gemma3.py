@@ -28,6 +28,7 @@ class Gemma3Args(DecoderArgs):
     norm_eps: float = 1e-6
     context_length: int = 32768
 
+    _positive = DecoderArgs._positive | {"rope_base_swa"}
     _keys = {
         **DecoderArgs._keys,
         "rope_base_swa": "rope.freq_base_swa", "rope_scale": "rope.scaling.factor",

@@ -41,6 +41,7 @@ class Gemma3nArgs(Gemma3Args):
         "sparsity_scale": "activation_sparsity_scale", "coef_clip": "pocketlm.altup.coef_clip",
     }
     default_period = 5
+    _per_layer = frozenset({"ffn_size"})  # MatFormer slices: one FFN width per layer
 
     def kv_source(self, i: int) -> int | None:
         """The layer whose keys and values layer i reuses (the last unshared layer of its kind),
