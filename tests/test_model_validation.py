@@ -98,3 +98,19 @@ def test_every_metadata_key_with_hostile_values_loads_or_fails_in_one_line(q8_ll
             except Exception as e:
                 escaped.append(f"{key}={value!r}: {type(e).__name__}: {e}")
     assert not escaped, "\n".join(escaped)
+
+
+def test_a_few_hundred_mutated_files_end_in_one_line_errors_or_load_never_a_crash(q8_llama):
+    """The CI-sized run of scripts/fuzz_gguf.py (the long runs' figures are in README): byte flips,
+    extreme integers over header fields, truncations, NaN/inf over tensor data."""
+    from pathlib import Path
+
+    scripts = str(Path(__file__).parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)  # spawned workers get the same sys.path
+    import fuzz_gguf
+
+    result = fuzz_gguf.fuzz(q8_llama, cases=300, seed=11)
+    bad = {k: result["counts"][k] for k in ("traceback", "crash", "hang")}
+    assert bad == {"traceback": 0, "crash": 0, "hang": 0}, result["examples"]
+    assert result["counts"]["error"] > 100 and result["counts"]["loaded"] > 10  # the mutations did reach the loader

@@ -6,6 +6,7 @@ Three layers, each small: `prefill` / `decode_step` (one forward pass each), `ge
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,8 @@ def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], samp
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     while True:
+        if not math.isfinite(float(np.max(logits))):  # NaN propagates through max; one pass over the row
+            raise ModelFileError(f"{lm.path}: the model computed NaN or infinite logits: its weights are corrupt")
         token = sampler(logits)
         stats.token_ids.append(token)
         if token in lm.tokenizer.stop_ids:

@@ -220,7 +220,7 @@ class GGUFFile:
                 or alignment & (alignment - 1):
             raise ModelFileError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
         alignment = int(alignment)
-        data_start = -(-cur.pos // alignment) * alignment
+        self.data_start = data_start = -(-cur.pos // alignment) * alignment  # the header's end, aligned
         self._map_tensors(infos, buf, data_start, alignment)
 
     def _tensor_info(self, cur: _Cursor) -> tuple[str, GGMLType, tuple[int, ...], int]:

@@ -101,7 +101,7 @@ def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunk
                         out_flat[np.uint64(h * Dv + d)] += p * vf[np.uint64(v_base + d)]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _merge(part_max, part_sum, part_out, n_chunks, out):
     T, n_heads, Dv = out.shape
     for t in range(T):
