@@ -260,3 +260,36 @@ def test_chat_page_streams_and_stops_in_chromium(smol_server):
         assert len(reply.text_content()) == stopped_at  # nothing arrives after Stop
         page.screenshot(path=str(ARTIFACTS / "chat-page-stopped.png"))
         browser.close()
+
+
+def test_chat_page_asks_for_the_api_key_and_then_works_in_chromium(tiny):
+    """With --api-key the page used to fail every request: it now shows a key field on the 401,
+    sends the key, and does not resend the failed turn."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    server = LiveServer(create_app(LlmInference(tiny("llama")[2]), "tiny", context_size=256, api_key="s3cret"))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("#api-key", state="visible", timeout=10000)  # /v1/models answered 401
+            page.fill("#max-tokens", "8")
+            page.fill("#prompt", "Hello")
+            page.press("#prompt", "Enter")
+            page.wait_for_selector(".message.error", timeout=10000)
+            assert "API key" in page.locator(".message.error").text_content()
+            page.fill("#api-key", "s3cret")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.querySelector('#model').textContent === 'tiny'", timeout=10000)
+            page.fill("#prompt", "Hello again")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("document.querySelector('.message.assistant:last-of-type') && "
+                                   "[...document.querySelectorAll('.message.assistant')].pop().dataset.state === 'done'",
+                                   timeout=30000)
+            browser.close()
+    finally:
+        server.stop()

@@ -7,6 +7,22 @@ const conversation = $("conversation");
 const history = [];
 let controller = null;
 
+// A server started with --api-key answers 401 without "Authorization: Bearer KEY": the page then
+// shows a key field; the key is kept for this tab only (sessionStorage).
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+function askForKey() {
+  $("key-label").hidden = false;
+  $("api-key").focus();
+}
+$("api-key").value = sessionStorage.getItem("pocketlm-api-key") || "";
+$("api-key").addEventListener("change", () => {
+  sessionStorage.setItem("pocketlm-api-key", $("api-key").value.trim());
+  loadModelName();
+});
+
 function addMessage(role, text) {
   const div = document.createElement("div");
   div.className = "message " + role;
@@ -48,7 +64,7 @@ async function send(prompt) {
   try {
     const response = await fetch("v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       signal: controller.signal,
       body: JSON.stringify({
         messages: history, stream: true, stream_options: { include_usage: true },
@@ -56,6 +72,7 @@ async function send(prompt) {
       }),
     });
     if (!response.ok) {
+      if (response.status === 401) askForKey();
       const body = await response.json().catch(() => ({}));
       throw new Error((body.error && body.error.message) || response.statusText);
     }
@@ -83,7 +100,8 @@ async function send(prompt) {
       addMessage("error", "Error: " + err.message);
     }
   } finally {
-    history.push({ role: "assistant", content: reply.textContent });
+    if (reply.dataset.state === "error") history.pop();  // the failed turn is not sent again
+    else history.push({ role: "assistant", content: reply.textContent });
     controller = null;
     $("stop").disabled = true;
     $("send").disabled = false;
@@ -105,4 +123,10 @@ $("prompt").addEventListener("keydown", (event) => {
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
 $("clear").addEventListener("click", () => { history.length = 0; conversation.textContent = ""; });
-fetch("v1/models").then((r) => r.json()).then((m) => { $("model").textContent = m.data[0].id; }).catch(() => {});
+function loadModelName() {
+  fetch("v1/models", { headers: authHeaders() }).then((r) => {
+    if (r.status === 401) return askForKey();
+    return r.json().then((m) => { $("model").textContent = m.data[0].id; });
+  }).catch(() => {});
+}
+loadModelName();
