@@ -236,3 +236,11 @@ def trained_tiny(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that needs a real model (through `real_model`, directly or via another fixture)
+    carries the `real_model` marker, so `-m "not real_model"` leaves out exactly those."""
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_model)

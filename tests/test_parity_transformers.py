@@ -112,14 +112,15 @@ def test_q8_0_conversion_agrees_with_f32_on_top1(tiny, tmp_path, arch):
 
 
 # q4_0 misses 90% on some of these 64-wide models (two 32-value blocks per row). Training runs on
-# torch's CPU kernels, which differ between machines (AVX-512 vs AMX), so the trained weights and
-# the figures move by 1-3 points: measured at 300 steps on two development machines.
-Q4_0_MISSES = {"phi-qk-norm": "0.895 / 0.902", "falcon-40b": "0.898 / 0.902", "stablelm": "0.891 / 0.934",
-               "qwen2": "0.867 / 0.891", "llama": "0.90+ / 0.898", "falcon-rw": "0.90+ / 0.887"}
-TRAINED_CASES = [(arch, "q8_0") for arch in ARCHS] + [
-    pytest.param(arch, "q4_0", marks=pytest.mark.xfail(reason=f"q4_0 top-1 agreement measured {Q4_0_MISSES[arch]}"))
-    if arch in Q4_0_MISSES else (arch, "q4_0") for arch in ARCHS
-]
+# torch's CPU kernels, which differ between machines (AVX-512, AMX, AVX2), so the trained weights and
+# the figures move by 1-3 points. Those variants are held to a bound just under the lowest figure
+# measured (at 300 steps; Xeon / Xeon AMX / AMD EPYC AVX2) instead of 90%.
+Q4_0_BOUNDS = {  # arch: (bound, measured)
+    "phi-qk-norm": (0.88, "0.895 / 0.902 / 0.902"), "falcon-40b": (0.88, "0.898 / 0.902 / 0.895"),
+    "stablelm": (0.875, "0.891 / 0.934 / 0.922"), "qwen2": (0.85, "0.867 / 0.891 / 0.879"),
+    "llama": (0.88, "0.90+ / 0.898 / 0.910"), "falcon-rw": (0.865, "0.90+ / 0.887 / 0.883"),
+}
+TRAINED_CASES = [(arch, "q8_0") for arch in ARCHS] + [(arch, "q4_0") for arch in ARCHS]
 
 
 @pytest.mark.parametrize("arch, quant", TRAINED_CASES)
@@ -132,4 +133,5 @@ def test_quantized_conversion_of_a_trained_checkpoint_agrees_with_f32(trained_ti
     positions = ids[:256]
     agreement = np.mean(load(quantized).logits(positions).argmax(1) == load(f32).logits(positions).argmax(1))
     print(f"{arch} {quant}: top-1 agreement with f32 {agreement:.3f}")
-    assert agreement >= 0.9, agreement
+    bound = Q4_0_BOUNDS[arch][0] if quant == "q4_0" and arch in Q4_0_BOUNDS else 0.9
+    assert agreement >= bound, agreement

@@ -148,7 +148,6 @@ def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.real_model
 def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_model):
     prompt, n = "The capital of France is", 12
     native = LlmInference(real_model("smollm2-135m"), backend="webgpu", temperature=0.0, max_tokens=256,
@@ -188,7 +187,6 @@ def test_the_page_streams_a_reply_and_stop_ends_it(tiny, tmp_path):
     assert "<img" in user_text  # shown as text, never parsed as HTML
 
 
-@pytest.mark.real_model
 def test_gemma3_270m_web_package_replays_to_the_native_logits(real_model, tmp_path):
     """The second real model's package (its 262144-row embedding split by rows where the binding
     limit needs it): a prompt band of the prefill pass and two decode steps."""

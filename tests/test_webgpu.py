@@ -146,7 +146,6 @@ def test_tiny_models_match_the_cpu_backend(tiny, gpu, kind):
     assert greedy(webgpu, ids, 32) == greedy(cpu, ids, 32)
 
 
-@pytest.mark.real_model
 def test_smollm2_greedy_text_equals_the_reference_backend(real_model, gpu):
     """The webgpu kernels multiply float activations, as the reference backend does (the cpu
     backend's decode quantizes them to int8 blocks, `kernels.intdot`, and its text may part)."""
@@ -177,7 +176,6 @@ def test_unsupported_architectures_are_refused_with_the_list(tiny):
         load(path, backend="webgpu")
 
 
-@pytest.mark.real_model
 def test_gemma3_270m_matches_the_cpu_backend_with_its_embedding_split_by_rows(real_model, gpu):
     """Its 262144 x 640 embedding (168 MB as int8) exceeds lavapipe's 128 MB binding limit."""
     path = real_model("gemma3-270m")
