@@ -140,11 +140,11 @@ class CpuBackend:
         """[x @ W.T (+ b) for each W]: matrices that take the same input (q/k/v, gate/up) are
         multiplied in one kernel call when they are repacked alike; a decode step makes a few
         hundred calls, each costing some microseconds besides its work."""
-        for w in weights:
-            _check_width(x, w)
         stacked = self._stack(weights)
         if stacked is None:
-            return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+            return [self.linear(x, w, b) for w, b in zip(weights, biases)]  # each checked there
+        for w in weights:
+            _check_width(x, w)
         packed, ends = stacked
         y = packed.matvec(x[0])[None] if len(x) == 1 else packed.matmul(x)
         parts = [y[:, first:end] for first, end in zip([0, *ends], ends)]  # (np.split: 10 us a call)
