@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,32 @@ def test_run_with_a_model_path_and_sampling_flags(capsys, tiny):
     code, out, err = run_cli(capsys, "run", gguf, "Hello", "--seed", "5", "--top-k", "10", "--top-p", "0.9",
                              "--max-tokens", "40", "--stats")
     assert code == 0 and out.strip() and "tok/s decode" in err
+
+
+def test_run_with_structured_output_flags(capsys, tiny, tmp_path):
+    import jsonschema
+
+    gguf = str(tiny("llama")[2])
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "yes_no.lark").write_text('start: "yes" | "no"')
+    (tmp_path / "digits.gbnf").write_text('root ::= [0-9] [0-9]')
+    code, out, _ = run_cli(capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "schema.json"),
+                           "--max-tokens", "200")
+    assert code == 0
+    jsonschema.validate(json.loads(out), schema)
+    for flag, value, pattern in [("--regex", "[a-f]{4}", "[a-f]{4}"), ("--grammar", tmp_path / "yes_no.lark", "yes|no"),
+                                 ("--grammar", tmp_path / "digits.gbnf", "[0-9]{2}")]:
+        code, out, _ = run_cli(capsys, "run", gguf, "Hello", flag, str(value), "--max-tokens", "200")
+        assert code == 0 and re.fullmatch(pattern, out.strip()), (flag, out)
+    code, out, err = run_cli(capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "missing.json"))
+    assert code == 2 and "missing.json" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text('{"type": "array", "uniqueItems": true}')
+    code, out, err = run_cli(capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "bad.json"),
+                             "--max-tokens", "200")
+    assert code == 2 and "uniqueItems" in err and len(err.strip().splitlines()) == 1
 
 
 def test_inspect_lists_metadata_tensors_and_totals(capsys, real_model):

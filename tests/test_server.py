@@ -4,6 +4,7 @@ disconnects, error responses, and the chat page in a real browser."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -293,3 +294,126 @@ def test_chat_page_asks_for_the_api_key_and_then_works_in_chromium(tiny):
             browser.close()
     finally:
         server.stop()
+
+
+# -- structured output and tools (a tiny random model: valid output is the grammar's doing) ---------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The forecast for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+ALARM_TOOL = {"type": "function", "function": {
+    "name": "set_alarm", "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 23}},
+                                        "required": ["hour"]}}}
+
+
+@pytest.fixture(scope="module")
+def tools_server(tiny):
+    llm = LlmInference(tiny("llama", max_position_embeddings=2048)[2])
+    server = LiveServer(create_app(llm, "tiny", context_size=2048))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tools_client(tools_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=tools_server.url + "/v1", api_key="unused")
+
+
+def test_response_format_json_schema_strict(tools_client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+              "required": ["name", "tags"], "additionalProperties": False}
+    for temperature in (0.0, 1.0):
+        r = tools_client.chat.completions.create(
+            model="tiny", messages=QUESTION, max_tokens=300, temperature=temperature,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = tools_client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=300,
+                                             response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_openai_parse_helper_with_a_pydantic_model(tools_client):
+    from typing import Literal
+
+    import pydantic
+
+    class Forecast(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")  # a random model never ends a free string,
+        city: str = pydantic.Field(max_length=20)  # so none is left open-ended
+        unit: Literal["C", "F"]
+        high: int
+
+    r = tools_client.beta.chat.completions.parse(model="tiny", messages=QUESTION, max_tokens=300,
+                                                 response_format=Forecast)
+    assert isinstance(r.choices[0].message.parsed, Forecast)
+
+
+def test_completions_take_a_response_format(tools_server):
+    body = {"prompt": "x", "max_tokens": 20, "response_format": {"type": "regex", "regex": "[0-9]{3}"}}
+    r = httpx.post(tools_server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and re.fullmatch("[0-9]{3}", r.json()["choices"][0]["text"])
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls_plain_and_streamed(tools_client, choice):
+    import jsonschema
+
+    kwargs = dict(model="tiny", messages=QUESTION, tools=[WEATHER_TOOL, ALARM_TOOL], tool_choice=choice,
+                  max_tokens=300, temperature=0.0)
+    r = tools_client.chat.completions.create(**kwargs)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    (call,) = r.choices[0].message.tool_calls
+    tool = {t["function"]["name"]: t for t in (WEATHER_TOOL, ALARM_TOOL)}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    # streamed: OpenAI's deltas (id and name first, then the arguments), assembled by the client
+    with tools_client.beta.chat.completions.stream(**kwargs) as stream:
+        final = stream.get_final_completion()
+    streamed = final.choices[0].message.tool_calls[0]
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert (streamed.function.name, json.loads(streamed.function.arguments)) == (call.function.name,
+                                                                                 json.loads(call.function.arguments))
+
+
+def test_tool_result_round_trip(tools_client):
+    first = tools_client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER_TOOL],
+                                                 tool_choice="required", max_tokens=300)
+    call = first.choices[0].message.tool_calls[0]
+    messages = QUESTION + [first.choices[0].message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    for tool_choice in ("auto", "none"):
+        r = tools_client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
+                                                 tool_choice=tool_choice, max_tokens=40)
+        message = r.choices[0].message
+        assert (message.content is not None) or message.tool_calls
+    # the same conversation without tools (the model answers from the tool's result)
+    r = tools_client.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
+    assert r.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "uniqueItems": True}}}}, "uniqueItems"),
+    ({"response_format": {"type": "regex", "regex": "(("}}, "regex"),
+    ({"response_format": {"type": "grammar", "grammar": "start: ((("}}, "grammar"),
+    ({"response_format": {"type": "yaml"}}, "response_format type"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "function.name"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 3}}]}]}, "function.name"),
+])
+def test_bad_structured_requests_are_400s(app_client, extra, needle):
+    response = app_client.post("/v1/chat/completions", json=CHAT | extra)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]["message"]

@@ -12,9 +12,10 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 from .api import GenerationOptions, LlmInference, Session, load
 from .convert import ConversionConfig, convert
 from .errors import ContextLengthError, InvalidOptionError, ModelFileError, PocketLMError, UnsupportedError
+from .tools import Reply, ToolCall
 
 __all__ = [
-    "LlmInference", "Session", "GenerationOptions", "load", "convert", "ConversionConfig",
+    "LlmInference", "Session", "GenerationOptions", "load", "convert", "ConversionConfig", "Reply", "ToolCall",
     "PocketLMError", "ModelFileError", "UnsupportedError", "InvalidOptionError", "ContextLengthError",
 ]
 __version__ = "0.1.0"

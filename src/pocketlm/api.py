@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 
@@ -21,8 +21,11 @@ from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
 from .errors import InvalidOptionError
 from .registry import resolve_model
 from .sampling import make_sampler, validate
+from .structured import Constraint, Grammar, compile_format
+from .tools import Reply, ToolPlan
 
 Listener = Callable[[str, bool], None]  # (text piece, done)
+ResponseFormat = Union[dict, type, Grammar, None]  # see Session.generate_response_stream
 
 
 @dataclass(frozen=True)
@@ -81,19 +84,33 @@ class LlmInference:
         return session
 
     def generate_response(self, prompt: str, listener: Listener | None = None,
-                          max_new_tokens: int | None = None) -> str:
-        """The reply to `prompt`; `listener(piece, done)` is called as pieces arrive, if given."""
-        return self._prompt_session(prompt).generate_response(listener, max_new_tokens)
+                          max_new_tokens: int | None = None, response_format: ResponseFormat = None) -> str:
+        """The reply to `prompt`; `listener(piece, done)` is called as pieces arrive, if given.
+        `response_format` constrains it (see `Session.generate_response_stream`)."""
+        return self._prompt_session(prompt).generate_response(listener, max_new_tokens, response_format)
 
-    def generate_response_stream(self, prompt: str, max_new_tokens: int | None = None) -> Iterator[str]:
-        return self._prompt_session(prompt).generate_response_stream(max_new_tokens)
+    def generate_response_stream(self, prompt: str, max_new_tokens: int | None = None,
+                                 response_format: ResponseFormat = None) -> Iterator[str]:
+        return self._prompt_session(prompt).generate_response_stream(max_new_tokens, response_format)
 
-    def chat(self, messages: list[dict[str, str]], listener: Listener | None = None,
-             max_new_tokens: int | None = None) -> str:
-        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...]."""
+    def chat(self, messages: list[dict], listener: Listener | None = None, max_new_tokens: int | None = None,
+             response_format: ResponseFormat = None, tools: list | None = None, tool_choice: Any = "auto",
+             parallel_tool_calls: bool = False) -> str | Reply:
+        """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...].
+
+        With `tools` (OpenAI tool definitions or plain Python functions) the reply is a `Reply`:
+        its `tool_calls` (name and parsed arguments) or its `content`; `reply.message()` joins the
+        conversation, followed by {"role": "tool", "tool_call_id": ..., "content": result} turns.
+        `tool_choice`: "auto", "none", "required" or {"type": "function", "function": {"name": ...}}."""
         session = self.create_session()
-        session.add_messages(messages)
-        return session.generate_response(listener, max_new_tokens)
+        if tools is None:
+            session.add_messages(messages)
+            return session.generate_response(listener, max_new_tokens, response_format)
+        if response_format is not None:
+            raise InvalidOptionError("response_format and tools cannot be combined: tool calls have their own format")
+        plan = ToolPlan(tools, tool_choice, self.tokenizer.chat_template, parallel_tool_calls)
+        session.add_messages(plan.messages(messages), **plan.template_options())
+        return plan.parse(session.generate_response(listener, max_new_tokens, plan.grammar))
 
 
 class Session:
@@ -107,6 +124,7 @@ class Session:
         self._cached_ids: list[int] = []  # tokens whose keys and values are in the cache
         self._pending_ids: list[int] = []  # tokens to run before the next reply
         self._messages: list[dict[str, str]] = []
+        self._template_variables: dict = {}
         self.last_stats: GenerationStats | None = None
 
     @property
@@ -125,11 +143,14 @@ class Session:
         self._lm.check_ids(np.asarray(ids, np.int64))
         self._pending_ids += ids
 
-    def add_messages(self, messages: list[dict[str, str]]) -> None:
-        """Append chat messages; the conversation is rendered with the model's template and only
-        the tokens beyond those already in the cache will be prefilled."""
+    def add_messages(self, messages: list[dict], **template_variables) -> None:
+        """Append chat messages; the conversation is rendered with the model's template (given
+        `template_variables` too, such as `tools`) and only the tokens beyond those already in the
+        cache will be prefilled."""
         self._messages += messages
-        ids = self._lm.tokenizer.encode_chat(self._messages, architecture=self._lm.architecture)
+        self._template_variables = template_variables or self._template_variables
+        ids = self._lm.tokenizer.encode_chat(self._messages, architecture=self._lm.architecture,
+                                             **self._template_variables)
         if ids[: len(self.tokens)] == self.tokens:
             self._pending_ids += ids[len(self.tokens):]
         else:  # the template re-tokenised earlier turns differently: start the cache over
@@ -152,19 +173,29 @@ class Session:
         self._messages.append({"role": "assistant", "content": reply})
         return reply
 
-    def generate_response_stream(self, max_new_tokens: int | None = None) -> Iterator[str]:
+    def generate_response_stream(self, max_new_tokens: int | None = None,
+                                 response_format: ResponseFormat = None) -> Iterator[str]:
         """Text pieces of the reply to everything added so far (at most `max_new_tokens`, if
-        given; the reply also ends at a stop token or when the context is full)."""
+        given; the reply also ends at a stop token or when the context is full).
+
+        `response_format` constrains this reply only: `{"type": "json_object"}`,
+        `{"type": "json_schema", "json_schema": {"schema": {...}}}` (or a pydantic model class),
+        `{"type": "regex", "regex": "..."}`, `{"type": "grammar", "grammar": "...", "syntax":
+        "lark" | "gbnf"}`; the reply ends when the output is complete. A compiled `Grammar` from
+        `pocketlm.structured.compile_format` is taken too (compile once, use many times)."""
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 1):
             raise InvalidOptionError(f"max_new_tokens must be an integer >= 1 (or None: up to the context), "
                                      f"got {max_new_tokens!r}")
         if not self._pending_ids:
             raise InvalidOptionError("nothing to answer: add a query chunk or a message first")
+        grammar = response_format if isinstance(response_format, Grammar) else compile_format(response_format)
+        constraint = Constraint(self._lm.grammar_vocabulary, grammar) if grammar else None
         prompt, self._pending_ids = self._pending_ids, []
         stats = self.last_stats = self._llm.last_stats = GenerationStats()
         try:
-            yield from stream_text(self._lm.tokenizer, generate_tokens(self._lm, self._cache, prompt, self._sampler, stats, max_new_tokens))
+            yield from stream_text(self._lm.tokenizer, generate_tokens(self._lm, self._cache, prompt, self._sampler, stats,
+                                                                         max_new_tokens, constraint))
         finally:
             # The cache offset says how much of prompt + sampled tokens went through the model;
             # the rest (normally the last sampled token) is fed at the start of the next turn.
@@ -172,9 +203,10 @@ class Session:
             fed = self._cache.offset - len(self._cached_ids)
             self._cached_ids, self._pending_ids = self._cached_ids + turn[:fed], turn[fed:]
 
-    def generate_response(self, listener: Listener | None = None, max_new_tokens: int | None = None) -> str:
+    def generate_response(self, listener: Listener | None = None, max_new_tokens: int | None = None,
+                          response_format: ResponseFormat = None) -> str:
         pieces = []
-        for piece in self.generate_response_stream(max_new_tokens):
+        for piece in self.generate_response_stream(max_new_tokens, response_format):
             pieces.append(piece)
             if listener:
                 listener(piece, False)

@@ -60,8 +60,9 @@ def cmd_run(args) -> None:
     model, prompt = _split_model_and_text(args.model_and_prompt, "PROMPT")
     if prompt == "-":
         prompt = sys.stdin.read()
+    response_format = _response_format(args)
     llm = _open(args, model)
-    for piece in llm.generate_response_stream(prompt):
+    for piece in llm.generate_response_stream(prompt, response_format=response_format):
         print(piece, end="", flush=True)
     print()
     if args.stats:
@@ -69,6 +70,24 @@ def cmd_run(args) -> None:
         print(f"[{s.prompt_tokens} prompt tokens, {s.prefill_tokens_per_second:.1f} tok/s prefill; "
               f"{s.generated_tokens} generated, {s.decode_tokens_per_second:.1f} tok/s decode; "
               f"finish: {s.finish_reason}]", file=sys.stderr)
+
+
+def _response_format(args) -> dict | None:
+    """--json-schema FILE / --regex R / --grammar FILE as a response_format (read before the model loads)."""
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidOptionError(f"{what} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+
+    if args.json_schema:
+        return {"type": "json_schema", "json_schema": {"schema": read(args.json_schema, "--json-schema")}}
+    if args.regex:
+        return {"type": "regex", "regex": args.regex}
+    if args.grammar:
+        syntax = "gbnf" if Path(args.grammar).suffix == ".gbnf" or "::=" in read(args.grammar, "--grammar") else "lark"
+        return {"type": "grammar", "grammar": read(args.grammar, "--grammar"), "syntax": syntax}
+    return {"type": "json_object"} if args.json else None
 
 
 def cmd_chat(args) -> None:
@@ -247,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="answer one prompt", description=f"Answer one prompt. MODEL: {model_help}.")
     p.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then the prompt ('-' reads stdin)")
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="answer with a JSON object")
+    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON that follows the JSON schema in FILE")
+    g.add_argument("--regex", metavar="REGEX", help="answer with text that matches REGEX")
+    g.add_argument("--grammar", metavar="FILE", help="answer in the grammar in FILE: Lark (llguidance's dialect) or "
+                                                    "GBNF (llama.cpp's; a .gbnf file or one with '::=' rules)")
     _add_model(p), _add_sampling(p)
     p.set_defaults(func=cmd_run)
 

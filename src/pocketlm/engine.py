@@ -6,6 +6,7 @@ Three layers, each small: `prefill` / `decode_step` (one forward pass each), `ge
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from .formats.gguf import GGUFFile
 from .kvcache import KVCache
 from .models import build_model
 from .sampling import Sampler
+from .structured import Constraint, Vocabulary
 from .tokenizer import GGUFTokenizer
 
 
@@ -103,6 +105,11 @@ class LoadedModel:
         cache = self.make_cache(max(len(ids), 1))
         return self.ops.to_host(self.model.forward(self.ops, ids, cache, all_logits=True))
 
+    @functools.cached_property
+    def grammar_vocabulary(self) -> Vocabulary:
+        """The vocabulary as the grammar engine sees it, built on first use (0.3-1 s)."""
+        return Vocabulary(self.tokenizer, self.model.vocab_size)
+
     def check_ids(self, ids: np.ndarray) -> None:
         vocab = self.model.vocab_size
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
@@ -147,8 +154,11 @@ class GenerationStats:
 
 
 def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], sampler: Sampler,
-                    stats: GenerationStats | None = None, max_new_tokens: int | None = None) -> Iterator[int]:
+                    stats: GenerationStats | None = None, max_new_tokens: int | None = None,
+                    constraint: Constraint | None = None) -> Iterator[int]:
     """Prefill `prompt_ids`, then sample until a stop token, `max_new_tokens` or a full cache.
+    With a `constraint`, only tokens its grammar allows are sampled, and the reply ends (as at a
+    stop token) once the grammar is complete.
 
     The stop token itself is consumed but not yielded; the last yielded token is left out of the
     cache (it is fed at the start of the next turn), so a session can continue from here.
@@ -162,13 +172,20 @@ def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], samp
     while True:
         if not math.isfinite(float(np.max(logits))):  # NaN propagates through max; one pass over the row
             raise ModelFileError(f"{lm.path}: the model computed NaN or infinite logits: its weights are corrupt")
+        if constraint is not None:
+            logits = constraint.mask(logits)
         token = sampler(logits)
         stats.token_ids.append(token)
         if token in lm.tokenizer.stop_ids:
             stats.finish_reason = "stop"
             break
         stats.generated_tokens += 1
+        if constraint is not None:
+            constraint.accept(token)
         yield token
+        if constraint is not None and constraint.done:
+            stats.finish_reason = "stop"
+            break
         if cache.offset + 1 >= cache.max_tokens or stats.generated_tokens == max_new_tokens:
             stats.finish_reason = "length"
             break

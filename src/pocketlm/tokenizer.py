@@ -38,6 +38,16 @@ _QWEN2_SPLIT = (
 )
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the other 68 bytes
+    for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(0x100 + n): b for n, b in enumerate(others)})
+    return table
+
+
 def _split(pattern: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
@@ -196,6 +206,8 @@ class GGUFTokenizer:
         self._tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]])
         # Token strings are not kept on the Python side (Gemma's 262k take 23 MB): `token(i)`.
         self.vocab_size = len(tokens)
+        self.kind = kind
+        self._types = types.astype(np.int8)  # for token_bytes(); 1 byte a token
         self.control_ids = frozenset(int(i) for i in np.nonzero(types == CONTROL)[0])
         self.bos_id = metadata.get("tokenizer.ggml.bos_token_id")
         self.eos_id = metadata.get("tokenizer.ggml.eos_token_id")
@@ -210,6 +222,30 @@ class GGUFTokenizer:
     def token(self, i: int) -> str:
         """The vocabulary's string for id `i`."""
         return self._tok.id_to_token(int(i))
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id stands for, as a grammar engine needs them: byte-level BPE
+        symbols mapped back to bytes, SentencePiece's `▁` as a space and `<0xAB>` as that byte.
+        Control tokens are `b"\\xff" + name` (never text: a grammar reaches them only by name)."""
+        out = []
+        byte_level = self.kind == "gpt2"
+        table = _byte_decoder() if byte_level else None
+        for i in range(self.vocab_size):
+            name = self._tok.id_to_token(i) or ""
+            kind = int(self._types[i])
+            if kind == CONTROL:
+                out.append(b"\xff" + name.encode("utf-8", "replace"))
+            elif kind == TokenType.BYTE and len(name) == 6 and name.startswith("<0x"):
+                out.append(bytes([int(name[3:5], 16)]))
+            elif kind == USER_DEFINED and byte_level:
+                out.append(name.encode("utf-8", "replace"))  # llama.cpp stores them as text, not byte symbols
+            elif kind in (UNKNOWN, UNUSED):
+                out.append(b"")  # never produced as text
+            elif byte_level:
+                out.append(bytes(table.get(c, 0x3F) for c in name))
+            else:
+                out.append(name.replace("\u2581", " ").encode("utf-8", "replace"))
+        return out
 
     def _stop_ids(self, metadata, tokens: list[str]) -> frozenset[int]:
         """EOS, end-of-turn and the other tokens that end a reply."""
@@ -230,15 +266,17 @@ class GGUFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            architecture: str = "") -> str:
-        """Render `messages` with the file's template in jinja2's sandbox (templates are untrusted)."""
+                            architecture: str = "", **variables) -> str:
+        """Render `messages` with the file's template in jinja2's sandbox (templates are untrusted);
+        `variables` are passed to it too (e.g. `tools`)."""
         template = self.chat_template
         if not template:
             template = _FALLBACK_TEMPLATES["gemma" if architecture.startswith("gemma") else "chatml"]
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
-        return chat_template.render(template, messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        return chat_template.render(template, messages=messages, add_generation_prompt=add_generation_prompt,
+                                    **special, **variables)
 
-    def encode_chat(self, messages, add_generation_prompt: bool = True, architecture: str = "") -> list[int]:
-        text = self.apply_chat_template(messages, add_generation_prompt, architecture)
+    def encode_chat(self, messages, add_generation_prompt: bool = True, architecture: str = "", **variables) -> list[int]:
+        text = self.apply_chat_template(messages, add_generation_prompt, architecture, **variables)
         bos = self.bos_token
         return self.encode(text, add_bos=False if bos and text.startswith(bos) else None)

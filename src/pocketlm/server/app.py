@@ -23,6 +23,8 @@ from starlette.staticfiles import StaticFiles
 
 from ..api import LlmInference
 from ..errors import PocketLMError
+from ..structured import Grammar, check, compile_format
+from ..tools import Reply, ToolPlan
 from .worker import GenerationWorker, Job
 
 MAX_BODY_BYTES = 1 << 20
@@ -93,15 +95,26 @@ def _check_text(text: str, where: str, param: str) -> None:
         raise RequestError(400, f"{where} is not valid Unicode (a lone surrogate)", param=param) from None
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", param="messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise RequestError(400, f"messages[{i}] needs a role of system, user, assistant or tool", param="messages")
         content = m.get("content")
+        extra = {}
+        if m["role"] == "assistant" and m.get("tool_calls") is not None:
+            extra["tool_calls"] = _tool_calls(m["tool_calls"], i)
+            content = content or ""
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise RequestError(400, f"messages[{i}] (a tool result) needs a string 'tool_call_id'", param="messages")
+            extra["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                extra["name"] = m["name"]
         if isinstance(content, list):  # content parts: keep the text ones
             texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if not all(isinstance(t, str) for t in texts):
@@ -110,8 +123,41 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
         _check_text(content, f"messages[{i}].content", "messages")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content, **extra})
     return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant turn's earlier tool calls, as OpenAI sends them back."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise RequestError(400, f"{where} must be a list", param="messages")
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), str)):
+            raise RequestError(400, f"{where}: each call needs function.name and function.arguments (a JSON string)",
+                               param="messages")
+        _check_text(fn["name"] + fn.get("arguments", ""), where, "messages")
+    return calls
+
+
+def _structured(body: dict, chat_template: str | None, vocabulary) -> tuple[ToolPlan | None, Grammar | None]:
+    """The request's tool plan and output grammar (a 400 for anything that will not run)."""
+    tools, response_format = body.get("tools"), body.get("response_format")
+    try:
+        if tools:
+            if response_format not in (None, {"type": "text"}):
+                raise RequestError(400, "response_format cannot be combined with tools", param="response_format")
+            plan = ToolPlan(tools, body.get("tool_choice", "auto"), chat_template,
+                            bool(body.get("parallel_tool_calls", False)))
+            grammar = plan.grammar
+        else:
+            plan, grammar = None, compile_format(response_format)
+        if grammar is not None:
+            check(grammar, vocabulary())
+    except PocketLMError as e:
+        raise RequestError(400, str(e), param="tools" if tools else "response_format") from None
+    return plan, grammar
 
 
 class OpenAIServer:
@@ -175,15 +221,28 @@ class OpenAIServer:
 
     # -- endpoints --------------------------------------------------------------------------------
 
+    def _vocabulary(self):
+        return self.llm.model.grammar_vocabulary
+
     async def chat_completions(self, request: Request) -> Response:
         body = await self._body(request)
         messages, params = _messages(body), parse_params(body, self.context_size)
         tokenizer = self.llm.tokenizer
+        plan, grammar = await asyncio.to_thread(_structured, body, tokenizer.chat_template, self._vocabulary)
+        variables = {}
+        if plan is not None:
+            messages, variables = plan.messages(messages), plan.template_options()
+        elif any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            from ..tools import plain_messages  # a tool round trip continued without tools: plain turns
+
+            messages = plain_messages(messages)
         try:
-            ids = tokenizer.encode_chat(messages, architecture=self.llm.model.architecture)
+            ids = tokenizer.encode_chat(messages, architecture=self.llm.model.architecture, **variables)
         except Exception as e:
             raise RequestError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return await self._complete(request, self._job(ids, params), params, chat=True)
+        job = self._job(ids, params)
+        job.grammar = grammar
+        return await self._complete(request, job, params, chat=True, plan=plan)
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request)
@@ -194,13 +253,19 @@ class OpenAIServer:
             raise RequestError(400, "'prompt' must be a non-empty string", param="prompt")
         _check_text(prompt, "'prompt'", "prompt")
         params = parse_params(body, self.context_size)
-        return await self._complete(request, self._job(self.llm.tokenizer.encode(prompt), params), params, chat=False)
+        if body.get("tools"):
+            raise RequestError(400, "tools need /v1/chat/completions", param="tools")
+        _, grammar = await asyncio.to_thread(_structured, body, None, self._vocabulary)
+        job = self._job(self.llm.tokenizer.encode(prompt), params)
+        job.grammar = grammar
+        return await self._complete(request, job, params, chat=False)
 
-    async def _complete(self, request: Request, job: Job, params: Params, chat: bool) -> Response:
+    async def _complete(self, request: Request, job: Job, params: Params, chat: bool,
+                        plan: ToolPlan | None = None) -> Response:
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         kind = "chat.completion" if chat else "text_completion"
         if params.stream:
-            return StreamingResponse(self._stream(request, job, params, ident, chat), media_type="text/event-stream",
+            return StreamingResponse(self._stream(request, job, params, ident, chat, plan), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         text, info = [], {}
         async for event, value in self._events(job, request):
@@ -210,13 +275,21 @@ class OpenAIServer:
                 info = value
         if not info:  # the client went away
             return Response(status_code=499)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)}} if chat
-                  else {"index": 0, "text": "".join(text), "logprobs": None})
-        choice["finish_reason"] = info["finish_reason"]
+        finish = info["finish_reason"]
+        if plan is not None:
+            reply = plan.parse("".join(text))
+            message = reply.message()
+            finish = "tool_calls" if reply.tool_calls else finish
+            choice = {"index": 0, "message": message}
+        elif chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}}
+        else:
+            choice = {"index": 0, "text": "".join(text), "logprobs": None}
+        choice["finish_reason"] = finish
         return JSONResponse({"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
                              "choices": [choice], "usage": _usage(info)})
 
-    async def _stream(self, request, job, params, ident, chat) -> AsyncIterator[str]:
+    async def _stream(self, request, job, params, ident, chat, plan=None) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list, **extra) -> str:
@@ -232,12 +305,21 @@ class OpenAIServer:
 
         if chat:
             yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        held = []  # with tools, the reply is read whole before it is sent: text or tool calls
         try:
             async for kind_, value in self._events(job, request):
-                if kind_ == "text":
+                if kind_ == "text" and plan is not None:
+                    held.append(value)
+                elif kind_ == "text":
                     yield event([choice(value)])
                 else:
-                    yield event([choice(None, value["finish_reason"])])
+                    finish = value["finish_reason"]
+                    if plan is not None:
+                        reply = plan.parse("".join(held))
+                        for delta in _reply_deltas(reply):
+                            yield event([{"index": 0, "delta": delta, "finish_reason": None}])
+                        finish = "tool_calls" if reply.tool_calls else finish
+                    yield event([choice(None, finish)])
                     if params.include_usage:
                         yield event([], usage=_usage(value))
         except RequestError as e:
@@ -252,6 +334,20 @@ class OpenAIServer:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.worker.jobs.qsize()})
+
+
+def _reply_deltas(reply: Reply) -> list[dict]:
+    """A finished reply as OpenAI's streamed deltas: its text, or per call its id and name, then
+    its arguments."""
+    if not reply.tool_calls:
+        return [{"content": reply.content}] if reply.content else []
+    deltas = []
+    for index, call in enumerate(reply.tool_calls):
+        entry = call.openai()
+        deltas.append({"tool_calls": [{"index": index, "id": entry["id"], "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": entry["function"]["arguments"]}}]})
+    return deltas
 
 
 def _usage(info: dict) -> dict:

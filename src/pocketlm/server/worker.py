@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import LlmInference
+from ..structured import Grammar
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Job:
     seed: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
+    grammar: Grammar | None = None  # constrained output (response_format or tools), checked by the handler
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -87,7 +89,7 @@ class GenerationWorker(threading.Thread):
         stops = StopFilter(job.stop)
         finish = None
         start = time.perf_counter()
-        pieces = session.generate_response_stream(job.max_new_tokens)
+        pieces = session.generate_response_stream(job.max_new_tokens, job.grammar)
         for piece in pieces:
             if job.cancelled.is_set():
                 pieces.close()
