@@ -1,16 +1,19 @@
 // The model in a Web Worker, so the page stays responsive: load a web package, then generate.
 //   -> {type: "load", base}                 <- {type: "progress", text}, {type: "ready", ...}
-//   -> {type: "generate", prompt, raw, maxNewTokens, temperature, topK, seed}
+//   -> {type: "generate", prompt, raw, maxNewTokens, temperature, topK, seed, jsonSchema}
+//                                           (jsonSchema: a JSON schema, object or string, the reply follows)
 //                                           <- {type: "token", text}..., {type: "done", text, stats}
 //   -> {type: "stop"}                       (ends the reply being generated after the current token)
 //   -> {type: "reset"}                      (a new conversation)
 import { Tokenizer } from "@huggingface/tokenizers";
 import { PlanRunner, makeSampler, openDevice } from "./runtime.js";
+import { JsonConstraint } from "./structured.js";
 
 let runner, tokenizer, manifest, position = 0, turns = 0, pending = null;  // pending: sampled, not yet fed
 let stopRequested = false;
 
 async function load(base) {
+  grammarBase = base;
   manifest = await (await fetch(base + "manifest.json")).json();
   const [tokenizerJson, tokenizerConfig] = await Promise.all(
     ["tokenizer.json", "tokenizer_config.json"].map(async (f) => (await fetch(base + f)).json()));
@@ -32,11 +35,14 @@ function promptIds(prompt, raw) {
   return ids;
 }
 
-async function generate({ prompt, raw = false, maxNewTokens = 256, temperature = 0, topK = 40, seed = 0 }) {
+let grammarBase = null;
+
+async function generate({ prompt, raw = false, maxNewTokens = 256, temperature = 0, topK = 40, seed = 0, jsonSchema = null }) {
   const ids = promptIds(prompt, raw);
   if (position + ids.length + 1 > manifest.max_tokens) {
     throw new Error(`the context is full (${manifest.max_tokens} tokens); start a new chat`);
   }
+  const constraint = jsonSchema === null ? null : await JsonConstraint.create(grammarBase, manifest, jsonSchema);
   const sample = makeSampler({ temperature, topK, seed });
   stopRequested = false;
   const stop = new Set(manifest.stop_ids);
@@ -50,17 +56,21 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
   const out = [];
   let shown = "";
   while (out.length < maxNewTokens) {
+    if (constraint) await constraint.mask(logits);
     const token = sample(logits);
     if (stop.has(token)) break;
     out.push(token);
+    if (constraint) constraint.accept(token, tokenizer.decode([token], { skip_special_tokens: true }));
     const text = tokenizer.decode(out, { skip_special_tokens: true });
     if (!text.endsWith("\ufffd") && text.length > shown.length) {  // never split a UTF-8 character
       postMessage({ type: "token", text: text.slice(shown.length) });
       shown = text;
     }
-    if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens) { pending = token; break; }
+    if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens
+        || (constraint && constraint.done)) { pending = token; break; }
     logits = await runner.feed([token], position++);
   }
+  if (constraint) constraint.dispose();
   const t2 = performance.now();
   turns += 1;
   const text = tokenizer.decode(out, { skip_special_tokens: true });

@@ -1,7 +1,7 @@
 """The web package: a model as the browser runs it, exported from the same model code.
 
     export("model.gguf", "out/")  ->  out/manifest.json, out/plan.json, out/shard-000.bin, ...,
-                                      out/tokenizer.json
+                                      out/tokenizer.json, out/vocab.json
 
 The WebGPU backend records two passes of the model's own forward pass, each reading its position
 and tokens from the step buffer: prefill (PREFILL_TOKENS tokens) and decode (one token). The plan
@@ -9,7 +9,8 @@ lists every buffer they touch (weights, cos/sin tables, parameter blocks, KV cac
 each pass's dispatches in order (kernel, parameter block, buffers, workgroups), with the WGSL
 source of each kernel. The browser runtime (`static/`) knows
 no architecture: it creates the buffers, fills them from the shards, and replays the dispatches
-once per token, reading back the logits.
+once per token, reading back the logits. `vocab.json` (each token's string, control tokens empty)
+is what the runtime's grammar engine reads when a reply must follow a JSON schema.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | N
     (tmp / "plan.json").write_text(json.dumps(plan))
     tok = lm.tokenizer
     (tmp / "tokenizer.json").write_text(tok._tok.to_str())
+    tokens = ["" if i in tok.control_ids else (tok.token(i) or "") for i in range(tok.vocab_size)]
+    vocab_type = "byte_level" if tok.kind == "gpt2" else "byte_fallback"  # how XGrammar decodes the strings
+    # Raw control characters never belong in compact JSON, but XGrammar's strings admit them; the
+    # tokens whose bytes start with a digit (`<0x39>` among them) are what the 16-digit cap masks.
+    table = tok.token_bytes()
+    control = [i for i, b in enumerate(table) if not b.startswith(b"\xff") and any(c < 0x20 for c in b)]
+    digits = [i for i, b in enumerate(table) if b[:1].isdigit()]
+    vocab = {"type": vocab_type, "tokens": tokens, "control_chars": control, "digit_first": digits}
+    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (tmp / "tokenizer_config.json").write_text(json.dumps({}))
     manifest = {
         "format": FORMAT, "model": lm.path.name, "architecture": lm.architecture, "max_tokens": max_tokens,
