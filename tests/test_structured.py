@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pocketlm import LlmInference
-from pocketlm.errors import InvalidOptionError
+from pocketlm.errors import InvalidOptionError, PocketLMError
 from pocketlm.structured import MAX_DIGITS, Constraint, compile_format, json_grammar
 from pocketlm.tools import Reply, ToolPlan, function_schema, plain_messages
 
@@ -143,6 +143,28 @@ def test_bad_formats_are_one_line_errors(llama, response_format, needle):
         llama.generate_response("x", response_format=response_format)
     message = str(e.value)
     assert needle in message and "\n" not in message, message
+
+
+def _nested(depth: int) -> dict:
+    schema = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize("response_format", [
+    _nested(100), _nested(900), {"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"},
+    {"anyOf": [{"const": f"v{i}"} for i in range(20000)]}, {"type": "regex", "regex": "a{100000}"},
+    {"type": "regex", "regex": "(x+x+)+y"}, {"type": "regex", "regex": "((a{1,100}){1,100}){1,100}"},
+    {"type": "grammar", "grammar": 'start: a\na: a | "x"'}, {"type": "string", "pattern": "^(a|b){5000}$"},
+], ids=["nested-100", "nested-900", "ref-loop", "anyof-20000", "a{100000}", "catastrophic-regex", "nested-counts",
+        "left-recursion", "long-pattern"])
+def test_hostile_formats_end_in_output_or_one_line_never_a_hang(llama, response_format):
+    """Each finished within 1 s here; llguidance's fuel limits bound the rest."""
+    try:
+        llama.generate_response("x", max_new_tokens=20, response_format=response_format)
+    except PocketLMError as e:
+        assert "\n" not in str(e) and len(str(e)) < 600
 
 
 def test_text_format_is_no_constraint():

@@ -146,6 +146,8 @@ def json_grammar(schema: dict, kind: str = "json_schema") -> Grammar:
         text = json.dumps(schema)
     except (TypeError, ValueError) as e:
         raise InvalidOptionError(f"the JSON schema cannot be written as JSON: {e}") from None
+    except RecursionError:
+        raise InvalidOptionError("the JSON schema is nested too deeply") from None
     _check_size(text, "JSON schema")
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
