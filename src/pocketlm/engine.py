@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .backends.base import Backend, missing_capabilities
 from .backends.cpu import CpuBackend
 from .errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedError
 from .formats.gguf import GGUFFile
@@ -26,19 +27,20 @@ from .tokenizer import GGUFTokenizer
 
 
 BACKENDS = ("cpu", "reference", "webgpu")
-# Architectures whose files use only the op set (gemma3n computes parts of AltUp in numpy).
-WEBGPU_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "qwen2", "qwen3")
 
 
-def make_backend(name: str, architecture: str, **options):
+def make_backend(name: str, model, architecture: str, **options) -> Backend:
+    """The backend `name` for `model`; a model that needs ops the backend lacks is refused in one
+    line before the backend is even opened."""
     if name == "webgpu":
-        if architecture not in WEBGPU_ARCHITECTURES:
-            raise UnsupportedError(f"the webgpu backend runs {', '.join(WEBGPU_ARCHITECTURES)}; "
-                                   f"this model is {architecture!r} (use --backend cpu)")
-        from .backends.webgpu import WebGPUBackend
-
-        return WebGPUBackend(**options)
-    return CpuBackend(fast=name == "cpu")
+        from .backends.webgpu import WebGPUBackend as kind
+    else:
+        kind, options = CpuBackend, {"fast": name == "cpu"}
+    missing = missing_capabilities(model, kind)
+    if missing:
+        raise UnsupportedError(f"the {name} backend cannot run this {architecture} model: it has no "
+                               f"{', '.join(sorted(missing))} (use --backend cpu)")
+    return kind(**options)
 
 
 class LoadedModel:
@@ -59,7 +61,7 @@ class LoadedModel:
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
             self.file.metadata.pop(key, None)  # built into the tokenizer; as Python objects they are tens of MB
-        self.ops = make_backend(backend, self.file.architecture, **backend_options)
+        self.ops = make_backend(backend, self.model, self.file.architecture, **backend_options)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         streamed = getattr(self.model, "streamed", frozenset())
@@ -71,16 +73,12 @@ class LoadedModel:
         self.streamed_bytes = sum(self.file.tensors[n].nbytes for n in self.streamed)
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
-        if self.ops.name == "cpu":
-            # One token through the model: the numba kernels are loaded from their cache and the
-            # q/k/v and gate/up rows stacked now, not in the first prompt (llama.cpp, too, runs a
-            # warm-up pass when it loads a model).
-            try:
-                self.model.forward(self.ops, np.zeros(1, np.int64), self.make_cache(1))
-            except ModelFileError as e:
-                raise ModelFileError(f"{self.path}: {e}") from None
-            except (ValueError, IndexError) as e:  # numpy's reshape or broadcast of tensors that do not fit
-                raise ModelFileError(f"{self.path}: the tensors do not fit the model's hyper-parameters ({e})") from None
+        try:
+            self.ops.warm_up(self.model, self.make_cache)
+        except ModelFileError as e:
+            raise ModelFileError(f"{self.path}: {e}") from None
+        except (ValueError, IndexError) as e:  # numpy's reshape or broadcast of tensors that do not fit
+            raise ModelFileError(f"{self.path}: the tensors do not fit the model's hyper-parameters ({e})") from None
 
     def _copy_out(self, tensor, chunk: int = 1 << 24) -> np.ndarray:
         """A resident copy of a tensor's bytes, its file pages let go chunk by chunk (so that the

@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from ..errors import ModelFileError
+from .base import ALL_CAPABILITIES
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import activations, blocks, int4, int8, isa
@@ -45,7 +46,10 @@ def _check_width(x: np.ndarray, w: Tensor) -> None:
 
 
 class CpuBackend:
+    """The op set (`backends.base.Backend`) in numpy and numba: every capability."""
+
     layer_cache = LayerCache  # the KV cache of one layer, as models make it
+    capabilities = ALL_CAPABILITIES
 
     def __init__(self, fast: bool = True):
         if fast:
@@ -115,6 +119,13 @@ class CpuBackend:
     def to_host(x: np.ndarray) -> np.ndarray:
         """Values as a numpy array (they already are)."""
         return x
+
+    def warm_up(self, model, make_cache) -> None:
+        """One token through the model: the numba kernels are loaded from their cache and the
+        q/k/v and gate/up rows stacked now, not in the first prompt (llama.cpp, too, runs a
+        warm-up pass when it loads a model). The reference backend has nothing to warm."""
+        if self.fast:
+            model.forward(self, np.zeros(1, np.int64), make_cache(1))
 
     def decode_step(self, model, cache, token: int) -> np.ndarray:
         """The logits after one more token (the webgpu backend replays a recorded pass instead)."""

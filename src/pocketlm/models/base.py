@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..backends.base import ALIBI, EXACT_GELU, LAYER_NORM
 from ..errors import ModelFileError
 from ..formats.gguf import arch_key
 from ..kvcache import KVCache, LayerCache
@@ -267,6 +268,7 @@ class CausalLM:
 
     args: DecoderArgs
     layers: list
+    requires: frozenset = frozenset()  # backend capabilities beyond the common ops (backends.base)
     embed_scale: float | None = None
     final_softcap: float | None = None
     block: type | None = None  # the layer class, built as block(w, i, args)
@@ -276,6 +278,9 @@ class CausalLM:
         self.args = args
         self.init_io(w, self.norm_kind, args.norm_eps)
         self.layers = [self.block(w, i, args) for i in range(args.n_layers)]
+        alibi = any(getattr(layer.attention.spec, "alibi", None) is not None for layer in self.layers)
+        self.requires = self.requires | ({LAYER_NORM} if self.norm_kind == "layer" else set()) | (
+            {ALIBI} if alibi else set())
 
     def init_io(self, w: Weights, norm_kind: str, eps: float) -> None:
         self.token_embd = w("token_embd.weight")

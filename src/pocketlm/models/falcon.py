@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..backends.base import EXACT_GELU
 from .base import MLP, Attention, CausalLM, LayerNormArgs, Norm, Weights, alibi_slopes
 
 
@@ -47,6 +48,7 @@ class TransformerBlock:
 class Model(CausalLM):
     block = TransformerBlock
     norm_kind = "layer"
+    requires = frozenset({EXACT_GELU})
 
 
 ARGS = FalconArgs

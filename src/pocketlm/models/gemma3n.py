@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kvcache import KVCache, LayerCache, SharedLayerCache
+from ..backends.base import HOST_ACTIVATIONS
 from .base import REQUIRED, AttentionSpec, Norm, Weights
 from .gemma3 import Gemma3Args
 
@@ -164,6 +165,7 @@ class Model:
 
     # Tensors the runtime leaves in the file and reads row by row (never made resident).
     streamed = frozenset({PER_LAYER_TABLE})
+    requires = frozenset({HOST_ACTIVATIONS})  # AltUp and the sparse FFN compute on numpy arrays
 
     def __init__(self, args: Gemma3nArgs, w: Weights):
         self.args = args

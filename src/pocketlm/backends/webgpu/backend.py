@@ -112,7 +112,11 @@ class _Matrix:
 
 
 class WebGPUBackend:
+    """The op set (`backends.base.Backend`) in WGSL through wgpu-py; no LayerNorm, exact GELU,
+    ALiBi or numpy on activations yet."""
+
     name = "webgpu"
+    capabilities = frozenset()
 
     def __init__(self, keep_host_copies: bool = False):
         self.device = Device()
@@ -196,6 +200,12 @@ class WebGPUBackend:
         self.max_positions = max(self.max_positions, capacity)
         return GpuLayerCache(self, capacity, n_kv_heads, k_dim, v_dim, window)
 
+    def warm_up(self, model, make_cache) -> None:
+        """Nothing: pipelines are made as the first pass records them."""
+
+    def pin(self, name: str, data: np.ndarray) -> None:
+        raise UnsupportedError("the webgpu backend reads no tensor from the host per token")
+
     def decode_step(self, model, cache, token: int) -> np.ndarray:
         """One token through the model: recorded once per cache (the pass reads its position and
         token from the step buffer), then replayed without running the model's Python again."""
@@ -257,7 +267,7 @@ class WebGPUBackend:
         self.device.dispatch("rms_norm", params, [x.buf, weight, y.buf], grid(rows))
         return y
 
-    def layer_norm(self, *args, **kwargs):
+    def layer_norm(self, x: GpuTensor, w: Tensor, b: Tensor | None, eps: float) -> GpuTensor:
         raise UnsupportedError("the webgpu backend has no LayerNorm yet (llama, gemma and qwen architectures run)")
 
     def elementwise(self, op: str, a: GpuTensor, b=None, s: float = 0.0) -> GpuTensor:
@@ -275,7 +285,7 @@ class WebGPUBackend:
     def gelu_tanh(self, x):
         return self.elementwise("gelu_tanh", x)
 
-    def gelu(self, x):
+    def gelu(self, x: GpuTensor) -> GpuTensor:
         raise UnsupportedError("the webgpu backend has no exact GELU yet (llama, gemma and qwen architectures run)")
 
     def softcap(self, x, cap: float):
