@@ -21,13 +21,17 @@ def q8_llama(tiny, tmp_path_factory):
     return convert(folder, tmp_path_factory.mktemp("q8") / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
 
 
-def rewritten(src, dst, shapes=None, metadata=None):
-    """A copy of a GGUF file with some tensors given other shapes (same bytes) or other metadata."""
+def rewritten(src, dst, shapes=None, metadata=None, drop=(), extra=None):
+    """A copy of a GGUF file with some tensors given other shapes (same bytes), other metadata,
+    tensors dropped, or `extra` tensors (name -> a tensor of the file to copy) added."""
     f = GGUFFile(src)
     w = GGUFWriter()
     for key, value in {**f.metadata, **(metadata or {})}.items():
-        w.add(key, value)
-    for name, t in f.tensors.items():
+        if value is not None:
+            w.add(key, value)
+    tensors = {name: t for name, t in f.tensors.items() if name not in drop}
+    tensors.update({name: f.tensors[source] for name, source in (extra or {}).items()})
+    for name, t in tensors.items():
         w.add_tensor(name, t.kind, (shapes or {}).get(name, t.shape), lambda t=t: t.data)
     w.write(dst)
     return dst
@@ -40,6 +44,29 @@ def test_a_matrix_whose_shape_is_transposed_is_named_at_load(q8_llama, tmp_path)
     bad = rewritten(q8_llama, tmp_path / "bad.gguf", shapes={name: (cols, rows)})
     with pytest.raises(ModelFileError, match=rf"bad.gguf: tensor '{name}' \[{cols}, {rows}\] multiplies vectors of"):
         load(bad)
+
+
+def test_architecture_features_are_required_by_the_architecture_not_inferred(tiny, tmp_path):
+    """A Qwen 3 file that lost its q/k norms used to run as Qwen 2; a Llama file with q/k norms
+    ran without them; a StableLM file whose flag says sequential but lacks ffn_norm ran as parallel."""
+    qwen3 = tiny("qwen3")[2]
+    bad = rewritten(qwen3, tmp_path / "qwen3.gguf", drop=("blk.1.attn_q_norm.weight",))
+    with pytest.raises(ModelFileError, match=r"qwen3.gguf: model file lacks tensor 'blk.1.attn_q_norm.weight'"):
+        load(bad)
+    llama = tiny("llama")[2]
+    bad = rewritten(llama, tmp_path / "llama.gguf", extra={"blk.0.attn_q_norm.weight": "blk.0.attn_norm.weight"})
+    with pytest.raises(ModelFileError, match=r"llama.gguf: tensor 'blk.0.attn_q_norm.weight' is not part of"):
+        load(bad)
+    stablelm = tiny("stablelm")[2]
+    assert GGUFFile(stablelm).metadata["pocketlm.parallel_residual"] is False
+    bad = rewritten(stablelm, tmp_path / "stablelm.gguf", drop=("blk.2.ffn_norm.weight",))
+    with pytest.raises(ModelFileError, match=r"stablelm.gguf: model file lacks tensor 'blk.2.ffn_norm.weight'"):
+        load(bad)
+    # files without our flags (as llama.cpp writes them) keep llama.cpp's rule: the tensors decide
+    parallel = tiny("stablelm-parallel")[2]
+    unflagged = rewritten(parallel, tmp_path / "unflagged.gguf",
+                          metadata={"pocketlm.parallel_residual": None, "pocketlm.attention.qk_norm": None})
+    assert load(unflagged).logits([1, 2, 3]).shape[0] == 3
 
 
 def test_head_counts_that_do_not_fit_the_tensors_are_refused(q8_llama, tmp_path):

@@ -289,7 +289,8 @@ class PhiMapping(Mapping):
     }
 
     def metadata(self):
-        return super().metadata() | {"rope.dimension_count": self.rope_dims()}
+        return super().metadata() | {"rope.dimension_count": self.rope_dims(),
+                                     "pocketlm.attention.qk_norm": bool(self.config.get("qk_layernorm"))}
 
 
 @register("stablelm")
@@ -299,7 +300,9 @@ class StableLmMapping(Mapping):
     _per_head = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk])_layernorm\.norms\.(\d+)\.weight$")
 
     def metadata(self):
-        return super().metadata() | {"rope.dimension_count": self.rope_dims()}
+        return super().metadata() | {"rope.dimension_count": self.rope_dims(),
+                                     "pocketlm.attention.qk_norm": bool(self.config.get("qk_layernorm")),
+                                     "pocketlm.parallel_residual": bool(self.config.get("use_parallel_residual"))}
 
     def tensors(self, ckpt):
         """One LayerNorm per head in the checkpoint; llama.cpp stacks them as [heads, head_dim]."""

@@ -79,6 +79,13 @@ def _int(key: str, value: Any, low: int) -> int:
 REQUIRED: Any = _REQUIRED
 
 
+def feature(flag: bool | None, w: "Weights", tensor: str) -> bool:
+    """An architecture feature llama.cpp's metadata has no key for: our converter's `pocketlm.*`
+    flag when the file has one (the tensors are then required or refused by it), else llama.cpp's
+    own rule for such files, the presence of `tensor`."""
+    return bool(flag) if flag is not None else w.optional(tensor) is not None
+
+
 @dataclass
 class DecoderArgs(ModelArgs):
     """The hyper-parameters every decoder-only transformer has, under llama.cpp's key names."""
@@ -122,9 +129,14 @@ class DecoderArgs(ModelArgs):
 
 @dataclass
 class LayerNormArgs(DecoderArgs):
-    """Models with LayerNorm, whose epsilon llama.cpp stores under another key."""
+    """Models with LayerNorm, whose epsilon llama.cpp stores under another key, and two features
+    llama.cpp has no key for (our converter writes `pocketlm.*` flags; see `feature`)."""
 
-    _keys = {**DecoderArgs._keys, "norm_eps": "attention.layer_norm_epsilon"}
+    qk_norm: bool | None = None  # per-head q/k LayerNorm (Phi, StableLM 2)
+    parallel_residual: bool | None = None  # attention and MLP read one norm's output (StableLM 2 12B)
+
+    _keys = {**DecoderArgs._keys, "norm_eps": "attention.layer_norm_epsilon",
+             "qk_norm": "pocketlm.attention.qk_norm", "parallel_residual": "pocketlm.parallel_residual"}
 
 
 class Weights:
@@ -156,22 +168,28 @@ class AttentionSpec:
     window: int | None = None
     softcap: float | None = None
     rope_freq_scale: float = 1.0  # linear RoPE scaling: positions are multiplied by this
-    qk_norm: str = "rms"  # per-head q/k norm, when the weights have one: "rms" or "layer"
+    qk_norm: str | None = None  # per-head q/k norm, "rms" or "layer": its weights are then required
     alibi: np.ndarray | None = None  # per-head slopes, already multiplied by `scale`
 
 
 class Attention:
-    """q/k/v projections (separate or fused), optional per-head q/k norms, RoPE, cached
-    attention, output projection; biases wherever the weights have them."""
+    """q/k/v projections (separate or fused), per-head q/k norms where the spec says so, RoPE,
+    cached attention, output projection; biases wherever the weights have them."""
 
     def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, norm_eps: float):
         self.spec, self.norm_eps = spec, norm_eps
+        if spec.qk_norm is None:  # a q/k norm the architecture does not have would be silently ignored
+            for name in (f"{prefix}.attn_q_norm.weight", f"{prefix}.attn_k_norm.weight"):
+                if w.optional(name) is not None:
+                    raise ModelFileError(f"tensor {name!r} is not part of this architecture (no q/k norm)")
         self.wqkv, self.bqkv = w.optional(f"{prefix}.attn_qkv.weight"), w.optional(f"{prefix}.attn_qkv.bias")
         if self.wqkv is None:
             self.wq, self.wk, self.wv = (w(f"{prefix}.attn_{n}.weight") for n in "qkv")
             self.bq, self.bk, self.bv = (w.optional(f"{prefix}.attn_{n}.bias") for n in "qkv")
         self.wo, self.bo = w(f"{prefix}.attn_output.weight"), w.optional(f"{prefix}.attn_output.bias")
-        self.q_norm, self.k_norm = w.optional(f"{prefix}.attn_q_norm.weight"), w.optional(f"{prefix}.attn_k_norm.weight")
+        self.q_norm = self.k_norm = None
+        if spec.qk_norm is not None:
+            self.q_norm, self.k_norm = w(f"{prefix}.attn_q_norm.weight"), w(f"{prefix}.attn_k_norm.weight")
         self.q_norm_bias, self.k_norm_bias = w.optional(f"{prefix}.attn_q_norm.bias"), w.optional(f"{prefix}.attn_k_norm.bias")
         self.freq_factors = w.optional("rope_freqs.weight")
 
@@ -186,7 +204,7 @@ class Attention:
         return q.reshape(T, s.n_heads, s.head_dim), k.reshape(T, s.n_kv_heads, s.head_dim), v.reshape(T, s.n_kv_heads, -1)
 
     def norm_qk(self, ops, q: np.ndarray, k: np.ndarray):
-        if self.q_norm is None:
+        if self.spec.qk_norm is None:
             return q, k
         if self.spec.qk_norm == "layer":
             return (ops.layer_norm(q, self.q_norm, self.q_norm_bias, self.norm_eps),

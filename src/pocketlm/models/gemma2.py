@@ -10,6 +10,7 @@ from . import gemma3
 
 @dataclass
 class Gemma2Args(gemma3.Gemma3Args):
+    qk_norm = None
     rope_base: float = 10_000.0
     default_period = 2
 

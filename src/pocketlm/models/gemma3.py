@@ -16,6 +16,7 @@ from .base import Attention, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 @dataclass
 class Gemma3Args(DecoderArgs):
+    qk_norm = "rms"  # of the architecture (Gemma 2 has none), not of the file: not a field
     head_dim: int = 256
     rope_base: float = 1_000_000.0
     rope_base_swa: float = 10_000.0
@@ -53,7 +54,7 @@ class TransformerBlock:
             rope_base=args.rope_base_swa if sliding else args.rope_base,
             scale=(args.query_pre_attn_scalar or args.head_dim) ** -0.5,
             window=args.sliding_window if sliding else None, softcap=args.attn_softcap,
-            rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale,
+            rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale, qk_norm=args.qk_norm,
         )
         p, eps = f"blk.{i}", args.norm_eps
         self.attn_norm, self.post_attn_norm = Norm(w, f"{p}.attn_norm", "rms", eps), Norm(w, f"{p}.post_attention_norm", "rms", eps)

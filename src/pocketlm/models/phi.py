@@ -3,12 +3,13 @@ rotary embeddings (NeoX), GELU (tanh) MLP, biases everywhere, untied output with
 
 from __future__ import annotations
 
-from .base import MLP, Attention, CausalLM, LayerNormArgs, Norm, Weights
+from .base import MLP, Attention, CausalLM, LayerNormArgs, Norm, Weights, feature
 
 
 class TransformerBlock:
     def __init__(self, w: Weights, i: int, args: LayerNormArgs):
-        spec = args.attention_spec(qk_norm="layer")
+        qk_norm = feature(args.qk_norm, w, f"blk.{i}.attn_q_norm.weight")
+        spec = args.attention_spec(qk_norm="layer" if qk_norm else None)
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "layer", args.norm_eps)
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)
         self.mlp = MLP(w, f"blk.{i}", "gelu_tanh")

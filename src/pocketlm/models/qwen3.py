@@ -6,7 +6,8 @@ from . import llama
 
 
 class Model(llama.Model):
-    rope_neox = True  # the q/k norms come with the weights: Attention applies them when present
+    rope_neox = True
+    qk_norm = "rms"
 
 
 ARGS = llama.ARGS

@@ -1,17 +1,25 @@
-"""StableLM (2): LayerNorm, partial rotary embeddings (NeoX), SwiGLU, optional q/k/v biases and
-per-head q/k LayerNorm, and an optional parallel residual (the file then has no ffn_norm)."""
+"""StableLM (2): LayerNorm, partial rotary embeddings (NeoX), SwiGLU, optional q/k/v biases, and
+two features by flag (`pocketlm.attention.qk_norm`, `pocketlm.parallel_residual`; in files without
+them llama.cpp's rule: the q/k norm and ffn_norm tensors' presence)."""
 
 from __future__ import annotations
 
-from .base import Attention, CausalLM, GatedMLP, LayerNormArgs, Norm, Weights
+from ..errors import ModelFileError
+from .base import Attention, CausalLM, GatedMLP, LayerNormArgs, Norm, Weights, feature
 
 
 class TransformerBlock:
     def __init__(self, w: Weights, i: int, args: LayerNormArgs):
-        spec = args.attention_spec(qk_norm="layer")
+        qk_norm = feature(args.qk_norm, w, f"blk.{i}.attn_q_norm.weight")
+        spec = args.attention_spec(qk_norm="layer" if qk_norm else None)
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "layer", args.norm_eps)
-        parallel = w.optional(f"blk.{i}.ffn_norm.weight") is None
-        self.ffn_norm = None if parallel else Norm(w, f"blk.{i}.ffn_norm", "layer", args.norm_eps)
+        sequential = args.parallel_residual is False if args.parallel_residual is not None else None
+        if feature(sequential, w, f"blk.{i}.ffn_norm.weight"):
+            self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "layer", args.norm_eps)
+        elif w.optional(f"blk.{i}.ffn_norm.weight") is not None:
+            raise ModelFileError(f"tensor 'blk.{i}.ffn_norm.weight' is not part of a parallel-residual StableLM")
+        else:
+            self.ffn_norm = None
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)
         self.mlp = GatedMLP(w, f"blk.{i}", "silu")
 
