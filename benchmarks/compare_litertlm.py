@@ -64,19 +64,30 @@ def litert(python: str, path: str, prefill: int, decode: int) -> dict:
 
 
 def pocketlm(path: str, prefill: int, decode: int) -> dict:
-    code = ("import json, sys; from pocketlm.bench import run_bench; r = run_bench(sys.argv[1], int(sys.argv[2]), "
-            "int(sys.argv[3])); print(json.dumps({k: getattr(r, k) for k in ('load_seconds', 'ttft_seconds', "
-            "'prefill_tokens_per_second', 'decode_tokens_per_second', 'peak_rss_mb')}))")
-    out = subprocess.run([sys.executable, "-c", code, path, str(prefill), str(decode)], capture_output=True,
-                         text=True, env=child_env(), check=True).stdout
+    code = (
+        "import json, sys; from pocketlm.bench import run_bench; r = run_bench(sys.argv[1], int(sys.argv[2]), "
+        "int(sys.argv[3])); print(json.dumps({k: getattr(r, k) for k in ('load_seconds', 'ttft_seconds', "
+        "'prefill_tokens_per_second', 'decode_tokens_per_second', 'peak_rss_mb')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, path, str(prefill), str(decode)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--litertlm", required=True, help="the .litertlm file LiteRT-LM runs")
     parser.add_argument("--gguf", required=True, help="the GGUF file of the same weights pocketlm runs")
-    parser.add_argument("--litert-python", default=sys.executable, help="a Python with litert-lm-api installed")
+    parser.add_argument(
+        "--litert-python", default=sys.executable, help="a Python with litert-lm-api installed"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
@@ -94,11 +105,18 @@ def main() -> None:
             else:
                 result = litert(args.litert_python, args.litertlm, args.prompt_tokens, args.gen_tokens)
             runs[peer].append(result)
-            print(f"  round {r + 1}/{args.rounds} {peer}: decode {result['decode_tokens_per_second']:.1f} tok/s, "
-                  f"prefill {result['prefill_tokens_per_second']:.1f} tok/s", file=sys.stderr)
-    median = {peer: {k: statistics.median(run[k] for run in rs) for _, k, _ in METRICS} for peer, rs in runs.items()}
-    print(f"\n{os.path.basename(args.litertlm)} vs {os.path.basename(args.gguf)} ({args.prompt_tokens}-token prompt, "
-          f"{args.gen_tokens} decoded, 2 threads, median of {args.rounds})")
+            print(
+                f"  round {r + 1}/{args.rounds} {peer}: decode {result['decode_tokens_per_second']:.1f} tok/s, "
+                f"prefill {result['prefill_tokens_per_second']:.1f} tok/s",
+                file=sys.stderr,
+            )
+    median = {
+        peer: {k: statistics.median(run[k] for run in rs) for _, k, _ in METRICS} for peer, rs in runs.items()
+    }
+    print(
+        f"\n{os.path.basename(args.litertlm)} vs {os.path.basename(args.gguf)} ({args.prompt_tokens}-token prompt, "
+        f"{args.gen_tokens} decoded, 2 threads, median of {args.rounds})"
+    )
     print(f"{'metric':<24}{'LiteRT-LM':>12}{'pocketlm':>12}{'ratio':>8}")
     for label, key, fmt in METRICS:
         a, b = median["LiteRT-LM"][key], median["pocketlm"][key]

@@ -30,14 +30,22 @@ ORIGINAL_ENV = dict(os.environ)
 NO_REPACK = False  # --no-repack
 ISA = None  # --isa: POCKETLM_CPU_ISA for pocketlm's children
 
+
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
     from pocketlm.bench import peak_rss_mb
     from pocketlm.llamacpp import open_llama
 
     start = time.perf_counter()
-    llm = open_llama(path, repack=not os.environ.get("COMPARE_LLAMACPP_NO_REPACK"),  # see --no-repack
-                     n_ctx=len(ids) + gen_tokens + 8, n_batch=512, n_ubatch=512, n_threads=2,
-                     n_threads_batch=2, verbose=False)
+    llm = open_llama(
+        path,
+        repack=not os.environ.get("COMPARE_LLAMACPP_NO_REPACK"),  # see --no-repack
+        n_ctx=len(ids) + gen_tokens + 8,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=2,
+        n_threads_batch=2,
+        verbose=False,
+    )
     load = time.perf_counter() - start
     n_vocab = llm.n_vocab()
 
@@ -53,21 +61,36 @@ def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
         llm.eval([token])
         token = next_token()
     decode = time.perf_counter() - start
-    return {"load_seconds": load, "ttft_seconds": ttft, "prefill_tokens_per_second": len(ids) / ttft,
-            "decode_tokens_per_second": (gen_tokens - 1) / decode,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "load_seconds": load,
+        "ttft_seconds": ttft,
+        "prefill_tokens_per_second": len(ids) / ttft,
+        "decode_tokens_per_second": (gen_tokens - 1) / decode,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def pocketlm_child(path: str, ids: list[int], gen_tokens: int) -> dict:
     from pocketlm.bench import run_bench
 
     result = run_bench(path, len(ids), gen_tokens, prompt_ids=ids)
-    return {k: getattr(result, k) for k in ("load_seconds", "ttft_seconds", "prefill_tokens_per_second",
-                                            "decode_tokens_per_second", "peak_rss_mb", "weight_bytes")}
+    return {
+        k: getattr(result, k)
+        for k in (
+            "load_seconds",
+            "ttft_seconds",
+            "prefill_tokens_per_second",
+            "decode_tokens_per_second",
+            "peak_rss_mb",
+            "weight_bytes",
+        )
+    }
 
 
 def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
-    env = dict(ORIGINAL_ENV if peer == "llama.cpp" else os.environ, OMP_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
+    env = dict(
+        ORIGINAL_ENV if peer == "llama.cpp" else os.environ, OMP_NUM_THREADS="2", NUMBA_NUM_THREADS="2"
+    )
     if ISA and peer == "pocketlm":
         env["POCKETLM_CPU_ISA"] = ISA
     if NO_REPACK:
@@ -144,25 +167,31 @@ def compare(name: str, rounds: int, prompt_tokens: int, gen_tokens: int, bandwid
     runs = {"llama.cpp": [], "pocketlm": []}
     run_child("pocketlm", path, f.name, 2)  # warm the numba cache and the page cache
     for r in range(rounds):
-        for peer in (("llama.cpp", "pocketlm") if r % 2 == 0 else ("pocketlm", "llama.cpp")):
+        for peer in ("llama.cpp", "pocketlm") if r % 2 == 0 else ("pocketlm", "llama.cpp"):
             runs[peer].append(run_child(peer, path, f.name, gen_tokens))
-            print(f"  {name} round {r + 1}/{rounds} {peer}: decode {runs[peer][-1]['decode_tokens_per_second']:.1f} tok/s",
-                  file=sys.stderr)
+            print(
+                f"  {name} round {r + 1}/{rounds} {peer}: decode {runs[peer][-1]['decode_tokens_per_second']:.1f} tok/s",
+                file=sys.stderr,
+            )
     os.unlink(f.name)
     median = {peer: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for peer, rs in runs.items()}
     size = os.path.getsize(path)
     ours = median["pocketlm"]
     bound = {"llama.cpp": bandwidth * 1e9 / size, "pocketlm": bandwidth * 1e9 / ours["weight_bytes"]}
-    print(f"\n{name} ({size / 1e6:.0f} MB file; {prompt_tokens}-token prompt, {gen_tokens} decoded, 2 threads, "
-          f"median of {rounds})")
+    print(
+        f"\n{name} ({size / 1e6:.0f} MB file; {prompt_tokens}-token prompt, {gen_tokens} decoded, 2 threads, "
+        f"median of {rounds})"
+    )
     print(f"{'metric':<24}{'llama.cpp':>12}{'pocketlm':>12}{'ratio':>8}")
     for label, key, fmt, _ in METRICS:
         a, b = median["llama.cpp"][key], ours[key]
         print(f"{label:<24}{fmt.format(a):>12}{fmt.format(b):>12}{b / a:>8.2f}")
     for peer in ("llama.cpp", "pocketlm"):
         frac = median[peer]["decode_tokens_per_second"] / bound[peer]
-        print(f"{peer} decode = {frac:.0%} of its bandwidth bound ({bound[peer]:.0f} tok/s: its weights read once a token "
-              f"at {bandwidth:.1f} GB/s; the KV cache read besides is not counted)")
+        print(
+            f"{peer} decode = {frac:.0%} of its bandwidth bound ({bound[peer]:.0f} tok/s: its weights read once a token "
+            f"at {bandwidth:.1f} GB/s; the KV cache read besides is not counted)"
+        )
     return {"model": name, "median": median, "bandwidth_gbs": bandwidth, "bound_tokens_per_second": bound}
 
 
@@ -173,17 +202,25 @@ def main() -> None:
         child = llama_cpp_child if peer == "llama.cpp" else pocketlm_child
         print(json.dumps(child(path, ids, int(gen_tokens))))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--isa", help="force pocketlm's kernel path (POCKETLM_CPU_ISA: avx512vnni, avxvnni, avx2, "
-                                      "i8mm, dotprod, portable); default: the best this CPU runs")
-    parser.add_argument("--no-repack", action="store_true",
-                        help="load llama.cpp without its repacked weight buffers (they segfault on AMX machines "
-                             "with llama-cpp-python 0.3.36)")
+    parser.add_argument(
+        "--isa",
+        help="force pocketlm's kernel path (POCKETLM_CPU_ISA: avx512vnni, avxvnni, avx2, "
+        "i8mm, dotprod, portable); default: the best this CPU runs",
+    )
+    parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="load llama.cpp without its repacked weight buffers (they segfault on AMX machines "
+        "with llama-cpp-python 0.3.36)",
+    )
     args = parser.parse_args()
     global NO_REPACK, ISA
     NO_REPACK, ISA = args.no_repack, args.isa

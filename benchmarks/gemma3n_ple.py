@@ -37,11 +37,24 @@ def build_checkpoint(folder: Path, hidden: int, layers: int, per_layer: int) -> 
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
     config = transformers.Gemma3nTextConfig(
-        vocab_size=4096, vocab_size_per_layer_input=262144, hidden_size=hidden, intermediate_size=4 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-        hidden_size_per_layer_input=per_layer, num_kv_shared_layers=layers // 2 // 5 * 5, laurel_rank=16,
-        sliding_window=128, activation_sparsity_pattern=[0.95] * 2 + [0.0] * (layers - 2),
-        max_position_embeddings=1024, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+        vocab_size=4096,
+        vocab_size_per_layer_input=262144,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        hidden_size_per_layer_input=per_layer,
+        num_kv_shared_layers=layers // 2 // 5 * 5,
+        laurel_rank=16,
+        sliding_window=128,
+        activation_sparsity_pattern=[0.95] * 2 + [0.0] * (layers - 2),
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.Gemma3nForCausalLM(config)
     with torch.no_grad():
@@ -51,13 +64,31 @@ def build_checkpoint(folder: Path, hidden: int, layers: int, per_layer: int) -> 
 
 
 def bench(path: Path, *flags: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pocketlm", "bench", str(path), "--prompt-tokens", "128",
-                          "--gen-tokens", "64", "--json", *flags], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pocketlm",
+            "bench",
+            str(path),
+            "--prompt-tokens",
+            "128",
+            "--gen-tokens",
+            "64",
+            "--json",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=10)
@@ -72,22 +103,32 @@ def main() -> None:
         path = convert(Path(tmp) / "hf", Path(tmp) / "model.gguf", ConversionConfig(quant=args.quant))
         lm = load(path)
         table = lm.file.tensors["per_layer_token_embd.weight"]
-        print(f"file {path.stat().st_size / 1e6:.0f} MB, per-layer table {table.nbytes / 1e6:.0f} MB "
-              f"({table.shape[0]} x {table.shape[1]}, {table.kind.name})")
+        print(
+            f"file {path.stat().st_size / 1e6:.0f} MB, per-layer table {table.nbytes / 1e6:.0f} MB "
+            f"({table.shape[0]} x {table.shape[1]}, {table.kind.name})"
+        )
         del lm
         runs = {"streamed": [], "in RAM": []}
         for _ in range(args.rounds):
             runs["streamed"].append(bench(path))
             runs["in RAM"].append(bench(path, "--ple-in-ram"))
     first = runs["streamed"][0]
-    print(f"parameters: {first['params_resident'] / 1e6:.1f} M in memory, "
-          f"{first['params_streamed'] / 1e6:.1f} M read from storage")
-    print(f"{'PLE':<10} {'peak RSS MiB':>13} {'prefill tok/s':>14} {'decode tok/s':>13}   (medians of {args.rounds})")
+    print(
+        f"parameters: {first['params_resident'] / 1e6:.1f} M in memory, "
+        f"{first['params_streamed'] / 1e6:.1f} M read from storage"
+    )
+    print(
+        f"{'PLE':<10} {'peak RSS MiB':>13} {'prefill tok/s':>14} {'decode tok/s':>13}   (medians of {args.rounds})"
+    )
     for mode, results in runs.items():
-        med = {k: statistics.median(r[k] for r in results)
-               for k in ("peak_rss_mb", "prefill_tokens_per_second", "decode_tokens_per_second")}
-        print(f"{mode:<10} {med['peak_rss_mb']:>13.0f} {med['prefill_tokens_per_second']:>14.1f} "
-              f"{med['decode_tokens_per_second']:>13.1f}")
+        med = {
+            k: statistics.median(r[k] for r in results)
+            for k in ("peak_rss_mb", "prefill_tokens_per_second", "decode_tokens_per_second")
+        }
+        print(
+            f"{mode:<10} {med['peak_rss_mb']:>13.0f} {med['prefill_tokens_per_second']:>14.1f} "
+            f"{med['decode_tokens_per_second']:>13.1f}"
+        )
 
 
 if __name__ == "__main__":

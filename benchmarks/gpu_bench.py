@@ -55,8 +55,11 @@ def skeleton(models: list[str], out: Path) -> None:
         f = GGUFFile(path)
         doc = {
             "file": path.name,
-            "metadata": {k: [_encode(v), [int(t) if t is not None else None for t in f.value_types[k]]]
-                         for k, v in f.metadata.items() if k != "general.alignment"},
+            "metadata": {
+                k: [_encode(v), [int(t) if t is not None else None for t in f.value_types[k]]]
+                for k, v in f.metadata.items()
+                if k != "general.alignment"
+            },
             "tensors": [[t.name, int(t.kind), list(t.shape)] for t in f.tensors.values()],
         }
         target = out / f"{path.stem}.skeleton.json.gz"
@@ -96,7 +99,9 @@ def build(skeletons: list[str], out: Path) -> None:
             writer.add(key, value, *[ValueType(t) if t is not None else None for t in types])
         for name, kind, shape in doc["tensors"]:
             kind = GGMLType(kind)
-            writer.add_tensor(name, kind, tuple(shape), lambda kind=kind, shape=shape: random_tensor(kind, shape, rng))
+            writer.add_tensor(
+                name, kind, tuple(shape), lambda kind=kind, shape=shape: random_tensor(kind, shape, rng)
+            )
         target = out / doc["file"]
         writer.write(target)
         print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
@@ -120,7 +125,9 @@ def run(files: list[str], backends: list[str], prompt_tokens: int, gen_tokens: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("skeleton")
     p.add_argument("models", nargs="+")

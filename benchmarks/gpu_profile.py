@@ -23,7 +23,9 @@ for i in range(5):
     t2 = time.perf_counter()
     n = len(device.trace)
     device.trace = None
-    print(f"record {1e3 * (t1 - t0):.1f} ms, submit + wait {1e3 * (t2 - t1):.1f} ms, {n} dispatches", flush=True)
+    print(
+        f"record {1e3 * (t1 - t0):.1f} ms, submit + wait {1e3 * (t2 - t1):.1f} ms, {n} dispatches", flush=True
+    )
 
 from pocketlm.engine import decode_step  # noqa: E402
 

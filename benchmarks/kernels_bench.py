@@ -59,7 +59,9 @@ def timed(w, x, calls: int) -> float:
 
 
 def main() -> None:
-    print(f"kernel path: {getattr(intdot, 'ISA', None) or ('VNNI512' if getattr(intdot, 'VNNI512', False) else 'portable')}")
+    print(
+        f"kernel path: {getattr(intdot, 'ISA', None) or ('VNNI512' if getattr(intdot, 'VNNI512', False) else 'portable')}"
+    )
     print(f"{'layout':<14}{'shape':>14}{'MB':>8}{'us':>10}{'GB/s':>8}{'Gw/s':>8}")
     for name, kind, rows, cols in CASES:
         for stacked in (1, max(1, DRAM_BYTES // (rows * cols))):
@@ -67,8 +69,10 @@ def main() -> None:
             x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
             seconds = timed(w, x, 400 if stacked == 1 else 20)
             shape = f"{rows * stacked}x{cols}"
-            print(f"{name:<14}{shape:>14}{w.nbytes / 1e6:>8.1f}{seconds * 1e6:>10.0f}"
-                  f"{w.nbytes / seconds / 1e9:>8.1f}{rows * stacked * cols / seconds / 1e9:>8.1f}")
+            print(
+                f"{name:<14}{shape:>14}{w.nbytes / 1e6:>8.1f}{seconds * 1e6:>10.0f}"
+                f"{w.nbytes / seconds / 1e9:>8.1f}{rows * stacked * cols / seconds / 1e9:>8.1f}"
+            )
     sys.stdout.flush()
 
 

@@ -135,8 +135,10 @@ def main() -> None:
         runs, invalid, seconds = answer_all(llm, cases, 0.0)
         n_tokens = sum(len(r) for r in runs)
         valid = len(cases) - invalid
-        print(f"\n{name} (vocabulary {vocabulary.size}): greedy: {valid}/{len(cases)} valid, "
-              f"{n_tokens} tokens in {seconds:.1f} s")
+        print(
+            f"\n{name} (vocabulary {vocabulary.size}): greedy: {valid}/{len(cases)} valid, "
+            f"{n_tokens} tokens in {seconds:.1f} s"
+        )
         if args.sampled:
             _, invalid_t, seconds_t = answer_all(llm, cases, 1.0)
             print(f"  temperature 1.0: {len(cases) - invalid_t}/{len(cases)} valid ({seconds_t:.1f} s)")
@@ -155,8 +157,10 @@ def main() -> None:
             compile_ms = [percentile(comp, 50) * 1e3, percentile(comp, 95) * 1e3, max(comp) * 1e3]
             mask_us = [percentile(mask, 50) * 1e6, percentile(mask, 95) * 1e6]
             c50, c95, cmax = compile_ms
-            print(f"  {engine:<11} {setup_s:13.2f} {c50:8.1f}/{c95:6.1f}/{cmax:7.1f} "
-                  f"{mask_us[0]:8.0f}/{mask_us[1]:7.0f} {statistics.mean(mask) / step:10.1%}")
+            print(
+                f"  {engine:<11} {setup_s:13.2f} {c50:8.1f}/{c95:6.1f}/{cmax:7.1f} "
+                f"{mask_us[0]:8.0f}/{mask_us[1]:7.0f} {statistics.mean(mask) / step:10.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def _worker(requests, replies, warm_path: str) -> None:
     def run(path: str) -> tuple[str, str]:
         try:
             lm = LoadedModel(path)
-            ids = lm.tokenizer.encode_chat([{"role": "user", "content": "Hi there"}], architecture=lm.architecture)
+            ids = lm.tokenizer.encode_chat(
+                [{"role": "user", "content": "Hi there"}], architecture=lm.architecture
+            )
             cache = lm.make_cache(min(len(ids) + 4, lm.context_length))
             list(generate_tokens(lm, cache, ids[: cache.max_tokens - 1], make_sampler(0.7, 40, 0.9, 0)))
             return "loaded", ""
@@ -90,7 +92,9 @@ class Worker:
     def start(self) -> None:
         ctx = mp.get_context("spawn")
         self.requests, self.replies = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_worker, args=(self.requests, self.replies, self.warm_path), daemon=True)
+        self.process = ctx.Process(
+            target=_worker, args=(self.requests, self.replies, self.warm_path), daemon=True
+        )
         self.process.start()
         self.replies.get(timeout=600)
 
@@ -143,7 +147,9 @@ def fuzz(path: str | os.PathLike, cases: int, seed: int = 0, timeout: float = 30
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="a GGUF file to mutate (a small one: every case loads it)")
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -153,11 +159,17 @@ def main() -> None:
 
     def progress(done, counts):
         if done % 100 == 0 or done == args.cases:
-            print(f"{done}/{args.cases} " + " ".join(f"{k} {counts[k]}" for k in KINDS), file=sys.stderr, flush=True)
+            print(
+                f"{done}/{args.cases} " + " ".join(f"{k} {counts[k]}" for k in KINDS),
+                file=sys.stderr,
+                flush=True,
+            )
 
     result = fuzz(args.model, args.cases, args.seed, args.timeout, progress)
-    print(f"{result['cases']} cases in {time.monotonic() - start:.0f} s: " +
-          ", ".join(f"{k} {v}" for k, v in result["counts"].items()))
+    print(
+        f"{result['cases']} cases in {time.monotonic() - start:.0f} s: "
+        + ", ".join(f"{k} {v}" for k, v in result["counts"].items())
+    )
     for kind, lines in result["examples"].items():
         print(f"\n{kind}:")
         for line in lines:

@@ -31,7 +31,9 @@ CHAT_TEXT = "<start_of_turn>user\nHi there!<end_of_turn>\n<|im_start|>user\nHell
 
 
 def teacher_forced(path: Path, ids: list[int], batch: int = 512) -> np.ndarray:
-    llm = Llama(str(path), n_ctx=1024, n_batch=batch, n_ubatch=batch, n_threads=2, logits_all=True, verbose=False)
+    llm = Llama(
+        str(path), n_ctx=1024, n_batch=batch, n_ubatch=batch, n_threads=2, logits_all=True, verbose=False
+    )
     llm.eval(ids)
     return np.asarray(llm.scores[: len(ids)], dtype=np.float32)
 

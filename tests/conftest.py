@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CORPUS = (FIXTURES / "passage.txt").read_text(encoding="utf-8") + (FIXTURES / "varied.txt").read_text(encoding="utf-8")
+CORPUS = (FIXTURES / "passage.txt").read_text(encoding="utf-8") + (FIXTURES / "varied.txt").read_text(
+    encoding="utf-8"
+)
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -28,7 +30,9 @@ def _byte_level_tokenizer(folder: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([CORPUS] * 4, trainer)
     tok.save(str(folder / "tokenizer.json"))
     config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}
@@ -41,14 +45,29 @@ def _sentencepiece_tokenizer(folder: Path) -> int:
 
     (folder / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=640,
-        model_type="bpe", byte_fallback=True, add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        control_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=640,
+        model_type="bpe",
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        control_symbols=["<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
     )
     (folder / "corpus.txt").unlink()
     (folder / "tokenizer.vocab").unlink()
-    config = {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True, "chat_template": GEMMA_TEMPLATE}
+    config = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "add_bos_token": True,
+        "chat_template": GEMMA_TEMPLATE,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return 640
 
@@ -60,60 +79,197 @@ def _randomize(model, seed: int) -> None:
 
     gen = torch.Generator().manual_seed(seed)
     # Gemma 1-3 norms scale by (1 + w); Gemma 3n's, like the others', by w
-    centre = 0.0 if model.config.model_type.startswith("gemma") and "3n" not in model.config.model_type else 1.0
+    centre = (
+        0.0 if model.config.model_type.startswith("gemma") and "3n" not in model.config.model_type else 1.0
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             is_norm_weight = p.ndim == 1 and "norm" in name and name.endswith("weight")
-            p.copy_(centre + 0.2 * noise if is_norm_weight else (0.2 * noise if p.ndim == 1 else 0.15 * noise))
-            if model.config.model_type == "gemma3n_text" and name.endswith(("q_norm.weight", "k_norm.weight")):
+            p.copy_(
+                centre + 0.2 * noise if is_norm_weight else (0.2 * noise if p.ndim == 1 else 0.15 * noise)
+            )
+            if model.config.model_type == "gemma3n_text" and name.endswith(
+                ("q_norm.weight", "k_norm.weight")
+            ):
                 # Gemma 3n attends with scale 1: its trained q/k norms carry the 1/sqrt(head_dim)
                 # (with weights near 1, a random model's attention is near one-hot and chaotic)
                 p.mul_(model.config.head_dim**-0.25)
 
 
-_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-               max_position_embeddings=256)
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+)
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 _FALCON = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
 
 # Gemma 3n: 10 layers (4 sliding + 1 global, twice), the last 5 reuse layers 3 and 4's keys and
 # values, sparse FFNs in the first 2, AltUp with 4 streams, a per-layer table shorter than the vocab.
-_GEMMA3N = dict(hidden_size=64, intermediate_size=[128, 96] * 5, num_hidden_layers=10, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=32, sliding_window=16, num_kv_shared_layers=5, laurel_rank=8,
-                hidden_size_per_layer_input=16, vocab_size_per_layer_input=600, altup_num_inputs=4,
-                activation_sparsity_pattern=[0.95, 0.95] + [0.0] * 8, max_position_embeddings=256,
-                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+_GEMMA3N = dict(
+    hidden_size=64,
+    intermediate_size=[128, 96] * 5,
+    num_hidden_layers=10,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    sliding_window=16,
+    num_kv_shared_layers=5,
+    laurel_rank=8,
+    hidden_size_per_layer_input=16,
+    vocab_size_per_layer_input=600,
+    altup_num_inputs=4,
+    activation_sparsity_pattern=[0.95, 0.95] + [0.0] * 8,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 
 # kind -> (transformers model class, config class, config values, tokenizer)
 TINY = {
-    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False,
-                                                       bos_token_id=1, eos_token_id=2), "bpe"),
-    "llama3-bias": ("LlamaForCausalLM", "LlamaConfig", dict(_COMMON, num_key_value_heads=2, attention_bias=True,
-                                                             mlp_bias=True, rope_parameters=_LLAMA3_ROPE), "bpe"),
-    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
-        _COMMON, num_hidden_layers=7, num_key_value_heads=2, head_dim=32, sliding_window=16,
-        query_pre_attn_scalar=48, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2), "spm"),
-    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_COMMON, num_key_value_heads=1, head_dim=32, pad_token_id=0,
-                                                       eos_token_id=1, bos_token_id=2), "spm"),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(
-        _COMMON, num_hidden_layers=4, num_key_value_heads=2, head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, pad_token_id=0, eos_token_id=1, bos_token_id=2), "spm"),
-    "phi": ("PhiForCausalLM", "PhiConfig", dict(_COMMON, partial_rotary_factor=0.5, tie_word_embeddings=False), "bpe"),
-    "phi-qk-norm": ("PhiForCausalLM", "PhiConfig", dict(_COMMON, partial_rotary_factor=0.5, qk_layernorm=True), "bpe"),
-    "falcon-rw": ("FalconForCausalLM", "FalconConfig", dict(_FALCON, alibi=True, multi_query=False, bias=True,
-                                                             new_decoder_architecture=False, parallel_attn=False), "bpe"),
-    "falcon-7b": ("FalconForCausalLM", "FalconConfig", dict(_FALCON, alibi=False, multi_query=True, bias=False,
-                                                             new_decoder_architecture=False, parallel_attn=True), "bpe"),
-    "falcon-40b": ("FalconForCausalLM", "FalconConfig", dict(_FALCON, alibi=False, num_kv_heads=2, bias=False,
-                                                              new_decoder_architecture=True, parallel_attn=True), "bpe"),
-    "stablelm": ("StableLmForCausalLM", "StableLmConfig", dict(_COMMON, num_key_value_heads=2, partial_rotary_factor=0.25,
-                                                                use_qkv_bias=True, qk_layernorm=True), "bpe"),
-    "stablelm-parallel": ("StableLmForCausalLM", "StableLmConfig", dict(_COMMON, num_key_value_heads=4, partial_rotary_factor=0.25,
-                                                                         use_parallel_residual=True), "bpe"),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True), "bpe"),
-    "qwen2-untied": ("Qwen2ForCausalLM", "Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False), "bpe"),
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        "bpe",
+    ),
+    "llama3-bias": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            _COMMON, num_key_value_heads=2, attention_bias=True, mlp_bias=True, rope_parameters=_LLAMA3_ROPE
+        ),
+        "bpe",
+    ),
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        dict(
+            _COMMON,
+            num_hidden_layers=7,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=16,
+            query_pre_attn_scalar=48,
+            final_logit_softcapping=30.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        "spm",
+    ),
+    "gemma": (
+        "GemmaForCausalLM",
+        "GemmaConfig",
+        dict(_COMMON, num_key_value_heads=1, head_dim=32, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        "spm",
+    ),
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        dict(
+            _COMMON,
+            num_hidden_layers=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=16,
+            query_pre_attn_scalar=32,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        "spm",
+    ),
+    "phi": (
+        "PhiForCausalLM",
+        "PhiConfig",
+        dict(_COMMON, partial_rotary_factor=0.5, tie_word_embeddings=False),
+        "bpe",
+    ),
+    "phi-qk-norm": (
+        "PhiForCausalLM",
+        "PhiConfig",
+        dict(_COMMON, partial_rotary_factor=0.5, qk_layernorm=True),
+        "bpe",
+    ),
+    "falcon-rw": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            _FALCON,
+            alibi=True,
+            multi_query=False,
+            bias=True,
+            new_decoder_architecture=False,
+            parallel_attn=False,
+        ),
+        "bpe",
+    ),
+    "falcon-7b": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            _FALCON,
+            alibi=False,
+            multi_query=True,
+            bias=False,
+            new_decoder_architecture=False,
+            parallel_attn=True,
+        ),
+        "bpe",
+    ),
+    "falcon-40b": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(
+            _FALCON,
+            alibi=False,
+            num_kv_heads=2,
+            bias=False,
+            new_decoder_architecture=True,
+            parallel_attn=True,
+        ),
+        "bpe",
+    ),
+    "stablelm": (
+        "StableLmForCausalLM",
+        "StableLmConfig",
+        dict(
+            _COMMON, num_key_value_heads=2, partial_rotary_factor=0.25, use_qkv_bias=True, qk_layernorm=True
+        ),
+        "bpe",
+    ),
+    "stablelm-parallel": (
+        "StableLmForCausalLM",
+        "StableLmConfig",
+        dict(_COMMON, num_key_value_heads=4, partial_rotary_factor=0.25, use_parallel_residual=True),
+        "bpe",
+    ),
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=True),
+        "bpe",
+    ),
+    "qwen2-untied": (
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False),
+        "bpe",
+    ),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_COMMON, num_key_value_heads=2, head_dim=32), "bpe"),
     "gemma3n": ("Gemma3nForCausalLM", "Gemma3nTextConfig", _GEMMA3N, "spm"),
 }
@@ -229,7 +385,9 @@ def trained_tiny(tmp_path_factory):
             torch.manual_seed(0)
             model = getattr(transformers, model_class)(transformers.AutoConfig.from_pretrained(folder))
             gguf = convert(folder, folder.parent / "tok.gguf", ConversionConfig(quant="f32"), progress=False)
-            ids = load(gguf, backend="reference").tokenizer.encode((FIXTURES / "passage.txt").read_text(encoding="utf-8"))
+            ids = load(gguf, backend="reference").tokenizer.encode(
+                (FIXTURES / "passage.txt").read_text(encoding="utf-8")
+            )
             train_briefly(model, ids)
             model.save_pretrained(folder)
             cache[kind] = (folder, ids)

@@ -30,7 +30,9 @@ def test_stream_and_callback_give_the_same_text_as_a_plain_call(tiny_llm):
     plain = tiny_llm.generate_response("Hello", max_new_tokens=20)
     streamed = list(tiny_llm.generate_response_stream("Hello", max_new_tokens=20))
     calls = []
-    tiny_llm.generate_response("Hello", listener=lambda piece, done: calls.append((piece, done)), max_new_tokens=20)
+    tiny_llm.generate_response(
+        "Hello", listener=lambda piece, done: calls.append((piece, done)), max_new_tokens=20
+    )
     assert "".join(streamed) == plain and len(streamed) > 1
     assert "".join(p for p, _ in calls) == plain and calls[-1] == ("", True)
     assert not any(done for _, done in calls[:-1])
@@ -57,7 +59,9 @@ def test_generation_stops_at_max_tokens_of_context(tiny):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_session_follow_up_prefills_only_the_new_tokens_and_matches_a_replay_and_a_fresh_run(real_model, backend):
+def test_session_follow_up_prefills_only_the_new_tokens_and_matches_a_replay_and_a_fresh_run(
+    real_model, backend
+):
     """A follow-up prefills only the new turn and equals a session that went through the same
     turns. On the reference backend it also equals a fresh run that prefills the whole
     conversation. The cpu backend's decode rounds activations to int8 blocks (kernels.intdot)
@@ -75,11 +79,13 @@ def test_session_follow_up_prefills_only_the_new_tokens_and_matches_a_replay_and
     assert replay.chat("And of Italy?", max_new_tokens=40) == second
     if backend == "reference":
         fresh = llm.create_session()
-        fresh.add_messages([
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "And of Italy?"},
-        ])
+        fresh.add_messages(
+            [
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": first},
+                {"role": "user", "content": "And of Italy?"},
+            ]
+        )
         assert fresh.generate_response(max_new_tokens=40) == second
         assert fresh.last_stats.prompt_tokens > before
 

@@ -24,15 +24,32 @@ def test_run_prints_the_answer_of_the_default_model(capsys, real_model):
     """The engine's own greedy answer (whether it names Paris is a near tie for this model:
     "The capital of France is Paris." or a French ramble, 0.08 apart in the first token's logits)."""
     path = real_model("smollm2-135m")
-    code, out, _ = run_cli(capsys, "run", "What is the capital of France?", "--temperature", "0", "--max-tokens", "128")
-    expected = LlmInference(path, temperature=0.0, max_tokens=128).generate_response("What is the capital of France?")
+    code, out, _ = run_cli(
+        capsys, "run", "What is the capital of France?", "--temperature", "0", "--max-tokens", "128"
+    )
+    expected = LlmInference(path, temperature=0.0, max_tokens=128).generate_response(
+        "What is the capital of France?"
+    )
     assert code == 0 and out.strip() == expected.strip() and len(expected) > 20
 
 
 def test_run_with_a_model_path_and_sampling_flags(capsys, tiny):
     gguf = str(tiny("llama")[2])
-    code, out, err = run_cli(capsys, "run", gguf, "Hello", "--seed", "5", "--top-k", "10", "--top-p", "0.9",
-                             "--max-tokens", "40", "--stats")
+    code, out, err = run_cli(
+        capsys,
+        "run",
+        gguf,
+        "Hello",
+        "--seed",
+        "5",
+        "--top-k",
+        "10",
+        "--top-p",
+        "0.9",
+        "--max-tokens",
+        "40",
+        "--stats",
+    )
     assert code == 0 and out.strip() and "tok/s decode" in err
 
 
@@ -40,30 +57,41 @@ def test_run_with_structured_output_flags(capsys, tiny, tmp_path):
     import jsonschema
 
     gguf = str(tiny("llama")[2])
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
-                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
     (tmp_path / "schema.json").write_text(json.dumps(schema))
     (tmp_path / "yes_no.lark").write_text('start: "yes" | "no"')
-    (tmp_path / "digits.gbnf").write_text('root ::= [0-9] [0-9]')
-    code, out, _ = run_cli(capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "schema.json"),
-                           "--max-tokens", "200")
+    (tmp_path / "digits.gbnf").write_text("root ::= [0-9] [0-9]")
+    code, out, _ = run_cli(
+        capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "schema.json"), "--max-tokens", "200"
+    )
     assert code == 0
     jsonschema.validate(json.loads(out), schema)
-    for flag, value, pattern in [("--regex", "[a-f]{4}", "[a-f]{4}"), ("--grammar", tmp_path / "yes_no.lark", "yes|no"),
-                                 ("--grammar", tmp_path / "digits.gbnf", "[0-9]{2}")]:
+    for flag, value, pattern in [
+        ("--regex", "[a-f]{4}", "[a-f]{4}"),
+        ("--grammar", tmp_path / "yes_no.lark", "yes|no"),
+        ("--grammar", tmp_path / "digits.gbnf", "[0-9]{2}"),
+    ]:
         code, out, _ = run_cli(capsys, "run", gguf, "Hello", flag, str(value), "--max-tokens", "200")
         assert code == 0 and re.fullmatch(pattern, out.strip()), (flag, out)
     code, out, err = run_cli(capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "missing.json"))
     assert code == 2 and "missing.json" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "bad.json").write_text('{"type": "array", "uniqueItems": true}')
-    code, out, err = run_cli(capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "bad.json"),
-                             "--max-tokens", "200")
+    code, out, err = run_cli(
+        capsys, "run", gguf, "Hello", "--json-schema", str(tmp_path / "bad.json"), "--max-tokens", "200"
+    )
     assert code == 2 and "uniqueItems" in err and len(err.strip().splitlines()) == 1
 
 
 def test_inspect_lists_metadata_tensors_and_totals(capsys, real_model):
-    for name, arch, kinds in [("smollm2-135m", "llama", ["Q4_1", "Q8_0"]), ("gemma3-270m", "gemma3", ["Q4_K", "Q6_K", "Q5_0"])]:
+    for name, arch, kinds in [
+        ("smollm2-135m", "llama", ["Q4_1", "Q8_0"]),
+        ("gemma3-270m", "gemma3", ["Q4_K", "Q6_K", "Q5_0"]),
+    ]:
         real_model(name)
         code, out, _ = run_cli(capsys, "inspect", name)
         assert code == 0
@@ -75,7 +103,9 @@ def test_inspect_lists_metadata_tensors_and_totals(capsys, real_model):
 def test_convert_then_perplexity(capsys, tiny, tmp_path):
     _, folder, _ = tiny("llama")
     out = tmp_path / "m.gguf"
-    code, stdout, _ = run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--ffn-bits", "4", "--quiet")
+    code, stdout, _ = run_cli(
+        capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--ffn-bits", "4", "--quiet"
+    )
     assert code == 0 and out.exists() and "wrote" in stdout
     text = tmp_path / "t.txt"
     text.write_text("The boats rock gently in the harbour. " * 30)
@@ -102,14 +132,17 @@ def test_perplexity_matches_the_definition(tiny, tmp_path):
     assert count == len(nll) and ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-6)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "/nonexistent/model.gguf", "hi"], "no such model file"),
-    (["run", "smollm2-135m", "hi", "--temperature", "-1"], "temperature must be"),
-    (["run", "smollm2-135m", "word " * 300, "--max-tokens", "64", "--raw"], "max_tokens=64"),
-    (["convert", "/nonexistent", "out.gguf"], "no such model file"),
-    (["convert", "/tmp", "out.gguf", "--quant", "q8_0"], "config.json is missing"),
-    (["inspect", "nonexistent-model"], "not a known model name"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "/nonexistent/model.gguf", "hi"], "no such model file"),
+        (["run", "smollm2-135m", "hi", "--temperature", "-1"], "temperature must be"),
+        (["run", "smollm2-135m", "word " * 300, "--max-tokens", "64", "--raw"], "max_tokens=64"),
+        (["convert", "/nonexistent", "out.gguf"], "no such model file"),
+        (["convert", "/tmp", "out.gguf", "--quant", "q8_0"], "config.json is missing"),
+        (["inspect", "nonexistent-model"], "not a known model name"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_2(capsys, real_model, argv, message):
     real_model("smollm2-135m")
     code, out, err = run_cli(capsys, *argv)
@@ -120,7 +153,9 @@ def test_user_errors_print_one_line_and_exit_2(capsys, real_model, argv, message
 def test_corrupt_file_from_a_real_process_exits_2_without_traceback(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(10))
-    result = subprocess.run([sys.executable, "-m", "pocketlm", "inspect", str(bad)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pocketlm", "inspect", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "bad.gguf" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -152,7 +187,9 @@ def test_unknown_architecture_is_named(capsys, tmp_path, tiny):
     assert code == 2 and "'mamba' is not supported" in err and "llama" in err
 
 
-@pytest.mark.parametrize("command", ["run", "chat", "convert", "inspect", "perplexity", "pull", "serve", "bench", "web"])
+@pytest.mark.parametrize(
+    "command", ["run", "chat", "convert", "inspect", "perplexity", "pull", "serve", "bench", "web"]
+)
 def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -174,13 +211,28 @@ def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
     assert code == 2 and "smollm2-135m" in err and "gemma3-270m" in err
 
 
-@pytest.mark.parametrize("kind", ["gemma", "gemma2", "phi", "falcon-rw", "falcon-40b", "stablelm", "qwen2", "qwen3", "llama3-bias",
-                                  "gemma3n"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "gemma",
+        "gemma2",
+        "phi",
+        "falcon-rw",
+        "falcon-40b",
+        "stablelm",
+        "qwen2",
+        "qwen3",
+        "llama3-bias",
+        "gemma3n",
+    ],
+)
 def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tiny, tmp_path, kind):
     _, folder, _ = tiny(kind)
     out = tmp_path / f"{kind}.gguf"
     assert run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--quiet")[0] == 0
-    code, text, _ = run_cli(capsys, "run", str(out), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0")
+    code, text, _ = run_cli(
+        capsys, "run", str(out), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0"
+    )
     assert code == 0 and text.strip()
     code, text, _ = run_cli(capsys, "inspect", str(out))
     assert code == 0 and "general.architecture" in text
@@ -190,10 +242,17 @@ def test_matformer_slice_and_ple_bench_from_the_command_line(capsys, tiny, tmp_p
     _, folder, _ = tiny("gemma3n")
     out = tmp_path / "sliced.gguf"
     spec = '{"layers_to_skip": [1], "ffn_dims": [64, 64, 96, 96, 64, 64, 96, 96, 64]}'
-    assert run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--matformer", spec, "--quiet")[0] == 0
+    assert (
+        run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--matformer", spec, "--quiet")[
+            0
+        ]
+        == 0
+    )
     code, text, _ = run_cli(capsys, "bench", str(out), "--prompt-tokens", "16", "--gen-tokens", "4")
     assert code == 0 and "M read from storage" in text
-    code, text, _ = run_cli(capsys, "bench", str(out), "--prompt-tokens", "16", "--gen-tokens", "4", "--ple-in-ram")
+    code, text, _ = run_cli(
+        capsys, "bench", str(out), "--prompt-tokens", "16", "--gen-tokens", "4", "--ple-in-ram"
+    )
     assert code == 0 and "0.0 M read from storage" in text
     code, _, err = run_cli(capsys, "convert", str(folder), str(tmp_path / "x.gguf"), "--matformer", "e9b")
     assert code == 2 and "--matformer must be a preset" in err and not (tmp_path / "x.gguf").exists()
@@ -203,12 +262,38 @@ def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_
     pytest.importorskip("wgpu")
     _, folder, path = tiny("gemma3")
     cpu = run_cli(capsys, "run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0")
-    gpu = run_cli(capsys, "run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0", "--backend", "webgpu")
+    gpu = run_cli(
+        capsys,
+        "run",
+        str(path),
+        "The sea",
+        "--raw",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--backend",
+        "webgpu",
+    )
     assert cpu[0] == gpu[0] == 0 and cpu[1] == gpu[1] and cpu[1].strip()
-    code, out, _ = run_cli(capsys, "convert", str(folder), str(tmp_path / "web"), "--target", "web", "--max-tokens", "64", "--quiet")
+    code, out, _ = run_cli(
+        capsys,
+        "convert",
+        str(folder),
+        str(tmp_path / "web"),
+        "--target",
+        "web",
+        "--max-tokens",
+        "64",
+        "--quiet",
+    )
     assert code == 0 and "wrote web package" in out
-    assert {"manifest.json", "plan.json", "tokenizer.json", "shard-000.bin"} <= {f.name for f in (tmp_path / "web").iterdir()}
+    assert {"manifest.json", "plan.json", "tokenizer.json", "shard-000.bin"} <= {
+        f.name for f in (tmp_path / "web").iterdir()
+    }
     assert run_cli(capsys, "convert", str(path), str(tmp_path / "web2"), "--target", "web", "--quiet")[0] == 0
-    assert json.loads((tmp_path / "web2" / "manifest.json").read_text())["max_tokens"] == 256  # the model's context
+    assert (
+        json.loads((tmp_path / "web2" / "manifest.json").read_text())["max_tokens"] == 256
+    )  # the model's context
     code, _, err = run_cli(capsys, "run", str(tiny("phi")[2]), "x", "--backend", "webgpu")
     assert code == 2 and "webgpu backend runs" in err

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, TINY, build_tiny, prompt_ids
-from pocketlm import ConversionConfig, InvalidOptionError, LlmInference, PocketLMError, UnsupportedError, convert, load
+from pocketlm import (
+    ConversionConfig,
+    InvalidOptionError,
+    LlmInference,
+    PocketLMError,
+    UnsupportedError,
+    convert,
+    load,
+)
 from pocketlm.formats.gguf import GGUFFile
 from pocketlm.formats.quants import GGMLType
 
@@ -29,7 +37,10 @@ def test_mixed_bits_give_each_component_its_type(tiny, tmp_path):
     assert kinds["blk.0.ffn_up.weight"] == kinds["blk.0.ffn_down.weight"] == GGMLType.Q4_0
     assert kinds["token_embd.weight"] == kinds["output.weight"] == GGMLType.Q8_0
     assert kinds["blk.0.attn_norm.weight"] == GGMLType.F32
-    assert ConversionConfig(quant="q4_1", ffn_bits=4).tensor_type("blk.0.ffn_up.weight", (64, 64)) == GGMLType.Q4_1
+    assert (
+        ConversionConfig(quant="q4_1", ffn_bits=4).tensor_type("blk.0.ffn_up.weight", (64, 64))
+        == GGMLType.Q4_1
+    )
 
 
 def test_rows_that_do_not_fill_blocks_fall_back_to_f16():
@@ -124,7 +135,9 @@ def llama_cpp_model(path):
     rounding), without its repacked buffers, which segfault on these 64-wide matrices on AMX machines."""
     from pocketlm.llamacpp import open_llama
 
-    return open_llama(path, repack=False, n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
+    return open_llama(
+        path, repack=False, n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0
+    )
 
 
 @pytest.mark.llamacpp
@@ -158,9 +171,17 @@ def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(t
     pytest.importorskip("llama_cpp")
     from pocketlm.models.gemma3n import Block
 
-    build_tiny("gemma3n", tmp_path / "hf", hidden_size_per_layer_input=256, vocab_size_per_layer_input=640,
-               laurel_rank=64, num_hidden_layers=35, num_kv_shared_layers=15, intermediate_size=[128] * 35,
-               activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25)
+    build_tiny(
+        "gemma3n",
+        tmp_path / "hf",
+        hidden_size_per_layer_input=256,
+        vocab_size_per_layer_input=640,
+        laurel_rank=64,
+        num_hidden_layers=35,
+        num_kv_shared_layers=15,
+        intermediate_size=[128] * 35,
+        activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25,
+    )
     path = convert(tmp_path / "hf", tmp_path / "f32.gguf", ConversionConfig(quant="f32"), progress=False)
     llm = llama_cpp_model(path)
     ids = prompt_ids(640, 48, seed=4)
@@ -169,8 +190,10 @@ def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(t
     as_transformers = load(path).logits(ids)
     monkeypatch.setattr(Block, "std_ddof", 1)
     ours = load(path).logits(ids)
-    print(f"\ngemma3n vs llama.cpp: max |d| {np.abs(ours - theirs).max():.3f} with llama.cpp's std, "
-          f"{np.abs(as_transformers - theirs).max():.3f} with transformers'")
+    print(
+        f"\ngemma3n vs llama.cpp: max |d| {np.abs(ours - theirs).max():.3f} with llama.cpp's std, "
+        f"{np.abs(as_transformers - theirs).max():.3f} with transformers'"
+    )
     assert np.abs(ours - theirs).max() < 0.2
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) == 1.0
 

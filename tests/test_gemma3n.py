@@ -58,7 +58,9 @@ def test_per_layer_table_is_read_row_by_row_and_never_held(tiny, tmp_path, monke
     assert held and PER_LAYER_TABLE not in held  # every other matrix was repacked, not this one
     reads = []
     embedding = lm.ops.embedding
-    monkeypatch.setattr(lm.ops, "embedding", lambda w, ids: (reads.append((w.name, list(ids))), embedding(w, ids))[1])
+    monkeypatch.setattr(
+        lm.ops, "embedding", lambda w, ids: (reads.append((w.name, list(ids))), embedding(w, ids))[1]
+    )
     ids = prompt_ids(lm.model.vocab_size, 20, seed=4)
     cache = lm.make_cache(24)
     token = int(np.argmax(prefill(lm, cache, ids)))
@@ -88,8 +90,24 @@ def ple_heavy(tmp_path_factory):
 
 
 def _bench(path, *flags) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pocketlm", "bench", str(path), "--prompt-tokens", "64",
-                          "--gen-tokens", "16", "--json", *flags], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pocketlm",
+            "bench",
+            str(path),
+            "--prompt-tokens",
+            "64",
+            "--gen-tokens",
+            "16",
+            "--json",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -98,17 +116,23 @@ def test_streaming_the_per_layer_table_saves_its_size_in_peak_memory(ple_heavy):
     assert table_mb > 200
     streamed, in_ram = _bench(ple_heavy), _bench(ple_heavy, "--ple-in-ram")
     saving = in_ram["peak_rss_mb"] - streamed["peak_rss_mb"]
-    print(f"\nPLE table {table_mb:.0f} MB: peak RSS streamed {streamed['peak_rss_mb']:.0f} MB, "
-          f"in RAM {in_ram['peak_rss_mb']:.0f} MB (saving {saving:.0f} MB); decode "
-          f"{streamed['decode_tokens_per_second']:.0f} vs {in_ram['decode_tokens_per_second']:.0f} tok/s")
+    print(
+        f"\nPLE table {table_mb:.0f} MB: peak RSS streamed {streamed['peak_rss_mb']:.0f} MB, "
+        f"in RAM {in_ram['peak_rss_mb']:.0f} MB (saving {saving:.0f} MB); decode "
+        f"{streamed['decode_tokens_per_second']:.0f} vs {in_ram['decode_tokens_per_second']:.0f} tok/s"
+    )
     assert streamed["params_streamed"] > 10 * streamed["params_resident"]
     assert saving > 0.9 * table_mb / 1.048576  # peak RSS is reported in MiB (VmHWM KiB / 1024)
 
 
 # -- MatFormer ----------------------------------------------------------------------------------
 
-E4B_LIKE = dict(num_hidden_layers=15, intermediate_size=[128] * 15, num_kv_shared_layers=5,
-                activation_sparsity_pattern=[0.95] * 3 + [0.0] * 12)
+E4B_LIKE = dict(
+    num_hidden_layers=15,
+    intermediate_size=[128] * 15,
+    num_kv_shared_layers=5,
+    activation_sparsity_pattern=[0.95] * 3 + [0.0] * 12,
+)
 SLICE = {"layers_to_skip": [3, 11], "ffn_dims": [64, 96, 128, 32, 64, 96, 128, 32, 64, 96, 128, 32, 64]}
 
 
@@ -119,11 +143,16 @@ def slice_reference(model, spec: dict):
     c = model.config
     kept = [i for i in range(c.num_hidden_layers) if i not in spec["layers_to_skip"]]
     first_shared = c.num_hidden_layers - c.num_kv_shared_layers
-    config = transformers.Gemma3nTextConfig(**{
-        **c.to_dict(), "num_hidden_layers": len(kept), "intermediate_size": spec["ffn_dims"],
-        "layer_types": [c.layer_types[i] for i in kept],
-        "activation_sparsity_pattern": [c.activation_sparsity_pattern[i] for i in kept],
-        "num_kv_shared_layers": sum(i >= first_shared for i in kept)})
+    config = transformers.Gemma3nTextConfig(
+        **{
+            **c.to_dict(),
+            "num_hidden_layers": len(kept),
+            "intermediate_size": spec["ffn_dims"],
+            "layer_types": [c.layer_types[i] for i in kept],
+            "activation_sparsity_pattern": [c.activation_sparsity_pattern[i] for i in kept],
+            "num_kv_shared_layers": sum(i >= first_shared for i in kept),
+        }
+    )
     P = c.hidden_size_per_layer_input
     parts = torch.cat([torch.arange(i * P, (i + 1) * P) for i in kept])
     state = {}
@@ -154,7 +183,11 @@ def matformer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("matformer")
     model = build_tiny("gemma3n", folder / "hf", **E4B_LIKE)
     config = ConversionConfig(quant="f32", matformer=json.dumps(SLICE))
-    return slice_reference(model, SLICE), convert(folder / "hf", folder / "sliced.gguf", config, progress=False), folder
+    return (
+        slice_reference(model, SLICE),
+        convert(folder / "hf", folder / "sliced.gguf", config, progress=False),
+        folder,
+    )
 
 
 def test_matformer_slice_matches_transformers_on_the_same_slice(matformer):
@@ -177,9 +210,13 @@ def test_matformer_slice_greedy_32_steps_match_transformers(matformer):
 
 
 def test_e2b_preset_turns_the_e4b_config_into_e2b():
-    e4b = {"num_hidden_layers": 35, "num_kv_shared_layers": 15, "intermediate_size": [16384] * 35,
-           "layer_types": ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(35)],
-           "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 25}
+    e4b = {
+        "num_hidden_layers": 35,
+        "num_kv_shared_layers": 15,
+        "intermediate_size": [16384] * 35,
+        "layer_types": ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(35)],
+        "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 25,
+    }
     config, kept = MatFormerSlice.parse("E2B").apply(e4b)
     assert kept == list(range(20)) + list(range(25, 35))
     assert config["num_hidden_layers"] == 30 and config["num_kv_shared_layers"] == 10
@@ -188,18 +225,23 @@ def test_e2b_preset_turns_the_e4b_config_into_e2b():
     assert config["layer_types"] == e4b["layer_types"][:30]  # whole 4 + 1 blocks were skipped
 
 
-@pytest.mark.parametrize("spec, message", [
-    ('{"layers_to_skip": [8]}', "cannot skip layers \\[8, 9\\]"),
-    ('{"layers_to_skip": [40]}', "model has layers 0..14"),
-    ('{"ffn_dims": [64, 64]}', "2 FFN widths for the 15 kept layers"),
-    (json.dumps({"ffn_dims": [256] * 15}), "exceed the checkpoint's FFN"),
-    ("e9b", "must be a preset"),
-    ('{"layers": [1]}', "unknown: \\['layers'\\]"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ('{"layers_to_skip": [8]}', "cannot skip layers \\[8, 9\\]"),
+        ('{"layers_to_skip": [40]}', "model has layers 0..14"),
+        ('{"ffn_dims": [64, 64]}', "2 FFN widths for the 15 kept layers"),
+        (json.dumps({"ffn_dims": [256] * 15}), "exceed the checkpoint's FFN"),
+        ("e9b", "must be a preset"),
+        ('{"layers": [1]}', "unknown: \\['layers'\\]"),
+    ],
+)
 def test_matformer_rejects_slices_that_cannot_run(matformer, tmp_path, spec, message):
     _, _, folder = matformer
     with pytest.raises(InvalidOptionError, match=message):
-        convert(folder / "hf", tmp_path / "x.gguf", ConversionConfig(quant="f32", matformer=spec), progress=False)
+        convert(
+            folder / "hf", tmp_path / "x.gguf", ConversionConfig(quant="f32", matformer=spec), progress=False
+        )
     assert not (tmp_path / "x.gguf").exists()
 
 

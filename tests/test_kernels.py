@@ -70,7 +70,9 @@ def test_activation_quantization_rounds_each_block_of_32_to_int8_within_half_a_s
     assert q.dtype == np.int8 and d.shape == sums.shape == (40,) and sums4.shape == (320,)
     assert list(np.abs(qb).max(axis=1)) == [0] + [127] * 39  # the largest value of a block is +-127
     assert np.all(np.abs(qb * d[:, None].astype(np.float64) - blocks) <= d[:, None] * (0.5 + 1e-6))
-    np.testing.assert_allclose(sums, blocks.sum(axis=1), rtol=1e-5, atol=1e-5 * np.abs(blocks).sum(axis=1).max())
+    np.testing.assert_allclose(
+        sums, blocks.sum(axis=1), rtol=1e-5, atol=1e-5 * np.abs(blocks).sum(axis=1).max()
+    )
     np.testing.assert_array_equal(sums4, q.reshape(-1, 4).astype(np.int64).sum(axis=1))
     with pytest.raises(ValueError, match="whole blocks"):
         intdot.quantize(np.zeros(48, np.float32))
@@ -81,7 +83,9 @@ def test_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
     monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)  # several tiles and a ragged last one
     data, shape, expected = weight(kind, 45, 2, seed=3)
     x = np.random.default_rng(4).standard_normal((7, shape[1])).astype(np.float32)
-    np.testing.assert_allclose(int8.matmul(int8.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        int8.matmul(int8.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3
+    )
 
 
 def test_rms_norm_kernel_equals_the_numpy_formula():
@@ -91,7 +95,9 @@ def test_rms_norm_kernel_equals_the_numpy_formula():
     x, w = rng.standard_normal((5, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
     out = np.empty_like(x)
     rms_norm_rows(x, w, 1e-6, out)
-    np.testing.assert_allclose(out, x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6) * w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out, x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6) * w, rtol=1e-5, atol=1e-6
+    )
 
 
 FOUR_BIT = list(int4.TYPES)
@@ -124,7 +130,9 @@ def test_nibble_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
     block_size, _ = BLOCK_LAYOUT[kind]
     data, shape, expected = weight(kind, 45, max(1, 128 // block_size), seed=7)
     x = np.random.default_rng(8).standard_normal((7, shape[1])).astype(np.float32)
-    np.testing.assert_allclose(int4.matmul(int4.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        int4.matmul(int4.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3
+    )
 
 
 def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
@@ -135,7 +143,9 @@ def test_only_four_bit_matrices_of_whole_runs_are_held_as_nibbles():
         int4.repack(np.zeros(8 * 3 * 18, np.uint8), GGMLType.Q4_0, (8, 96))
 
 
-@pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (5, 6), (2000, 20)])  # odd: a last half step
+@pytest.mark.parametrize(
+    "rows, blocks_per_row", [(1, 1), (37, 3), (5, 6), (2000, 20)]
+)  # odd: a last half step
 def test_q5_0_read_in_place_matvec_equals_reference_product(rows, blocks_per_row):
     data, shape, expected = weight(GGMLType.Q5_0, rows, blocks_per_row, seed=21)
     w = blocks.wrap(data, GGMLType.Q5_0, shape)
@@ -149,7 +159,9 @@ def test_q5_0_read_in_place_matmul_equals_reference_product_across_tiles(monkeyp
     monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)
     data, shape, expected = weight(GGMLType.Q5_0, 45, 4, seed=23)
     x = np.random.default_rng(24).standard_normal((7, shape[1])).astype(np.float32)
-    np.testing.assert_allclose(blocks.wrap(data, GGMLType.Q5_0, shape).matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        blocks.wrap(data, GGMLType.Q5_0, shape).matmul(x), x @ expected.T, rtol=1e-4, atol=1e-3
+    )
 
 
 def test_only_q8_0_and_q5_0_matrices_are_read_as_blocks():
@@ -166,7 +178,9 @@ def test_stacked_block_matrices_are_a_copy_whose_rows_give_each_part_and_need_on
     np.testing.assert_array_equal(stacked.rows(3, 8).dequantize(), parts[1][2])
     other_width, other_type = weight(GGMLType.Q5_0, 2, 4), weight(GGMLType.Q8_0, 2, 2)
     first = blocks.wrap(parts[0][0], GGMLType.Q5_0, parts[0][1])
-    assert blocks.BlockWeight.stack([first, blocks.wrap(other_width[0], GGMLType.Q5_0, other_width[1])]) is None
+    assert (
+        blocks.BlockWeight.stack([first, blocks.wrap(other_width[0], GGMLType.Q5_0, other_width[1])]) is None
+    )
     assert blocks.BlockWeight.stack([first, blocks.wrap(other_type[0], GGMLType.Q8_0, other_type[1])]) is None
 
 
@@ -178,8 +192,10 @@ def test_integer_dot_products_of_each_instruction_set_equal_the_reference(path):
     """Every layout's dot product built for each path this CPU executes (the others are
     compile-tested only, below), on random blocks including the extremes (-128 and 127 bytes)."""
     if not isa.runs(HOST, path):
-        pytest.skip(f"this CPU cannot execute {path}: compile-tested only "
-                    "(test_each_instruction_set_compiles_to_its_dot_product_instruction)")
+        pytest.skip(
+            f"this CPU cannot execute {path}: compile-tested only "
+            "(test_each_instruction_set_compiles_to_its_dot_product_instruction)"
+        )
     from numba import njit
 
     nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = intdot._intrinsics(path)
@@ -252,16 +268,29 @@ def test_each_instruction_set_compiles_to_its_dot_product_instruction(path):
         assert "zmm" not in "".join(bodies.values())
 
 
-@pytest.mark.parametrize("features, expected", [
-    ({"avx512vnni": True, "avx512bw": True, "avx512f": True, "avx512vl": True, "avx2": True, "avxvnni": False}, "avx512vnni"),
-    ({"avxvnni": True, "avx2": True, "avx512f": False}, "avxvnni"),
-    ({"avx2": True, "fma": True, "avx512f": False, "avxvnni": False}, "avx2"),
-    ({"avx": True, "sse4.2": True}, "portable"),
-    ({"neon": True, "dotprod": True, "i8mm": True}, "i8mm"),
-    ({"dotprod": True}, "dotprod"),
-    ({"neon": True}, "portable"),
-    ({}, "portable"),
-])
+@pytest.mark.parametrize(
+    "features, expected",
+    [
+        (
+            {
+                "avx512vnni": True,
+                "avx512bw": True,
+                "avx512f": True,
+                "avx512vl": True,
+                "avx2": True,
+                "avxvnni": False,
+            },
+            "avx512vnni",
+        ),
+        ({"avxvnni": True, "avx2": True, "avx512f": False}, "avxvnni"),
+        ({"avx2": True, "fma": True, "avx512f": False, "avxvnni": False}, "avx2"),
+        ({"avx": True, "sse4.2": True}, "portable"),
+        ({"neon": True, "dotprod": True, "i8mm": True}, "i8mm"),
+        ({"dotprod": True}, "dotprod"),
+        ({"neon": True}, "portable"),
+        ({}, "portable"),
+    ],
+)
 def test_the_dispatcher_picks_the_best_path_for_a_feature_set(features, expected):
     assert isa.choose(features) == expected
 
@@ -304,14 +333,17 @@ def test_q8_0_matrices_are_views_of_the_file_bytes():
     assert np.shares_memory(blocks.wrap(data, GGMLType.Q8_0, shape).blocks, data)
 
 
-@pytest.mark.parametrize("n_heads, n_kv, S, T, window, softcap, alibi", [
-    (9, 3, 620, 1, 0, 0.0, False),  # SmolLM2's grouping, many chunks
-    (4, 1, 700, 2, 512, 0.0, False),  # Gemma 3's, a window shorter than the keys
-    (8, 8, 33, 3, 0, 30.0, False),  # fewer keys than a chunk, softcap
-    (4, 2, 100, 4, 0, 0.0, True),  # ALiBi
-    (9, 3, 300, 300, 0, 0.0, False),  # a prompt: BLAS products, the numba softmax
-    (4, 1, 300, 120, 64, 50.0, True),  # a prompt with window, softcap and ALiBi
-])
+@pytest.mark.parametrize(
+    "n_heads, n_kv, S, T, window, softcap, alibi",
+    [
+        (9, 3, 620, 1, 0, 0.0, False),  # SmolLM2's grouping, many chunks
+        (4, 1, 700, 2, 512, 0.0, False),  # Gemma 3's, a window shorter than the keys
+        (8, 8, 33, 3, 0, 30.0, False),  # fewer keys than a chunk, softcap
+        (4, 2, 100, 4, 0, 0.0, True),  # ALiBi
+        (9, 3, 300, 300, 0, 0.0, False),  # a prompt: BLAS products, the numba softmax
+        (4, 1, 300, 120, 64, 50.0, True),  # a prompt with window, softcap and ALiBi
+    ],
+)
 def test_attention_kernels_equal_the_numpy_path(n_heads, n_kv, S, T, window, softcap, alibi):
     """The numba kernels against the numpy path run in float64: no further off than the numpy
     path itself in float32."""
@@ -325,11 +357,21 @@ def test_attention_kernels_equal_the_numpy_path(n_heads, n_kv, S, T, window, sof
     k_pos[S // 3 : S // 3 + 5] = -1  # empty ring slots are masked
     q_pos = np.arange(S - T, S, dtype=np.int64)
     slopes = rng.random(n_heads).astype(np.float32) if alibi else None
-    fast = CpuBackend(fast=True).attention(q, k, v, q_pos, k_pos, 0.125, window or None, softcap or None, slopes)
-    numpy32 = CpuBackend(fast=False).attention(q, k, v, q_pos, k_pos, 0.125, window or None, softcap or None, slopes)
-    exact = CpuBackend(fast=False).attention(*(a.astype(np.float64) for a in (q, k, v)), q_pos, k_pos, 0.125,
-                                             window or None, softcap or None,
-                                             None if slopes is None else slopes.astype(np.float64))
+    fast = CpuBackend(fast=True).attention(
+        q, k, v, q_pos, k_pos, 0.125, window or None, softcap or None, slopes
+    )
+    numpy32 = CpuBackend(fast=False).attention(
+        q, k, v, q_pos, k_pos, 0.125, window or None, softcap or None, slopes
+    )
+    exact = CpuBackend(fast=False).attention(
+        *(a.astype(np.float64) for a in (q, k, v)),
+        q_pos,
+        k_pos,
+        0.125,
+        window or None,
+        softcap or None,
+        None if slopes is None else slopes.astype(np.float64),
+    )
     assert fast.dtype == np.float32
     assert np.abs(fast - exact).max() <= 1.5 * np.abs(numpy32 - exact).max() + 1e-6
 
@@ -344,7 +386,9 @@ def test_vectorisable_exp_is_within_float32_rounding_of_exp():
         for i in range(x.shape[0]):
             out[i] = exp_nonpositive(x[i])
 
-    x = np.concatenate([-np.logspace(-8, np.log10(87), 100_000), [0.0, -np.inf, -87.5, -1000.0]]).astype(np.float32)
+    x = np.concatenate([-np.logspace(-8, np.log10(87), 100_000), [0.0, -np.inf, -87.5, -1000.0]]).astype(
+        np.float32
+    )
     ours = np.empty_like(x)
     exp_all(x, ours)
     exact = np.exp(x.astype(np.float64))
@@ -361,7 +405,9 @@ def test_rope_kernel_equals_the_numpy_rotation(neox, T, n_dims):
     x = np.random.default_rng(15).standard_normal((T, 3, 64)).astype(np.float32)
     positions = np.arange(100, 100 + T)
     args = (x, positions, 10000.0, n_dims, neox, 1.0, None)
-    np.testing.assert_allclose(CpuBackend(fast=True).rope(*args), CpuBackend(fast=False).rope(*args), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        CpuBackend(fast=True).rope(*args), CpuBackend(fast=False).rope(*args), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("size", [7, 3 * (1 << 16) + 5])  # one row (decode), and split over threads
@@ -400,4 +446,6 @@ def test_the_engine_reads_q8_0_matrices_from_a_resident_copy_of_their_bytes(tiny
         blocks = lm.ops.packed(t).blocks
         assert not np.shares_memory(blocks, lm.file.tensors[t.name].data)
         np.testing.assert_array_equal(blocks.view(np.uint8).ravel(), t.data.ravel())
-    assert lm.ops.weight_bytes == sum(p.nbytes for p in [*lm.ops._packed.values(), *lm.ops._dequantized.values()])
+    assert lm.ops.weight_bytes == sum(
+        p.nbytes for p in [*lm.ops._packed.values(), *lm.ops._dequantized.values()]
+    )

@@ -18,7 +18,9 @@ from pocketlm.formats.gguf import GGUFFile, GGUFWriter
 def q8_llama(tiny, tmp_path_factory):
     """A tiny Llama with Q8_0 matrices: the decode kernels read them in place."""
     folder = tiny("llama")[1]
-    return convert(folder, tmp_path_factory.mktemp("q8") / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    return convert(
+        folder, tmp_path_factory.mktemp("q8") / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False
+    )
 
 
 def rewritten(src, dst, shapes=None, metadata=None, drop=(), extra=None):
@@ -42,7 +44,9 @@ def test_a_matrix_whose_shape_is_transposed_is_named_at_load(q8_llama, tmp_path)
     name = "blk.0.ffn_down.weight"
     rows, cols = GGUFFile(q8_llama).tensors[name].shape
     bad = rewritten(q8_llama, tmp_path / "bad.gguf", shapes={name: (cols, rows)})
-    with pytest.raises(ModelFileError, match=rf"bad.gguf: tensor '{name}' \[{cols}, {rows}\] multiplies vectors of"):
+    with pytest.raises(
+        ModelFileError, match=rf"bad.gguf: tensor '{name}' \[{cols}, {rows}\] multiplies vectors of"
+    ):
         load(bad)
 
 
@@ -51,21 +55,30 @@ def test_architecture_features_are_required_by_the_architecture_not_inferred(tin
     ran without them; a StableLM file whose flag says sequential but lacks ffn_norm ran as parallel."""
     qwen3 = tiny("qwen3")[2]
     bad = rewritten(qwen3, tmp_path / "qwen3.gguf", drop=("blk.1.attn_q_norm.weight",))
-    with pytest.raises(ModelFileError, match=r"qwen3.gguf: model file lacks tensor 'blk.1.attn_q_norm.weight'"):
+    with pytest.raises(
+        ModelFileError, match=r"qwen3.gguf: model file lacks tensor 'blk.1.attn_q_norm.weight'"
+    ):
         load(bad)
     llama = tiny("llama")[2]
-    bad = rewritten(llama, tmp_path / "llama.gguf", extra={"blk.0.attn_q_norm.weight": "blk.0.attn_norm.weight"})
+    bad = rewritten(
+        llama, tmp_path / "llama.gguf", extra={"blk.0.attn_q_norm.weight": "blk.0.attn_norm.weight"}
+    )
     with pytest.raises(ModelFileError, match=r"llama.gguf: tensor 'blk.0.attn_q_norm.weight' is not part of"):
         load(bad)
     stablelm = tiny("stablelm")[2]
     assert GGUFFile(stablelm).metadata["pocketlm.parallel_residual"] is False
     bad = rewritten(stablelm, tmp_path / "stablelm.gguf", drop=("blk.2.ffn_norm.weight",))
-    with pytest.raises(ModelFileError, match=r"stablelm.gguf: model file lacks tensor 'blk.2.ffn_norm.weight'"):
+    with pytest.raises(
+        ModelFileError, match=r"stablelm.gguf: model file lacks tensor 'blk.2.ffn_norm.weight'"
+    ):
         load(bad)
     # files without our flags (as llama.cpp writes them) keep llama.cpp's rule: the tensors decide
     parallel = tiny("stablelm-parallel")[2]
-    unflagged = rewritten(parallel, tmp_path / "unflagged.gguf",
-                          metadata={"pocketlm.parallel_residual": None, "pocketlm.attention.qk_norm": None})
+    unflagged = rewritten(
+        parallel,
+        tmp_path / "unflagged.gguf",
+        metadata={"pocketlm.parallel_residual": None, "pocketlm.attention.qk_norm": None},
+    )
     assert load(unflagged).logits([1, 2, 3]).shape[0] == 3
 
 
@@ -81,19 +94,25 @@ def test_a_crafted_file_is_one_line_and_exit_2_in_a_real_process(q8_llama, tmp_p
     name = "blk.1.attn_output.weight"
     rows, cols = GGUFFile(q8_llama).tensors[name].shape
     bad = rewritten(q8_llama, tmp_path / "crafted.gguf", shapes={name: (rows // 2, cols * 2)})
-    result = subprocess.run([sys.executable, "-m", "pocketlm", "run", str(bad), "Hi", "--max-tokens", "16"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pocketlm", "run", str(bad), "Hi", "--max-tokens", "16"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert name in result.stderr and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("change", [
-    {"tokenizer.ggml.bos_token_id": 10**6},
-    {"tokenizer.ggml.merges": ["no-space-here", "a b c d"]},
-    {"tokenizer.ggml.token_type": "not an array"},
-    {"tokenizer.ggml.tokens": [1, 2, 3]},
-    {"tokenizer.ggml.model": 7},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tokenizer.ggml.bos_token_id": 10**6},
+        {"tokenizer.ggml.merges": ["no-space-here", "a b c d"]},
+        {"tokenizer.ggml.token_type": "not an array"},
+        {"tokenizer.ggml.tokens": [1, 2, 3]},
+        {"tokenizer.ggml.model": 7},
+    ],
+)
 def test_a_corrupt_tokenizer_in_the_metadata_is_one_line(q8_llama, change):
     from pocketlm.tokenizer import GGUFTokenizer
 
@@ -140,4 +159,6 @@ def test_a_few_hundred_mutated_files_end_in_one_line_errors_or_load_never_a_cras
     result = fuzz_gguf.fuzz(q8_llama, cases=300, seed=11)
     bad = {k: result["counts"][k] for k in ("traceback", "crash", "hang")}
     assert bad == {"traceback": 0, "crash": 0, "hang": 0}, result["examples"]
-    assert result["counts"]["error"] > 100 and result["counts"]["loaded"] > 10  # the mutations did reach the loader
+    assert (
+        result["counts"]["error"] > 100 and result["counts"]["loaded"] > 10
+    )  # the mutations did reach the loader

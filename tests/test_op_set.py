@@ -14,7 +14,9 @@ from pocketlm.backends.base import ALL_CAPABILITIES, Backend
 from pocketlm.backends.cpu import CpuBackend
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "pocketlm"
-OPS = {name for name, member in vars(Backend).items() if inspect.isfunction(member) and not name.startswith("_")}
+OPS = {
+    name for name, member in vars(Backend).items() if inspect.isfunction(member) and not name.startswith("_")
+}
 
 
 def backends():
@@ -43,10 +45,17 @@ def test_architecture_files_call_only_the_op_set():
     used = {}
     for path in sorted((SRC / "models").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ops":
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "ops"
+            ):
                 used.setdefault(node.attr, set()).add(path.name)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and \
-                    getattr(node.args[0], "id", None) == "ops":  # getattr(ops, activation): silu, gelu_tanh, gelu
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "getattr"
+                and getattr(node.args[0], "id", None) == "ops"
+            ):  # getattr(ops, activation): silu, gelu_tanh, gelu
                 used.setdefault("<activation>", set()).add(path.name)
     assert set(used) - {"<activation>"} <= OPS, {op: files for op, files in used.items() if op not in OPS}
     assert {"silu", "gelu_tanh", "gelu"} <= OPS
@@ -57,6 +66,10 @@ def test_nothing_outside_backends_branches_on_a_backend_name():
         if "backends" in path.relative_to(SRC).parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr == "name" \
-                    and getattr(node.left.value, "attr", getattr(node.left.value, "id", "")) == "ops":
+            if (
+                isinstance(node, ast.Compare)
+                and isinstance(node.left, ast.Attribute)
+                and node.left.attr == "name"
+                and getattr(node.left.value, "attr", getattr(node.left.value, "id", "")) == "ops"
+            ):
                 pytest.fail(f"{path.relative_to(SRC)}:{node.lineno} compares a backend's name")

@@ -39,9 +39,14 @@ def test_k_quant_block_with_known_values():
 # max |x - round_trip(x)| relative to each block's largest magnitude: half a grid step (a whole
 # one where ggml's symmetric grid clips the far end), plus the float16 rounding of the scale
 ROUND_TRIP_BOUND = {
-    GGMLType.F32: 0.0, GGMLType.F16: 1e-3, GGMLType.BF16: 4e-3,
-    GGMLType.Q8_0: 0.5 / 127 + 1e-3, GGMLType.Q4_0: 1 / 8 + 1e-3, GGMLType.Q4_1: 1 / 15 + 2e-3,
-    GGMLType.Q5_0: 1 / 16 + 1e-3, GGMLType.Q5_1: 1 / 31 + 2e-3,
+    GGMLType.F32: 0.0,
+    GGMLType.F16: 1e-3,
+    GGMLType.BF16: 4e-3,
+    GGMLType.Q8_0: 0.5 / 127 + 1e-3,
+    GGMLType.Q4_0: 1 / 8 + 1e-3,
+    GGMLType.Q4_1: 1 / 15 + 2e-3,
+    GGMLType.Q5_0: 1 / 16 + 1e-3,
+    GGMLType.Q5_1: 1 / 31 + 2e-3,
 }
 
 
@@ -55,7 +60,9 @@ def test_round_trip_error_is_within_half_a_step(kind):
     assert err.max() <= ROUND_TRIP_BOUND[kind]
 
 
-@pytest.mark.parametrize("kind", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.BF16])
+@pytest.mark.parametrize(
+    "kind", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.BF16]
+)
 def test_quantize_bytes_equal_gguf_py(kind):
     x = rng.standard_normal((8, 128)).astype(np.float32)
     x[0, :32] = 0.0  # an all-zero block must not divide by zero

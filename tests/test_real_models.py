@@ -52,7 +52,9 @@ def test_teacher_forced_top1_agrees_with_llama_cpp_on_the_f32_dequantized_file(l
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_teacher_forced_top1_on_the_quantized_file_agrees_with_llama_cpp_as_well_as_llama_cpp_agrees_with_itself(loaded, name):
+def test_teacher_forced_top1_on_the_quantized_file_agrees_with_llama_cpp_as_well_as_llama_cpp_agrees_with_itself(
+    loaded, name
+):
     """On quantized files llama.cpp rounds activations to 8 bits, differently in its batched and
     its token-by-token paths; those two paths agree on 96-97% of top-1 tokens. We compute the
     exact product of the stored weights and must agree with llama.cpp's batched logits at least
@@ -61,8 +63,12 @@ def test_teacher_forced_top1_on_the_quantized_file_agrees_with_llama_cpp_as_well
     fixture = load_fixture(name)
     logits = loaded(name).logits(fixture["passage_ids"])
     ours = top1_agreement(logits, fixture["passage_top1"])
-    llama_cpp_self = float(np.mean(np.asarray(fixture["passage_top1_token_by_token"]) == fixture["passage_top1"]))
-    print(f"{name}: top-1 agreement with llama.cpp {ours:.4f}; llama.cpp batched vs token-by-token {llama_cpp_self:.4f}")
+    llama_cpp_self = float(
+        np.mean(np.asarray(fixture["passage_top1_token_by_token"]) == fixture["passage_top1"])
+    )
+    print(
+        f"{name}: top-1 agreement with llama.cpp {ours:.4f}; llama.cpp batched vs token-by-token {llama_cpp_self:.4f}"
+    )
     assert ours >= llama_cpp_self
 
 
@@ -92,5 +98,7 @@ def test_tokenizer_names_its_tokens_without_holding_the_vocabulary(loaded, real_
     tokens = GGUFFile(real_model(name)).metadata["tokenizer.ggml.tokens"]
     tok = loaded(name).tokenizer
     assert not hasattr(tok, "tokens")
-    assert [tok.token(i) for i in (0, 1, 2, 100, tok.vocab_size - 1)] == [tokens[i] for i in (0, 1, 2, 100, len(tokens) - 1)]
+    assert [tok.token(i) for i in (0, 1, 2, 100, tok.vocab_size - 1)] == [
+        tokens[i] for i in (0, 1, 2, 100, len(tokens) - 1)
+    ]
     assert tok.bos_token == tokens[tok.bos_id] and tok.eos_token == tokens[tok.eos_id]

@@ -38,7 +38,16 @@ def test_same_seed_same_draws():
     assert [a(LOGITS) for _ in range(50)] == [b(LOGITS) for _ in range(50)]
 
 
-@pytest.mark.parametrize("options", [dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan"))])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(temperature=-0.1),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(temperature=float("nan")),
+    ],
+)
 def test_bad_values_raise_one_clear_error(options):
     with pytest.raises(InvalidOptionError, match=next(iter(options))):
         make_sampler(**options)

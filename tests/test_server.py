@@ -28,7 +28,9 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -69,7 +71,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_openai_client_chat_completion(client, smol_server, real_model):
-    reply = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40)
+    reply = client.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40
+    )
     choice = reply.choices[0]
     # the engine's own greedy reply (the answer itself is a near tie for this model: "The capital
     # of France is Paris." or a French ramble, by 0.08 in the first token's logits)
@@ -82,9 +86,17 @@ def test_openai_client_chat_completion(client, smol_server, real_model):
 
 
 def test_openai_client_chat_stream_equals_the_plain_reply(client):
-    plain = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40)
-    stream = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40,
-                                            stream=True, stream_options={"include_usage": True})
+    plain = client.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=40
+    )
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=40,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -93,16 +105,23 @@ def test_openai_client_chat_stream_equals_the_plain_reply(client):
 
 
 def test_openai_client_completions_plain_and_streamed(client):
-    plain = client.completions.create(model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8)
+    plain = client.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8
+    )
     assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 8
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="smollm2-135m", prompt="The capital of France is", temperature=0, max_tokens=8, stream=True
+        )
+    )
     assert streamed == plain.choices[0].text and "Paris" in streamed
 
 
 def test_stop_sequences_cut_the_text(client):
-    reply = client.completions.create(model="smollm2-135m", prompt="Count: 1, 2, 3,", temperature=0, max_tokens=30,
-                                      stop=[", 6"])
+    reply = client.completions.create(
+        model="smollm2-135m", prompt="Count: 1, 2, 3,", temperature=0, max_tokens=30, stop=[", 6"]
+    )
     assert reply.choices[0].finish_reason == "stop" and ", 6" not in reply.choices[0].text
     assert "5" in reply.choices[0].text
 
@@ -130,8 +149,11 @@ def _stream_text(url: str, body: dict) -> tuple[str, str, bool]:
 
 
 def test_eight_clients_three_streams_each_get_only_their_own_tokens(tiny_server):
-    requests = [{"prompt": f"Client {c} asks question {r}", "seed": 10 * c + r, "temperature": 0.9, "max_tokens": 24}
-                for c in range(8) for r in range(3)]
+    requests = [
+        {"prompt": f"Client {c} asks question {r}", "seed": 10 * c + r, "temperature": 0.9, "max_tokens": 24}
+        for c in range(8)
+        for r in range(3)
+    ]
 
     def client_run(c):
         return [_stream_text(tiny_server.url, requests[3 * c + r]) for r in range(3)]
@@ -140,17 +162,26 @@ def test_eight_clients_three_streams_each_get_only_their_own_tokens(tiny_server)
         concurrent = [result for results in pool.map(client_run, range(8)) for result in results]
     for (text, finish, done), body in zip(concurrent, requests):
         assert done and finish in ("stop", "length") and text
-        assert (text, finish, done) == _stream_text(tiny_server.url, body)  # alone, the same request gives the same
+        assert (text, finish, done) == _stream_text(
+            tiny_server.url, body
+        )  # alone, the same request gives the same
 
 
 def test_a_client_that_disconnects_frees_the_server(smol_server):
-    body = {"prompt": "Write a very long story about the sea.", "max_tokens": 400, "stream": True, "temperature": 0.8}
+    body = {
+        "prompt": "Write a very long story about the sea.",
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 0.8,
+    }
     with httpx.stream("POST", smol_server.url + "/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         received = [line for _, line in zip(range(6), lines)]
     assert any(line.startswith("data: ") for line in received)
     start = time.time()
-    reply = httpx.post(smol_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
+    reply = httpx.post(
+        smol_server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60
+    )
     assert reply.status_code == 200 and time.time() - start < 15  # 400 tokens would take far longer
     assert httpx.get(smol_server.url + "/health").json()["queued"] == 0
 
@@ -170,28 +201,36 @@ def app_client(tiny):
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-@pytest.mark.parametrize("body, status, needle", [
-    (b"{not json", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    (json.dumps({"max_tokens": 4}).encode(), 400, "'messages'"),
-    (json.dumps(CHAT | {"model": "gpt-4"}).encode(), 404, "does not exist"),
-    (json.dumps({"messages": [{"role": "user", "content": "word " * 200}]}).encode(), 400, "context"),
-    (json.dumps(CHAT | {"temperature": 5}).encode(), 400, "'temperature'"),
-    (json.dumps(CHAT | {"top_p": 0}).encode(), 400, "'top_p'"),
-    (json.dumps(CHAT | {"max_tokens": 0}).encode(), 400, "'max_tokens'"),
-    (json.dumps(CHAT | {"n": 2}).encode(), 400, "n=1"),
-    (json.dumps(CHAT | {"stop": 5}).encode(), 400, "'stop'"),
-    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "role"),
-    (b'{"messages": "' + b"x" * (2 << 20) + b'"}', 413, "larger than"),
-    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(), 400,
-     "'text' must be a string"),
-    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}', 400, "lone surrogate"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', 400, "lone surrogate"),
-    (json.dumps(CHAT | {"temperature": 1e-300}).encode(), 200, None),
-])
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "JSON object"),
+        (json.dumps({"max_tokens": 4}).encode(), 400, "'messages'"),
+        (json.dumps(CHAT | {"model": "gpt-4"}).encode(), 404, "does not exist"),
+        (json.dumps({"messages": [{"role": "user", "content": "word " * 200}]}).encode(), 400, "context"),
+        (json.dumps(CHAT | {"temperature": 5}).encode(), 400, "'temperature'"),
+        (json.dumps(CHAT | {"top_p": 0}).encode(), 400, "'top_p'"),
+        (json.dumps(CHAT | {"max_tokens": 0}).encode(), 400, "'max_tokens'"),
+        (json.dumps(CHAT | {"n": 2}).encode(), 400, "n=1"),
+        (json.dumps(CHAT | {"stop": 5}).encode(), 400, "'stop'"),
+        (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "role"),
+        (b'{"messages": "' + b"x" * (2 << 20) + b'"}', 413, "larger than"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(),
+            400,
+            "'text' must be a string",
+        ),
+        (b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}', 400, "lone surrogate"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', 400, "lone surrogate"),
+        (json.dumps(CHAT | {"temperature": 1e-300}).encode(), 200, None),
+    ],
+)
 def test_bad_requests_get_openai_errors_with_the_right_status(app_client, body, status, needle):
-    response = app_client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    response = app_client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     if needle is None:  # accepted: a tiny temperature used to give NaN probabilities and a 500
         assert response.json()["choices"][0]["message"]["content"] is not None
@@ -203,8 +242,9 @@ def test_bad_requests_get_openai_errors_with_the_right_status(app_client, body, 
 def test_completions_validate_the_prompt(app_client):
     response = app_client.post("/v1/completions", json={"prompt": 42})
     assert response.status_code == 400 and "'prompt'" in response.json()["error"]["message"]
-    response = app_client.post("/v1/completions", content=b'{"prompt": "x\\udc00"}',
-                               headers={"content-type": "application/json"})
+    response = app_client.post(
+        "/v1/completions", content=b'{"prompt": "x\\udc00"}', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and "lone surrogate" in response.json()["error"]["message"]
 
 
@@ -238,8 +278,15 @@ def test_chat_page_streams_and_stops_in_chromium(smol_server):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=args)
         page = browser.new_page()
@@ -248,10 +295,14 @@ def test_chat_page_streams_and_stops_in_chromium(smol_server):
         page.fill("#prompt", "Tell me a long story about a lighthouse keeper <img src=x onerror=alert(1)>")
         page.press("#prompt", "Enter")
         reply = page.locator(".message.assistant").last
-        page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 20", timeout=60000)
+        page.wait_for_function(
+            "document.querySelector('.message.assistant').textContent.length > 20", timeout=60000
+        )
         page.screenshot(path=str(ARTIFACTS / "chat-page-streaming.png"))
         page.click("#stop")
-        page.wait_for_function("document.querySelector('.message.assistant').dataset.state === 'stopped'", timeout=10000)
+        page.wait_for_function(
+            "document.querySelector('.message.assistant').dataset.state === 'stopped'", timeout=10000
+        )
         assert page.locator("#send").is_enabled()
         assert "<img" in page.locator(".message.user").first.text_content()  # shown as text
         assert page.locator(".message img").count() == 0
@@ -271,10 +322,14 @@ def test_chat_page_asks_for_the_api_key_and_then_works_in_chromium(tiny):
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
-    server = LiveServer(create_app(LlmInference(tiny("llama")[2]), "tiny", context_size=256, api_key="s3cret"))
+    server = LiveServer(
+        create_app(LlmInference(tiny("llama")[2]), "tiny", context_size=256, api_key="s3cret")
+    )
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=["--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(
+                executable_path=str(chromium), headless=True, args=["--no-sandbox", "--disable-gpu"]
+            )
             page = browser.new_page()
             page.goto(server.url + "/")
             page.wait_for_selector("#api-key", state="visible", timeout=10000)  # /v1/models answered 401
@@ -288,9 +343,11 @@ def test_chat_page_asks_for_the_api_key_and_then_works_in_chromium(tiny):
             page.wait_for_function("document.querySelector('#model').textContent === 'tiny'", timeout=10000)
             page.fill("#prompt", "Hello again")
             page.press("#prompt", "Enter")
-            page.wait_for_function("document.querySelector('.message.assistant:last-of-type') && "
-                                   "[...document.querySelectorAll('.message.assistant')].pop().dataset.state === 'done'",
-                                   timeout=30000)
+            page.wait_for_function(
+                "document.querySelector('.message.assistant:last-of-type') && "
+                "[...document.querySelectorAll('.message.assistant')].pop().dataset.state === 'done'",
+                timeout=30000,
+            )
             browser.close()
     finally:
         server.stop()
@@ -298,15 +355,30 @@ def test_chat_page_asks_for_the_api_key_and_then_works_in_chromium(tiny):
 
 # -- structured output and tools (a tiny random model: valid output is the grammar's doing) ---------
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The forecast for a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                                    "unit": {"enum": ["C", "F"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-ALARM_TOOL = {"type": "function", "function": {
-    "name": "set_alarm", "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0,
-                                                                                  "maximum": 23}},
-                                        "required": ["hour"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The forecast for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ALARM_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "parameters": {
+            "type": "object",
+            "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+            "required": ["hour"],
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -327,17 +399,31 @@ def tools_client(tools_server):
 def test_response_format_json_schema_strict(tools_client):
     import jsonschema
 
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
-                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
-              "required": ["name", "tags"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        },
+        "required": ["name", "tags"],
+        "additionalProperties": False,
+    }
     for temperature in (0.0, 1.0):
         r = tools_client.chat.completions.create(
-            model="tiny", messages=QUESTION, max_tokens=300, temperature=temperature,
-            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+            model="tiny",
+            messages=QUESTION,
+            max_tokens=300,
+            temperature=temperature,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": schema, "strict": True},
+            },
+        )
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-    r = tools_client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=300,
-                                             response_format={"type": "json_object"})
+    r = tools_client.chat.completions.create(
+        model="tiny", messages=QUESTION, max_tokens=300, response_format={"type": "json_object"}
+    )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
@@ -352,8 +438,9 @@ def test_openai_parse_helper_with_a_pydantic_model(tools_client):
         unit: Literal["C", "F"]
         high: int
 
-    r = tools_client.beta.chat.completions.parse(model="tiny", messages=QUESTION, max_tokens=300,
-                                                 response_format=Forecast)
+    r = tools_client.beta.chat.completions.parse(
+        model="tiny", messages=QUESTION, max_tokens=300, response_format=Forecast
+    )
     assert isinstance(r.choices[0].message.parsed, Forecast)
 
 
@@ -367,8 +454,14 @@ def test_completions_take_a_response_format(tools_server):
 def test_tool_calls_plain_and_streamed(tools_client, choice):
     import jsonschema
 
-    kwargs = dict(model="tiny", messages=QUESTION, tools=[WEATHER_TOOL, ALARM_TOOL], tool_choice=choice,
-                  max_tokens=300, temperature=0.0)
+    kwargs = dict(
+        model="tiny",
+        messages=QUESTION,
+        tools=[WEATHER_TOOL, ALARM_TOOL],
+        tool_choice=choice,
+        max_tokens=300,
+        temperature=0.0,
+    )
     r = tools_client.chat.completions.create(**kwargs)
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
     (call,) = r.choices[0].message.tool_calls
@@ -381,19 +474,25 @@ def test_tool_calls_plain_and_streamed(tools_client, choice):
         final = stream.get_final_completion()
     streamed = final.choices[0].message.tool_calls[0]
     assert final.choices[0].finish_reason == "tool_calls"
-    assert (streamed.function.name, json.loads(streamed.function.arguments)) == (call.function.name,
-                                                                                 json.loads(call.function.arguments))
+    assert (streamed.function.name, json.loads(streamed.function.arguments)) == (
+        call.function.name,
+        json.loads(call.function.arguments),
+    )
 
 
 def test_tool_result_round_trip(tools_client):
-    first = tools_client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER_TOOL],
-                                                 tool_choice="required", max_tokens=300)
+    first = tools_client.chat.completions.create(
+        model="tiny", messages=QUESTION, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=300
+    )
     call = first.choices[0].message.tool_calls[0]
-    messages = QUESTION + [first.choices[0].message.model_dump(exclude_none=True),
-                           {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    messages = QUESTION + [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
     for tool_choice in ("auto", "none"):
-        r = tools_client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
-                                                 tool_choice=tool_choice, max_tokens=40)
+        r = tools_client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER_TOOL], tool_choice=tool_choice, max_tokens=40
+        )
         message = r.choices[0].message
         assert (message.content is not None) or message.tool_calls
     # the same conversation without tools (the model answers from the tool's result)
@@ -401,18 +500,31 @@ def test_tool_result_round_trip(tools_client):
     assert r.choices[0].message.content is not None
 
 
-@pytest.mark.parametrize("extra, needle", [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "array", "uniqueItems": True}}}}, "uniqueItems"),
-    ({"response_format": {"type": "regex", "regex": "(("}}, "regex"),
-    ({"response_format": {"type": "grammar", "grammar": "start: ((("}}, "grammar"),
-    ({"response_format": {"type": "yaml"}}, "response_format type"),
-    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "function.name"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, "cannot be combined"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 3}}]}]}, "function.name"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "uniqueItems",
+        ),
+        ({"response_format": {"type": "regex", "regex": "(("}}, "regex"),
+        ({"response_format": {"type": "grammar", "grammar": "start: ((("}}, "grammar"),
+        ({"response_format": {"type": "yaml"}}, "response_format type"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "function.name"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "response_format": {"type": "json_object"}}, "cannot be combined"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+        (
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 3}}]}]},
+            "function.name",
+        ),
+    ],
+)
 def test_bad_structured_requests_are_400s(app_client, extra, needle):
     response = app_client.post("/v1/chat/completions", json=CHAT | extra)
     assert response.status_code == 400, response.text

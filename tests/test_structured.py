@@ -152,13 +152,31 @@ def _nested(depth: int) -> dict:
     return schema
 
 
-@pytest.mark.parametrize("response_format", [
-    _nested(100), _nested(900), {"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"},
-    {"anyOf": [{"const": f"v{i}"} for i in range(20000)]}, {"type": "regex", "regex": "a{100000}"},
-    {"type": "regex", "regex": "(x+x+)+y"}, {"type": "regex", "regex": "((a{1,100}){1,100}){1,100}"},
-    {"type": "grammar", "grammar": 'start: a\na: a | "x"'}, {"type": "string", "pattern": "^(a|b){5000}$"},
-], ids=["nested-100", "nested-900", "ref-loop", "anyof-20000", "a{100000}", "catastrophic-regex", "nested-counts",
-        "left-recursion", "long-pattern"])
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        _nested(100),
+        _nested(900),
+        {"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"},
+        {"anyOf": [{"const": f"v{i}"} for i in range(20000)]},
+        {"type": "regex", "regex": "a{100000}"},
+        {"type": "regex", "regex": "(x+x+)+y"},
+        {"type": "regex", "regex": "((a{1,100}){1,100}){1,100}"},
+        {"type": "grammar", "grammar": 'start: a\na: a | "x"'},
+        {"type": "string", "pattern": "^(a|b){5000}$"},
+    ],
+    ids=[
+        "nested-100",
+        "nested-900",
+        "ref-loop",
+        "anyof-20000",
+        "a{100000}",
+        "catastrophic-regex",
+        "nested-counts",
+        "left-recursion",
+        "long-pattern",
+    ],
+)
 def test_hostile_formats_end_in_output_or_one_line_never_a_hang(llama, response_format):
     """Each finished within 1 s here; llguidance's fuel limits bound the rest."""
     try:

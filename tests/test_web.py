@@ -23,12 +23,19 @@ class Replayer:
     def __init__(self, package: Path):
         self.plan = json.loads((package / "plan.json").read_text())
         adapter = wgpu.gpu.request_adapter_sync()
-        self.device = adapter.request_device_sync(required_limits={
-            "max-storage-buffer-binding-size": adapter.limits["max-storage-buffer-binding-size"]})
+        self.device = adapter.request_device_sync(
+            required_limits={
+                "max-storage-buffer-binding-size": adapter.limits["max-storage-buffer-binding-size"]
+            }
+        )
         usage = wgpu.BufferUsage
         self.buffers = {}
         for b in self.plan["buffers"]:
-            flags = usage.UNIFORM | usage.COPY_DST if b["uniform"] else usage.STORAGE | usage.COPY_DST | usage.COPY_SRC
+            flags = (
+                usage.UNIFORM | usage.COPY_DST
+                if b["uniform"]
+                else usage.STORAGE | usage.COPY_DST | usage.COPY_SRC
+            )
             self.buffers[b["id"]] = self.device.create_buffer(size=b["size"], usage=flags)
             if "shard" in b:
                 with open(package / b["shard"], "rb") as f:
@@ -37,15 +44,24 @@ class Replayer:
         pipelines = {}
         for name, code in self.plan["kernels"].items():
             module = self.device.create_shader_module(code=code)
-            pipelines[name] = self.device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+            pipelines[name] = self.device.create_compute_pipeline(
+                layout="auto", compute={"module": module, "entry_point": "main"}
+            )
         self.passes = {}
         for name, plan_pass in self.plan["passes"].items():
             commands = []
             for kernel, params, ids, groups in plan_pass["dispatches"]:
                 layout = pipelines[kernel].get_bind_group_layout(0)
-                entries = [{"binding": i, "resource": {"buffer": self.buffers[b], "offset": 0, "size": self.buffers[b].size}}
-                           for i, b in enumerate([params, *ids])]
-                commands.append((pipelines[kernel], self.device.create_bind_group(layout=layout, entries=entries), groups))
+                entries = [
+                    {
+                        "binding": i,
+                        "resource": {"buffer": self.buffers[b], "offset": 0, "size": self.buffers[b].size},
+                    }
+                    for i, b in enumerate([params, *ids])
+                ]
+                commands.append(
+                    (pipelines[kernel], self.device.create_bind_group(layout=layout, entries=entries), groups)
+                )
             self.passes[name] = (plan_pass["tokens"], commands, plan_pass["logits"])
 
     def run(self, name: str, tokens: list[int], position: int) -> np.ndarray:
@@ -61,7 +77,9 @@ class Replayer:
             compute.dispatch_workgroups(*groups)
         compute.end()
         self.device.queue.submit([encoder.finish()])
-        raw = self.device.queue.read_buffer(self.buffers[logits["buffer"]], 4 * logits["offset"], 4 * logits["count"])
+        raw = self.device.queue.read_buffer(
+            self.buffers[logits["buffer"]], 4 * logits["offset"], 4 * logits["count"]
+        )
         return np.frombuffer(raw, np.float32)
 
 
@@ -78,7 +96,13 @@ def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
     # the prompt in two bands of the prefill pass, then token by token with the decode pass
     assert np.abs(replay.run("prefill", ids[:band], 0) - expected[band - 1]).max() <= 1e-3
     assert np.abs(replay.run("prefill", ids[band : 2 * band], band) - expected[2 * band - 1]).max() <= 1e-3
-    ours = np.stack([replay.run("decode", [token], position) for position, token in enumerate(ids) if position >= 2 * band])
+    ours = np.stack(
+        [
+            replay.run("decode", [token], position)
+            for position, token in enumerate(ids)
+            if position >= 2 * band
+        ]
+    )
     assert np.abs(ours - expected[2 * band :]).max() <= 1e-3
 
 
@@ -96,7 +120,9 @@ def test_a_second_export_replaces_the_package_and_foreign_folders_are_refused(ti
 
 @pytest.fixture(scope="module")
 def smol_package(real_model, tmp_path_factory):
-    return export(real_model("smollm2-135m"), tmp_path_factory.mktemp("web") / "smollm2", max_tokens=256, progress=False)
+    return export(
+        real_model("smollm2-135m"), tmp_path_factory.mktemp("web") / "smollm2", max_tokens=256, progress=False
+    )
 
 
 def in_chromium(package: Path, script, screenshot: str):
@@ -113,15 +139,26 @@ def in_chromium(package: Path, script, screenshot: str):
     server = LiveServer(create_app(package))
     ARTIFACTS.mkdir(exist_ok=True)
     # --enable-unsafe-webgpu alone: more GPU flags make requestAdapter() hang (shared/notes/webgpu.md)
-    args = ["--no-sandbox", "--enable-unsafe-webgpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    args = [
+        "--no-sandbox",
+        "--enable-unsafe-webgpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=args)
             page = browser.new_page()
             page.goto(server.url + "/")
-            page.wait_for_function("['ready', 'error'].includes(document.body.dataset.state)", timeout=240_000)
-            assert page.evaluate("document.body.dataset.state") == "ready", page.locator("#status").text_content()
+            page.wait_for_function(
+                "['ready', 'error'].includes(document.body.dataset.state)", timeout=240_000
+            )
+            assert page.evaluate("document.body.dataset.state") == "ready", page.locator(
+                "#status"
+            ).text_content()
             result = script(page)
             page.screenshot(path=str(ARTIFACTS / screenshot))
             browser.close()
@@ -138,8 +175,12 @@ def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
     package = export(path, tmp_path / "web", max_tokens=96, progress=False)
 
     def two_turns(page):
-        first = page.evaluate("() => window.pocketlm.generate('the river and the sea', {temperature: 0, maxNewTokens: 8})")
-        second = page.evaluate("() => window.pocketlm.generate('and then?', {temperature: 0, maxNewTokens: 8})")
+        first = page.evaluate(
+            "() => window.pocketlm.generate('the river and the sea', {temperature: 0, maxNewTokens: 8})"
+        )
+        second = page.evaluate(
+            "() => window.pocketlm.generate('and then?', {temperature: 0, maxNewTokens: 8})"
+        )
         return first, second, page.locator(".message.assistant").count()
 
     first, second, shown = in_chromium(package, two_turns, "web-tiny-chat.png")
@@ -150,15 +191,18 @@ def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
 @pytest.mark.browser
 def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_model):
     prompt, n = "The capital of France is", 12
-    native = LlmInference(real_model("smollm2-135m"), backend="webgpu", temperature=0.0, max_tokens=256,
-                          use_chat_template=False)
+    native = LlmInference(
+        real_model("smollm2-135m"), backend="webgpu", temperature=0.0, max_tokens=256, use_chat_template=False
+    )
     session = native.create_session()
     session.add_query_chunk(prompt)
     expected = session.generate_response(max_new_tokens=n)
 
     def run(page):
-        result = page.evaluate("([prompt, n]) => window.pocketlm.generate(prompt, {raw: true, temperature: 0, maxNewTokens: n})",
-                               [prompt, n])
+        result = page.evaluate(
+            "([prompt, n]) => window.pocketlm.generate(prompt, {raw: true, temperature: 0, maxNewTokens: n})",
+            [prompt, n],
+        )
         return result, page.locator("#status").text_content(), page.locator("#speed").text_content()
 
     result, status, speed = in_chromium(smol_package, run, "web-smollm2.png")
@@ -175,18 +219,34 @@ def test_json_schema_output_in_chromium_validates(tiny, tmp_path, kind):
 
     _, _, path = tiny(kind, max_position_embeddings=1024)
     package = export(path, tmp_path / "web", max_tokens=1024, progress=False)
-    schema = {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 12}, "n": {"type": "integer", "minimum": -5, "maximum": 500},
-        "x": {"type": "number"}, "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b"]}},
-        "when": {"type": "string", "pattern": "^[0-9]{2}:[0-9]{2}$"}, "kind": {"anyOf": [{"const": "x"}, {"type": "null"}]}},
-              "required": ["name", "n", "x", "tags", "when", "kind"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "n": {"type": "integer", "minimum": -5, "maximum": 500},
+            "x": {"type": "number"},
+            "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b"]}},
+            "when": {"type": "string", "pattern": "^[0-9]{2}:[0-9]{2}$"},
+            "kind": {"anyOf": [{"const": "x"}, {"type": "null"}]},
+        },
+        "required": ["name", "n", "x", "tags", "when", "kind"],
+        "additionalProperties": False,
+    }
     # (web-xgrammar 0.1.27 ignores minimum/maximum on non-integer numbers: 1.5 came out of [0, 1])
 
     def run(page):
-        results = [page.evaluate("([s, t]) => window.pocketlm.generate('the river', {temperature: t, seed: 3, "
-                                 "maxNewTokens: 200, jsonSchema: s})", [schema, t]) for t in (0, 1)]
+        results = [
+            page.evaluate(
+                "([s, t]) => window.pocketlm.generate('the river', {temperature: t, seed: 3, "
+                "maxNewTokens: 200, jsonSchema: s})",
+                [schema, t],
+            )
+            for t in (0, 1)
+        ]
         page.evaluate("() => window.pocketlm.reset()")
-        results.append(page.evaluate("() => window.pocketlm.generate('the sea', {temperature: 0, maxNewTokens: 6})"))
+        results.append(
+            page.evaluate("() => window.pocketlm.generate('the sea', {temperature: 0, maxNewTokens: 6})")
+        )
         return results
 
     greedy, sampled, free = in_chromium(package, run, f"web-json-{kind}.png")
@@ -206,10 +266,16 @@ def test_the_page_streams_a_reply_and_stop_ends_it(tiny, tmp_path):
         page.fill("#prompt", "the river <img src=x onerror=alert(1)>")
         page.click("#send")
         reply = page.locator(".message.assistant").last
-        page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 0", timeout=60_000)
+        page.wait_for_function(
+            "document.querySelector('.message.assistant').textContent.length > 0", timeout=60_000
+        )
         page.click("#stop")
         page.wait_for_function("document.querySelector('.message.assistant').dataset.state", timeout=60_000)
-        return reply.get_attribute("data-state"), page.locator(".message.user").text_content(), page.locator("#speed").text_content()
+        return (
+            reply.get_attribute("data-state"),
+            page.locator(".message.user").text_content(),
+            page.locator("#speed").text_content(),
+        )
 
     state, user_text, speed = in_chromium(package, type_and_stop, "web-tiny-stop.png")
     generated = int(speed.split(", ")[1].split()[0])
@@ -225,7 +291,9 @@ def test_gemma3_270m_web_package_replays_to_the_native_logits(real_model, tmp_pa
     replay = Replayer(package)
     band = replay.passes["prefill"][0]
     native = load(path)
-    ids = native.tokenizer.encode("The capital of France is a city that many people visit every year, " * 3)[: band + 2]
+    ids = native.tokenizer.encode("The capital of France is a city that many people visit every year, " * 3)[
+        : band + 2
+    ]
     assert len(ids) == band + 2
     expected = native.logits(ids)
     assert np.abs(replay.run("prefill", ids[:band], 0) - expected[band - 1]).max() <= 1e-3

@@ -31,8 +31,16 @@ def gpu():
 
 
 REFERENCE = CpuBackend(fast=False)
-QUANTIZED = [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K,
-             GGMLType.Q5_K, GGMLType.Q6_K]
+QUANTIZED = [
+    GGMLType.Q8_0,
+    GGMLType.Q4_0,
+    GGMLType.Q4_1,
+    GGMLType.Q5_0,
+    GGMLType.Q5_1,
+    GGMLType.Q4_K,
+    GGMLType.Q5_K,
+    GGMLType.Q6_K,
+]
 
 
 def weight(kind, rows: int, cols: int, seed: int = 0, name: str = "w") -> Tensor:
@@ -61,7 +69,9 @@ def test_linear_splits_matrices_beyond_the_binding_limit(gpu, monkeypatch):
     w = weight(GGMLType.Q8_0, 100, 64, name="split")
     x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     assert len(gpu.matrix(w).chunks) == 3
-    np.testing.assert_allclose(run(gpu, gpu.linear(gpu.upload(x), w)), REFERENCE.linear(x, w), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        run(gpu, gpu.linear(gpu.upload(x), w)), REFERENCE.linear(x, w), rtol=1e-4, atol=1e-4
+    )
     ids = np.array([0, 39, 40, 99])
     gpu.device.set_step(0, ids)
     np.testing.assert_array_equal(run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids))
@@ -71,15 +81,24 @@ def test_linear_splits_matrices_beyond_the_binding_limit(gpu, monkeypatch):
 def test_embedding_rows_match_the_numpy_reference(gpu, kind):
     w = weight(kind, 50, 256, name="emb")
     ids = np.array([3, 0, 49, 3, 17])
-    np.testing.assert_allclose(run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_rms_norm_over_rows_and_heads(gpu, with_weight):
     x = np.random.default_rng(1).standard_normal((3, 4, 80)).astype(np.float32)
-    w = Tensor(f"norm-{with_weight}", GGMLType.F32, (80,), np.random.default_rng(2).standard_normal(80).astype(np.float32).view(np.uint8))
+    w = Tensor(
+        f"norm-{with_weight}",
+        GGMLType.F32,
+        (80,),
+        np.random.default_rng(2).standard_normal(80).astype(np.float32).view(np.uint8),
+    )
     w = w if with_weight else None
-    np.testing.assert_allclose(run(gpu, gpu.rms_norm(gpu.upload(x), w, 1e-6)), REFERENCE.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run(gpu, gpu.rms_norm(gpu.upload(x), w, 1e-6)), REFERENCE.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("neox", [True, False])
@@ -90,7 +109,9 @@ def test_rope_matches_at_positions_read_from_the_step_buffer(gpu, neox, n_dims):
     factors = np.linspace(1, 4, n_dims // 2).astype(np.float32)
     gpu.device.set_step(40, np.zeros(5))
     ours = run(gpu, gpu.rope(gpu.upload(x), positions, 10000.0, n_dims, neox, 0.5, factors))
-    np.testing.assert_allclose(ours, REFERENCE.rope(x, positions, 10000.0, n_dims, neox, 0.5, factors), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours, REFERENCE.rope(x, positions, 10000.0, n_dims, neox, 0.5, factors), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (None, 20.0), (100, 50.0)])
@@ -118,7 +139,9 @@ def test_attention_over_the_cache_matches_the_reference(gpu, window, softcap, T)
 @pytest.mark.parametrize("op", ["silu", "gelu_tanh"])
 def test_activations_match(gpu, op):
     x = np.linspace(-30, 30, 1001, dtype=np.float32).reshape(7, 143)
-    np.testing.assert_allclose(run(gpu, getattr(gpu, op)(gpu.upload(x))), getattr(REFERENCE, op)(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run(gpu, getattr(gpu, op)(gpu.upload(x))), getattr(REFERENCE, op)(x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tensor_arithmetic_and_row_views(gpu):
@@ -128,7 +151,12 @@ def test_tensor_arithmetic_and_row_views(gpu):
     np.testing.assert_allclose(run(gpu, ga + gb), a + b, rtol=1e-6)
     np.testing.assert_allclose(run(gpu, ga * gb), a * b, rtol=1e-6)
     np.testing.assert_allclose(run(gpu, np.float32(3.0) * ga[-1:]), 3 * a[-1:], rtol=1e-6)
-    np.testing.assert_allclose(run(gpu, gpu.softcap(ga[1:3].reshape(-1), 0.5)), np.tanh(a[1:3].ravel() / 0.5) * 0.5, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        run(gpu, gpu.softcap(ga[1:3].reshape(-1), 0.5)),
+        np.tanh(a[1:3].ravel() / 0.5) * 0.5,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # -- whole models -------------------------------------------------------------------------------
@@ -159,22 +187,30 @@ def test_sessions_and_clones_run_on_the_gpu(tiny, gpu):
     _, _, path = tiny("gemma3")
     texts = []
     for backend in ("cpu", "webgpu"):
-        session = LlmInference(path, backend=backend, temperature=0.0, max_tokens=96, use_chat_template=False).create_session()
+        session = LlmInference(
+            path, backend=backend, temperature=0.0, max_tokens=96, use_chat_template=False
+        ).create_session()
         session.add_query_chunk("the river and the")
         first = session.generate_response(max_new_tokens=6)
         twin = session.clone()
         session.add_query_chunk(" sea")
         twin.add_query_chunk(" sea")
-        texts.append((first, session.generate_response(max_new_tokens=6), twin.generate_response(max_new_tokens=6)))
+        texts.append(
+            (first, session.generate_response(max_new_tokens=6), twin.generate_response(max_new_tokens=6))
+        )
     assert texts[0] == texts[1] and texts[1][1] == texts[1][2]
 
 
-@pytest.mark.parametrize("kind, missing", [("phi", "layer_norm"), ("falcon-rw", "alibi, gelu, layer_norm"),
-                                           ("stablelm", "layer_norm")])
+@pytest.mark.parametrize(
+    "kind, missing",
+    [("phi", "layer_norm"), ("falcon-rw", "alibi, gelu, layer_norm"), ("stablelm", "layer_norm")],
+)
 def test_models_needing_ops_the_backend_lacks_are_refused_naming_them(tiny, kind, missing):
     """Asked of the backend's capabilities before the device opens, never by architecture name."""
     _, _, path = tiny(kind)
-    with pytest.raises(UnsupportedError, match=f"the webgpu backend cannot run this .* model: it has no {missing} "):
+    with pytest.raises(
+        UnsupportedError, match=f"the webgpu backend cannot run this .* model: it has no {missing} "
+    ):
         load(path, backend="webgpu")
 
 

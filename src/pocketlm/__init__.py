@@ -15,7 +15,18 @@ from .errors import ContextLengthError, InvalidOptionError, ModelFileError, Pock
 from .tools import Reply, ToolCall
 
 __all__ = [
-    "LlmInference", "Session", "GenerationOptions", "load", "convert", "ConversionConfig", "Reply", "ToolCall",
-    "PocketLMError", "ModelFileError", "UnsupportedError", "InvalidOptionError", "ContextLengthError",
+    "LlmInference",
+    "Session",
+    "GenerationOptions",
+    "load",
+    "convert",
+    "ConversionConfig",
+    "Reply",
+    "ToolCall",
+    "PocketLMError",
+    "ModelFileError",
+    "UnsupportedError",
+    "InvalidOptionError",
+    "ContextLengthError",
 ]
 __version__ = "0.1.0"

@@ -43,7 +43,9 @@ class GenerationOptions:
         return self
 
 
-def load(model: str | os.PathLike | None = None, backend: str = "cpu", ple_in_ram: bool = False) -> LoadedModel:
+def load(
+    model: str | os.PathLike | None = None, backend: str = "cpu", ple_in_ram: bool = False
+) -> LoadedModel:
     """Open a model file (path or short name; None for the default) for low-level use:
     `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill.
     `ple_in_ram` loads Gemma 3n's per-layer embeddings into memory instead of reading them per token."""
@@ -57,9 +59,18 @@ class LlmInference:
     template (instruct models) and passes them raw otherwise (base models).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *, max_tokens: int = 512, top_k: int = 40,
-                 top_p: float = 1.0, temperature: float = 0.8, random_seed: int = 0,
-                 use_chat_template: bool | None = None, backend: str = "cpu"):
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        max_tokens: int = 512,
+        top_k: int = 40,
+        top_p: float = 1.0,
+        temperature: float = 0.8,
+        random_seed: int = 0,
+        use_chat_template: bool | None = None,
+        backend: str = "cpu",
+    ):
         self.options = GenerationOptions(max_tokens, top_k, top_p, temperature, random_seed).validated()
         self.model = load(model, backend)
         self.tokenizer = self.model.tokenizer
@@ -83,19 +94,32 @@ class LlmInference:
             session.add_query_chunk(prompt)
         return session
 
-    def generate_response(self, prompt: str, listener: Listener | None = None,
-                          max_new_tokens: int | None = None, response_format: ResponseFormat = None) -> str:
+    def generate_response(
+        self,
+        prompt: str,
+        listener: Listener | None = None,
+        max_new_tokens: int | None = None,
+        response_format: ResponseFormat = None,
+    ) -> str:
         """The reply to `prompt`; `listener(piece, done)` is called as pieces arrive, if given.
         `response_format` constrains it (see `Session.generate_response_stream`)."""
         return self._prompt_session(prompt).generate_response(listener, max_new_tokens, response_format)
 
-    def generate_response_stream(self, prompt: str, max_new_tokens: int | None = None,
-                                 response_format: ResponseFormat = None) -> Iterator[str]:
+    def generate_response_stream(
+        self, prompt: str, max_new_tokens: int | None = None, response_format: ResponseFormat = None
+    ) -> Iterator[str]:
         return self._prompt_session(prompt).generate_response_stream(max_new_tokens, response_format)
 
-    def chat(self, messages: list[dict], listener: Listener | None = None, max_new_tokens: int | None = None,
-             response_format: ResponseFormat = None, tools: list | None = None, tool_choice: Any = "auto",
-             parallel_tool_calls: bool = False) -> str | Reply:
+    def chat(
+        self,
+        messages: list[dict],
+        listener: Listener | None = None,
+        max_new_tokens: int | None = None,
+        response_format: ResponseFormat = None,
+        tools: list | None = None,
+        tool_choice: Any = "auto",
+        parallel_tool_calls: bool = False,
+    ) -> str | Reply:
         """The assistant's reply to a conversation [{"role": ..., "content": ...}, ...].
 
         With `tools` (OpenAI tool definitions or plain Python functions) the reply is a `Reply`:
@@ -107,7 +131,9 @@ class LlmInference:
             session.add_messages(messages)
             return session.generate_response(listener, max_new_tokens, response_format)
         if response_format is not None:
-            raise InvalidOptionError("response_format and tools cannot be combined: tool calls have their own format")
+            raise InvalidOptionError(
+                "response_format and tools cannot be combined: tool calls have their own format"
+            )
         plan = ToolPlan(tools, tool_choice, self.tokenizer.chat_template, parallel_tool_calls)
         session.add_messages(plan.messages(messages), **plan.template_options())
         return plan.parse(session.generate_response(listener, max_new_tokens, plan.grammar))
@@ -149,10 +175,11 @@ class Session:
         cache will be prefilled."""
         self._messages += messages
         self._template_variables = template_variables or self._template_variables
-        ids = self._lm.tokenizer.encode_chat(self._messages, architecture=self._lm.architecture,
-                                             **self._template_variables)
+        ids = self._lm.tokenizer.encode_chat(
+            self._messages, architecture=self._lm.architecture, **self._template_variables
+        )
         if ids[: len(self.tokens)] == self.tokens:
-            self._pending_ids += ids[len(self.tokens):]
+            self._pending_ids += ids[len(self.tokens) :]
         else:  # the template re-tokenised earlier turns differently: start the cache over
             self._cache = self._lm.make_cache(self.options.max_tokens)
             self._cached_ids, self._pending_ids = [], ids
@@ -161,20 +188,32 @@ class Session:
         """Add a user message and return the reply, which joins the conversation. A reply that
         fails before the model saw the message (a full context, a bad option) leaves the session
         as it was, so the next message still gets an answer."""
-        before = (list(self._messages), list(self._pending_ids), list(self._cached_ids), self._cache, self._cache.offset)
+        before = (
+            list(self._messages),
+            list(self._pending_ids),
+            list(self._cached_ids),
+            self._cache,
+            self._cache.offset,
+        )
         self.add_messages([{"role": "user", "content": message}])
         try:
             reply = self.generate_response(listener, max_new_tokens)
         except BaseException:
             messages, pending, cached, cache, offset = before
             if cache.offset == offset:  # nothing of this turn reached the cache the session had
-                self._messages, self._pending_ids, self._cached_ids, self._cache = messages, pending, cached, cache
+                self._messages, self._pending_ids, self._cached_ids, self._cache = (
+                    messages,
+                    pending,
+                    cached,
+                    cache,
+                )
             raise
         self._messages.append({"role": "assistant", "content": reply})
         return reply
 
-    def generate_response_stream(self, max_new_tokens: int | None = None,
-                                 response_format: ResponseFormat = None) -> Iterator[str]:
+    def generate_response_stream(
+        self, max_new_tokens: int | None = None, response_format: ResponseFormat = None
+    ) -> Iterator[str]:
         """Text pieces of the reply to everything added so far (at most `max_new_tokens`, if
         given; the reply also ends at a stop token or when the context is full).
 
@@ -183,10 +222,12 @@ class Session:
         `{"type": "regex", "regex": "..."}`, `{"type": "grammar", "grammar": "...", "syntax":
         "lark" | "gbnf"}`; the reply ends when the output is complete. A compiled `Grammar` from
         `pocketlm.structured.compile_format` is taken too (compile once, use many times)."""
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                           or max_new_tokens < 1):
-            raise InvalidOptionError(f"max_new_tokens must be an integer >= 1 (or None: up to the context), "
-                                     f"got {max_new_tokens!r}")
+        if max_new_tokens is not None and (
+            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+        ):
+            raise InvalidOptionError(
+                f"max_new_tokens must be an integer >= 1 (or None: up to the context), got {max_new_tokens!r}"
+            )
         if not self._pending_ids:
             raise InvalidOptionError("nothing to answer: add a query chunk or a message first")
         grammar = response_format if isinstance(response_format, Grammar) else compile_format(response_format)
@@ -194,8 +235,12 @@ class Session:
         prompt, self._pending_ids = self._pending_ids, []
         stats = self.last_stats = self._llm.last_stats = GenerationStats()
         try:
-            yield from stream_text(self._lm.tokenizer, generate_tokens(self._lm, self._cache, prompt, self._sampler, stats,
-                                                                         max_new_tokens, constraint))
+            yield from stream_text(
+                self._lm.tokenizer,
+                generate_tokens(
+                    self._lm, self._cache, prompt, self._sampler, stats, max_new_tokens, constraint
+                ),
+            )
         finally:
             # The cache offset says how much of prompt + sampled tokens went through the model;
             # the rest (normally the last sampled token) is fed at the start of the next turn.
@@ -203,8 +248,12 @@ class Session:
             fed = self._cache.offset - len(self._cached_ids)
             self._cached_ids, self._pending_ids = self._cached_ids + turn[:fed], turn[fed:]
 
-    def generate_response(self, listener: Listener | None = None, max_new_tokens: int | None = None,
-                          response_format: ResponseFormat = None) -> str:
+    def generate_response(
+        self,
+        listener: Listener | None = None,
+        max_new_tokens: int | None = None,
+        response_format: ResponseFormat = None,
+    ) -> str:
         pieces = []
         for piece in self.generate_response_stream(max_new_tokens, response_format):
             pieces.append(piece)
@@ -219,6 +268,12 @@ class Session:
         twin = Session.__new__(Session)
         twin.__dict__.update(self.__dict__)
         twin._cache = self._cache.copy()
-        twin._cached_ids, twin._pending_ids, twin._messages = list(self._cached_ids), list(self._pending_ids), list(self._messages)
-        twin._sampler = make_sampler(self.options.temperature, self.options.top_k, self.options.top_p, self.options.random_seed)
+        twin._cached_ids, twin._pending_ids, twin._messages = (
+            list(self._cached_ids),
+            list(self._pending_ids),
+            list(self._messages),
+        )
+        twin._sampler = make_sampler(
+            self.options.temperature, self.options.top_k, self.options.top_p, self.options.random_seed
+        )
         return twin

@@ -22,15 +22,18 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def perplexity(lm: LoadedModel, text: str, ctx: int = 512,
-               on_chunk: Callable[[int, int, float], None] | None = None) -> tuple[float, int]:
+def perplexity(
+    lm: LoadedModel, text: str, ctx: int = 512, on_chunk: Callable[[int, int, float], None] | None = None
+) -> tuple[float, int]:
     """(perplexity, tokens scored). The text is cut into chunks of `ctx` tokens, each starting
     with BOS when the model adds one; only the second half of each chunk is scored, so every scored token sees at
     least ctx/2 tokens of context."""
     tokens = lm.tokenizer.encode(text)
     n_chunks = len(tokens) // ctx
     if n_chunks == 0:
-        raise ContextLengthError(f"the text has {len(tokens)} tokens, fewer than --ctx {ctx}; use a smaller --ctx")
+        raise ContextLengthError(
+            f"the text has {len(tokens)} tokens, fewer than --ctx {ctx}; use a smaller --ctx"
+        )
     nll, count = 0.0, 0
     first = ctx // 2
     for c in range(n_chunks):
@@ -59,7 +62,9 @@ class BenchResult:
     peak_rss_mb: float
     start_to_first_token_seconds: float
     backend: str
-    weight_bytes: int  # the weights the backend computes with (repacked, or the file's Q8_0), read once per token
+    weight_bytes: (
+        int  # the weights the backend computes with (repacked, or the file's Q8_0), read once per token
+    )
     params_resident: int = 0  # parameters in memory
     params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
     streamed_bytes: int = 0
@@ -96,9 +101,15 @@ def process_age_seconds() -> float:
         return 0.0
 
 
-def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int = 128,
-              backend: str = "cpu", on_progress: Callable[[str], None] | None = None,
-              prompt_ids: list[int] | None = None, ple_in_ram: bool = False) -> BenchResult:
+def run_bench(
+    path: str | os.PathLike,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    backend: str = "cpu",
+    on_progress: Callable[[str], None] | None = None,
+    prompt_ids: list[int] | None = None,
+    ple_in_ram: bool = False,
+) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
     from .engine import decode_step, prefill
 
@@ -121,12 +132,19 @@ def run_bench(path: str | os.PathLike, prompt_tokens: int = 512, gen_tokens: int
         token = int(np.argmax(decode_step(lm, cache, token)))
     decode_seconds = time.perf_counter() - start
     return BenchResult(
-        model=str(lm.path.name), file_mb=lm.path.stat().st_size / 1e6, prompt_tokens=prompt_tokens,
-        generated_tokens=gen_tokens, load_seconds=load_seconds, ttft_seconds=ttft,
+        model=str(lm.path.name),
+        file_mb=lm.path.stat().st_size / 1e6,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=gen_tokens,
+        load_seconds=load_seconds,
+        ttft_seconds=ttft,
         prefill_tokens_per_second=prompt_tokens / ttft,
         decode_tokens_per_second=(gen_tokens - 1) / decode_seconds if gen_tokens > 1 else 0.0,
-        peak_rss_mb=peak_rss_mb(), start_to_first_token_seconds=start_to_first, backend=backend,
-        weight_bytes=lm.ops.weight_bytes, streamed_bytes=lm.streamed_bytes,
+        peak_rss_mb=peak_rss_mb(),
+        start_to_first_token_seconds=start_to_first,
+        backend=backend,
+        weight_bytes=lm.ops.weight_bytes,
+        streamed_bytes=lm.streamed_bytes,
         params_streamed=sum(t.n_elements for t in lm.file.tensors.values() if t.name in lm.streamed),
         params_resident=sum(t.n_elements for t in lm.file.tensors.values() if t.name not in lm.streamed),
     )

@@ -90,7 +90,9 @@ def render(template: str, **context: Any) -> str:
         raise
     except _Exceeded as e:
         raise PocketLMError(f"the model's chat template was stopped: {e}") from None
-    except Exception as e:  # TemplateError, and whatever its Python raises: ZeroDivisionError, RecursionError, ...
+    except (
+        Exception
+    ) as e:  # TemplateError, and whatever its Python raises: ZeroDivisionError, RecursionError, ...
         raise PocketLMError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
     finally:
         sys.settrace(previous)

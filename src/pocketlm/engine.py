@@ -38,19 +38,25 @@ def make_backend(name: str, model, architecture: str, **options) -> Backend:
         kind, options = CpuBackend, {"fast": name == "cpu"}
     missing = missing_capabilities(model, kind)
     if missing:
-        raise UnsupportedError(f"the {name} backend cannot run this {architecture} model: it has no "
-                               f"{', '.join(sorted(missing))} (use --backend cpu)")
+        raise UnsupportedError(
+            f"the {name} backend cannot run this {architecture} model: it has no "
+            f"{', '.join(sorted(missing))} (use --backend cpu)"
+        )
     return kind(**options)
 
 
 class LoadedModel:
     """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
 
-    def __init__(self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False, **backend_options):
+    def __init__(
+        self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False, **backend_options
+    ):
         """`ple_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
         per-layer embeddings) into memory instead, for comparison."""
         if backend not in BACKENDS:
-            raise InvalidOptionError(f"backend {backend!r} is not available (available: {', '.join(BACKENDS)})")
+            raise InvalidOptionError(
+                f"backend {backend!r} is not available (available: {', '.join(BACKENDS)})"
+            )
         self.file = GGUFFile(path)
         self.path = self.file.path
         try:
@@ -59,17 +65,29 @@ class LoadedModel:
             raise ModelFileError(f"{self.path}: {e}") from None
         # The tokenizer first: building it needs transient memory, best spent before the weights.
         self.tokenizer = GGUFTokenizer(self.file.metadata, str(self.path))
-        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
-            self.file.metadata.pop(key, None)  # built into the tokenizer; as Python objects they are tens of MB
+        for key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.scores",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges",
+        ):
+            self.file.metadata.pop(
+                key, None
+            )  # built into the tokenizer; as Python objects they are tens of MB
         self.ops = make_backend(backend, self.model, self.file.architecture, **backend_options)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         streamed = getattr(self.model, "streamed", frozenset())
-        self.ops.prepare([t for t in self.file.tensors.values() if t.name not in streamed],
-                         on_packed=self.file.release_pages, copy_out=self._copy_out)
+        self.ops.prepare(
+            [t for t in self.file.tensors.values() if t.name not in streamed],
+            on_packed=self.file.release_pages,
+            copy_out=self._copy_out,
+        )
         for name in streamed if ple_in_ram else ():
             self.ops.pin(name, self._copy_out(self.file.tensors[name]))
-        self.streamed = frozenset() if ple_in_ram else frozenset(streamed)  # tensors read from the file per token
+        self.streamed = (
+            frozenset() if ple_in_ram else frozenset(streamed)
+        )  # tensors read from the file per token
         self.streamed_bytes = sum(self.file.tensors[n].nbytes for n in self.streamed)
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)
@@ -78,7 +96,9 @@ class LoadedModel:
         except ModelFileError as e:
             raise ModelFileError(f"{self.path}: {e}") from None
         except (ValueError, IndexError) as e:  # numpy's reshape or broadcast of tensors that do not fit
-            raise ModelFileError(f"{self.path}: the tensors do not fit the model's hyper-parameters ({e})") from None
+            raise ModelFileError(
+                f"{self.path}: the tensors do not fit the model's hyper-parameters ({e})"
+            ) from None
 
     def _copy_out(self, tensor, chunk: int = 1 << 24) -> np.ndarray:
         """A resident copy of a tensor's bytes, its file pages let go chunk by chunk (so that the
@@ -151,9 +171,15 @@ class GenerationStats:
         return n / self.decode_seconds if self.decode_seconds and n > 0 else 0.0
 
 
-def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], sampler: Sampler,
-                    stats: GenerationStats | None = None, max_new_tokens: int | None = None,
-                    constraint: Constraint | None = None) -> Iterator[int]:
+def generate_tokens(
+    lm: LoadedModel,
+    cache: KVCache,
+    prompt_ids: list[int],
+    sampler: Sampler,
+    stats: GenerationStats | None = None,
+    max_new_tokens: int | None = None,
+    constraint: Constraint | None = None,
+) -> Iterator[int]:
     """Prefill `prompt_ids`, then sample until a stop token, `max_new_tokens` or a full cache.
     With a `constraint`, only tokens its grammar allows are sampled, and the reply ends (as at a
     stop token) once the grammar is complete.
@@ -169,7 +195,9 @@ def generate_tokens(lm: LoadedModel, cache: KVCache, prompt_ids: list[int], samp
     start = time.perf_counter()
     while True:
         if not math.isfinite(float(np.max(logits))):  # NaN propagates through max; one pass over the row
-            raise ModelFileError(f"{lm.path}: the model computed NaN or infinite logits: its weights are corrupt")
+            raise ModelFileError(
+                f"{lm.path}: the model computed NaN or infinite logits: its weights are corrupt"
+            )
         if constraint is not None:
             logits = constraint.mask(logits)
         token = sampler(logits)
@@ -201,5 +229,5 @@ def stream_text(tokenizer: GGUFTokenizer, tokens: Iterable[int]) -> Iterator[str
         if text.endswith("\ufffd"):
             continue  # an incomplete UTF-8 sequence: wait for the rest
         if len(text) > len(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
         emitted = text

@@ -58,7 +58,11 @@ class LayerCache:
     def copy(self) -> "LayerCache":
         clone = object.__new__(LayerCache)
         clone.window, clone.capacity = self.window, self.capacity
-        clone.keys, clone.values, clone.positions = self.keys.copy(), self.values.copy(), self.positions.copy()
+        clone.keys, clone.values, clone.positions = (
+            self.keys.copy(),
+            self.values.copy(),
+            self.positions.copy(),
+        )
         return clone
 
     @property

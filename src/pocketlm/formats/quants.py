@@ -280,7 +280,9 @@ def decompose(data: np.ndarray, kind: GGMLType) -> tuple[np.ndarray, np.ndarray,
 def dequantize(data: np.ndarray, kind: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes of a tensor -> float32 array of `shape` (numpy order, last axis = row)."""
     if kind in _FLOAT_TYPES:
-        return _FLOAT_TYPES[kind](np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])).reshape(shape)
+        return _FLOAT_TYPES[kind](
+            np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])
+        ).reshape(shape)
     q, scale, offset = decompose(data, kind)
     n, n_sub = scale.shape
     values = q.reshape(n, n_sub, -1).astype(np.float32) * scale[:, :, None]

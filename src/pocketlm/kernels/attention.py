@@ -37,7 +37,9 @@ def chunks_for(T: int, S: int) -> int:
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out):
+def _attend_chunks(
+    q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out
+):
     """Each (token, chunk of keys) item, for every head: the scores over the chunk's keys, their
     maximum and sum of exponentials, and the exponential-weighted sum of values (not yet
     divided). An item reads its keys' rows of the cache whole, all kv heads, front to back,
@@ -120,7 +122,9 @@ def _merge(part_max, part_sum, part_out, n_chunks, out):
                     src = part_out[items + c, h]
                     for d in range(Dv):
                         dst[d] += w * src[d]
-            inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)  # 0: scores all NaN (broken weights)
+            inv = (
+                np.float32(1.0) / total if total > 0 else np.float32(0.0)
+            )  # 0: scores all NaN (broken weights)
             for d in range(Dv):
                 dst[d] *= inv
 
@@ -135,7 +139,9 @@ def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
     part_sum = np.empty((T * n_chunks, n_heads), np.float32)
     part_out = np.empty((T * n_chunks, n_heads, Dv), np.float32)
     ahead = AHEAD if PREFETCH else 0
-    _attend_chunks(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out)
+    _attend_chunks(
+        q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out
+    )
     _merge(part_max, part_sum, part_out, n_chunks, out)
 
 

@@ -32,7 +32,10 @@ from .memory import load_f16, prefetch_row, rows_ahead
 
 TYPES = (GGMLType.Q8_0, GGMLType.Q5_0)
 BLOCK = 32  # values a block, both types
-assert BLOCK_LAYOUT[GGMLType.Q8_0] == (BLOCK, Q8_0_BYTES) and BLOCK_LAYOUT[GGMLType.Q5_0] == (BLOCK, Q5_0_BYTES)
+assert BLOCK_LAYOUT[GGMLType.Q8_0] == (BLOCK, Q8_0_BYTES) and BLOCK_LAYOUT[GGMLType.Q5_0] == (
+    BLOCK,
+    Q5_0_BYTES,
+)
 
 
 @dataclass
@@ -55,11 +58,19 @@ class BlockWeight:
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(self.blocks.shape[0], np.float32)
-        _matvec(self.blocks, self._q5, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(self.blocks.shape[1]))
+        _matvec(
+            self.blocks,
+            self._q5,
+            np.ascontiguousarray(x, dtype=np.float32),
+            out,
+            rows_ahead(self.blocks.shape[1]),
+        )
         return out
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        return tiled_matmul(lambda first, tile: _dequantize_rows(self.blocks, self._q5, first, tile), self.shape, x)
+        return tiled_matmul(
+            lambda first, tile: _dequantize_rows(self.blocks, self._q5, first, tile), self.shape, x
+        )
 
     def dequantize(self) -> np.ndarray:
         out = np.empty(self.shape, np.float32)
@@ -88,7 +99,9 @@ def wrap(data: np.ndarray, kind: GGMLType, shape: tuple[int, ...]) -> BlockWeigh
     if not fits(kind, shape):
         raise ValueError(f"{kind.name} {shape}: not a Q8_0 or Q5_0 matrix")
     rows, cols = shape
-    return BlockWeight(np.asarray(data).view(np.uint8).reshape(rows, cols // BLOCK * BLOCK_LAYOUT[kind][1]), kind)
+    return BlockWeight(
+        np.asarray(data).view(np.uint8).reshape(rows, cols // BLOCK * BLOCK_LAYOUT[kind][1]), kind
+    )
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)

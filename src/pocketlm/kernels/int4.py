@@ -62,7 +62,9 @@ class Int4Weight:
         """One matrix of the parts' rows (same width), or None if they differ."""
         if len({p.shape[1] for p in parts}) != 1:
             return None
-        return Int4Weight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("packed", "scale", "offset")))
+        return Int4Weight(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("packed", "scale", "offset"))
+        )
 
 
 def fits(kind, shape: tuple[int, ...]) -> bool:
@@ -77,7 +79,11 @@ def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int4Weight:
     rows, cols = shape
     q, scale, offset = decompose(data, kind)
     scale = np.ascontiguousarray(scale.reshape(rows, cols // SUB), dtype=np.float32)
-    offset = np.zeros_like(scale) if offset is None else np.ascontiguousarray(offset.reshape(rows, cols // SUB), dtype=np.float32)
+    offset = (
+        np.zeros_like(scale)
+        if offset is None
+        else np.ascontiguousarray(offset.reshape(rows, cols // SUB), dtype=np.float32)
+    )
     q = q.reshape(rows, cols // RUN, 2, SUB)
     low = int(q.min()) if q.size else 0
     if low < 0:  # Q4_0: -8..7 -> 0..15; scale * (q + 8) - 8 * scale is exact (small integers times an f16)
@@ -122,13 +128,22 @@ def matvec(w: Int4Weight, x: np.ndarray) -> np.ndarray:
     """W [rows, cols] @ x [cols] -> [rows] (float32), x quantized to int8 blocks for the
     scaled parts (`kernels.intdot`)."""
     out = np.empty(w.packed.shape[0], np.float32)
-    _matvec(w.packed, w.scale, w.offset, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(w.packed.shape[1]))
+    _matvec(
+        w.packed,
+        w.scale,
+        w.offset,
+        np.ascontiguousarray(x, dtype=np.float32),
+        out,
+        rows_ahead(w.packed.shape[1]),
+    )
     return out
 
 
 def matmul(w: Int4Weight, x: np.ndarray) -> np.ndarray:
     """x [T, cols] @ W.T -> [T, rows], dequantizing W one tile of rows at a time."""
-    return tiled_matmul(lambda first, tile: _dequantize_rows(w.packed, w.scale, w.offset, first, tile), w.shape, x)
+    return tiled_matmul(
+        lambda first, tile: _dequantize_rows(w.packed, w.scale, w.offset, first, tile), w.shape, x
+    )
 
 
 def dequantize(w: Int4Weight) -> np.ndarray:

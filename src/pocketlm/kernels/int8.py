@@ -57,7 +57,9 @@ class Int8Weight:
         """One matrix of the parts' rows (same width and sub-block), or None if they differ."""
         if len({(p.shape[1], p.sub, p.offset.shape[1]) for p in parts}) != 1:
             return None
-        return Int8Weight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "offset")), parts[0].sub)
+        return Int8Weight(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "offset")), parts[0].sub
+        )
 
 
 def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
@@ -70,7 +72,9 @@ def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
     else:
         q, scale, offset = decompose(data, kind)
     scale = np.ascontiguousarray(scale.reshape(rows, -1), dtype=np.float32)
-    offset = np.zeros((rows, 0), np.float32) if offset is None else np.ascontiguousarray(offset.reshape(rows, -1))
+    offset = (
+        np.zeros((rows, 0), np.float32) if offset is None else np.ascontiguousarray(offset.reshape(rows, -1))
+    )
     if cols // scale.shape[1] not in (16, 32):  # the decode kernels' two layouts (kernels.intdot)
         raise ValueError(f"{kind.name}: {cols // scale.shape[1]} values a scale, not 16 or 32")
     return Int8Weight(np.ascontiguousarray(q.reshape(rows, cols)), scale, offset, cols // scale.shape[1])
@@ -90,8 +94,12 @@ def _unpack_q5_0(blocks, q, scale):
 @njit(inline="always")
 def q5_0_values(block, start, j):
     """Values j and j + 16 (-16..15) of the Q5_0 block at byte `start` of `block`."""
-    fifth = (np.uint32(block[start + 2]) | (np.uint32(block[start + 3]) << 8)
-             | (np.uint32(block[start + 4]) << 16) | (np.uint32(block[start + 5]) << 24))
+    fifth = (
+        np.uint32(block[start + 2])
+        | (np.uint32(block[start + 3]) << 8)
+        | (np.uint32(block[start + 4]) << 16)
+        | (np.uint32(block[start + 5]) << 24)
+    )
     nibbles = block[start + 6 + j]
     low = np.int32(nibbles & 15) | np.int32(((fifth >> j) & 1) << 4)
     high = np.int32(nibbles >> 4) | np.int32(((fifth >> (j + 16)) & 1) << 4)
@@ -143,13 +151,23 @@ def _dequantize_rows(q, scale, offset, sub, first, out):
 def matvec(w: Int8Weight, x: np.ndarray) -> np.ndarray:
     """W [rows, cols] @ x [cols] -> [rows] (float32)."""
     out = np.empty(w.q.shape[0], np.float32)
-    _matvec(w.q, w.scale, w.offset, w.sub, np.ascontiguousarray(x, dtype=np.float32), out, rows_ahead(w.q.shape[1]))
+    _matvec(
+        w.q,
+        w.scale,
+        w.offset,
+        w.sub,
+        np.ascontiguousarray(x, dtype=np.float32),
+        out,
+        rows_ahead(w.q.shape[1]),
+    )
     return out
 
 
 def matmul(w: Int8Weight, x: np.ndarray) -> np.ndarray:
     """x [T, cols] @ W.T -> [T, rows], dequantizing W one tile of rows at a time."""
-    return tiled_matmul(lambda first, tile: _dequantize_rows(w.q, w.scale, w.offset, w.sub, first, tile), w.shape, x)
+    return tiled_matmul(
+        lambda first, tile: _dequantize_rows(w.q, w.scale, w.offset, w.sub, first, tile), w.shape, x
+    )
 
 
 def tiled_matmul(dequantize_rows, shape: tuple[int, int], x: np.ndarray) -> np.ndarray:

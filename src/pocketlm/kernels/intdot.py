@@ -76,7 +76,9 @@ def quantize_activations(x):
         d[b] = amax / np.float32(127.0)
         sums[b] = total
     for i in range(sums4.size):
-        sums4[i] = np.int32(q[4 * i]) + np.int32(q[4 * i + 1]) + np.int32(q[4 * i + 2]) + np.int32(q[4 * i + 3])
+        sums4[i] = (
+            np.int32(q[4 * i]) + np.int32(q[4 * i + 1]) + np.int32(q[4 * i + 2]) + np.int32(q[4 * i + 3])
+        )
     return q, d, sums, sums4
 
 
@@ -121,7 +123,10 @@ def _chunks(builder, v, size):
 def _joined(builder, parts):
     """The inverse of `_chunks`."""
     while len(parts) > 1:
-        parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count))) for a, b in zip(parts[::2], parts[1::2])]
+        parts = [
+            builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
+            for a, b in zip(parts[::2], parts[1::2])
+        ]
     return parts[0]
 
 
@@ -133,8 +138,10 @@ def _dot4_avx2(builder, acc, a, b, signed):
         sign = _declare(builder, "llvm.x86.avx2.psign.b", t8, [t8, t8])
         a, b = builder.call(sign, [a, a]), builder.call(sign, [b, a])
     pairs = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.ub.sw", t16, [t8, t8]), [a, b])
-    quads = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [t16, t16]),
-                         [pairs, _splat(ir.IntType(16), 16, 1)])
+    quads = builder.call(
+        _declare(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [t16, t16]),
+        [pairs, _splat(ir.IntType(16), 16, 1)],
+    )
     return builder.add(acc, quads)
 
 
@@ -144,8 +151,10 @@ def _dot4_chunk(builder, isa, acc, a, b, signed):
         return _dot4_avx2(builder, acc, a, b, signed)
     if isa == "avxvnni":  # declared with the <8 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
         t = _vec(_I32, 8)
-        return builder.call(_declare(builder, "llvm.x86.avx512.vpdpbusd.256", t, [t, t, t]),
-                            [acc, builder.bitcast(a, t), builder.bitcast(b, t)])
+        return builder.call(
+            _declare(builder, "llvm.x86.avx512.vpdpbusd.256", t, [t, t, t]),
+            [acc, builder.bitcast(a, t), builder.bitcast(b, t)],
+        )
     t, t8 = _vec(_I32, 4), _vec(_I8, 16)  # ARM: usdot (unsigned x signed), sdot (signed x signed)
     name = "llvm.aarch64.neon.sdot.v4i32.v16i8" if isa == "dotprod" else "llvm.aarch64.neon.usdot.v4i32.v16i8"
     return builder.call(_declare(builder, name, t, [t, t8, t8]), [acc, a, b])
@@ -160,8 +169,10 @@ def _dot4(builder, isa, acc, a, b, signed=False):
     assert not signed or isa in isas.SIGNED_WEIGHTS or isa == "portable"
     if isa == "avx512vnni":  # declared with the <16 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
         t = _vec(_I32, 16)
-        return builder.call(_declare(builder, "llvm.x86.avx512.vpdpbusd.512", t, [t, t, t]),
-                            [acc, builder.bitcast(a, t), builder.bitcast(b, t)])
+        return builder.call(
+            _declare(builder, "llvm.x86.avx512.vpdpbusd.512", t, [t, t, t]),
+            [acc, builder.bitcast(a, t), builder.bitcast(b, t)],
+        )
     if isa in _CHUNK_BYTES:
         size = _CHUNK_BYTES[isa]
         parts = zip(_chunks(builder, acc, size // 4), _chunks(builder, a, size), _chunks(builder, b, size))
@@ -241,14 +252,19 @@ def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True, off
             sums = _load(builder, xq4, builder.udiv(start, _const(4)), _vec(_I32, width // 4))
             init = builder.mul(sums, _splat(_I32, width // 4, -bias))
         if width == 32:
-            values, x, init, scales = (_pad(builder, v, n) for v, n in ((values, 32), (x, 32), (init, 8), (scales, 8)))
+            values, x, init, scales = (
+                _pad(builder, v, n) for v, n in ((values, 32), (x, 32), (init, 8), (scales, 8))
+            )
         lanes = builder.sitofp(_dot4(builder, isa, init, values, x, signed), _vec(_F32, 16))
         return builder.fadd(acc, _fmul(builder, lanes, scales), flags=("fast",))
 
     def offset_terms(builder, acc, start):
         block = builder.udiv(start, _const(BLOCK))
-        terms = _fmul(builder, _load(builder, offsets[0], block, _vec(_F32, 2), 4),
-                      _load(builder, offsets[1], block, _vec(_F32, 2), 4))
+        terms = _fmul(
+            builder,
+            _load(builder, offsets[0], block, _vec(_F32, 2), 4),
+            _load(builder, offsets[1], block, _vec(_F32, 2), 4),
+        )
         return builder.fadd(acc, terms, flags=("fast",))
 
     def full_step(builder, i, accs):
@@ -300,7 +316,9 @@ def _nibble_dot_ir(builder, isa, row, scale, offset, xq, xd, x_sums, xq4, n_valu
     def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
         nibbles = _load(builder, row, builder.udiv(start, _const(2)), _vec(_I8, 32))
         weight_scales = _load(builder, scale, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
-        return _nibble_values(builder, nibbles, 32), _lane_scales(builder, weight_scales, xd, start, 64, BLOCK)
+        return _nibble_values(builder, nibbles, 32), _lane_scales(
+            builder, weight_scales, xd, start, 64, BLOCK
+        )
 
     return _row_dot(builder, isa, n_values, xq, None, 0, False, step, tail=False, offsets=(offset, x_sums))
 
@@ -315,7 +333,9 @@ def _int8_dot_ir(sub: int):
             values = _load(builder, row, start, _vec(_I8, width))
             if not signed:
                 values = builder.xor(values, _splat(_I8, width, 0x80))
-            weight_scales = _load(builder, scale, builder.udiv(start, _const(sub)), _vec(_F32, width // sub), 4)
+            weight_scales = _load(
+                builder, scale, builder.udiv(start, _const(sub)), _vec(_F32, width // sub), 4
+            )
             return values, _lane_scales(builder, weight_scales, xd, start, width, sub)
 
         return _row_dot(builder, isa, n_values, xq, xq4, 0 if signed else 128, signed, step)
@@ -340,7 +360,9 @@ def _blocks_dot_ir(block_bytes: int, bias: int, block_values):
         def step(builder, start, width):
             values, scales = [], ir.Constant(_vec(_F32, width // BLOCK), None)
             for k in range(width // BLOCK):
-                offset = builder.mul(builder.add(builder.udiv(start, _const(BLOCK)), _const(k)), _const(block_bytes))
+                offset = builder.mul(
+                    builder.add(builder.udiv(start, _const(BLOCK)), _const(k)), _const(block_bytes)
+                )
                 values.append(block_values(builder, row, offset, signed))
                 d = builder.fpext(_load(builder, row, offset, ir.HalfType()), _F32)
                 scales = builder.insert_element(scales, d, ir.Constant(_I32, k))
@@ -357,7 +379,9 @@ def _q5_0_values(builder, data, offset, signed):
     """The 32 values of a Q5_0 block + 16 (0..31): nibbles 0..15 low, 16..31 high, fifth bits
     from a 32-bit mask."""
     nibbles = _load(builder, data, builder.add(offset, _const(6)), _vec(_I8, 16))
-    fifth = builder.bitcast(_load(builder, data, builder.add(offset, _const(2)), _I32), _vec(ir.IntType(1), 32))
+    fifth = builder.bitcast(
+        _load(builder, data, builder.add(offset, _const(2)), _I32), _vec(ir.IntType(1), 32)
+    )
     fifth = builder.shl(builder.zext(fifth, _vec(_I8, 32)), _splat(_I8, 32, 4))
     return builder.or_(_nibble_values(builder, nibbles, 16), fifth)
 
@@ -401,7 +425,10 @@ def assembly(isa: str, triple: str, cpu: str = "", features: str = "") -> str:
 
 def _checked(arrays, dtypes) -> bool:
     """Whether the arguments are contiguous 1-D arrays of these element types."""
-    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t for a, t in zip(arrays, dtypes))
+    return all(
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == t
+        for a, t in zip(arrays, dtypes)
+    )
 
 
 _FIELDS = ("row", "scale", "offset", "xq", "xd", "x_sums", "xq4")
@@ -413,7 +440,9 @@ def _codegen(isa, name, fields):
     build, row_bytes, per = LAYOUTS[name]
 
     def codegen(context, builder, signature, args):
-        arrays = dict(zip(fields, (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args))))
+        arrays = dict(
+            zip(fields, (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)))
+        )
         pointers = [arrays[f].data if f in arrays else None for f in _FIELDS]
         n = builder.mul(builder.extract_value(arrays["row"].shape, 0), _const(per))
         return build(builder, isa, *pointers, builder.udiv(n, _const(row_bytes)))
@@ -428,9 +457,13 @@ def _intrinsics(isa: str):
         scale[2g] xd[2g] (low nibbles . xq[64g:64g+32]) + scale[2g+1] xd[2g+1] (high . xq[64g+32:64g+64])
         + offset[2g] x_sums[2g] + offset[2g+1] x_sums[2g+1]."""
         arrays = (row, scale, offset, xq, xd, x_sums)
-        if not _checked(arrays, (types.uint8, types.float32, types.float32, types.int8, types.float32, types.float32)):
+        if not _checked(
+            arrays, (types.uint8, types.float32, types.float32, types.int8, types.float32, types.float32)
+        ):
             return None
-        return types.float32(*arrays), _codegen(isa, "nibble_dot", ("row", "scale", "offset", "xq", "xd", "x_sums"))
+        return types.float32(*arrays), _codegen(
+            isa, "nibble_dot", ("row", "scale", "offset", "xq", "xd", "x_sums")
+        )
 
     def blocks_dot(name):
         @intrinsic
@@ -448,13 +481,23 @@ def _intrinsics(isa: str):
         def dot(typingctx, row, scale, xq, xd, xq4):
             """An int8 row (kernels.int8) . the quantized activations, a scale per 16 or 32
             values: sum over sub-blocks s of scale[s] xd[block of s] (q[s] . xq[s])."""
-            if not _checked((row, scale, xq, xd, xq4), (types.int8, types.float32, types.int8, types.float32, types.int32)):
+            if not _checked(
+                (row, scale, xq, xd, xq4), (types.int8, types.float32, types.int8, types.float32, types.int32)
+            ):
                 return None
-            return types.float32(row, scale, xq, xd, xq4), _codegen(isa, name, ("row", "scale", "xq", "xd", "xq4"))
+            return types.float32(row, scale, xq, xd, xq4), _codegen(
+                isa, name, ("row", "scale", "xq", "xd", "xq4")
+            )
 
         return dot
 
-    return nibble_dot, blocks_dot("q5_0_dot"), blocks_dot("q8_0_dot"), int8_dot("int8_dot16"), int8_dot("int8_dot32")
+    return (
+        nibble_dot,
+        blocks_dot("q5_0_dot"),
+        blocks_dot("q8_0_dot"),
+        int8_dot("int8_dot16"),
+        int8_dot("int8_dot32"),
+    )
 
 
 nibble_dot, q5_0_dot, q8_0_dot, int8_dot16, int8_dot32 = _intrinsics(ISA)

@@ -85,8 +85,10 @@ def selected() -> str:
         raise InvalidOptionError(f"{ENV}={forced!r}: not a known path; choose one of {', '.join(ISAS)}")
     if not runs(features, forced):
         missing = [f for f in REQUIRES[forced] if not _normalized(features).get(f, False)]
-        raise InvalidOptionError(f"{ENV}={forced}: this CPU lacks {', '.join(missing)}; it runs "
-                                 f"{', '.join(i for i in ISAS if runs(features, i))}")
+        raise InvalidOptionError(
+            f"{ENV}={forced}: this CPU lacks {', '.join(missing)}; it runs "
+            f"{', '.join(i for i in ISAS if runs(features, i))}"
+        )
     return forced
 
 

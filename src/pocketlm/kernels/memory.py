@@ -49,8 +49,12 @@ def prefetch(typingctx, array, index):
 def load_f16(typingctx, array, index):
     """The float16 stored at byte `index` of a 1-D byte array, as a float32 (numba has no
     float16 type on the CPU; GGUF blocks keep their scales as f16, at any alignment)."""
-    if not (isinstance(array, types.Array) and array.ndim == 1 and array.dtype.bitwidth == 8
-            and isinstance(index, types.Integer)):
+    if not (
+        isinstance(array, types.Array)
+        and array.ndim == 1
+        and array.dtype.bitwidth == 8
+        and isinstance(index, types.Integer)
+    ):
         return None
 
     def codegen(context, builder, signature, args):

@@ -10,8 +10,16 @@ from .base import CausalLM, Weights
 
 # GGUF general.architecture -> module (named after the checkpoint's model_type)
 ARCHITECTURES = {
-    "llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3n": "gemma3n", "phi2": "phi",
-    "falcon": "falcon", "stablelm": "stablelm", "qwen2": "qwen2", "qwen3": "qwen3",
+    "llama": "llama",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3n": "gemma3n",
+    "phi2": "phi",
+    "falcon": "falcon",
+    "stablelm": "stablelm",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
 }
 
 

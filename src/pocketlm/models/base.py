@@ -57,12 +57,22 @@ class ModelArgs:
                 return [_int(key, v, low) for v in value]
             return _int(key, value, low)
         if "float" in kinds:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not np.isfinite(value) or name in cls._positive and value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.integer, np.floating))
+                or not np.isfinite(value)
+                or name in cls._positive
+                and value <= 0
+            ):
                 sign = "positive" if name in cls._positive else "finite"
                 raise ModelFileError(f"model metadata {key} must be a {sign} number, not {value!r}")
             return float(value)
-        if "str" in kinds and not isinstance(value, str) or "bool" in kinds and not isinstance(value, (bool, np.bool_)):
+        if (
+            "str" in kinds
+            and not isinstance(value, str)
+            or "bool" in kinds
+            and not isinstance(value, (bool, np.bool_))
+        ):
             raise ModelFileError(f"model metadata {key} must be a {annotation}, not {value!r}")
         return value
 
@@ -71,8 +81,14 @@ MAX_DIMENSION = 1 << 24  # no count or size in a model's hyper-parameters comes 
 
 
 def _int(key: str, value: Any, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not low <= value <= MAX_DIMENSION:
-        raise ModelFileError(f"model metadata {key} must be an integer in [{low}, {MAX_DIMENSION}], not {value!r}")
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or not low <= value <= MAX_DIMENSION
+    ):
+        raise ModelFileError(
+            f"model metadata {key} must be an integer in [{low}, {MAX_DIMENSION}], not {value!r}"
+        )
     return int(value)
 
 
@@ -101,29 +117,53 @@ class DecoderArgs(ModelArgs):
     norm_eps: float = 1e-5
     context_length: int = 2048
 
-    _positive = frozenset({"hidden_size", "n_layers", "n_heads", "ffn_size", "n_kv_heads", "head_dim", "context_length",
-                           "rope_base"})
+    _positive = frozenset(
+        {
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "ffn_size",
+            "n_kv_heads",
+            "head_dim",
+            "context_length",
+            "rope_base",
+        }
+    )
     _keys = {
-        "hidden_size": "embedding_length", "n_layers": "block_count", "n_heads": "attention.head_count",
-        "ffn_size": "feed_forward_length", "n_kv_heads": "attention.head_count_kv",
-        "head_dim": "attention.key_length", "rope_base": "rope.freq_base", "rope_dims": "rope.dimension_count",
-        "norm_eps": "attention.layer_norm_rms_epsilon", "context_length": "context_length",
+        "hidden_size": "embedding_length",
+        "n_layers": "block_count",
+        "n_heads": "attention.head_count",
+        "ffn_size": "feed_forward_length",
+        "n_kv_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length",
+        "rope_base": "rope.freq_base",
+        "rope_dims": "rope.dimension_count",
+        "norm_eps": "attention.layer_norm_rms_epsilon",
+        "context_length": "context_length",
     }
 
     def __post_init__(self):
         kv_heads = self.n_kv_heads or self.n_heads
         head_dim = self.head_dim or self.hidden_size // self.n_heads
         if self.n_heads % kv_heads or not 0 < kv_heads * head_dim <= 1 << 20:
-            raise ModelFileError(f"model metadata: {self.n_heads} attention heads, {kv_heads} key/value heads of "
-                                 f"{head_dim} values do not make an attention layer")
+            raise ModelFileError(
+                f"model metadata: {self.n_heads} attention heads, {kv_heads} key/value heads of "
+                f"{head_dim} values do not make an attention layer"
+            )
 
     def attention_spec(self, **overrides) -> "AttentionSpec":
         """The usual attention of these hyper-parameters (NeoX RoPE over rope_dims, 1/sqrt(d)
         scaling), with `overrides` for what an architecture does differently."""
         head_dim = self.head_dim or self.hidden_size // self.n_heads
-        usual = dict(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=head_dim,
-                     rope_base=self.rope_base, rope_dims=self.rope_dims or head_dim, rope_neox=True,
-                     scale=head_dim**-0.5)
+        usual = dict(
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads or self.n_heads,
+            head_dim=head_dim,
+            rope_base=self.rope_base,
+            rope_dims=self.rope_dims or head_dim,
+            rope_neox=True,
+            scale=head_dim**-0.5,
+        )
         return AttentionSpec(**(usual | overrides))
 
 
@@ -135,8 +175,12 @@ class LayerNormArgs(DecoderArgs):
     qk_norm: bool | None = None  # per-head q/k LayerNorm (Phi, StableLM 2)
     parallel_residual: bool | None = None  # attention and MLP read one norm's output (StableLM 2 12B)
 
-    _keys = {**DecoderArgs._keys, "norm_eps": "attention.layer_norm_epsilon",
-             "qk_norm": "pocketlm.attention.qk_norm", "parallel_residual": "pocketlm.parallel_residual"}
+    _keys = {
+        **DecoderArgs._keys,
+        "norm_eps": "attention.layer_norm_epsilon",
+        "qk_norm": "pocketlm.attention.qk_norm",
+        "parallel_residual": "pocketlm.parallel_residual",
+    }
 
 
 class Weights:
@@ -190,7 +234,10 @@ class Attention:
         self.q_norm = self.k_norm = None
         if spec.qk_norm is not None:
             self.q_norm, self.k_norm = w(f"{prefix}.attn_q_norm.weight"), w(f"{prefix}.attn_k_norm.weight")
-        self.q_norm_bias, self.k_norm_bias = w.optional(f"{prefix}.attn_q_norm.bias"), w.optional(f"{prefix}.attn_k_norm.bias")
+        self.q_norm_bias, self.k_norm_bias = (
+            w.optional(f"{prefix}.attn_q_norm.bias"),
+            w.optional(f"{prefix}.attn_k_norm.bias"),
+        )
         self.freq_factors = w.optional("rope_freqs.weight")
 
     def project(self, ops, x: np.ndarray):
@@ -201,14 +248,20 @@ class Attention:
             q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
         else:
             q, k, v = ops.linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
-        return q.reshape(T, s.n_heads, s.head_dim), k.reshape(T, s.n_kv_heads, s.head_dim), v.reshape(T, s.n_kv_heads, -1)
+        return (
+            q.reshape(T, s.n_heads, s.head_dim),
+            k.reshape(T, s.n_kv_heads, s.head_dim),
+            v.reshape(T, s.n_kv_heads, -1),
+        )
 
     def norm_qk(self, ops, q: np.ndarray, k: np.ndarray):
         if self.spec.qk_norm is None:
             return q, k
         if self.spec.qk_norm == "layer":
-            return (ops.layer_norm(q, self.q_norm, self.q_norm_bias, self.norm_eps),
-                    ops.layer_norm(k, self.k_norm, self.k_norm_bias, self.norm_eps))
+            return (
+                ops.layer_norm(q, self.q_norm, self.q_norm_bias, self.norm_eps),
+                ops.layer_norm(k, self.k_norm, self.k_norm_bias, self.norm_eps),
+            )
         return ops.rms_norm(q, self.q_norm, self.norm_eps), ops.rms_norm(k, self.k_norm, self.norm_eps)
 
     def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache: LayerCache) -> np.ndarray:
@@ -242,7 +295,9 @@ class GatedMLP:
 
     def __init__(self, w: Weights, prefix: str, activation: str):
         self.gate, self.up, self.down = (w(f"{prefix}.ffn_{n}.weight") for n in ("gate", "up", "down"))
-        self.gate_b, self.up_b, self.down_b = (w.optional(f"{prefix}.ffn_{n}.bias") for n in ("gate", "up", "down"))
+        self.gate_b, self.up_b, self.down_b = (
+            w.optional(f"{prefix}.ffn_{n}.bias") for n in ("gate", "up", "down")
+        )
         self.activation = activation
 
     def __call__(self, ops, x: np.ndarray) -> np.ndarray:
@@ -261,7 +316,9 @@ class MLP:
         self.activation = activation
 
     def __call__(self, ops, x: np.ndarray) -> np.ndarray:
-        return ops.linear(getattr(ops, self.activation)(ops.linear(x, self.up, self.up_b)), self.down, self.down_b)
+        return ops.linear(
+            getattr(ops, self.activation)(ops.linear(x, self.up, self.up_b)), self.down, self.down_b
+        )
 
 
 class Norm:
@@ -297,8 +354,11 @@ class CausalLM:
         self.init_io(w, self.norm_kind, args.norm_eps)
         self.layers = [self.block(w, i, args) for i in range(args.n_layers)]
         alibi = any(getattr(layer.attention.spec, "alibi", None) is not None for layer in self.layers)
-        self.requires = self.requires | ({LAYER_NORM} if self.norm_kind == "layer" else set()) | (
-            {ALIBI} if alibi else set())
+        self.requires = (
+            self.requires
+            | ({LAYER_NORM} if self.norm_kind == "layer" else set())
+            | ({ALIBI} if alibi else set())
+        )
 
     def init_io(self, w: Weights, norm_kind: str, eps: float) -> None:
         self.token_embd = w("token_embd.weight")
@@ -310,7 +370,9 @@ class CausalLM:
 
     def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
         """The KV cache for max_tokens positions; `layer_cache` makes each layer's (the backend's kind)."""
-        return KVCache([layer.attention.make_cache(max_tokens, layer_cache) for layer in self.layers], max_tokens)
+        return KVCache(
+            [layer.attention.make_cache(max_tokens, layer_cache) for layer in self.layers], max_tokens
+        )
 
     def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.offset.. and return logits [T or 1, vocab]."""

@@ -32,10 +32,13 @@ class Gemma3Args(DecoderArgs):
     _positive = DecoderArgs._positive | {"rope_base_swa"}
     _keys = {
         **DecoderArgs._keys,
-        "rope_base_swa": "rope.freq_base_swa", "rope_scale": "rope.scaling.factor",
-        "sliding_window": "attention.sliding_window", "sliding_pattern": "attention.sliding_window_pattern",
+        "rope_base_swa": "rope.freq_base_swa",
+        "rope_scale": "rope.scaling.factor",
+        "sliding_window": "attention.sliding_window",
+        "sliding_pattern": "attention.sliding_window_pattern",
         "query_pre_attn_scalar": "pocketlm.attention.query_pre_attn_scalar",  # llama.cpp assumes head_dim
-        "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+        "attn_softcap": "attn_logit_softcapping",
+        "final_softcap": "final_logit_softcapping",
     }
     default_period = 6  # without a pattern in the file: every 6th layer is global
 
@@ -53,12 +56,20 @@ class TransformerBlock:
         spec = args.attention_spec(
             rope_base=args.rope_base_swa if sliding else args.rope_base,
             scale=(args.query_pre_attn_scalar or args.head_dim) ** -0.5,
-            window=args.sliding_window if sliding else None, softcap=args.attn_softcap,
-            rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale, qk_norm=args.qk_norm,
+            window=args.sliding_window if sliding else None,
+            softcap=args.attn_softcap,
+            rope_freq_scale=1.0 if sliding else 1.0 / args.rope_scale,
+            qk_norm=args.qk_norm,
         )
         p, eps = f"blk.{i}", args.norm_eps
-        self.attn_norm, self.post_attn_norm = Norm(w, f"{p}.attn_norm", "rms", eps), Norm(w, f"{p}.post_attention_norm", "rms", eps)
-        self.ffn_norm, self.post_ffn_norm = Norm(w, f"{p}.ffn_norm", "rms", eps), Norm(w, f"{p}.post_ffw_norm", "rms", eps)
+        self.attn_norm, self.post_attn_norm = (
+            Norm(w, f"{p}.attn_norm", "rms", eps),
+            Norm(w, f"{p}.post_attention_norm", "rms", eps),
+        )
+        self.ffn_norm, self.post_ffn_norm = (
+            Norm(w, f"{p}.ffn_norm", "rms", eps),
+            Norm(w, f"{p}.post_ffw_norm", "rms", eps),
+        )
         self.attention = Attention(w, p, spec, eps)
         self.mlp = GatedMLP(w, p, "gelu_tanh")
 

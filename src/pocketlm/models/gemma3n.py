@@ -37,9 +37,12 @@ class Gemma3nArgs(Gemma3Args):
 
     _keys = {
         **Gemma3Args._keys,
-        "per_layer_dim": "embedding_length_per_layer_input", "altup_inputs": "altup.num_inputs",
-        "altup_active": "altup.active_idx", "shared_kv_layers": "attention.shared_kv_layers",
-        "sparsity_scale": "activation_sparsity_scale", "coef_clip": "pocketlm.altup.coef_clip",
+        "per_layer_dim": "embedding_length_per_layer_input",
+        "altup_inputs": "altup.num_inputs",
+        "altup_active": "altup.active_idx",
+        "shared_kv_layers": "attention.shared_kv_layers",
+        "sparsity_scale": "activation_sparsity_scale",
+        "coef_clip": "pocketlm.altup.coef_clip",
     }
     default_period = 5
     _per_layer = frozenset({"ffn_size"})  # MatFormer slices: one FFN width per layer
@@ -70,9 +73,13 @@ class Attention:
 
     def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, eps: float, shared: bool):
         self.spec, self.eps, self.shared = spec, eps, shared
-        self.wq, self.wo, self.q_norm = (w(f"{prefix}.{n}.weight") for n in ("attn_q", "attn_output", "attn_q_norm"))
+        self.wq, self.wo, self.q_norm = (
+            w(f"{prefix}.{n}.weight") for n in ("attn_q", "attn_output", "attn_q_norm")
+        )
         if not shared:
-            self.wk, self.wv, self.k_norm = (w(f"{prefix}.{n}.weight") for n in ("attn_k", "attn_v", "attn_k_norm"))
+            self.wk, self.wv, self.k_norm = (
+                w(f"{prefix}.{n}.weight") for n in ("attn_k", "attn_v", "attn_k_norm")
+            )
 
     def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
         s, T = self.spec, len(x)
@@ -81,7 +88,9 @@ class Attention:
         if self.shared:
             keys, values, key_positions = cache.fetch()
         else:
-            k = ops.rms_norm(ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps)
+            k = ops.rms_norm(
+                ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps
+            )
             v = ops.rms_norm(ops.linear(x, self.wv).reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
             k = ops.rope(k, positions, s.rope_base, s.rope_dims, True)
             keys, values, key_positions = cache.update_and_fetch(k, v, int(positions[0]))
@@ -93,13 +102,26 @@ class AltUp:
     """Predict all streams from each other before the block; correct them after it."""
 
     def __init__(self, w: Weights, prefix: str, args: Gemma3nArgs):
-        self.router, self.router_norm = w(f"{prefix}.altup_router.weight"), w(f"{prefix}.altup_router_norm.weight")
-        self.predict_coef, self.correct_coef = w(f"{prefix}.altup_predict_coef.weight"), w(f"{prefix}.altup_correct_coef.weight")
-        self.n, self.active, self.eps, self.clip = args.altup_inputs, args.altup_active, args.norm_eps, args.coef_clip
+        self.router, self.router_norm = (
+            w(f"{prefix}.altup_router.weight"),
+            w(f"{prefix}.altup_router_norm.weight"),
+        )
+        self.predict_coef, self.correct_coef = (
+            w(f"{prefix}.altup_predict_coef.weight"),
+            w(f"{prefix}.altup_correct_coef.weight"),
+        )
+        self.n, self.active, self.eps, self.clip = (
+            args.altup_inputs,
+            args.altup_active,
+            args.norm_eps,
+            args.coef_clip,
+        )
         self.router_scale = np.float32(1.0 / args.hidden_size)
 
     def modalities(self, ops, x: np.ndarray) -> np.ndarray:
-        return np.tanh(ops.linear(ops.rms_norm(x, self.router_norm, self.eps) * self.router_scale, self.router))
+        return np.tanh(
+            ops.linear(ops.rms_norm(x, self.router_norm, self.eps) * self.router_scale, self.router)
+        )
 
     def coefs(self, ops, w) -> np.ndarray:
         c = ops.dense(w)
@@ -122,14 +144,30 @@ class Block:
 
     def __init__(self, w: Weights, i: int, args: Gemma3nArgs):
         sliding = args.is_sliding(i)
-        spec = args.attention_spec(rope_base=args.rope_base_swa if sliding else args.rope_base, scale=1.0,
-                                   window=args.sliding_window if sliding else None)
+        spec = args.attention_spec(
+            rope_base=args.rope_base_swa if sliding else args.rope_base,
+            scale=1.0,
+            window=args.sliding_window if sliding else None,
+        )
         p, eps = f"blk.{i}", args.norm_eps
         self.kv_source = args.kv_source(i)
         self.attention = Attention(w, p, spec, eps, shared=self.kv_source is not None)
-        norms = ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "laurel_post_norm", "post_norm")
-        (self.attn_norm, self.post_attn_norm, self.ffn_norm, self.post_ffn_norm,
-         self.laurel_norm, self.ple_norm) = (Norm(w, f"{p}.{n}", "rms", eps) for n in norms)
+        norms = (
+            "attn_norm",
+            "post_attention_norm",
+            "ffn_norm",
+            "post_ffw_norm",
+            "laurel_post_norm",
+            "post_norm",
+        )
+        (
+            self.attn_norm,
+            self.post_attn_norm,
+            self.ffn_norm,
+            self.post_ffn_norm,
+            self.laurel_norm,
+            self.ple_norm,
+        ) = (Norm(w, f"{p}.{n}", "rms", eps) for n in norms)
         self.gate, self.up, self.down = (w(f"{p}.ffn_{n}.weight") for n in ("gate", "up", "down"))
         self.laurel_l, self.laurel_r = w(f"{p}.laurel_l.weight"), w(f"{p}.laurel_r.weight")
         self.ple_gate, self.ple_proj = w(f"{p}.inp_gate.weight"), w(f"{p}.proj.weight")
@@ -141,7 +179,10 @@ class Block:
     def mlp(self, ops, x: np.ndarray) -> np.ndarray:
         g = ops.linear(x, self.gate)
         if self.sparsity is not None:  # keep what lies above mean + k * std (Gaussian top-k)
-            cutoff = g.mean(axis=-1, keepdims=True) + g.std(axis=-1, keepdims=True, ddof=self.std_ddof) * self.sparsity
+            cutoff = (
+                g.mean(axis=-1, keepdims=True)
+                + g.std(axis=-1, keepdims=True, ddof=self.std_ddof) * self.sparsity
+            )
             g = np.maximum(g - cutoff, np.float32(0.0))
         return ops.linear(ops.gelu_tanh(g) * ops.linear(x, self.up), self.down)
 
@@ -155,7 +196,9 @@ class Block:
         h = h + self.post_ffn_norm(ops, self.mlp(ops, self.ffn_norm(ops, h)))
         corrected = self.altup.correct(ops, predictions, h)
         # the per-layer input, gated by the corrected active stream, is added to the other streams
-        gate = ops.gelu_tanh(ops.linear(corrected[self.altup.active] * ops.dense(self.correct_scale), self.ple_gate))
+        gate = ops.gelu_tanh(
+            ops.linear(corrected[self.altup.active] * ops.dense(self.correct_scale), self.ple_gate)
+        )
         corrected[1:] += self.ple_norm(ops, ops.linear(gate * per_layer, self.ple_proj))
         return corrected
 
@@ -170,7 +213,10 @@ class Model:
     def __init__(self, args: Gemma3nArgs, w: Weights):
         self.args = args
         self.token_embd, self.ple_table = w("token_embd.weight"), w(PER_LAYER_TABLE)
-        self.ple_proj, self.ple_proj_norm = w("per_layer_model_proj.weight"), Norm(w, "per_layer_proj_norm", "rms", args.norm_eps)
+        self.ple_proj, self.ple_proj_norm = (
+            w("per_layer_model_proj.weight"),
+            Norm(w, "per_layer_proj_norm", "rms", args.norm_eps),
+        )
         n = args.altup_inputs - 1
         self.altup_proj = [w("altup_proj.weight").part(j) for j in range(n)]
         self.altup_unembed = [w("altup_unembd_proj.weight").part(j) for j in range(n)]
@@ -179,9 +225,18 @@ class Model:
         self.layers = [Block(w, i, args) for i in range(args.n_layers)]
 
     def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
-        layers = [SharedLayerCache(b.kv_source) if b.kv_source is not None
-                  else layer_cache(max_tokens, b.attention.spec.n_kv_heads, b.attention.spec.head_dim,
-                                  b.attention.spec.head_dim, b.attention.spec.window) for b in self.layers]
+        layers = [
+            SharedLayerCache(b.kv_source)
+            if b.kv_source is not None
+            else layer_cache(
+                max_tokens,
+                b.attention.spec.n_kv_heads,
+                b.attention.spec.head_dim,
+                b.attention.spec.head_dim,
+                b.attention.spec.window,
+            )
+            for b in self.layers
+        ]
         return KVCache(layers, max_tokens)
 
     def per_layer_inputs(self, ops, ids: np.ndarray, embedded: np.ndarray) -> np.ndarray:
@@ -207,7 +262,9 @@ class Model:
         if not all_logits:
             streams = streams[:, -1:]
         target = rms(streams[0])
-        merged = [streams[0]] + [match_magnitude(ops.linear(s, w), target) for s, w in zip(streams[1:], self.altup_unembed)]
+        merged = [streams[0]] + [
+            match_magnitude(ops.linear(s, w), target) for s, w in zip(streams[1:], self.altup_unembed)
+        ]
         logits = ops.linear(self.output_norm(ops, np.mean(merged, axis=0)), self.token_embd)
         return ops.softcap(logits, self.args.final_softcap) if self.args.final_softcap else logits
 

@@ -12,8 +12,15 @@ from .base import Attention, CausalLM, DecoderArgs, GatedMLP, Norm, Weights
 
 
 class TransformerBlock:
-    def __init__(self, w: Weights, i: int, args: DecoderArgs, rope_neox: bool, activation: str,
-                 qk_norm: str | None = None):
+    def __init__(
+        self,
+        w: Weights,
+        i: int,
+        args: DecoderArgs,
+        rope_neox: bool,
+        activation: str,
+        qk_norm: str | None = None,
+    ):
         spec = args.attention_spec(rope_neox=rope_neox, qk_norm=qk_norm)
         self.attn_norm = Norm(w, f"blk.{i}.attn_norm", "rms", args.norm_eps)
         self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "rms", args.norm_eps)
@@ -33,8 +40,10 @@ class Model(CausalLM):
     def __init__(self, args: DecoderArgs, w: Weights):
         self.args = args
         self.init_io(w, "rms", args.norm_eps)
-        self.layers = [TransformerBlock(w, i, args, self.rope_neox, self.activation, self.qk_norm)
-                       for i in range(args.n_layers)]
+        self.layers = [
+            TransformerBlock(w, i, args, self.rope_neox, self.activation, self.qk_norm)
+            for i in range(args.n_layers)
+        ]
 
 
 ARGS = DecoderArgs

@@ -17,7 +17,9 @@ class TransformerBlock:
         if feature(sequential, w, f"blk.{i}.ffn_norm.weight"):
             self.ffn_norm = Norm(w, f"blk.{i}.ffn_norm", "layer", args.norm_eps)
         elif w.optional(f"blk.{i}.ffn_norm.weight") is not None:
-            raise ModelFileError(f"tensor 'blk.{i}.ffn_norm.weight' is not part of a parallel-residual StableLM")
+            raise ModelFileError(
+                f"tensor 'blk.{i}.ffn_norm.weight' is not part of a parallel-residual StableLM"
+            )
         else:
             self.ffn_norm = None
         self.attention = Attention(w, f"blk.{i}", spec, args.norm_eps)

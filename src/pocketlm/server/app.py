@@ -31,8 +31,14 @@ MAX_BODY_BYTES = 1 << 20
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -76,7 +82,9 @@ def parse_params(body: dict, context_size: int) -> Params:
         _check_text(s, "'stop'", "stop")
     options = body.get("stream_options") or {}
     return Params(
-        max_new_tokens=_number(body, "max_tokens", context_size, 1, context_size, integer=True),  # default: what fits
+        max_new_tokens=_number(
+            body, "max_tokens", context_size, 1, context_size, integer=True
+        ),  # default: what fits
         temperature=float(_number(body, "temperature", 1.0, 0, 2)),
         top_p=float(_number(body, "top_p", 1.0, 1e-9, 1)),
         top_k=_number(body, "top_k", 0, 0, 1 << 20, integer=True),
@@ -101,8 +109,16 @@ def _messages(body: dict) -> list[dict]:
         raise RequestError(400, "'messages' must be a non-empty list", param="messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-            raise RequestError(400, f"messages[{i}] needs a role of system, user, assistant or tool", param="messages")
+        if not isinstance(m, dict) or m.get("role") not in (
+            "system",
+            "user",
+            "assistant",
+            "developer",
+            "tool",
+        ):
+            raise RequestError(
+                400, f"messages[{i}] needs a role of system, user, assistant or tool", param="messages"
+            )
         content = m.get("content")
         extra = {}
         if m["role"] == "assistant" and m.get("tool_calls") is not None:
@@ -111,14 +127,18 @@ def _messages(body: dict) -> list[dict]:
         if m["role"] == "tool":
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str):
-                raise RequestError(400, f"messages[{i}] (a tool result) needs a string 'tool_call_id'", param="messages")
+                raise RequestError(
+                    400, f"messages[{i}] (a tool result) needs a string 'tool_call_id'", param="messages"
+                )
             extra["tool_call_id"] = call_id
             if isinstance(m.get("name"), str):
                 extra["name"] = m["name"]
         if isinstance(content, list):  # content parts: keep the text ones
             texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if not all(isinstance(t, str) for t in texts):
-                raise RequestError(400, f"messages[{i}].content: a text part's 'text' must be a string", param="messages")
+                raise RequestError(
+                    400, f"messages[{i}].content: a text part's 'text' must be a string", param="messages"
+                )
             content = "".join(texts)
         if not isinstance(content, str):
             raise RequestError(400, f"messages[{i}].content must be a string", param="messages")
@@ -134,9 +154,16 @@ def _tool_calls(calls: Any, i: int) -> list[dict]:
         raise RequestError(400, f"{where} must be a list", param="messages")
     for call in calls:
         fn = call.get("function") if isinstance(call, dict) else None
-        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments", ""), str)):
-            raise RequestError(400, f"{where}: each call needs function.name and function.arguments (a JSON string)",
-                               param="messages")
+        if not (
+            isinstance(fn, dict)
+            and isinstance(fn.get("name"), str)
+            and isinstance(fn.get("arguments", ""), str)
+        ):
+            raise RequestError(
+                400,
+                f"{where}: each call needs function.name and function.arguments (a JSON string)",
+                param="messages",
+            )
         _check_text(fn["name"] + fn.get("arguments", ""), where, "messages")
     return calls
 
@@ -147,9 +174,15 @@ def _structured(body: dict, chat_template: str | None, vocabulary) -> tuple[Tool
     try:
         if tools:
             if response_format not in (None, {"type": "text"}):
-                raise RequestError(400, "response_format cannot be combined with tools", param="response_format")
-            plan = ToolPlan(tools, body.get("tool_choice", "auto"), chat_template,
-                            bool(body.get("parallel_tool_calls", False)))
+                raise RequestError(
+                    400, "response_format cannot be combined with tools", param="response_format"
+                )
+            plan = ToolPlan(
+                tools,
+                body.get("tool_choice", "auto"),
+                chat_template,
+                bool(body.get("parallel_tool_calls", False)),
+            )
             grammar = plan.grammar
         else:
             plan, grammar = None, compile_format(response_format)
@@ -161,7 +194,9 @@ def _structured(body: dict, chat_template: str | None, vocabulary) -> tuple[Tool
 
 
 class OpenAIServer:
-    def __init__(self, llm: LlmInference, model_id: str, context_size: int = 2048, api_key: str | None = None):
+    def __init__(
+        self, llm: LlmInference, model_id: str, context_size: int = 2048, api_key: str | None = None
+    ):
         self.llm, self.model_id, self.api_key = llm, model_id, api_key
         self.context_size = min(context_size, llm.model.context_length)
         self.worker = GenerationWorker(llm, self.context_size)
@@ -171,8 +206,12 @@ class OpenAIServer:
 
     async def _body(self, request: Request) -> dict:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)", kind="authentication_error",
-                               code="invalid_api_key")
+            raise RequestError(
+                401,
+                "invalid or missing API key (Authorization: Bearer ...)",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             raise RequestError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
         raw = await request.body()
@@ -188,17 +227,34 @@ class OpenAIServer:
             raise RequestError(400, "request body must be a JSON object")
         model = body.get("model")
         if model not in (None, self.model_id):
-            raise RequestError(404, f"model {model!r} does not exist; this server serves {self.model_id!r}",
-                               param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     def _job(self, prompt_ids: list[int], params: Params) -> Job:
         if len(prompt_ids) + 1 > self.context_size:
-            raise RequestError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context is "
-                               f"{self.context_size} tokens", param="messages", code="context_length_exceeded")
+            raise RequestError(
+                400,
+                f"the prompt has {len(prompt_ids)} tokens; this server's context is "
+                f"{self.context_size} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         room = self.context_size - len(prompt_ids)
-        return Job(prompt_ids, min(params.max_new_tokens, room), params.temperature, params.top_k, params.top_p,
-                   params.seed, params.stop, asyncio.get_running_loop())
+        return Job(
+            prompt_ids,
+            min(params.max_new_tokens, room),
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.seed,
+            params.stop,
+            asyncio.get_running_loop(),
+        )
 
     async def _events(self, job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:
         """Events of a job until it is done; cancels it when the client goes away."""
@@ -260,13 +316,17 @@ class OpenAIServer:
         job.grammar = grammar
         return await self._complete(request, job, params, chat=False)
 
-    async def _complete(self, request: Request, job: Job, params: Params, chat: bool,
-                        plan: ToolPlan | None = None) -> Response:
+    async def _complete(
+        self, request: Request, job: Job, params: Params, chat: bool, plan: ToolPlan | None = None
+    ) -> Response:
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         kind = "chat.completion" if chat else "text_completion"
         if params.stream:
-            return StreamingResponse(self._stream(request, job, params, ident, chat, plan), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self._stream(request, job, params, ident, chat, plan),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         text, info = [], {}
         async for event, value in self._events(job, request):
             if event == "text":
@@ -286,15 +346,29 @@ class OpenAIServer:
         else:
             choice = {"index": 0, "text": "".join(text), "logprobs": None}
         choice["finish_reason"] = finish
-        return JSONResponse({"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
-                             "choices": [choice], "usage": _usage(info)})
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": kind,
+                "created": int(time.time()),
+                "model": self.model_id,
+                "choices": [choice],
+                "usage": _usage(info),
+            }
+        )
 
     async def _stream(self, request, job, params, ident, chat, plan=None) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list, **extra) -> str:
-            data = {"id": ident, "object": kind, "created": int(time.time()), "model": self.model_id,
-                    "choices": choices, **extra}
+            data = {
+                "id": ident,
+                "object": kind,
+                "created": int(time.time()),
+                "model": self.model_id,
+                "choices": choices,
+                **extra,
+            }
             return f"data: {json.dumps(data)}\n\n"
 
         def choice(text: str | None, finish: str | None = None) -> dict:
@@ -329,8 +403,14 @@ class OpenAIServer:
     async def models(self, request: Request) -> Response:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return RequestError(401, "invalid or missing API key", kind="authentication_error").response()
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "pocketlm"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "pocketlm"}
+                ],
+            }
+        )
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_id, "queued": self.worker.jobs.qsize()})
@@ -344,18 +424,35 @@ def _reply_deltas(reply: Reply) -> list[dict]:
     deltas = []
     for index, call in enumerate(reply.tool_calls):
         entry = call.openai()
-        deltas.append({"tool_calls": [{"index": index, "id": entry["id"], "type": "function",
-                                       "function": {"name": call.name, "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": entry["function"]["arguments"]}}]})
+        deltas.append(
+            {
+                "tool_calls": [
+                    {
+                        "index": index,
+                        "id": entry["id"],
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
+                ]
+            }
+        )
+        deltas.append(
+            {"tool_calls": [{"index": index, "function": {"arguments": entry["function"]["arguments"]}}]}
+        )
     return deltas
 
 
 def _usage(info: dict) -> dict:
-    return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-            "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
+    return {
+        "prompt_tokens": info["prompt_tokens"],
+        "completion_tokens": info["completion_tokens"],
+        "total_tokens": info["prompt_tokens"] + info["completion_tokens"],
+    }
 
 
-def create_app(llm: LlmInference, model_id: str, context_size: int = 2048, api_key: str | None = None) -> Starlette:
+def create_app(
+    llm: LlmInference, model_id: str, context_size: int = 2048, api_key: str | None = None
+) -> Starlette:
     server = OpenAIServer(llm, model_id, context_size, api_key)
 
     def guarded(handler):
@@ -375,6 +472,7 @@ def create_app(llm: LlmInference, model_id: str, context_size: int = 2048, api_k
         Route("/health", server.health, methods=["GET"]),
         Mount("/", StaticFiles(directory=str(static), html=True)),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         server.worker.start()

@@ -50,7 +50,9 @@ class StopFilter:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        keep = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0
+        )
         out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         return out, False
 
@@ -82,7 +84,10 @@ class GenerationWorker(threading.Thread):
 
     def _generate(self, job: Job) -> None:
         session = self.llm.create_session(
-            max_tokens=self.context_size, temperature=job.temperature, top_k=job.top_k, top_p=job.top_p,
+            max_tokens=self.context_size,
+            temperature=job.temperature,
+            top_k=job.top_k,
+            top_p=job.top_p,
             random_seed=job.seed,
         )
         session.add_token_ids(job.prompt_ids)  # tokenized and checked against the context by the handler
@@ -106,9 +111,12 @@ class GenerationWorker(threading.Thread):
             if tail:
                 job.emit("text", tail)
         stats = session.last_stats
-        job.emit("done", {
-            "finish_reason": finish or stats.finish_reason or "length",
-            "prompt_tokens": len(job.prompt_ids),
-            "completion_tokens": stats.generated_tokens,
-            "seconds": time.perf_counter() - start,
-        })
+        job.emit(
+            "done",
+            {
+                "finish_reason": finish or stats.finish_reason or "length",
+                "prompt_tokens": len(job.prompt_ids),
+                "completion_tokens": stats.generated_tokens,
+                "seconds": time.perf_counter() - start,
+            },
+        )

@@ -45,8 +45,9 @@ def default_max_tokens(model: str | os.PathLike) -> int:
     return min(DEFAULT_MAX_TOKENS, int(context)) if context else DEFAULT_MAX_TOKENS
 
 
-def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | None = None,
-           progress: bool = True) -> Path:
+def export(
+    model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | None = None, progress: bool = True
+) -> Path:
     """Write the web package of a GGUF model into folder `out` (replaced when complete);
     `max_tokens` is the browser's context (default: 1024 or the model's, if shorter)."""
     max_tokens = max_tokens or default_max_tokens(model)
@@ -67,8 +68,11 @@ def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | N
         cache.offset = 0
         logits = lm.model.forward(lm.ops, np.zeros(n_tokens, np.int64), cache)
         lm.ops.to_host(logits)  # runs the pass once (and checks that it runs)
-        passes[name] = {"tokens": n_tokens, "dispatches": [[k, params, ids, list(groups)] for k, params, ids, groups in device.trace],
-                        "logits": {"buffer": logits.buf.id, "offset": logits.offset, "count": logits.size}}
+        passes[name] = {
+            "tokens": n_tokens,
+            "dispatches": [[k, params, ids, list(groups)] for k, params, ids, groups in device.trace],
+            "logits": {"buffer": logits.buf.id, "offset": logits.offset, "count": logits.size},
+        }
     device.trace = None
 
     used = {device.step.id} | {p["logits"]["buffer"] for p in passes.values()}
@@ -83,7 +87,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | N
         "kernels": {k: wgsl_source(k) for k in kernels},
         "buffers": buffers,
         "passes": passes,
-        "step": device.step.id, "step_capacity": device.step.size // 4,
+        "step": device.step.id,
+        "step_capacity": device.step.size // 4,
     }
     (tmp / "plan.json").write_text(json.dumps(plan))
     tok = lm.tokenizer
@@ -99,9 +104,14 @@ def export(model: str | os.PathLike, out: str | os.PathLike, max_tokens: int | N
     (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (tmp / "tokenizer_config.json").write_text(json.dumps({}))
     manifest = {
-        "format": FORMAT, "model": lm.path.name, "architecture": lm.architecture, "max_tokens": max_tokens,
-        "vocab_size": lm.model.vocab_size, "bos_id": tok.bos_id if tok.add_bos else None,
-        "stop_ids": sorted(int(i) for i in tok.stop_ids), "chat": _chat_pieces(lm),
+        "format": FORMAT,
+        "model": lm.path.name,
+        "architecture": lm.architecture,
+        "max_tokens": max_tokens,
+        "vocab_size": lm.model.vocab_size,
+        "bos_id": tok.bos_id if tok.add_bos else None,
+        "stop_ids": sorted(int(i) for i in tok.stop_ids),
+        "chat": _chat_pieces(lm),
         "shards": sorted({b["shard"] for b in buffers if "shard" in b}),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -115,7 +125,9 @@ def _write_shards(folder: Path, buffers, progress: bool) -> list[dict]:
     """Buffer descriptions; initial contents (weights, tables, parameters) go into the shards."""
     described, shard, offset, handle = [], -1, SHARD_BYTES, None
     total = sum(b.data.nbytes for b in buffers if b.data is not None)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress, file=sys.stderr
+    ) as bar:
         for b in buffers:
             entry = {"id": b.id, "size": b.size, "uniform": b.role == "params"}
             if b.data is not None:
@@ -141,8 +153,11 @@ def _chat_pieces(lm: LoadedModel) -> dict | None:
     """The chat template cut around sentinel messages: a first user turn is first[0] + text +
     first[1]; a later one, after the reply, is next[0] + text + next[1]."""
     marks = ["\ue000", "\ue001", "\ue002"]
-    messages = [{"role": "user", "content": marks[0]}, {"role": "assistant", "content": marks[1]},
-                {"role": "user", "content": marks[2]}]
+    messages = [
+        {"role": "user", "content": marks[0]},
+        {"role": "assistant", "content": marks[1]},
+        {"role": "user", "content": marks[2]},
+    ]
     try:
         text = lm.tokenizer.apply_chat_template(messages, True, lm.architecture)
     except Exception:
@@ -178,6 +193,12 @@ def create_app(package: Path):
     from starlette.staticfiles import StaticFiles
 
     if not runtime_ready():
-        raise InvalidOptionError("the browser runtime is not built: run scripts/build_web.sh (needs Node.js and npm)")
-    return Starlette(routes=[Mount("/model", StaticFiles(directory=package)),
-                             Mount("/", StaticFiles(directory=STATIC, html=True))])
+        raise InvalidOptionError(
+            "the browser runtime is not built: run scripts/build_web.sh (needs Node.js and npm)"
+        )
+    return Starlette(
+        routes=[
+            Mount("/model", StaticFiles(directory=package)),
+            Mount("/", StaticFiles(directory=STATIC, html=True)),
+        ]
+    )

@@ -60,7 +60,9 @@ class GpuTensor:
             return GpuTensor(self.ops, self.buf, self.shape[1:], self.offset + key * row)
         if isinstance(key, slice) and key.step in (None, 1):
             start, stop, _ = key.indices(self.shape[0])
-            return GpuTensor(self.ops, self.buf, (max(0, stop - start), *self.shape[1:]), self.offset + start * row)
+            return GpuTensor(
+                self.ops, self.buf, (max(0, stop - start), *self.shape[1:]), self.offset + start * row
+            )
         raise UnsupportedError(f"webgpu tensors take row indices and slices, not {key!r}")
 
     def __add__(self, other):
@@ -88,7 +90,11 @@ class GpuLayerCache:
     def update_and_fetch(self, k: GpuTensor, v: GpuTensor, start: int):
         self.ops.write_cache(k, self.keys, start)
         self.ops.write_cache(v, self.values, start)
-        return GpuTensor(self.ops, self.keys, self.k_shape), GpuTensor(self.ops, self.values, self.v_shape), None
+        return (
+            GpuTensor(self.ops, self.keys, self.k_shape),
+            GpuTensor(self.ops, self.values, self.v_shape),
+            None,
+        )
 
     def copy(self) -> "GpuLayerCache":
         twin = object.__new__(GpuLayerCache)
@@ -108,7 +114,13 @@ class _Matrix:
     """An uploaded weight matrix: row chunks of (first row, rows, buffers)."""
 
     def __init__(self, shape, chunks, quantized: bool, sub: int = 0, has_offset: bool = False):
-        self.shape, self.chunks, self.quantized, self.sub, self.has_offset = shape, chunks, quantized, sub, has_offset
+        self.shape, self.chunks, self.quantized, self.sub, self.has_offset = (
+            shape,
+            chunks,
+            quantized,
+            sub,
+            has_offset,
+        )
 
 
 class WebGPUBackend:
@@ -146,9 +158,21 @@ class WebGPUBackend:
             if w.kind in _FLOAT:
                 values = np.ascontiguousarray(w.dequantize(), np.float32)
                 per_chunk = max(1, self.device.max_binding // (4 * cols))
-                chunks = [(r, min(per_chunk, rows - r), [self.device.buffer(4 * cols * min(per_chunk, rows - r), "weight",
-                                                                            values[r : r + per_chunk], self.keep)])
-                          for r in range(0, rows, per_chunk)]
+                chunks = [
+                    (
+                        r,
+                        min(per_chunk, rows - r),
+                        [
+                            self.device.buffer(
+                                4 * cols * min(per_chunk, rows - r),
+                                "weight",
+                                values[r : r + per_chunk],
+                                self.keep,
+                            )
+                        ],
+                    )
+                    for r in range(0, rows, per_chunk)
+                ]
                 self._matrices[w.name] = _Matrix(w.shape, chunks, False)
             else:
                 packed = int8.repack(w.data, w.kind, w.shape)
@@ -160,7 +184,9 @@ class WebGPUBackend:
                     offset = packed.offset[part] if packed.offset.shape[1] else np.zeros(1, np.float32)
                     bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, scale, offset)]
                     chunks.append((r, len(q), bufs))
-                self._matrices[w.name] = _Matrix(w.shape, chunks, True, packed.sub, packed.offset.shape[1] > 0)
+                self._matrices[w.name] = _Matrix(
+                    w.shape, chunks, True, packed.sub, packed.offset.shape[1] > 0
+                )
         return self._matrices[w.name]
 
     def vector(self, w: Tensor | np.ndarray, name: str | None = None) -> Buffer:
@@ -252,10 +278,14 @@ class WebGPUBackend:
         for first, n, bufs in m.chunks:
             if m.quantized:
                 params = [T, cols, m.sub, int(m.has_offset), first, n, 0, 0]
-                self.device.dispatch("embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP)))
+                self.device.dispatch(
+                    "embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
+                )
             else:
                 params = [T, cols, first, n, 0, 0, 0, 0]
-                self.device.dispatch("embed_f32", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP)))
+                self.device.dispatch(
+                    "embed_f32", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
+                )
         return y
 
     def rms_norm(self, x: GpuTensor, w: Tensor | None, eps: float) -> GpuTensor:
@@ -268,7 +298,9 @@ class WebGPUBackend:
         return y
 
     def layer_norm(self, x: GpuTensor, w: Tensor, b: Tensor | None, eps: float) -> GpuTensor:
-        raise UnsupportedError("the webgpu backend has no LayerNorm yet (llama, gemma and qwen architectures run)")
+        raise UnsupportedError(
+            "the webgpu backend has no LayerNorm yet (llama, gemma and qwen architectures run)"
+        )
 
     def elementwise(self, op: str, a: GpuTensor, b=None, s: float = 0.0) -> GpuTensor:
         if b is not None and not isinstance(b, GpuTensor):
@@ -276,7 +308,9 @@ class WebGPUBackend:
         y = self.new(a.shape)
         b_len = b.size if b is not None else 1
         params = [a.size, _OPS[op], a.offset, b.offset if b is not None else 0, b_len, 0, float(s), 0]
-        self.device.dispatch("elementwise", params, [a.buf, (b or a).buf, y.buf], grid(-(-a.size // WORKGROUP)))
+        self.device.dispatch(
+            "elementwise", params, [a.buf, (b or a).buf, y.buf], grid(-(-a.size // WORKGROUP))
+        )
         return y
 
     def silu(self, x):
@@ -286,32 +320,54 @@ class WebGPUBackend:
         return self.elementwise("gelu_tanh", x)
 
     def gelu(self, x: GpuTensor) -> GpuTensor:
-        raise UnsupportedError("the webgpu backend has no exact GELU yet (llama, gemma and qwen architectures run)")
+        raise UnsupportedError(
+            "the webgpu backend has no exact GELU yet (llama, gemma and qwen architectures run)"
+        )
 
     def softcap(self, x, cap: float):
         return self.elementwise("softcap", x, s=float(cap))
 
     def rope_tables(self, base, n_dims, freq_scale, freq_factors) -> tuple[Buffer, Buffer]:
         """cos and sin [positions, n_dims / 2], computed in float64 as the CPU backend does."""
-        key = (base, n_dims, freq_scale, None if freq_factors is None else freq_factors.tobytes(), self.max_positions)
+        key = (
+            base,
+            n_dims,
+            freq_scale,
+            None if freq_factors is None else freq_factors.tobytes(),
+            self.max_positions,
+        )
         if key not in self._rope:
             inv_freq = base ** (-np.arange(n_dims // 2, dtype=np.float64) * 2 / n_dims)
             if freq_factors is not None:
                 inv_freq = inv_freq / freq_factors
-            angles = (np.arange(self.max_positions, dtype=np.float64)[:, None] * freq_scale) * inv_freq[None, :]
+            angles = (np.arange(self.max_positions, dtype=np.float64)[:, None] * freq_scale) * inv_freq[
+                None, :
+            ]
             cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-            self._rope[key] = (self.device.buffer(cos.nbytes, "data", cos, True),
-                               self.device.buffer(sin.nbytes, "data", sin, True))
+            self._rope[key] = (
+                self.device.buffer(cos.nbytes, "data", cos, True),
+                self.device.buffer(sin.nbytes, "data", sin, True),
+            )
         return self._rope[key]
 
-    def rope(self, x: GpuTensor, positions: np.ndarray, base: float, n_dims: int, neox: bool,
-             freq_scale: float = 1.0, freq_factors: np.ndarray | None = None) -> GpuTensor:
+    def rope(
+        self,
+        x: GpuTensor,
+        positions: np.ndarray,
+        base: float,
+        n_dims: int,
+        neox: bool,
+        freq_scale: float = 1.0,
+        freq_factors: np.ndarray | None = None,
+    ) -> GpuTensor:
         self._check_positions(positions)
         T, H, D = x.shape
         cos, sin = self.rope_tables(base, n_dims, freq_scale, freq_factors)
         y = self.new(x.shape)
         params = [T, H, D, n_dims, int(neox), x.offset, 0, 0]
-        self.device.dispatch("rope", params, [self.device.step, cos, sin, x.buf, y.buf], grid(-(-x.size // WORKGROUP)))
+        self.device.dispatch(
+            "rope", params, [self.device.step, cos, sin, x.buf, y.buf], grid(-(-x.size // WORKGROUP))
+        )
         return y
 
     def _check_positions(self, positions: np.ndarray) -> None:
@@ -320,16 +376,32 @@ class WebGPUBackend:
             self._first_position = first
             self.device.set_step(first, self._ids)
         if int(positions[-1]) >= self.max_positions:
-            raise UnsupportedError(f"position {int(positions[-1])} is beyond the cache ({self.max_positions})")
+            raise UnsupportedError(
+                f"position {int(positions[-1])} is beyond the cache ({self.max_positions})"
+            )
 
     def write_cache(self, x: GpuTensor, cache: Buffer, start: int) -> None:
         self._check_positions(np.array([start]))
         stride = x.size // len(x)
-        self.device.dispatch("kv_write", [x.size, x.offset, stride, 0], [self.device.step, x.buf, cache],
-                             grid(-(-x.size // WORKGROUP)))
+        self.device.dispatch(
+            "kv_write",
+            [x.size, x.offset, stride, 0],
+            [self.device.step, x.buf, cache],
+            grid(-(-x.size // WORKGROUP)),
+        )
 
-    def attention(self, q: GpuTensor, k: GpuTensor, v: GpuTensor, q_pos: np.ndarray, k_pos, scale: float,
-                  window: int | None = None, softcap: float | None = None, alibi=None) -> GpuTensor:
+    def attention(
+        self,
+        q: GpuTensor,
+        k: GpuTensor,
+        v: GpuTensor,
+        q_pos: np.ndarray,
+        k_pos,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+        alibi=None,
+    ) -> GpuTensor:
         if alibi is not None:
             raise UnsupportedError("the webgpu backend has no ALiBi attention")
         T, n_heads, D = q.shape
@@ -337,6 +409,21 @@ class WebGPUBackend:
         if D > 4 * WORKGROUP or v_dim != D:
             raise UnsupportedError(f"the webgpu attention kernel takes head_dim <= 256 (got {D})")
         y = self.new((T, n_heads * D))
-        params = [T, n_heads, n_kv, D, q.offset, 0, window or 0, int(bool(softcap)), float(scale), float(softcap or 1.0), 0, 0]
-        self.device.dispatch("attention", params, [self.device.step, q.buf, k.buf, v.buf, y.buf], (n_heads, T, 1))
+        params = [
+            T,
+            n_heads,
+            n_kv,
+            D,
+            q.offset,
+            0,
+            window or 0,
+            int(bool(softcap)),
+            float(scale),
+            float(softcap or 1.0),
+            0,
+            0,
+        ]
+        self.device.dispatch(
+            "attention", params, [self.device.step, q.buf, k.buf, v.buf, y.buf], (n_heads, T, 1)
+        )
         return y

@@ -51,11 +51,15 @@ class Device:
         try:
             import wgpu
         except ImportError:
-            raise UnsupportedError("the webgpu backend needs wgpu-py: pip install 'pocketlm[webgpu]'") from None
+            raise UnsupportedError(
+                "the webgpu backend needs wgpu-py: pip install 'pocketlm[webgpu]'"
+            ) from None
         self.wgpu = wgpu
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
         if adapter is None:
-            raise UnsupportedError("no WebGPU adapter found (wgpu found no Vulkan, Metal, D3D12 or GL device)")
+            raise UnsupportedError(
+                "no WebGPU adapter found (wgpu found no Vulkan, Metal, D3D12 or GL device)"
+            )
         names = ("max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage")
         self.device = adapter.request_device_sync(required_limits={n: adapter.limits[n] for n in names})
         self.adapter_info = dict(adapter.info)
@@ -117,7 +121,9 @@ class Device:
         key = tuple(values)
         if key in self._params:
             return self._params[key]
-        raw = b"".join(np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values)
+        raw = b"".join(
+            np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values
+        )
         raw += b"\0" * (-len(raw) % 16)
         usage = self.wgpu.BufferUsage
         gpu = self.device.create_buffer_with_data(data=raw, usage=usage.UNIFORM | usage.COPY_DST)
@@ -132,17 +138,22 @@ class Device:
         if kernel not in self._pipelines:
             module = self.device.create_shader_module(code=wgsl_source(kernel))
             self._pipelines[kernel] = self.device.create_compute_pipeline(
-                layout="auto", compute={"module": module, "entry_point": "main"})
+                layout="auto", compute={"module": module, "entry_point": "main"}
+            )
         return self._pipelines[kernel]
 
-    def dispatch(self, kernel: str, params: list, buffers: list[Buffer], groups: tuple[int, int, int]) -> None:
+    def dispatch(
+        self, kernel: str, params: list, buffers: list[Buffer], groups: tuple[int, int, int]
+    ) -> None:
         pipeline = self.pipeline(kernel)
         bound = [self.params(params), *buffers]
         key = (kernel, *(b.id for b in bound))
         group = self._bind_groups.get(key)
         if group is None:
-            entries = [{"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": b.size}}
-                       for i, b in enumerate(bound)]
+            entries = [
+                {"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": b.size}}
+                for i, b in enumerate(bound)
+            ]
             group = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
             self._bind_groups[key] = group
         if self._pass is None:
