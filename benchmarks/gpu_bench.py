@@ -114,7 +114,7 @@ def run(files: list[str], backends: list[str], prompt_tokens: int, gen_tokens: i
 
     for path in files:
         for backend in backends:
-            for attempt in range(2):  # the first run compiles kernels / pipelines
+            for _attempt in range(2):  # the first run compiles kernels / pipelines
                 r = run_bench(path, prompt_tokens, gen_tokens, backend)
             row = dataclasses.asdict(r)
             if backend == "webgpu":

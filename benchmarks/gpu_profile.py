@@ -14,7 +14,7 @@ lm = load(sys.argv[1], backend="webgpu")
 cache = lm.make_cache(256)
 prefill(lm, cache, list(range(10, 60)))
 device = lm.ops.device
-for i in range(5):
+for _ in range(5):
     t0 = time.perf_counter()
     device.trace = []
     out = lm.model.forward(lm.ops, np.array([7]), cache)
@@ -30,14 +30,14 @@ for i in range(5):
 from pocketlm.engine import decode_step  # noqa: E402
 
 token = 7
-for i in range(5):
+for _ in range(5):
     t0 = time.perf_counter()
     logits = decode_step(lm, cache, token)
     print(f"replayed decode step {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
 
 # the replay split: encoding the recorded commands (Python + wgpu calls) vs submission and the wait
 plan = next(iter(lm.ops._decode_plans.values()))
-for i in range(5):
+for _ in range(5):
     t0 = time.perf_counter()
     device.set_step(cache.offset, np.array([token]))
     device.replay(plan[2])

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from compare_llamacpp import machine
 
 from pocketlm import LlmInference

@@ -2,7 +2,8 @@
 # The whole test suite on a fresh machine: Debian's Chromium for the browser tests and Mesa's
 # Vulkan driver (lavapipe: WebGPU on the CPU for wgpu), a virtual environment with the test extras
 # (transformers + torch as the reference, wgpu, llama-cpp-python as the peer, built from source in
-# about 4 minutes), the web runtime's bundle, then pytest. Extra arguments go to pytest.
+# about 4 minutes), the web runtime's bundle, ruff's lint and format checks, then pytest. Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -14,4 +15,6 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -e ".[test,llamacpp]"
 if command -v npm >/dev/null; then scripts/build_web.sh; fi
+ruff check src tests benchmarks scripts
+ruff format --check src tests benchmarks scripts
 python -m pytest "$@"

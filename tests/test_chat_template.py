@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import CHATML, GEMMA_TEMPLATE
+
 from pocketlm import chat_template
 from pocketlm.errors import PocketLMError
 

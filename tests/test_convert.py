@@ -9,8 +9,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, TINY, build_tiny, prompt_ids
+
 from pocketlm import (
     ConversionConfig,
     InvalidOptionError,

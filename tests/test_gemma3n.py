@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_tiny, prompt_ids
+
 from pocketlm import ConversionConfig, convert, load
 from pocketlm.convert.gemma3n import MatFormerSlice
 from pocketlm.engine import decode_step, prefill

@@ -10,10 +10,10 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import random_blocks
-from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
+
 from pocketlm.errors import InvalidOptionError
+from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
 from pocketlm.kernels import blocks, int4, int8, intdot, isa
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]

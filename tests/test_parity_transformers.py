@@ -8,13 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, prompt_ids
 
-from conftest import prompt_ids
 from pocketlm import ConversionConfig, convert, load
 from pocketlm.engine import decode_step, prefill
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize, ggml_type, quantize
-
-from conftest import TINY
 
 ARCHS = list(TINY)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from conftest import random_blocks
 from gguf import quants as gq
 
-from conftest import random_blocks
 from pocketlm.formats.quants import BLOCK_LAYOUT, QUANTIZABLE, GGMLType, dequantize, quantize
 
 rng = np.random.default_rng(0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, load_fixture
+
 from pocketlm import ConversionConfig, convert, load
 
 MODELS = ["smollm2-135m", "gemma3-270m"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import prompt_ids
+
 from pocketlm import LlmInference, load
 from pocketlm.web import create_app, export, runtime_ready
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import TINY, prompt_ids, random_blocks
 from test_parity_transformers import our_greedy as greedy
+
 from pocketlm import LlmInference, load
 from pocketlm.backends.cpu import CpuBackend
 from pocketlm.errors import UnsupportedError

@@ -12,8 +12,9 @@ once for it. A session keeps its cache between turns, so a follow-up only prefil
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Union
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from .structured import Constraint, Grammar, compile_format
 from .tools import Reply, ToolPlan
 
 Listener = Callable[[str, bool], None]  # (text piece, done)
-ResponseFormat = Union[dict, type, Grammar, None]  # see Session.generate_response_stream
+ResponseFormat = dict | type | Grammar | None  # see Session.generate_response_stream
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class GenerationOptions:
     temperature: float = 0.8
     random_seed: int = 0
 
-    def validated(self) -> "GenerationOptions":
+    def validated(self) -> GenerationOptions:
         validate(self.temperature, self.top_k, self.top_p)
         if not (isinstance(self.max_tokens, int) and self.max_tokens > 0):
             raise InvalidOptionError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
@@ -79,14 +80,14 @@ class LlmInference:
         self.use_chat_template = use_chat_template
         self.last_stats: GenerationStats | None = None
 
-    def create_session(self, **options) -> "Session":
+    def create_session(self, **options) -> Session:
         """A new conversation; keyword options override this object's sampling defaults."""
         return Session(self, replace(self.options, **options).validated())
 
     def size_in_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
-    def _prompt_session(self, prompt: str) -> "Session":
+    def _prompt_session(self, prompt: str) -> Session:
         session = self.create_session()
         if self.use_chat_template:
             session.add_messages([{"role": "user", "content": prompt}])
@@ -263,7 +264,7 @@ class Session:
             listener("", True)
         return "".join(pieces)
 
-    def clone(self) -> "Session":
+    def clone(self) -> Session:
         """An independent copy: same conversation and cache, diverging from here."""
         twin = Session.__new__(Session)
         twin.__dict__.update(self.__dict__)

@@ -202,7 +202,8 @@ def cmd_inspect(args) -> None:
         print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
     n_params = sum(t.n_elements for t in f.tensors.values())
     print(
-        f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, {n_params / 1e6:.1f}M parameters"
+        f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, "
+        f"{n_params / 1e6:.1f}M parameters"
     )
     print(
         "(the cpu backend reads Q8_0 and Q5_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75\n"

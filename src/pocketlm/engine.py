@@ -10,8 +10,8 @@ import functools
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -24,7 +24,6 @@ from .models import build_model
 from .sampling import Sampler
 from .structured import Constraint, Vocabulary
 from .tokenizer import GGUFTokenizer
-
 
 BACKENDS = ("cpu", "reference", "webgpu")
 

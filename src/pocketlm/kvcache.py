@@ -55,7 +55,7 @@ class LayerCache:
         self.keys[slots], self.values[slots], self.positions[slots] = k[keep], v[keep], positions[keep]
         return keys, values, key_positions
 
-    def copy(self) -> "LayerCache":
+    def copy(self) -> LayerCache:
         clone = object.__new__(LayerCache)
         clone.window, clone.capacity = self.window, self.capacity
         clone.keys, clone.values, clone.positions = (
@@ -83,7 +83,7 @@ class SharedLayerCache:
     def fetch(self):
         return self.layer.last
 
-    def copy(self) -> "SharedLayerCache":
+    def copy(self) -> SharedLayerCache:
         return SharedLayerCache(self.source)
 
 
@@ -102,7 +102,7 @@ class KVCache:
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
 
-    def copy(self) -> "KVCache":
+    def copy(self) -> KVCache:
         clone = KVCache([layer.copy() for layer in self.layers], self.max_tokens)
         clone.offset = self.offset
         return clone

@@ -6,7 +6,7 @@ Temperature 0 is greedy (argmax). Otherwise: scale by 1/temperature, keep the `t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

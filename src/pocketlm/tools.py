@@ -17,8 +17,9 @@ import json
 import re
 import secrets
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import InvalidOptionError
 from .structured import Grammar, _engine, json_grammar

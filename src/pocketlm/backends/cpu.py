@@ -18,7 +18,6 @@ import math
 import numpy as np
 
 from ..errors import ModelFileError
-from .base import ALL_CAPABILITIES
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import activations, blocks, int4, int8, isa
@@ -26,6 +25,7 @@ from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
 from ..kvcache import LayerCache
+from .base import ALL_CAPABILITIES
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
 

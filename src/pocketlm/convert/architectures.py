@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ..formats.hf import HFCheckpoint
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Loader = Callable[[], np.ndarray]
-_MAPPINGS: dict[str, type["Mapping"]] = {}
+_MAPPINGS: dict[str, type[Mapping]] = {}
 
 
 def register(*model_types: str):
@@ -30,7 +31,7 @@ def register(*model_types: str):
     return wrap
 
 
-def mapping_for(config: dict[str, Any], matformer: str | None = None) -> "Mapping":
+def mapping_for(config: dict[str, Any], matformer: str | None = None) -> Mapping:
     """The mapping for a checkpoint's config; `matformer` (Gemma 3n only) slices it first."""
     model_type = config.get("model_type")
     if model_type not in _MAPPINGS:

@@ -29,7 +29,7 @@ class MatFormerSlice:
     ffn_dims: tuple[int, ...] | None = None  # one width per kept layer; None keeps each layer's
 
     @classmethod
-    def parse(cls, spec: str) -> "MatFormerSlice":
+    def parse(cls, spec: str) -> MatFormerSlice:
         """A preset name, a JSON object, or a JSON file, with `layers_to_skip` and `ffn_dims`."""
         if spec.lower() in PRESETS:
             values = PRESETS[spec.lower()]

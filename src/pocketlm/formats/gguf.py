@@ -12,10 +12,11 @@ import mmap
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class Tensor:
     def dequantize(self) -> np.ndarray:
         return dequantize(self.data, self.kind, self.shape)
 
-    def part(self, j: int) -> "Tensor":
+    def part(self, j: int) -> Tensor:
         """Slice `j` along the first axis (a matrix of a stacked [n, rows, cols] tensor), still
         a view into the file."""
         size = self.nbytes // self.shape[0]

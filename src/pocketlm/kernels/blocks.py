@@ -77,12 +77,12 @@ class BlockWeight:
         _dequantize_rows(self.blocks, self._q5, 0, out)
         return out
 
-    def rows(self, first: int, end: int) -> "BlockWeight":
+    def rows(self, first: int, end: int) -> BlockWeight:
         """Rows first..end, a view."""
         return BlockWeight(self.blocks[first:end], self.kind, self.in_place)
 
     @staticmethod
-    def stack(parts: list["BlockWeight"]) -> "BlockWeight | None":
+    def stack(parts: list[BlockWeight]) -> BlockWeight | None:
         """One matrix of the parts' rows (same type and width): a copy of their blocks, or None."""
         if len({(p.kind, p.shape[1]) for p in parts}) != 1:
             return None

@@ -53,12 +53,12 @@ class Int4Weight:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         return matmul(self, x)
 
-    def rows(self, first: int, end: int) -> "Int4Weight":
+    def rows(self, first: int, end: int) -> Int4Weight:
         """Rows first..end, a view."""
         return Int4Weight(self.packed[first:end], self.scale[first:end], self.offset[first:end])
 
     @staticmethod
-    def stack(parts: list["Int4Weight"]) -> "Int4Weight | None":
+    def stack(parts: list[Int4Weight]) -> Int4Weight | None:
         """One matrix of the parts' rows (same width), or None if they differ."""
         if len({p.shape[1] for p in parts}) != 1:
             return None

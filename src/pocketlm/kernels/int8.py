@@ -48,12 +48,12 @@ class Int8Weight:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         return matmul(self, x)
 
-    def rows(self, first: int, end: int) -> "Int8Weight":
+    def rows(self, first: int, end: int) -> Int8Weight:
         """Rows first..end, a view."""
         return Int8Weight(self.q[first:end], self.scale[first:end], self.offset[first:end], self.sub)
 
     @staticmethod
-    def stack(parts: list["Int8Weight"]) -> "Int8Weight | None":
+    def stack(parts: list[Int8Weight]) -> Int8Weight | None:
         """One matrix of the parts' rows (same width and sub-block), or None if they differ."""
         if len({(p.shape[1], p.sub, p.offset.shape[1]) for p in parts}) != 1:
             return None

@@ -6,12 +6,13 @@ backend that provides the ops; it never sees files, kernels or the CLI.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from ..backends.base import ALIBI, EXACT_GELU, LAYER_NORM
+from ..backends.base import ALIBI, LAYER_NORM
 from ..errors import ModelFileError
 from ..formats.gguf import arch_key
 from ..kvcache import KVCache, LayerCache
@@ -31,7 +32,7 @@ class ModelArgs:
     _positive = frozenset()  # fields that must be at least 1 (integers) or above 0 (numbers)
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> "ModelArgs":
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> ModelArgs:
         arch = metadata["general.architecture"]
         values = {"architecture": arch}
         keys = {name: arch_key(arch, key) for name, key in cls._keys.items()}
@@ -95,7 +96,7 @@ def _int(key: str, value: Any, low: int) -> int:
 REQUIRED: Any = _REQUIRED
 
 
-def feature(flag: bool | None, w: "Weights", tensor: str) -> bool:
+def feature(flag: bool | None, w: Weights, tensor: str) -> bool:
     """An architecture feature llama.cpp's metadata has no key for: our converter's `pocketlm.*`
     flag when the file has one (the tensors are then required or refused by it), else llama.cpp's
     own rule for such files, the presence of `tensor`."""
@@ -151,7 +152,7 @@ class DecoderArgs(ModelArgs):
                 f"{head_dim} values do not make an attention layer"
             )
 
-    def attention_spec(self, **overrides) -> "AttentionSpec":
+    def attention_spec(self, **overrides) -> AttentionSpec:
         """The usual attention of these hyper-parameters (NeoX RoPE over rope_dims, 1/sqrt(d)
         scaling), with `overrides` for what an architecture does differently."""
         head_dim = self.head_dim or self.hidden_size // self.n_heads

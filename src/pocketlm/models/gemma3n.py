@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kvcache import KVCache, LayerCache, SharedLayerCache
 from ..backends.base import HOST_ACTIVATIONS
+from ..kvcache import KVCache, LayerCache, SharedLayerCache
 from .base import REQUIRED, AttentionSpec, Norm, Weights
 from .gemma3 import Gemma3Args
 

@@ -32,7 +32,7 @@ class GpuTensor:
 
     __array_ufunc__ = None  # numpy scalars defer to our operators
 
-    def __init__(self, ops: "WebGPUBackend", buf: Buffer, shape: tuple[int, ...], offset: int = 0):
+    def __init__(self, ops: WebGPUBackend, buf: Buffer, shape: tuple[int, ...], offset: int = 0):
         self.ops, self.buf, self.shape, self.offset = ops, buf, tuple(int(s) for s in shape), offset
 
     @property
@@ -46,13 +46,13 @@ class GpuTensor:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def reshape(self, *shape) -> "GpuTensor":
+    def reshape(self, *shape) -> GpuTensor:
         shape = list(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
         if -1 in shape:
             shape[shape.index(-1)] = self.size // -math.prod(shape)
         return GpuTensor(self.ops, self.buf, tuple(shape), self.offset)
 
-    def __getitem__(self, key) -> "GpuTensor":
+    def __getitem__(self, key) -> GpuTensor:
         """Rows along the first axis: an index or a slice with step 1."""
         row = self.size // self.shape[0]
         if isinstance(key, int):
@@ -81,7 +81,7 @@ class GpuTensor:
 class GpuLayerCache:
     """Keys and values of every position of one layer, in device memory."""
 
-    def __init__(self, ops: "WebGPUBackend", capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window):
+    def __init__(self, ops: WebGPUBackend, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window):
         self.ops, self.capacity, self.window = ops, capacity, window
         self.k_shape, self.v_shape = (capacity, n_kv_heads, k_dim), (capacity, n_kv_heads, v_dim)
         self.keys = ops.device.buffer(4 * math.prod(self.k_shape), "cache")
@@ -96,7 +96,7 @@ class GpuLayerCache:
             None,
         )
 
-    def copy(self) -> "GpuLayerCache":
+    def copy(self) -> GpuLayerCache:
         twin = object.__new__(GpuLayerCache)
         twin.__dict__.update(self.__dict__)
         twin.keys = self.ops.device.buffer(self.keys.size, "cache")
