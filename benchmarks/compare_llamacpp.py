@@ -32,8 +32,9 @@ ISA = None  # --isa: POCKETLM_CPU_ISA for pocketlm's children
 
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
+    from llamacpp_peer import open_llama
+
     from pocketlm.bench import peak_rss_mb
-    from pocketlm.llamacpp import open_llama
 
     start = time.perf_counter()
     llm = open_llama(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +135,10 @@ LLAMA_CPP_KINDS = [k for k in TINY if k not in ("falcon-rw", "phi-qk-norm", "gem
 def llama_cpp_model(path):
     """llama.cpp with a float32 KV cache (type_k/type_v 0: its default f16 cache would add its own
     rounding), without its repacked buffers, which segfault on these 64-wide matrices on AMX machines."""
-    from pocketlm.llamacpp import open_llama
+    sys.path.insert(
+        0, str(Path(__file__).resolve().parents[1] / "benchmarks")
+    )  # the peer's loader lives there
+    from llamacpp_peer import open_llama
 
     return open_llama(
         path, repack=False, n_ctx=128, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0

@@ -10,17 +10,27 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .convert.policy import QUANT_CHOICES
 from .errors import InvalidOptionError, PocketLMError
 from .registry import DEFAULT_MODEL, MODELS
 
 EXIT_USER_ERROR = 2
 
 
+def _resolve(model: str | None):
+    """The file for a model argument; the default and the known short names are fetched if needed."""
+    from .registry import resolve_model
+
+    return resolve_model(model, auto_pull=model is None or model in MODELS)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
+    from .engine import BACKENDS
+
     p.add_argument(
         "--backend",
         default="cpu",
-        choices=["cpu", "reference", "webgpu"],
+        choices=BACKENDS,
         help="cpu: numba kernels (default); reference: plain numpy, float32 weights; "
         "webgpu: WGSL kernels on the GPU through wgpu-py (the webgpu extra)",
     )
@@ -34,17 +44,32 @@ def _add_address(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
+    from .api import GenerationOptions as D  # the defaults, written once there
+
     g = p.add_argument_group("sampling (the LlmInference options)")
     g.add_argument(
-        "--max-tokens", type=int, default=512, help="context size: prompt + reply tokens (default 512)"
+        "--max-tokens",
+        type=int,
+        default=D.max_tokens,
+        help=f"context size: prompt + reply tokens (default {D.max_tokens})",
     )
-    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
     g.add_argument(
-        "--top-k", type=int, default=40, help="sample from the k most likely tokens, 0 = all (default 40)"
+        "--temperature", type=float, default=D.temperature, help=f"0 means greedy (default {D.temperature})"
     )
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     g.add_argument(
-        "--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)"
+        "--top-k",
+        type=int,
+        default=D.top_k,
+        help=f"sample from the k most likely tokens, 0 = all (default {D.top_k})",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=D.top_p, help=f"nucleus sampling mass in (0, 1] (default {D.top_p})"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=D.random_seed,
+        help=f"random seed; the same seed gives the same text (default {D.random_seed})",
     )
     g.add_argument(
         "--raw", action="store_true", help="pass the prompt as is, without the model's chat template"
@@ -53,9 +78,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def _open(args, model: str | None):
     from .api import LlmInference
-    from .registry import resolve_model
 
-    path = resolve_model(model, auto_pull=model is None or model in MODELS)
+    path = _resolve(model)
     return LlmInference(
         path,
         max_tokens=args.max_tokens,
@@ -214,14 +238,13 @@ def cmd_inspect(args) -> None:
 def cmd_perplexity(args) -> None:
     from .api import load
     from .bench import perplexity
-    from .registry import resolve_model
 
     model, text_file = _split_model_and_text(args.model_and_file, "TEXTFILE")
     try:
         text = Path(text_file).read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidOptionError(f"{text_file}: cannot read ({e.strerror})") from None
-    lm = load(resolve_model(model, auto_pull=model is None or model in MODELS), args.backend)
+    lm = load(_resolve(model), args.backend)
     ppl, count = perplexity(
         lm, text, args.ctx, on_chunk=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr)
     )
@@ -253,10 +276,9 @@ def cmd_serve(args) -> None:
 def cmd_web(args) -> None:
     import uvicorn
 
-    from .registry import resolve_model
     from .web import create_app, default_max_tokens, export, package_dir
 
-    path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
+    path = _resolve(args.model)
     max_tokens = args.max_tokens or default_max_tokens(path)
     package = package_dir(path, max_tokens)
     if args.rebuild or not (package / "manifest.json").exists():
@@ -275,9 +297,8 @@ def cmd_bench(args) -> None:
     import json
 
     from .bench import run_bench
-    from .registry import resolve_model
 
-    path = resolve_model(args.model, auto_pull=args.model is None or args.model in MODELS)
+    path = _resolve(args.model)
     progress = (
         None
         if args.json
@@ -376,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant",
         default="f16",
-        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+        choices=QUANT_CHOICES,
         help="type of the weight matrices (default f16); vectors stay f32",
     )
     for component in ("attention", "ffn", "embedding"):

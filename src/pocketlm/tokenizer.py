@@ -248,6 +248,10 @@ class GGUFTokenizer:
             )
         self.stop_ids = self._stop_ids(metadata, tokens)
 
+    def to_json(self) -> str:
+        """The rebuilt tokenizer as a `tokenizer.json` (what tokenizers.js reads in the browser)."""
+        return self._tok.to_str()
+
     def token(self, i: int) -> str:
         """The vocabulary's string for id `i`."""
         return self._tok.id_to_token(int(i))

@@ -286,16 +286,6 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
-    def require(self, key: str) -> Any:
-        if key not in self.metadata:
-            raise ModelFileError(f"{self.path}: required metadata key {key!r} is missing")
-        return self.metadata[key]
-
-    def tensor(self, name: str) -> Tensor:
-        if name not in self.tensors:
-            raise ModelFileError(f"{self.path}: required tensor {name!r} is missing")
-        return self.tensors[name]
-
 
 # ---- writing ----------------------------------------------------------------------------------
 

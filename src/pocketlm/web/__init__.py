@@ -92,7 +92,7 @@ def export(
     }
     (tmp / "plan.json").write_text(json.dumps(plan))
     tok = lm.tokenizer
-    (tmp / "tokenizer.json").write_text(tok._tok.to_str())
+    (tmp / "tokenizer.json").write_text(tok.to_json())
     tokens = ["" if i in tok.control_ids else (tok.token(i) or "") for i in range(tok.vocab_size)]
     vocab_type = "byte_level" if tok.kind == "gpt2" else "byte_fallback"  # how XGrammar decodes the strings
     # Raw control characters never belong in compact JSON, but XGrammar's strings admit them; the

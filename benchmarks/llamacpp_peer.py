@@ -1,4 +1,5 @@
-"""llama.cpp (llama-cpp-python, the `llamacpp` extra) as the peer our tests and benchmarks compare with."""
+"""llama.cpp (llama-cpp-python, the `llamacpp` extra) as the peer our tests and benchmarks compare with
+(here, not in the package: pocketlm itself never runs llama.cpp)."""
 
 from __future__ import annotations
 
