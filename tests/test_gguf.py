@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -140,3 +146,45 @@ def test_string_array_running_past_the_end_is_rejected(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ModelFileError, match="string array runs past the end"):
         GGUFFile(path)
+
+
+def test_the_next_write_removes_partials_of_writers_that_were_killed(tmp_path):
+    """A writer killed outright cannot clean up; the next write of that path removes what a dead
+    process left, and leaves a running writer's file alone."""
+    out = tmp_path / "model.gguf"
+    dead = tmp_path / ".model.gguf.999999999.x1y2.partial"  # above any pid_max: never a running process
+    alive = tmp_path / f".model.gguf.{os.getpid()}.z3.partial"
+    other = tmp_path / ".other.gguf.999999999.q.partial"
+    for f in (dead, alive, other):
+        f.write_bytes(b"half a file")
+    w = GGUFWriter()
+    w.add("general.architecture", "llama")
+    w.write(out)
+    assert out.exists() and not dead.exists() and alive.exists() and other.exists()
+
+
+def test_sigterm_during_convert_leaves_no_partial_file(tiny, tmp_path):
+    src = tiny("llama")[2]
+    child = textwrap.dedent(f"""
+        import sys, time
+        from pocketlm.formats import gguf
+        write = gguf.GGUFWriter.write
+        def slow(self, path, on_tensor=None):
+            def each(t):
+                time.sleep(0.3)
+                if on_tensor:
+                    on_tensor(t)
+            return write(self, path, each)
+        gguf.GGUFWriter.write = slow
+        from pocketlm.cli import main
+        sys.exit(main(["convert", {str(src)!r}, {str(tmp_path / "out.gguf")!r}, "--quant", "q8_0", "--quiet"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.gguf.*.partial")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143
+    assert "terminated" in proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,9 @@ Errors a user can fix print one line and exit with status 2 (a traceback only wi
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -499,8 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a service manager) unwinds like Ctrl-C, so that partial outputs are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
     except PocketLMError as e:
@@ -508,9 +520,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pocketlm: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\npocketlm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(
+            "\npocketlm: " + ("terminated" if isinstance(e, Terminated) else "interrupted"), file=sys.stderr
+        )
+        return 143 if isinstance(e, Terminated) else 130
     return 0
 
 

@@ -7,6 +7,7 @@ alignment, then tensor data. Tensors are numpy views into the mmap: nothing is c
 
 from __future__ import annotations
 
+import glob
 import math
 import mmap
 import os
@@ -290,6 +291,24 @@ class GGUFFile:
 # ---- writing ----------------------------------------------------------------------------------
 
 
+def _remove_stale_partials(path: Path) -> None:
+    """Remove `.{name}.{pid}.*.partial` files beside `path` left by writers no longer running."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _value_type(value: Any) -> ValueType:
     if isinstance(value, bool):
         return ValueType.BOOL
@@ -379,8 +398,12 @@ class GGUFWriter:
     def write(
         self, path: str | os.PathLike, on_tensor: Callable[[_PendingTensor], None] | None = None
     ) -> None:
+        """Write the file at `path` whole or not at all: into a hidden `.partial` beside it, renamed
+        when complete, removed on any error or interrupt. A writer killed outright (SIGKILL, power)
+        cannot remove its own; the next write of the same path removes those of dead processes."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        _remove_stale_partials(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 header = self._header()
