@@ -15,6 +15,6 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -e ".[test,llamacpp]"
 if command -v npm >/dev/null; then scripts/build_web.sh; fi
-ruff check src tests benchmarks scripts
-ruff format --check src tests benchmarks scripts
+ruff check src tests benchmarks scripts setup.py
+ruff format --check src tests benchmarks scripts setup.py
 python -m pytest "$@"

@@ -194,7 +194,8 @@ def create_app(package: Path):
 
     if not runtime_ready():
         raise InvalidOptionError(
-            "the browser runtime is not built: run scripts/build_web.sh (needs Node.js and npm)"
+            "the browser runtime is not in this install: it is bundled when the package is built on a machine with "
+            "npm (pip install . there), or by scripts/build_web.sh in a checkout"
         )
     return Starlette(
         routes=[
