@@ -52,7 +52,7 @@ class Device:
             import wgpu
         except ImportError:
             raise UnsupportedError(
-                "the webgpu backend needs wgpu-py: pip install 'pocketlm[webgpu]'"
+                "the webgpu backend needs wgpu-py: pip install wgpu"
             ) from None
         self.wgpu = wgpu
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
