@@ -51,9 +51,7 @@ class Device:
         try:
             import wgpu
         except ImportError:
-            raise UnsupportedError(
-                "the webgpu backend needs wgpu-py: pip install wgpu"
-            ) from None
+            raise UnsupportedError("the webgpu backend needs wgpu-py: pip install wgpu") from None
         self.wgpu = wgpu
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
         if adapter is None:
