@@ -297,3 +297,35 @@ def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_
     )  # the model's context
     code, _, err = run_cli(capsys, "run", str(tiny("phi")[2]), "x", "--backend", "webgpu")
     assert code == 2 and "webgpu backend cannot run this phi2 model: it has no layer_norm" in err
+
+
+def test_list_show_and_rm_manage_the_model_folder(capsys, tiny, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "models"
+    code, out, err = run_cli(capsys, "list")
+    assert code == 0 and "no models" in err
+    folder.mkdir(parents=True)
+    shutil.copy(tiny("llama")[2], folder / "tiny-llama.gguf")
+    (folder / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 10)
+    code, out, _ = run_cli(capsys, "list")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:4] == ["NAME", "ARCHITECTURE", "QUANT", "SIZE"]
+    assert any(line.split()[:3] == ["tiny-llama", "llama", "F32"] for line in lines)
+    assert any(line.startswith("broken") and "unreadable" in line for line in lines)
+    code, out, _ = run_cli(capsys, "show", "tiny-llama")
+    card = dict(line.split(":", 1) for line in out.splitlines())
+    assert code == 0 and card["architecture"].strip() == "llama" and card["chat template"].strip() == "yes"
+    assert (
+        card["quantization"].strip().startswith("F32 (F32 ")
+        and card["licence"].strip() == "not stated in the file"
+    )
+    outside = tmp_path / "keep.gguf"
+    shutil.copy(tiny("llama")[2], outside)
+    for name in (str(outside), "../keep", "nothing"):
+        code, _, err = run_cli(capsys, "rm", name)
+        assert code == 2 and "no model" in err and len(err.strip().splitlines()) == 1
+    assert outside.exists()
+    code, out, _ = run_cli(capsys, "rm", "tiny-llama", "broken.gguf")
+    assert code == 0 and out.count("removed") == 2 and list(folder.iterdir()) == []

