@@ -20,6 +20,7 @@ import numpy as np
 
 from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
 from .errors import InvalidOptionError
+from .kvcache import KVCache
 from .registry import resolve_model
 from .sampling import make_sampler, validate
 from .structured import Constraint, Grammar, compile_format
@@ -143,10 +144,10 @@ class LlmInference:
 class Session:
     """One conversation over one KV cache, allocated once for `max_tokens`."""
 
-    def __init__(self, llm: LlmInference, options: GenerationOptions):
+    def __init__(self, llm: LlmInference, options: GenerationOptions, cache: KVCache | None = None):
         self._llm, self.options = llm, options
         self._lm = llm.model
-        self._cache = self._lm.make_cache(options.max_tokens)
+        self._cache = cache if cache is not None else self._lm.make_cache(options.max_tokens)
         self._sampler = make_sampler(options.temperature, options.top_k, options.top_p, options.random_seed)
         self._cached_ids: list[int] = []  # tokens whose keys and values are in the cache
         self._pending_ids: list[int] = []  # tokens to run before the next reply
@@ -266,15 +267,8 @@ class Session:
 
     def clone(self) -> Session:
         """An independent copy: same conversation and cache, diverging from here."""
-        twin = Session.__new__(Session)
-        twin.__dict__.update(self.__dict__)
-        twin._cache = self._cache.copy()
-        twin._cached_ids, twin._pending_ids, twin._messages = (
-            list(self._cached_ids),
-            list(self._pending_ids),
-            list(self._messages),
-        )
-        twin._sampler = make_sampler(
-            self.options.temperature, self.options.top_k, self.options.top_p, self.options.random_seed
-        )
+        twin = Session(self._llm, self.options, cache=self._cache.copy())  # its sampler starts from the seed
+        twin._cached_ids, twin._pending_ids = list(self._cached_ids), list(self._pending_ids)
+        twin._messages, twin._template_variables = list(self._messages), dict(self._template_variables)
+        twin.last_stats = self.last_stats
         return twin
