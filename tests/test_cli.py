@@ -188,7 +188,21 @@ def test_unknown_architecture_is_named(capsys, tmp_path, tiny):
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "chat", "convert", "inspect", "perplexity", "pull", "serve", "bench", "web"]
+    "command",
+    [
+        "run",
+        "chat",
+        "convert",
+        "inspect",
+        "perplexity",
+        "pull",
+        "serve",
+        "bench",
+        "web",
+        "list",
+        "show",
+        "rm",
+    ],
 )
 def test_every_subcommand_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
