@@ -124,7 +124,7 @@ class LoadedModel:
 
     @functools.cached_property
     def grammar_vocabulary(self) -> Vocabulary:
-        """The vocabulary as the grammar engine sees it, built on first use (0.3-1 s)."""
+        """The vocabulary as the grammar engine sees it, built on first use (0.4-2 s)."""
         return Vocabulary(self.tokenizer, self.model.vocab_size)
 
     def check_ids(self, ids: np.ndarray) -> None:

@@ -168,8 +168,8 @@ def _one_line(e: BaseException) -> str:
 
 
 class Vocabulary:
-    """A model's vocabulary as the grammar engine sees it (about 0.3 s to build for 49k tokens,
-    1 s for 262k; `LoadedModel.grammar_vocabulary` keeps one)."""
+    """A model's vocabulary as the grammar engine sees it (built in 0.4 s for 49k tokens, 2 s and
+    about 130 MB for Gemma's 262k; `LoadedModel.grammar_vocabulary` keeps one, made on first use)."""
 
     def __init__(self, tokenizer, n_vocab: int):
         llg = _engine()
