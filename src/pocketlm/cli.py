@@ -139,12 +139,9 @@ def _response_format(args) -> dict | None:
     if args.regex:
         return {"type": "regex", "regex": args.regex}
     if args.grammar:
-        syntax = (
-            "gbnf"
-            if Path(args.grammar).suffix == ".gbnf" or "::=" in read(args.grammar, "--grammar")
-            else "lark"
-        )
-        return {"type": "grammar", "grammar": read(args.grammar, "--grammar"), "syntax": syntax}
+        text = read(args.grammar, "--grammar")
+        syntax = "gbnf" if Path(args.grammar).suffix == ".gbnf" or "::=" in text else "lark"
+        return {"type": "grammar", "grammar": text, "syntax": syntax}
     return {"type": "json_object"} if args.json else None
 
 

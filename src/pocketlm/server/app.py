@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 from ..api import LlmInference
 from ..errors import PocketLMError
 from ..structured import Grammar, check, compile_format
-from ..tools import Reply, ToolPlan
+from ..tools import Reply, ToolPlan, plain_messages
 from .worker import GenerationWorker, Job
 
 MAX_BODY_BYTES = 1 << 20
@@ -290,9 +290,7 @@ class OpenAIServer:
         if plan is not None:
             messages, variables = plan.messages(messages), plan.template_options()
         elif any(m["role"] == "tool" or "tool_calls" in m for m in messages):
-            from ..tools import plain_messages  # a tool round trip continued without tools: plain turns
-
-            messages = plain_messages(messages)
+            messages = plain_messages(messages)  # a tool round trip continued without tools: plain turns
         try:
             ids = tokenizer.encode_chat(messages, architecture=self.llm.model.architecture, **variables)
         except Exception as e:
