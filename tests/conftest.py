@@ -402,3 +402,27 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "real_model" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_model)
+
+
+def write_split(src: Path, folder: Path, stem: str, parts: int) -> list[Path]:
+    """Write the GGUF file `src` as a split model, as llama.cpp's gguf-split does: the metadata in
+    the first part, the tensors shared out, split.no / split.count / split.tensors.count in each."""
+    from pocketlm.formats.gguf import GGUFFile, GGUFWriter, ValueType
+
+    f = GGUFFile(src)
+    names = list(f.tensors)
+    paths = []
+    for i, chunk in enumerate(np.array_split(np.array(names, dtype=object), parts)):
+        writer = GGUFWriter()
+        if i == 0:
+            for key, value in f.metadata.items():
+                writer.add(key, value, *f.value_types[key])
+        writer.add("split.no", i, ValueType.UINT16)
+        writer.add("split.count", parts, ValueType.UINT16)
+        writer.add("split.tensors.count", len(names), ValueType.INT32)
+        for name in chunk:
+            t = f.tensors[name]
+            writer.add_tensor(name, t.kind, t.shape, lambda t=t: np.asarray(t.data))
+        paths.append(folder / f"{stem}-{i + 1:05d}-of-{parts:05d}.gguf")
+        writer.write(paths[-1])
+    return paths

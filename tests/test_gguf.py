@@ -188,3 +188,56 @@ def test_sigterm_during_convert_leaves_no_partial_file(tiny, tmp_path):
     assert proc.wait(30) == 143
     assert "terminated" in proc.stderr.read()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_split_model_opens_from_its_first_part_with_every_tensor_and_runs_as_one(tiny, tmp_path):
+    from conftest import write_split
+
+    from pocketlm.api import LlmInference
+
+    _, _, whole = tiny("llama")
+    parts = write_split(whole, tmp_path, "tiny", 3)
+    split, ref = GGUFFile(parts[0]), GGUFFile(whole)
+    assert [p.path for p in split.parts] == parts
+    assert split.size == sum(p.stat().st_size for p in parts)
+    assert split.tensors.keys() == ref.tensors.keys()
+    for name, t in ref.tensors.items():
+        assert split.tensors[name].shape == t.shape and bytes(split.tensors[name].data) == bytes(t.data)
+    split.release_pages(split.tensors[list(ref.tensors)[-1]])  # a tensor of the last part's mapping
+    options = dict(max_tokens=64, temperature=0.0, use_chat_template=False)
+    want = LlmInference(whole, **options).generate_response("a b c", max_new_tokens=8)
+    assert LlmInference(parts[0], **options).generate_response("a b c", max_new_tokens=8) == want
+
+
+def test_a_split_model_names_the_part_to_open_and_the_part_that_is_missing(tiny, tmp_path):
+    from conftest import write_split
+
+    _, _, whole = tiny("llama")
+    parts = write_split(whole, tmp_path, "tiny", 2)
+    with pytest.raises(
+        ModelFileError, match="part 2 of 2 of a split model; open its first part, tiny-00001-of-00002"
+    ):
+        GGUFFile(parts[1])
+    renamed = parts[0].rename(tmp_path / "tiny.gguf")
+    with pytest.raises(ModelFileError, match="must be named NAME-00001-of-00002.gguf"):
+        GGUFFile(renamed)
+    renamed.rename(parts[0])
+    parts[1].unlink()
+    with pytest.raises(
+        ModelFileError, match="part 2 of 2 of this split model is missing: .*tiny-00002-of-00002.gguf"
+    ):
+        GGUFFile(parts[0])
+
+
+def test_converting_a_split_model_writes_one_file_without_the_split_keys(tiny, tmp_path):
+    from conftest import write_split
+
+    from pocketlm.convert import ConversionConfig, convert
+
+    _, _, whole = tiny("llama")
+    parts = write_split(whole, tmp_path, "tiny", 2)
+    out = GGUFFile(convert(parts[0], tmp_path / "joined.gguf", ConversionConfig(quant="f32"), progress=False))
+    assert not [k for k in out.metadata if k.startswith("split.")] and len(out.parts) == 1
+    assert {n: bytes(t.data) for n, t in out.tensors.items()} == {
+        n: bytes(t.data) for n, t in GGUFFile(whole).tensors.items()
+    }

@@ -133,7 +133,7 @@ def run_bench(
     decode_seconds = time.perf_counter() - start
     return BenchResult(
         model=str(lm.path.name),
-        file_mb=lm.path.stat().st_size / 1e6,
+        file_mb=lm.file.size / 1e6,
         prompt_tokens=prompt_tokens,
         generated_tokens=gen_tokens,
         load_seconds=load_seconds,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -31,8 +32,10 @@ def convert(
     out: str | os.PathLike,
     config: ConversionConfig | None = None,
     progress: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `out` from `src` (a checkpoint folder or a .gguf file); returns the output path."""
+    """Write `out` from `src` (a checkpoint folder or a .gguf file); returns the output path.
+    `metadata` adds (or replaces) keys, such as where the model came from."""
     config = config or ConversionConfig()
     src, out = Path(src), Path(out)
     if not src.exists():
@@ -46,6 +49,8 @@ def convert(
     writer = (
         _from_gguf(GGUFFile(src), config) if src.is_file() else _from_checkpoint(HFCheckpoint(src), config)
     )
+    for key, value in (metadata or {}).items():
+        writer.add(key, value)
     total = sum(t.nbytes for t in writer.tensors)
     with tqdm(
         total=total,
@@ -120,7 +125,7 @@ def _from_gguf(src: GGUFFile, config: ConversionConfig) -> GGUFWriter:
         raise InvalidOptionError("--matformer slices a Hugging Face checkpoint, not a GGUF file")
     writer = GGUFWriter(alignment=int(src.get("general.alignment", 32)))
     for key, value in src.metadata.items():
-        if key != "general.alignment":
+        if key != "general.alignment" and not key.startswith("split."):  # a split model becomes one file
             writer.add(key, value, *src.value_types[key])
     writer.add("general.file_type", config.file_type)
     for t in src.tensors.values():

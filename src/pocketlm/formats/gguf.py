@@ -11,6 +11,7 @@ import glob
 import math
 import mmap
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Callable
@@ -28,6 +29,9 @@ MAGIC = b"GGUF"
 _U64 = struct.Struct("<Q")
 DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4
+# llama.cpp's split models (gguf-split): NAME-00001-of-0000N.gguf, each part a GGUF file with the
+# split.* keys; the first part holds the model's metadata, every part some of the tensors
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 def arch_key(arch: str, key: str) -> str:
@@ -183,9 +187,13 @@ class _Cursor:
 
 
 class GGUFFile:
-    """A GGUF file opened read-only through mmap: `metadata` dict and `tensors` by name."""
+    """A GGUF file opened read-only through mmap: `metadata` dict and `tensors` by name.
 
-    def __init__(self, path: str | os.PathLike):
+    The first part of a split model (NAME-00001-of-0000N.gguf) opens the whole model: the other
+    parts are found beside it, validated and mapped too, their tensors joined into `tensors`;
+    `parts` lists every part (just this file when the model is not split)."""
+
+    def __init__(self, path: str | os.PathLike, _part: bool = False):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
@@ -198,6 +206,9 @@ class GGUFFile:
         self.value_types: dict[str, tuple[ValueType, ValueType | None]] = {}  # for faithful copies
         self.tensors: dict[str, Tensor] = {}
         self._parse()
+        self.parts = [self]
+        if not _part:
+            self._join_split_parts()
 
     def _parse(self) -> None:
         buf = memoryview(self._mmap)
@@ -263,6 +274,60 @@ class GGUFFile:
             data = np.frombuffer(buf, np.uint8, nbytes, start)
             self.tensors[name] = Tensor(name, kind, shape, data)
 
+    def _join_split_parts(self) -> None:
+        count = self.metadata.get("split.count")
+        if count is None:
+            return
+        no = self.metadata.get("split.no")
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not isinstance(no, int)
+            or not 0 <= no < count
+        ):
+            raise ModelFileError(
+                f"{self.path}: split.no {no!r} / split.count {count!r} are not a valid part number"
+            )
+        if count == 1:
+            return
+        named = SPLIT_NAME.match(self.path.name)
+        if no != 0:
+            first = f"{named['stem']}-00001-of-{count:05d}.gguf" if named else "the part with split.no 0"
+            raise ModelFileError(
+                f"{self.path}: part {no + 1} of {count} of a split model; open its first part, {first}"
+            )
+        if not named or int(named["count"]) != count:
+            raise ModelFileError(
+                f"{self.path}: the first of {count} parts of a split model must be named "
+                f"NAME-00001-of-{count:05d}.gguf (so that the other parts can be found)"
+            )
+        for i in range(1, count):
+            part_path = self.path.with_name(f"{named['stem']}-{i + 1:05d}-of-{count:05d}.gguf")
+            if not part_path.exists():
+                raise ModelFileError(
+                    f"{self.path}: part {i + 1} of {count} of this split model is missing: {part_path}"
+                )
+            part = GGUFFile(part_path, _part=True)
+            if part.metadata.get("split.no") != i or part.metadata.get("split.count") != count:
+                raise ModelFileError(
+                    f"{part_path}: its split.no / split.count do not say part {i + 1} of {count}"
+                )
+            for name, tensor in part.tensors.items():
+                if name in self.tensors:
+                    raise ModelFileError(f"{part_path}: tensor {name!r} is also in an earlier part")
+                self.tensors[name] = tensor
+            self.parts.append(part)
+        expected = self.metadata.get("split.tensors.count")
+        if expected is not None and expected != len(self.tensors):
+            raise ModelFileError(
+                f"{self.path}: the parts hold {len(self.tensors)} tensors, split.tensors.count says {expected}"
+            )
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk, all parts together."""
+        return sum(part.path.stat().st_size for part in self.parts)
+
     def release_pages(self, tensor: Tensor | None = None, begin: int = 0, end: int | None = None) -> None:
         """Let the kernel drop this file's pages (one tensor's, bytes begin..end of it, or all)
         from our resident memory, once the weights were copied elsewhere. The mapping is
@@ -270,12 +335,20 @@ class GGUFFile:
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         if tensor is None:
-            self._mmap.madvise(mmap.MADV_DONTNEED)
+            for part in self.parts:
+                part._mmap.madvise(mmap.MADV_DONTNEED)
             return
-        start = tensor.data.ctypes.data - np.frombuffer(self._mmap, np.uint8, 1).ctypes.data + begin
+        address = tensor.data.ctypes.data
+        for part in self.parts:  # the part whose mapping holds the tensor
+            base = np.frombuffer(part._mmap, np.uint8, 1).ctypes.data
+            if base <= address < base + len(part._mmap):
+                break
+        else:
+            raise ValueError(f"tensor {tensor.name!r} is not in {self.path}")
+        start = address - base + begin
         stop = start - begin + (tensor.nbytes if end is None else min(end, tensor.nbytes))
         first = start - start % mmap.PAGESIZE
-        self._mmap.madvise(mmap.MADV_DONTNEED, first, stop - first)
+        part._mmap.madvise(mmap.MADV_DONTNEED, first, stop - first)
 
     @property
     def architecture(self) -> str:
