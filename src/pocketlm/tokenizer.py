@@ -97,7 +97,7 @@ def _sentencepiece_merges(tokens: list[str], scores: np.ndarray, types: np.ndarr
     of the vocabulary, scores and types, and read from there the next time."""
     path = None
     if len(tokens) >= MERGES_CACHE_MIN_VOCAB:
-        from .registry import home_dir
+        from .paths import home_dir
 
         digest = hashlib.sha256("\0".join(tokens).encode("utf-8", "surrogatepass"))
         digest.update(np.ascontiguousarray(scores, np.float32).tobytes())

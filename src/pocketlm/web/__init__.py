@@ -181,7 +181,7 @@ def runtime_ready() -> bool:
 
 def package_dir(model_path: Path, max_tokens: int) -> Path:
     """Where `pocketlm web` keeps the package of a model file: next to the pulled models."""
-    from ..registry import models_dir
+    from ..paths import models_dir
 
     return models_dir().parent / "web" / f"{model_path.stem}-ctx{max_tokens}"
 
