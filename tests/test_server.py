@@ -529,3 +529,53 @@ def test_bad_structured_requests_are_400s(app_client, extra, needle):
     response = app_client.post("/v1/chat/completions", json=CHAT | extra)
     assert response.status_code == 400, response.text
     assert needle in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("api_key, examples", [(None, 60), ("sekret", 15)])
+def test_schemathesis_finds_no_5xx_and_no_answer_unlike_the_openapi_description(tiny, api_key, examples):
+    """Requests generated from /openapi.json, valid and invalid ones, against a live server: none
+    gets a 5xx, and every status, content type, header and body is one the description documents."""
+    import subprocess
+    import sys
+
+    server = LiveServer(create_app(LlmInference(tiny("llama")[2]), "tiny", context_size=64, api_key=api_key))
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,"
+    checks += "response_schema_conformance,response_headers_conformance"
+    command = [
+        str(Path(sys.executable).parent / "st"),
+        "run",
+        server.url + "/openapi.json",
+        "--checks",
+        checks,
+    ]
+    command += ["--mode", "all", "--max-examples", str(examples), "--seed", "1", "--no-color"]
+    if api_key:
+        command += ["--header", f"Authorization: Bearer {api_key}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ generated, (\d+) passed", result.stdout), result.stdout[-2000:]
+
+
+def test_the_openapi_description_states_this_server_s_model_context_and_auth_and_405s_name_the_method(tiny):
+    from starlette.testclient import TestClient
+
+    llm = LlmInference(tiny("llama")[2])
+    with TestClient(create_app(llm, "tiny", context_size=64, api_key="sekret")) as client:
+        doc = client.get("/openapi.json").json()
+        wrong = client.get("/v1/chat/completions")
+    assert (
+        doc["openapi"].startswith("3.1")
+        and "serving tiny with a context of 64 tokens" in doc["info"]["description"]
+    )
+    request = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert request["properties"]["max_tokens"]["maximum"] == 64
+    assert (
+        doc["security"] == [{"apiKey": []}] and "401" in doc["paths"]["/v1/completions"]["post"]["responses"]
+    )
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["message"] == "GET is not allowed here; use POST"

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP API over one model, plus the chat page at `/`.
 
 POST /v1/chat/completions and /v1/completions (streamed as server-sent events or not),
-GET /v1/models, GET /health. Bad requests get OpenAI-style error bodies, never a 500.
+GET /v1/models, GET /health, GET /openapi.json (the description of all of them, openapi.py).
+Bad requests get OpenAI-style error bodies, never a 500.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -26,9 +28,13 @@ from ..api import LlmInference
 from ..errors import PocketLMError
 from ..structured import Grammar, check, compile_format
 from ..tools import Reply, ToolPlan, plain_messages
+from .openapi import openapi
 from .worker import GenerationWorker, Job
 
+log = logging.getLogger("pocketlm.server")
+
 MAX_BODY_BYTES = 1 << 20
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # the endpoint answers 405 itself
 
 
 class RequestError(Exception):
@@ -64,6 +70,8 @@ def _number(body: dict, name: str, default, low, high, integer: bool = False):
     value = body.get(name, default)
     if value is None:
         return default
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 31.0 is the integer 31 (as JSON Schema counts it)
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
         kind = "an integer" if integer else "a number"
@@ -122,9 +130,10 @@ def _messages(body: dict) -> list[dict]:
             )
         content = m.get("content")
         extra = {}
-        if m["role"] == "assistant" and m.get("tool_calls") is not None:
-            extra["tool_calls"] = _tool_calls(m["tool_calls"], i)
-            content = content or ""
+        if m["role"] == "assistant":  # its content may be null or left out (a turn of tool calls, say)
+            if m.get("tool_calls") is not None:
+                extra["tool_calls"] = _tool_calls(m["tool_calls"], i)
+            content = "" if content is None else content
         if m["role"] == "tool":
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str):
@@ -454,21 +463,40 @@ def create_app(
 ) -> Starlette:
     server = OpenAIServer(llm, model_id, context_size, api_key)
 
-    def guarded(handler):
+    def guarded(handler, method: str):
+        """`handler` for `method` (and HEAD with GET); any other method gets a 405 naming the allowed ones."""
+        allowed = [method, "HEAD"] if method == "GET" else [method]
+
         async def endpoint(request: Request) -> Response:
+            if request.method not in allowed:
+                error = RequestError(405, f"{request.method} is not allowed here; use {method}")
+                response = error.response()
+                response.headers["Allow"] = ", ".join(allowed)
+                return response
             try:
                 return await handler(request)
             except RequestError as e:
                 return e.response()
+            except Exception as e:  # a bug of ours: a well-formed 500, the traceback in the server's log only
+                log.exception("%s %s failed", request.method, request.url.path)
+                return RequestError(
+                    500, f"internal error ({type(e).__name__})", kind="server_error"
+                ).response()
 
         return endpoint
 
+    description = openapi(model_id, server.context_size, api_key=bool(api_key))
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(description)
+
     static = files("pocketlm.server").joinpath("static")
     routes = [
-        Route("/v1/chat/completions", guarded(server.chat_completions), methods=["POST"]),
-        Route("/v1/completions", guarded(server.completions), methods=["POST"]),
-        Route("/v1/models", server.models, methods=["GET"]),
-        Route("/health", server.health, methods=["GET"]),
+        Route("/v1/chat/completions", guarded(server.chat_completions, "POST"), methods=ANY_METHOD),
+        Route("/v1/completions", guarded(server.completions, "POST"), methods=ANY_METHOD),
+        Route("/v1/models", guarded(server.models, "GET"), methods=ANY_METHOD),
+        Route("/health", guarded(server.health, "GET"), methods=ANY_METHOD),
+        Route("/openapi.json", guarded(openapi_json, "GET"), methods=ANY_METHOD),
         Mount("/", StaticFiles(directory=str(static), html=True)),
     ]
 
