@@ -128,7 +128,8 @@ def fuzz(path: str | os.PathLike, cases: int, seed: int = 0, timeout: float = 30
     rng = random.Random(seed)
     counts, examples = collections.Counter(), collections.defaultdict(list)
     worker = Worker(str(path))
-    with tempfile.TemporaryDirectory() as tmp:
+    # each case is a whole copy of the file: in memory (/dev/shm) where there is one, not on disk
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         case_path = os.path.join(tmp, "case.gguf")
         try:
             for i in range(cases):

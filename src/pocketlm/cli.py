@@ -9,7 +9,6 @@ import argparse
 import signal
 import sys
 import threading
-from collections import defaultdict
 from pathlib import Path
 
 from .convert.policy import QUANT_CHOICES
@@ -201,43 +200,14 @@ def cmd_convert(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
-def _format_value(value) -> str:
-    if isinstance(value, (list, tuple)) or hasattr(value, "shape"):
-        items = list(value[:4])
-        more = f", ... ({len(value)} items)" if len(value) > 4 else ""
-        return "[" + ", ".join(repr(v) for v in items) + more + "]"
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
 def cmd_inspect(args) -> None:
-    from .formats.gguf import GGUFFile
+    import json
+
+    from .inspection import describe, render
     from .registry import resolve_model
 
-    f = GGUFFile(resolve_model(args.file))
-    split = f", {len(f.parts)} parts" if len(f.parts) > 1 else ""
-    print(f"{f.path}  (GGUF v{f.version}, {f.size / 1e6:.1f} MB{split}, {len(f.tensors)} tensors)\n")
-    print("metadata:")
-    for key, value in f.metadata.items():
-        print(f"  {key:<48} {_format_value(value)}")
-    print(f"\n{'tensor':<40} {'type':<6} {'shape':<20} {'bytes':>12}")
-    totals = defaultdict(lambda: [0, 0])
-    for t in f.tensors.values():
-        print(f"{t.name:<40} {t.kind.name:<6} {str(list(t.shape)):<20} {t.nbytes:>12,}")
-        totals[t.kind.name][0] += 1
-        totals[t.kind.name][1] += t.nbytes
-    print("\ntotals per type:")
-    for kind, (count, nbytes) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {kind:<6} {count:>5} tensors {nbytes / 1e6:>10.1f} MB")
-    n_params = sum(t.n_elements for t in f.tensors.values())
-    print(
-        f"  all    {len(f.tensors):>5} tensors {sum(t.nbytes for t in f.tensors.values()) / 1e6:>10.1f} MB, "
-        f"{n_params / 1e6:.1f}M parameters"
-    )
-    print(
-        "(the cpu backend reads Q8_0 and Q5_0 matrices in place, holds Q4_0/Q4_1/Q4_K ones as nibbles (0.75\n"
-        " bytes a weight) and repacks the other quantized types to int8 (1.1-1.3 bytes a weight) at load)"
-    )
+    description = describe(resolve_model(args.file))
+    print(json.dumps(description, indent=1, ensure_ascii=False) if args.json else render(description))
 
 
 def cmd_perplexity(args) -> None:
@@ -495,8 +465,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="metadata and tensor table of a model file")
-    p.add_argument("file", help=model_help)
+    p = sub.add_parser(
+        "inspect",
+        help="what a model file holds: GGUF, .litertlm, .task or .tflite",
+        description="Header, metadata, sections (decoded LlmMetadata / LlmParameters, tokenizer), TFLite "
+        "subgraphs and signatures, and the tensor table with totals per type. MODEL: "
+        f"{model_help}, or a .litertlm / .task / .tflite file.",
+    )
+    p.add_argument(
+        "file", metavar="MODEL", help="the model file (or a name or hf: reference of a GGUF model)"
+    )
+    p.add_argument("--json", action="store_true", help="print the description as JSON, for scripts")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

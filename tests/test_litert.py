@@ -1,0 +1,168 @@
+"""Google's on-device files (.litertlm, .task, .tflite): the readers and `pocketlm inspect` on the
+samples made with Google's own tools (tests/fixtures/litert, from ../shared/litert/samples), and
+damaged copies of them, which must give one-line errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from test_cli import run_cli
+
+from pocketlm.errors import ModelFileError
+from pocketlm.inspection import describe, render
+
+SAMPLES = Path(__file__).parent / "fixtures" / "litert"
+FILES = sorted(p.name for p in SAMPLES.iterdir())
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_sample_is_described_and_rendered(name):
+    d = describe(SAMPLES / name)
+    assert d["format"] == name.rsplit(".", 1)[1] and d["size"] == (SAMPLES / name).stat().st_size
+    assert json.loads(json.dumps(d)) == d  # --json's content
+    text = render(d)
+    assert str(SAMPLES / name) in text and "totals per type" in text
+
+
+def tflite_of(d: dict, model_type: str = "tf_lite_prefill_decode") -> dict:
+    return next(s["tflite"] for s in d["sections"] if s["items"].get("model_type") == model_type)
+
+
+def test_the_tiny_llama_litertlm_shows_its_metadata_tokenizer_signatures_and_int8_weights():
+    d = describe(SAMPLES / "tiny_llama_h16_int8.litertlm")
+    assert d["version"] == "1.7.0" and d["system_metadata"]["Authors"] == "ODML"
+    kinds = [s["data_type"] for s in d["sections"]]
+    assert kinds == ["LlmMetadataProto", "ExecutorMetadataProto", "HF_Tokenizer_Zlib", "TFLiteModel"]
+    assert all(s["begin"] % 16384 == 0 for s in d["sections"])  # sections start on 16 KiB boundaries
+    meta = d["sections"][0]["metadata"]
+    assert meta["start_token"] == {"token_str": "<|im_start|>"} and meta["max_num_tokens"] == 256
+    assert {"token_ids": {"ids": [2]}} in meta["stop_tokens"] and "jinja_prompt_template" in meta
+    executor = d["sections"][1]["metadata"]["llm_executor_metadata"]
+    assert len(executor["state_buffers"]) == 4  # K and V of two layers
+    assert d["sections"][2]["tokenizer"] == {
+        "kind": "Hugging Face tokenizer.json",
+        "model": "BPE",
+        "vocab_size": 49152,
+        "added_tokens": 17,
+    }
+    model = tflite_of(d)
+    assert [(s["key"], s["subgraph"], s["kv_cache_inputs"]) for s in model["signatures"]] == [
+        ("prefill_32", 0, 4),
+        ("decode", 1, 4),
+    ]
+    assert len(model["subgraphs"]) == 10 and model["external_buffers"] == 1
+    embedding = [t for t in model["tensors"] if t["shape"] == [49152, 16]]
+    assert embedding == [
+        {
+            "name": "arith.constant11",
+            "type": "INT8",
+            "shape": [49152, 16],
+            "quantization": "per-channel (axis 0)",
+            "bytes": 786432,
+        }
+    ]
+    projections = [t for t in model["tensors"] if "Linear_q_proj" in t["name"] and t["type"] == "INT8"]
+    assert len(projections) == 2 and all(t["shape"] == [16, 16] for t in projections)  # two layers
+
+
+def test_tflite_quantization_schemes_are_named_with_their_axis_or_block():
+    def weights(name):
+        return [
+            (t["type"], t["shape"], t["quantization"]) for t in describe(SAMPLES / name)["tflite"]["tensors"]
+        ]
+
+    assert ("FLOAT32", [128, 64], "none") in weights("tiny_mlp_fp32.tflite")
+    for name in ("tiny_mlp_int8_channelwise.tflite", "tiny_mlp_int8_weightonly.tflite"):
+        assert ("INT8", [128, 64], "per-channel (axis 0)") in weights(name)
+    int4 = [w for w in weights("tiny_mlp_int4_block32.tflite") if w[0] == "INT4"]
+    assert sorted(int4) == [("INT4", [32, 128], "blockwise (32)"), ("INT4", [128, 64], "blockwise (32)")]
+    totals = describe(SAMPLES / "tiny_mlp_int4_block32.tflite")["tflite"]["totals"]
+    assert totals["INT4"] == {"tensors": 2, "bytes": (32 * 128 + 128 * 64) // 2}
+
+
+def test_the_task_bundle_and_the_builder_files_decode_their_parameters_and_tokenizers():
+    d = describe(SAMPLES / "tiny_mlp_int8.task")
+    entries = {e["name"]: e for e in d["entries"]}
+    assert list(entries) == ["TF_LITE_PREFILL_DECODE", "TOKENIZER_MODEL", "METADATA"]
+    assert all(e["begin"] % 4 == 0 for e in d["entries"])  # stored and aligned, so mappable
+    assert entries["METADATA"]["metadata"] == {
+        "stop_tokens": ["</s>", "<end_of_turn>"],
+        "start_token": "<s>",
+        "prompt_template": {
+            "prompt_prefix": "<start_of_turn>user\n",
+            "prompt_suffix": "<end_of_turn>\n<start_of_turn>model\n",
+        },
+    }
+    assert entries["TOKENIZER_MODEL"]["tokenizer"] == {"kind": "SentencePiece", "vocab_size": 64}
+    assert [s["key"] for s in entries["TF_LITE_PREFILL_DECODE"]["tflite"]["signatures"]] == [
+        "serving_default"
+    ]
+
+    sp = describe(SAMPLES / "tiny_mlp_int8.litertlm")
+    assert sp["system_metadata"]["sample_int"] == 7
+    assert sp["sections"][1]["tokenizer"] == {"kind": "SentencePiece", "vocab_size": 64}
+    assert tflite_of(sp)["tensors"] and sp["sections"][2]["items"]["model_version"] == "1.0.1"
+    two = describe(SAMPLES / "tiny_mlp_hftok_2models.litertlm")
+    assert [s["items"].get("model_type") for s in two["sections"][2:]] == [
+        "tf_lite_embedder",
+        "tf_lite_prefill_decode",
+    ]
+
+
+def test_inspect_prints_text_and_json(capsys):
+    code, out, _ = run_cli(capsys, "inspect", str(SAMPLES / "tiny_llama_h16_int8.litertlm"))
+    assert code == 0
+    assert "(.litertlm v1.7.0, 2.8 MB, 4 sections)" in out and "section 2: HF_Tokenizer_Zlib" in out
+    assert "signature 'prefill_32': subgraph 0, 7 inputs" in out and "4 KV-cache inputs" in out
+    assert "tokenizer: Hugging Face tokenizer.json, BPE, 49152 tokens + 17 added" in out
+    code, out, _ = run_cli(capsys, "inspect", str(SAMPLES / "tiny_mlp_int8.task"), "--json")
+    assert code == 0 and json.loads(out)["entries"][2]["metadata"]["start_token"] == "<s>"
+
+
+def mutations(data: bytes, rng: random.Random, n: int):
+    """Truncations anywhere, and byte flips, extreme u32s and zeroed runs in the first 4 kB (the
+    headers, tables and offsets) and in the last bytes."""
+    for _ in range(n):
+        raw = bytearray(data)
+        kind = rng.choice(("truncate", "flip", "flip", "u32", "zero"))
+        head = min(len(raw), 4096)
+        if kind == "truncate":
+            yield kind, bytes(raw[: rng.randrange(len(raw))])
+            continue
+        at = rng.randrange(head) if rng.random() < 0.8 else rng.randrange(len(raw))
+        if kind == "flip":
+            raw[at] ^= 1 << rng.randrange(8)
+        elif kind == "u32":
+            raw[at : at + 4] = rng.choice((0, 1, 0x7FFFFFFF, 0xFFFFFFFF, len(raw))).to_bytes(4, "little")
+        else:
+            raw[at : at + 64] = bytes(len(raw[at : at + 64]))
+        yield kind, bytes(raw[: len(data)])
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_damaged_copies_give_one_line_errors_never_a_traceback(name, tmp_path):
+    data = (SAMPLES / name).read_bytes()
+    rng = random.Random(name)
+    path = tmp_path / name
+    outcomes = {"read": 0, "refused": 0}
+    for kind, mutated in mutations(data, rng, 150):
+        path.write_bytes(mutated)
+        try:
+            describe(path)
+            outcomes["read"] += 1
+        except ModelFileError as e:
+            message = str(e)
+            assert "\n" not in message and message.startswith(str(path)), (kind, message)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0  # damage is noticed (not everything reads as fine)
+
+
+def test_a_truncated_file_is_one_line_on_the_command_line(capsys, tmp_path):
+    bad = tmp_path / "cut.litertlm"
+    bad.write_bytes((SAMPLES / "tiny_llama_h16_int8.litertlm").read_bytes()[:100_000])
+    code, _, err = run_cli(capsys, "inspect", str(bad))
+    assert code == 2 and err.count("\n") == 1
+    assert "section 2 spans bytes 49152..692919, outside the file's data" in err
