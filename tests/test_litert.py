@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_cli import run_cli
 
@@ -166,3 +167,68 @@ def test_a_truncated_file_is_one_line_on_the_command_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "inspect", str(bad))
     assert code == 2 and err.count("\n") == 1
     assert "section 2 spans bytes 49152..692919, outside the file's data" in err
+
+
+def test_diff_of_a_file_with_itself_is_empty(capsys):
+    from pocketlm.diff import diff, is_empty
+
+    for name in FILES:
+        assert is_empty(diff(SAMPLES / name, SAMPLES / name)), name
+    code, out, _ = run_cli(
+        capsys, "diff", str(SAMPLES / "tiny_mlp_int8.task"), str(SAMPLES / "tiny_mlp_int8.task")
+    )
+    assert code == 0 and out.rstrip().endswith("no differences")
+
+
+def test_diff_of_differently_quantized_files_lists_the_requantized_weights_and_their_error(capsys):
+    from pocketlm.diff import diff
+
+    d = diff(SAMPLES / "tiny_mlp_fp32.tflite", SAMPLES / "tiny_mlp_int8_channelwise.tflite")
+    t = d["tensors"]
+    assert t["identical"] == 2 and not t["only_a"] and not t["only_b"]  # the biases stay float
+    assert sorted(c["a"].rsplit(".", 1)[1] for c in t["changed"]) == ["Linear_fc1;", "Linear_fc2;1"]
+    for c in t["changed"]:
+        assert c["type"] == ["FLOAT32", "INT8"] and c["quantization"] == ["none", "per-channel (axis 0)"]
+        assert c["matched_by"] == "name" and 0 < c["rel_rms"] < 0.005 and c["cosine"] > 0.9999
+
+    d = diff(SAMPLES / "tiny_mlp_int8_channelwise.tflite", SAMPLES / "tiny_mlp_int4_block32.tflite")
+    t = d["tensors"]
+    assert [c["type"] for c in t["changed"]] == [["INT8", "INT4"]] * 2
+    assert all(c["quantization"] == ["per-channel (axis 0)", "blockwise (32)"] for c in t["changed"])
+    assert all(0.03 < c["rel_rms"] < 0.1 for c in t["changed"])  # 4-bit blocks of 32 against 8-bit rows
+    assert sorted(n.rsplit("_", 1)[1] for n in t["only_b"]) == ["scales", "scales"]  # the blocks' scales
+
+    code, out, _ = run_cli(
+        capsys,
+        "diff",
+        str(SAMPLES / "tiny_mlp_fp32.tflite"),
+        str(SAMPLES / "tiny_mlp_int8_channelwise.tflite"),
+        "--exit-code",
+    )
+    assert code == 1 and "type FLOAT32 -> INT8; quantization none -> per-channel (axis 0)" in out
+
+
+def test_diff_across_formats_matches_tensors_by_shape_where_names_differ(tmp_path, capsys):
+    from pocketlm.diff import diff
+    from pocketlm.formats.gguf import GGUFWriter
+    from pocketlm.formats.quants import GGMLType
+    from pocketlm.formats.tflite import open_tflite
+
+    model = open_tflite(SAMPLES / "tiny_mlp_fp32.tflite")
+    writer = GGUFWriter()
+    writer.add("general.architecture", "mlp")
+    for i, t in enumerate(model.weights()):
+        writer.add_tensor(f"w{i}", GGMLType.F32, t.shape, lambda t=t: np.asarray(t.data))
+    writer.write(tmp_path / "same.gguf")
+    d = diff(SAMPLES / "tiny_mlp_fp32.tflite", tmp_path / "same.gguf")
+    t = d["tensors"]
+    assert t["matched_by_shape"] == 4 and not t["only_a"] and not t["only_b"]
+    assert t["identical"] == 4 and not t["changed"]  # the same float32 bytes under other names
+    assert d["parts"]["only_a"] == ["TFLite model"] and "general.architecture" in d["metadata"]["only_b"]
+
+    same = diff(SAMPLES / "tiny_mlp_int8.litertlm", SAMPLES / "tiny_mlp_int8_channelwise.tflite")
+    assert same["tensors"]["identical"] == 4 and "SP_Tokenizer" in same["parts"]["only_a"]
+    code, out, _ = run_cli(
+        capsys, "diff", str(SAMPLES / "tiny_mlp_int8.litertlm"), str(SAMPLES / "tiny_mlp_int8.task"), "--json"
+    )
+    assert code == 0 and json.loads(out)["metadata"]["only_b"]["METADATA.start_token"] == "<s>"

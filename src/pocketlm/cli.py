@@ -200,6 +200,17 @@ def cmd_convert(args) -> None:
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+def cmd_diff(args) -> int:
+    import json
+
+    from .diff import diff, is_empty, render
+    from .registry import resolve_model
+
+    result = diff(resolve_model(args.a), resolve_model(args.b), values=not args.no_values)
+    print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else render(result))
+    return 1 if args.exit_code and not is_empty(result) else 0
+
+
 def cmd_inspect(args) -> None:
     import json
 
@@ -479,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(
+        "diff",
+        help="what differs between two model files (GGUF, .litertlm, .task, .tflite, in any mix)",
+        description="Metadata, sections and tensors that differ between two model files; for tensors in both "
+        "(matched by name, else by shape and position) the type, shape and quantization changes and, after "
+        "dequantization, max |delta|, relative RMS difference and cosine similarity.",
+    )
+    p.add_argument("a", metavar="A", help="a model file, name or hf: reference")
+    p.add_argument("b", metavar="B", help="the other one")
+    p.add_argument("--json", action="store_true", help="print the differences as JSON, for scripts")
+    p.add_argument("--no-values", action="store_true", help="compare types and shapes only, not the numbers")
+    p.add_argument("--exit-code", action="store_true", help="exit with status 1 when the files differ")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser(
         "perplexity",
         help="perplexity of a model on a text file",
         description="Perplexity over chunks of --ctx tokens, scoring the second half of each (as llama.cpp).",
@@ -596,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args.func(args)
+        code = args.func(
+            args
+        )  # a command returns a status only where it has one of its own (diff --exit-code)
     except PocketLMError as e:
         if args.debug:
             raise
@@ -607,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             "\npocketlm: " + ("terminated" if isinstance(e, Terminated) else "interrupted"), file=sys.stderr
         )
         return 143 if isinstance(e, Terminated) else 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

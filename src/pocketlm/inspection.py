@@ -178,7 +178,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} B"
 
 
-def _value(value: Any, width: int = 100) -> str:
+def short_text(value: Any, width: int = 100) -> str:
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     text = text.replace("\n", "\\n")
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -193,14 +193,14 @@ def render(d: dict[str, Any]) -> str:
         out(f"{d['file']}  (GGUF v{d['version']}, {_mb(d['size'])}{parts}, {len(d['tensors'])} tensors)\n")
         out("metadata:")
         for key, value in d["metadata"].items():
-            out(f"  {key:<48} {_value(repr(value) if isinstance(value, str) else value)}")
+            out(f"  {key:<48} {short_text(repr(value) if isinstance(value, str) else value)}")
         _tensor_table(d, out, quantization=False)
         out(f"  {d['parameters'] / 1e6:.1f}M parameters")
     elif kind == "litertlm":
         out(f"{d['file']}  (.litertlm v{d['version']}, {_mb(d['size'])}, {len(d['sections'])} sections)\n")
         out("system metadata:")
         for key, value in d["system_metadata"].items():
-            out(f"  {key:<32} {_value(value)}")
+            out(f"  {key:<32} {short_text(value)}")
         for s in d["sections"]:
             items = ", ".join(f"{k}={v}" for k, v in s["items"].items())
             out(
@@ -222,7 +222,7 @@ def render(d: dict[str, Any]) -> str:
 
 def _payload(part: dict, out) -> None:
     for key, value in (part.get("metadata") or {}).items():
-        out(f"  {key:<28} {_value(value)}")
+        out(f"  {key:<28} {short_text(value)}")
     if tok := part.get("tokenizer"):
         model = f", {tok['model']}" if tok.get("model") else ""
         added = f" + {tok['added_tokens']} added" if tok.get("added_tokens") else ""

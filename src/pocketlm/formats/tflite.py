@@ -42,6 +42,13 @@ TENSOR_TYPES = {
     17: ("INT4", 4),
     18: ("BFLOAT16", 16),
 }
+_FLOATS = {
+    "FLOAT32": np.dtype("<f4"),
+    "FLOAT16": np.dtype("<f2"),
+    "BFLOAT16": np.dtype("<u2"),
+    "FLOAT64": np.dtype("<f8"),
+}
+_INTS = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4")}
 _BLOCKWISE = 2  # QuantizationDetails union: 1 CustomQuantization, 2 BlockwiseQuantization
 
 
@@ -73,6 +80,7 @@ class TFLiteTensor:
     quantization: Quantization
     nbytes: int  # bytes of its data (0: an activation, no constant data)
     data: np.ndarray | None = None  # uint8 view of the data
+    subgraph: int = 0
 
 
 @dataclass
@@ -103,6 +111,45 @@ class TFLiteModel:
     external_buffers: int  # buffers stored after the FlatBuffer (offset/size)
     size: int
     metadata: dict[str, int] = field(default_factory=dict)  # name -> buffer index
+
+    def dequantize(self, t: TFLiteTensor) -> np.ndarray:
+        """A constant tensor's values as float32: float types as they are, INT8 / INT4 / INT16 / UINT8
+        through their per-tensor, per-channel or blockwise scales."""
+        if t.data is None:
+            raise ModelFileError(f"{self.path}: tensor {t.name!r} has no constant data")
+        if t.type in _FLOATS:
+            raw = t.data.view(_FLOATS[t.type])
+            values = (raw.astype(np.uint32) << 16).view(np.float32) if t.type == "BFLOAT16" else raw
+            return values.astype(np.float32).reshape(t.shape)
+        if t.type == "INT4":
+            packed = t.data
+            q = np.empty(packed.size * 2, np.int8)
+            q[0::2], q[1::2] = packed & 0x0F, packed >> 4  # the even element in the low nibble
+            q = np.where(q >= 8, q - 16, q)[: math.prod(t.shape)].astype(np.float32)
+        elif t.type in _INTS:
+            q = t.data.view(_INTS[t.type]).astype(np.float32)
+        else:
+            raise ModelFileError(f"{self.path}: tensor {t.name!r} of type {t.type} has no numeric values")
+        q = q.reshape(t.shape)
+        quant = t.quantization
+        if quant.scheme == "blockwise":
+            graph = self.subgraphs[t.subgraph].tensors
+            scale = graph[quant.scale_tensor] if 0 <= (quant.scale_tensor or -1) < len(graph) else None
+            blocks = (*t.shape[:-1], t.shape[-1] // quant.block_size)
+            if scale is None or scale.type not in _FLOATS or scale.shape != blocks:
+                raise ModelFileError(f"{self.path}: tensor {t.name!r} lacks scales of shape {list(blocks)}")
+            scales = np.repeat(self.dequantize(scale), quant.block_size, axis=-1)
+            return q * scales
+        if quant.scheme in ("per-tensor", "per-channel"):
+            axis = quant.axis or 0
+            view = [1] * len(t.shape)
+            if quant.scheme == "per-channel":
+                view[axis] = -1
+            zero = (
+                quant.zero_points if quant.zero_points is not None and len(quant.zero_points) else np.zeros(1)
+            )
+            return (q - zero.astype(np.float32).reshape(view)) * quant.scales.reshape(view)
+        return q
 
     def weights(self) -> list[TFLiteTensor]:
         """Every tensor with constant data, once per buffer (the subgraphs of an LLM export share them)."""
@@ -189,7 +236,7 @@ def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview]) -> Su
             )
         quant = _quantization(t.table(4, f"the quantization of {name!r}"), name, shape, fb)
         view = np.frombuffer(data, np.uint8) if len(data) else None
-        tensors.append(TFLiteTensor(name, kind, shape, buffer, quant, len(data), view))
+        tensors.append(TFLiteTensor(name, kind, shape, buffer, quant, len(data), view, j))
     inputs = [int(i) for i in g.array(1, "i4", f"subgraph {j} inputs")]
     outputs = [int(i) for i in g.array(2, "i4", f"subgraph {j} outputs")]
     if any(not 0 <= i < len(tensors) for i in inputs + outputs):
