@@ -120,6 +120,19 @@ def test_pull_takes_q4_k_m_by_default_the_named_quantization_otherwise_and_lists
     assert "no file tiny-F16.gguf" in one_line_error(pocketlm(env, "pull", "hf:acme/tiny-GGUF/tiny-F16.gguf"))
 
 
+def test_google_files_on_the_hub_can_be_inspected_and_diffed(hub, tmp_path):
+    samples = Path(__file__).parent / "fixtures" / "litert"
+    hub.repos["google/tiny-litert"] = Repo(
+        {name: (samples / name).read_bytes() for name in ("tiny_mlp_int8.litertlm", "tiny_mlp_int8.task")}
+    )
+    env = user_env(hub, tmp_path)
+    result = pocketlm(env, "inspect", "hf:google/tiny-litert/tiny_mlp_int8.litertlm")
+    assert result.returncode == 0 and "(.litertlm v1.7.0" in result.stdout, result.stderr
+    a, b = "hf:google/tiny-litert/tiny_mlp_int8.litertlm", "hf:google/tiny-litert/tiny_mlp_int8.task"
+    result = pocketlm(env, "diff", a, b)
+    assert result.returncode == 0 and "tensors: 4 identical, 0 differ" in result.stdout, result.stderr
+
+
 def test_a_gated_repository_says_to_accept_the_licence_and_opens_with_a_granted_token(hub, ggufs, tmp_path):
     hub.repos["acme/gated"] = Repo({"gated-Q8_0.gguf": ggufs[1]}, gated=True)
     for token in ({}, {"HF_TOKEN": "hf_not_granted"}):

@@ -232,3 +232,8 @@ def test_diff_across_formats_matches_tensors_by_shape_where_names_differ(tmp_pat
         capsys, "diff", str(SAMPLES / "tiny_mlp_int8.litertlm"), str(SAMPLES / "tiny_mlp_int8.task"), "--json"
     )
     assert code == 0 and json.loads(out)["metadata"]["only_b"]["METADATA.start_token"] == "<s>"
+
+
+def test_running_a_google_file_says_what_pocketlm_can_do_with_it(capsys):
+    code, _, err = run_cli(capsys, "run", str(SAMPLES / "tiny_llama_h16_int8.litertlm"), "Hi")
+    assert code == 2 and err.count("\n") == 1 and "`pocketlm inspect` and `pocketlm diff` read it" in err

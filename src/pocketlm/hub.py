@@ -1,6 +1,7 @@
 """Hugging Face Hub references -> local model files.
 
-`hf:OWNER/REPO[/PATH/FILE.gguf][:QUANT][@REVISION]` names a model on the Hub. Transfers go through
+`hf:OWNER/REPO[/PATH/FILE.gguf][:QUANT][@REVISION]` names a model on the Hub (a named file may also be
+one of Google's .litertlm / .task / .tflite files, for `inspect` and `diff`). Transfers go through
 huggingface_hub, so its cache (HF_HOME, HF_HUB_CACHE), HF_ENDPOINT, HF_TOKEN or the saved login,
 HF_HUB_OFFLINE, its progress bars and its resumption of a broken transfer all apply. On top of it
 this module decides which file of a repository to take, checks every fresh download against the
@@ -24,7 +25,7 @@ from .paths import file_sha256, models_dir
 
 PREFIX = "hf:"
 _REF = re.compile(
-    r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^:@]+\.gguf))?(?::(?P<quant>[A-Za-z0-9_]+))?"
+    r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^:@]+\.(?:gguf|litertlm|task|tflite)))?(?::(?P<quant>[A-Za-z0-9_]+))?"
     r"(?:@(?P<revision>[\w./-]+))?$"
 )
 # which GGUF of a repository to take when the reference names no quantization: the file types
@@ -45,6 +46,12 @@ CHECKPOINT_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+MODEL_SUFFIXES = (
+    ".gguf",
+    ".litertlm",
+    ".task",
+    ".tflite",
+)  # files a reference may name (Google's: for inspect, diff)
 DEFAULT_CONVERSION = "q8_0"  # a safetensors checkpoint converted on pull, unless :QUANT says otherwise
 
 
@@ -74,7 +81,7 @@ def parse(text: str) -> HubRef:
     if not m or ".." in (m["file"] or "").split("/"):
         raise InvalidOptionError(
             f"{text!r} is not a Hub reference: write hf:OWNER/REPO, hf:OWNER/REPO:QUANT (e.g. :Q4_K_M), "
-            "or hf:OWNER/REPO/FILE.gguf, each optionally followed by @REVISION"
+            "or hf:OWNER/REPO/FILE (.gguf, .litertlm, .task, .tflite), each optionally followed by @REVISION"
         )
     if m["file"] and m["quant"]:
         raise InvalidOptionError(f"{text}: name a file or a quantization, not both")
@@ -155,8 +162,8 @@ def _gguf_files(ref: HubRef, listing: _Listing) -> dict[str, list[str]]:
 def _gguf_set(ref: HubRef, listing: _Listing, name: str) -> list[str]:
     """`name`, or every part of the split model whose first part it is."""
     if name not in listing.files:
-        have = ", ".join(n for n in listing.files if n.endswith(".gguf")) or "none"
-        raise ModelFileError(f"{ref}: no file {name} in the repository (GGUF files there: {have})")
+        have = ", ".join(n for n in listing.files if n.endswith(MODEL_SUFFIXES)) or "none"
+        raise ModelFileError(f"{ref}: no file {name} in the repository (model files there: {have})")
     split = SPLIT_NAME.match(Path(name).name)
     if not split:
         return [name]
