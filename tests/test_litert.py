@@ -237,3 +237,30 @@ def test_diff_across_formats_matches_tensors_by_shape_where_names_differ(tmp_pat
 def test_running_a_google_file_says_what_pocketlm_can_do_with_it(capsys):
     code, _, err = run_cli(capsys, "run", str(SAMPLES / "tiny_llama_h16_int8.litertlm"), "Hi")
     assert code == 2 and err.count("\n") == 1 and "`pocketlm inspect` and `pocketlm diff` read it" in err
+
+
+def test_a_tflite_model_over_2_gb_reads_its_buffers_stored_after_the_flatbuffer(tmp_path):
+    """The tiny Llama's embedding moved to 3 GiB into a sparse file, its Buffer.offset patched."""
+    import struct
+
+    from pocketlm.formats.flatbuf import FlatBuffer
+    from pocketlm.formats.litertlm import open_litertlm
+    from pocketlm.formats.tflite import open_tflite
+
+    section = open_litertlm(SAMPLES / "tiny_llama_h16_int8.litertlm").sections[3]
+    model = bytearray(section.data)
+    buffers = FlatBuffer(model, SAMPLES, "test").root(b"TFL3").tables(4, "buffers")
+    (external,) = [b for b in buffers if b.scalar(1, "u64") > 1]
+    offset, size = external.scalar(1, "u64"), external.scalar(2, "u64")
+    far = 3 << 30
+    struct.pack_into("<Q", model, external._field(1, 8), far)
+    path = tmp_path / "big.tflite"
+    with open(path, "wb") as f:
+        f.write(model)
+        f.seek(far)
+        f.write(model[offset : offset + size])
+    assert path.stat().st_size > 3 << 30
+    big = open_tflite(path)
+    (embedding,) = [t for t in big.weights() if t.shape == (49152, 16)]
+    assert bytes(embedding.data) == bytes(section.data[offset : offset + size])
+    assert big.external_buffers == 1 and big.size == far + size
