@@ -335,3 +335,32 @@ print(registry.remove("tiny")[0][0].name)
     )
     assert pulled == found and local_sha256 == sha256 and len(hub.downloads("tiny-Q8_0.gguf")) == 1
     assert removed == "tiny-Q8_0.gguf" and not Path(found).exists()
+
+
+def test_rm_of_a_repository_removes_its_own_conversions_only(tmp_path, monkeypatch):
+    from pocketlm import hub
+
+    monkeypatch.setenv("POCKETLM_HOME", str(tmp_path))
+    monkeypatch.setattr(hub, "_storage", lambda repo: tmp_path / "no-hub-cache")
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("acme--tiny-Q8_0.gguf", "acme--tiny-Q4_0.gguf", "acme--tiny-instruct-Q8_0.gguf"):
+        (models / name).write_bytes(b"x")
+    assert sorted(p.name for p, _ in hub.remove("hf:acme/tiny")) == [
+        "acme--tiny-Q4_0.gguf",
+        "acme--tiny-Q8_0.gguf",
+    ]
+    assert [p.name for p in models.iterdir()] == ["acme--tiny-instruct-Q8_0.gguf"]
+
+
+def test_a_quiet_download_transfers_without_progress_and_bad_part_names_are_one_line_errors(
+    hub, ggufs, tmp_path
+):
+    hub.repos["acme/tiny-GGUF"] = Repo({"tiny-Q8_0.gguf": ggufs[1]})
+    hub.repos["acme/bad-split"] = Repo({"x-Q8_0-00001-of-00000.gguf": ggufs[1]})
+    env = user_env(hub, tmp_path)
+    out = tmp_path / "out.gguf"
+    result = pocketlm(env, "convert", "hf:acme/tiny-GGUF", str(out), "--quant", "q8_0", "--quiet")
+    assert result.returncode == 0 and out.is_file() and result.stderr == "", result.stderr
+    assert len(hub.downloads("tiny-Q8_0.gguf")) == 1
+    assert "not a valid part name (part 1 of 0)" in one_line_error(pocketlm(env, "pull", "hf:acme/bad-split"))

@@ -264,3 +264,41 @@ def test_a_tflite_model_over_2_gb_reads_its_buffers_stored_after_the_flatbuffer(
     (embedding,) = [t for t in big.weights() if t.shape == (49152, 16)]
     assert bytes(embedding.data) == bytes(section.data[offset : offset + size])
     assert big.external_buffers == 1 and big.size == far + size
+
+
+def test_a_flatbuffer_whose_entries_point_at_one_table_over_and_over_is_refused_at_once(tmp_path):
+    """300 subgraph entries naming one subgraph whose 300 tensor entries name one tensor: 90,000
+    tensors from 2.5 kB, and from a 1 MB file hours of work, unless the reader counts."""
+    import time
+
+    import flatbuffers
+
+    from pocketlm.formats.tflite import open_tflite
+
+    b = flatbuffers.Builder(1024)
+    name = b.CreateString("t")
+    b.StartObject(4)
+    b.PrependUOffsetTRelativeSlot(3, name, 0)
+    tensor = b.EndObject()
+
+    def repeated(offset: int, n: int) -> int:
+        b.StartVector(4, n, 4)
+        for _ in range(n):
+            b.PrependUOffsetTRelative(offset)
+        return b.EndVector()
+
+    tensors = repeated(tensor, 300)
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(0, tensors, 0)
+    subgraph = b.EndObject()
+    subgraphs = repeated(subgraph, 300)
+    b.StartObject(8)
+    b.PrependUint32Slot(0, 3, 0)
+    b.PrependUOffsetTRelativeSlot(2, subgraphs, 0)
+    b.Finish(b.EndObject(), file_identifier=b"TFL3")
+    path = tmp_path / "amplified.tflite"
+    path.write_bytes(b.Output())
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError, match="more tables than .* bytes can hold"):
+        open_tflite(path)
+    assert time.perf_counter() - start < 1.0

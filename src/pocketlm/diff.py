@@ -155,14 +155,21 @@ def _pairs(
     return pairs, unmatched_a, [u for j, u in enumerate(rest_b) if j not in taken]
 
 
-def _numbers(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    x, y = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
-    delta = x - y
-    norm_x, norm_y = np.linalg.norm(x), np.linalg.norm(y)
+def _numbers(x: np.ndarray, y: np.ndarray, chunk: int = 1 << 20) -> dict[str, float]:
+    """max |x - y|, ||x - y|| / ||x|| and the cosine, summed in float64 a chunk at a time (a whole
+    embedding table in float64 with its temporaries would take gigabytes)."""
+    x, y = x.ravel(), y.ravel()
+    max_abs = delta2 = x2 = y2 = dot = 0.0
+    for i in range(0, x.size, chunk):
+        a, b = x[i : i + chunk].astype(np.float64), y[i : i + chunk].astype(np.float64)
+        d = a - b
+        max_abs = max(max_abs, float(np.max(np.abs(d))))
+        delta2, x2, y2, dot = delta2 + d @ d, x2 + a @ a, y2 + b @ b, dot + a @ b
+    norm_x, norm_y = np.sqrt(x2), np.sqrt(y2)
     return {
-        "max_abs": float(np.max(np.abs(delta))) if delta.size else 0.0,
-        "rel_rms": float(np.linalg.norm(delta) / norm_x) if norm_x else float(np.linalg.norm(delta)),
-        "cosine": float(x @ y / (norm_x * norm_y)) if norm_x and norm_y else float(norm_x == norm_y),
+        "max_abs": max_abs,
+        "rel_rms": float(np.sqrt(delta2) / norm_x) if norm_x else float(np.sqrt(delta2)),
+        "cosine": float(dot / (norm_x * norm_y)) if norm_x and norm_y else float(norm_x == norm_y),
     }
 
 

@@ -11,7 +11,6 @@ into the model folder (`general.source.*` keys say where it came from).
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
 import re
@@ -78,7 +77,8 @@ def is_hub_ref(model: object) -> bool:
 
 def parse(text: str) -> HubRef:
     m = _REF.match(text)
-    if not m or ".." in (m["file"] or "").split("/"):
+    parts = [*(m["file"] or "x").split("/"), *(m["revision"] or "x").split("/")] if m else []
+    if not m or not all(part and part != ".." for part in parts):  # nothing that leaves a folder
         raise InvalidOptionError(
             f"{text!r} is not a Hub reference: write hf:OWNER/REPO, hf:OWNER/REPO:QUANT (e.g. :Q4_K_M), "
             "or hf:OWNER/REPO/FILE (.gguf, .litertlm, .task, .tflite), each optionally followed by @REVISION"
@@ -167,10 +167,12 @@ def _gguf_set(ref: HubRef, listing: _Listing, name: str) -> list[str]:
     split = SPLIT_NAME.match(Path(name).name)
     if not split:
         return [name]
+    count = int(split["count"])
+    if not 1 <= int(split["no"]) <= count:
+        raise ModelFileError(f"{ref}: {name} is not a valid part name (part {int(split['no'])} of {count})")
     if split["no"] != "00001":
         raise ModelFileError(f"{ref}: {name} is one part of a split model; name its first part (-00001-of-)")
     folder = name[: len(name) - len(Path(name).name)]
-    count = int(split["count"])
     names = [f"{folder}{split['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
     missing = [n for n in names if n not in listing.files]
     if missing:
@@ -179,7 +181,9 @@ def _gguf_set(ref: HubRef, listing: _Listing, name: str) -> list[str]:
 
 
 def _has_checkpoint(listing: _Listing) -> bool:
-    return "config.json" in listing.files and any(n.endswith(".safetensors") for n in listing.files)
+    """config.json and safetensors weights at the repository's top level (where the converter reads them)."""
+    top = [n for n in listing.files if "/" not in n]
+    return "config.json" in top and any(n.endswith(".safetensors") for n in top)
 
 
 def _choose(ref: HubRef, ggufs: dict[str, list[str]], quant: str | None, has_checkpoint: bool) -> str | None:
@@ -224,10 +228,24 @@ def _listing(ref: HubRef, online: bool) -> _Listing:
         files = {
             s.rfilename: (s.lfs.size if s.lfs else s.size, s.lfs.sha256 if s.lfs else None)
             for s in info.siblings or ()
+            if _safe_name(s.rfilename)
         }
+        if not isinstance(info.sha, str) or not re.fullmatch(r"[0-9a-f]{40}", info.sha):
+            raise ModelFileError(f"{ref}: the Hub answered without a commit id")
         return _Listing(info.sha, files, cached=False)
     why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "only the cache was asked"
     return _cached_listing(ref, why)
+
+
+def _safe_name(name: object) -> bool:
+    """A repository file name that stays inside a folder when joined to it."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith("/")
+        and "\\" not in name
+        and ".." not in name.split("/")
+    )
 
 
 def _storage(repo: str) -> Path:
@@ -262,7 +280,7 @@ def _fetch(ref: HubRef, listing: _Listing, name: str, quiet: bool) -> Path:
     """The cached copy of one file of the listing's commit, downloaded if missing; a fresh
     download whose sha256 is not the Hub's is deleted."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     cached = try_to_load_from_cache(ref.repo, name, revision=listing.commit)
     if isinstance(cached, str):
@@ -273,14 +291,20 @@ def _fetch(ref: HubRef, listing: _Listing, name: str, quiet: bool) -> Path:
     if not quiet:
         mb = f" ({size / 1e6:.1f} MB)" if size else ""
         print(f"pocketlm: downloading {ref.repo}/{name}{mb} from the Hugging Face Hub", file=sys.stderr)
+    were_disabled = are_progress_bars_disabled()
     try:
-        with disable_progress_bars() if quiet else contextlib.nullcontext():
-            # by the revision's name, so that the cache records which commit it names (offline use)
-            path = Path(hf_hub_download(ref.repo, name, revision=ref.revision))
+        if quiet:
+            disable_progress_bars()
+        # at the listing's commit: a branch that moves meanwhile cannot mix files of two commits
+        path = Path(hf_hub_download(ref.repo, name, revision=listing.commit))
     except Exception as e:
         raise _hub_error(ref, e, name) from None
+    finally:
+        if quiet and not were_disabled:
+            enable_progress_bars()
+    _record_revision(ref, listing.commit)
     if sha256 and file_sha256(path) != sha256:
-        _evict(path)
+        evict(path)
         raise ModelFileError(
             f"{ref}: {name} arrived with another sha256 than the Hub lists ({sha256[:12]}...); "
             "the download was deleted, try again"
@@ -288,7 +312,19 @@ def _fetch(ref: HubRef, listing: _Listing, name: str, quiet: bool) -> Path:
     return path
 
 
-def _evict(path: Path) -> None:
+def _record_revision(ref: HubRef, commit: str) -> None:
+    """refs/REVISION -> commit in the cache (the cache's layout), so that offline use finds the
+    snapshot that the branch or tag named when it was downloaded."""
+    revision = ref.revision or "main"
+    if revision == commit:
+        return
+    pointer = _storage(ref.repo) / "refs" / revision
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    if not pointer.is_file() or pointer.read_text().strip() != commit:
+        pointer.write_text(commit)
+
+
+def evict(path: Path) -> None:
     """Remove a file from the Hub cache: the snapshot's link and the blob it points to."""
     blob = path.resolve()
     path.unlink(missing_ok=True)
@@ -302,7 +338,9 @@ def _is_network_error(e: Exception) -> bool:
         return True
     if isinstance(e, HfHubHTTPError):
         return e.response is not None and e.response.status_code in (502, 503, 504)
-    return type(e).__name__ in ("ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException")
+    # httpx / httpx2's TransportError family (connect, read, protocol, proxy, timeouts), requests' and the OS's
+    families = {"TransportError", "ConnectionError", "Timeout", "TimeoutException", "TimeoutError"}
+    return any(c.__name__ in families for c in type(e).__mro__)
 
 
 def _short(e: Exception) -> str:
@@ -357,8 +395,27 @@ def _fetch_checkpoint(ref: HubRef, listing: _Listing, quiet: bool) -> Path:
         raise ModelFileError(
             f"{ref}: the repository has no safetensors checkpoint (config.json + *.safetensors)"
         )
+    index = "model.safetensors.index.json"
+    if index in wanted:  # a sharded checkpoint: the shards the index names, not other weights beside them
+        shards = set(_read_index(_fetch(ref, listing, index, quiet), ref))
+        wanted = [n for n in wanted if not n.endswith(".safetensors") or n in shards]
     paths = [_fetch(ref, listing, name, quiet) for name in wanted]
     return paths[0].parent
+
+
+def _read_index(path: Path, ref: HubRef) -> list[str]:
+    import json
+
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        raise ModelFileError(f"{ref}: model.safetensors.index.json has no weight_map of file names") from None
+    if not all(isinstance(n, str) and _safe_name(n) and "/" not in n for n in shards):
+        raise ModelFileError(
+            f"{ref}: model.safetensors.index.json names shards outside the repository's top level"
+        )
+    return shards
 
 
 def converted_path(repo: str, quant: str) -> Path:
@@ -434,9 +491,9 @@ def remove(ref: HubRef | str) -> list[tuple[Path, int]]:
     ref = parse(ref) if isinstance(ref, str) else ref
     storage = _storage(ref.repo)
     removed: list[tuple[Path, int]] = []
-    converted = (
-        sorted(models_dir().glob(f"{ref.repo.replace('/', '--')}-*.gguf")) if models_dir().is_dir() else []
-    )
+    from .convert.policy import QUANT_CHOICES
+
+    converted = [p for q in QUANT_CHOICES if (p := converted_path(ref.repo, q)).is_file()]
     if ref.filename is None and ref.quant is None:
         if storage.is_dir():
             size = sum(p.stat().st_size for p in (storage / "blobs").glob("*") if p.is_file())
@@ -452,7 +509,7 @@ def remove(ref: HubRef | str) -> list[tuple[Path, int]]:
             for name in names:
                 path = snapshot / name
                 size = path.stat().st_size if path.exists() else 0
-                _evict(path)
+                evict(path)
                 removed.append((path, size))
         converted = [p for p in converted if ref.quant and p == converted_path(ref.repo, ref.quant)]
     for path in converted:

@@ -29,10 +29,22 @@ def file_format(path: str | os.PathLike) -> str:
     if head[:8] == b"LITERTLM":
         return "litertlm"
     if b"PK\x03\x04" in head:  # a ZIP; MediaPipe pads its start so that entries are aligned
-        return "task"
+        if _is_task(path):
+            return "task"
+        raise ModelFileError(f"{path}: a ZIP archive without TF_LITE_* entries: not a MediaPipe .task bundle")
     if head[4:8] == b"TFL3":
         return "tflite"
     raise ModelFileError(f"{path}: not a model file pocketlm reads (GGUF, .litertlm, .task or .tflite)")
+
+
+def _is_task(path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.startswith("TF_LITE_") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return True  # a damaged bundle: its reader says what is wrong
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

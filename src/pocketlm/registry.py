@@ -31,7 +31,8 @@ class KnownModel:
     sha256: str
     size: int
     description: str
-    hub: str | None = None  # or an hf: reference to fetch it from the Hugging Face Hub (no packages, members)
+    # or an hf: reference to fetch it from the Hugging Face Hub (no packages, members), pinned with @COMMIT
+    hub: str | None = None
 
 
 _G3_PARTS = range(1, 5)
@@ -107,6 +108,7 @@ def pull(name: str, quiet: bool = False) -> Path:
     if known.hub:
         path = hub.resolve(known.hub, quiet=quiet)
         if file_sha256(path) != known.sha256:
+            hub.evict(path)  # not kept, so that no later call takes it from the cache
             raise ModelFileError(f"{name}: {known.hub} is not the file this name stands for (another sha256)")
         return path
     if target.exists():

@@ -10,6 +10,8 @@ formats' published schemas (tflite's schema.fbs, LiteRT-LM's litertlm_header_sch
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -39,6 +41,10 @@ class FlatBuffer:
 
     def __init__(self, buf: memoryview | bytes, path: Path, what: str, base: int = 0):
         self.buf, self.path, self.what, self.base = memoryview(buf), path, what, base
+        # a table takes at least 4 bytes, so a reader that visits each table once sees at most
+        # len/4 of them; more means entries pointing at the same tables over and over (a crafted
+        # file that would otherwise make a few kB cost hours)
+        self.budget = len(self.buf) // 4 + 16
 
     def fail(self, at: int, problem: str) -> ModelFileError:
         return ModelFileError(f"{self.path}: {self.what} at byte {self.base + at}: {problem}")
@@ -56,6 +62,11 @@ class FlatBuffer:
         return self.table_at(self.read(_U32, 0, "the root offset"), "the root table")
 
     def table_at(self, at: int, what: str) -> Table:
+        self.budget -= 1
+        if self.budget < 0:
+            raise self.fail(
+                at, f"more tables than {len(self.buf)} bytes can hold (entries reused over and over)"
+            )
         vtable = at - self.read(_I32, at, what)
         size = self.read(_U16, vtable, f"{what}'s vtable")
         if size < 4 or size % 2 or vtable + size > len(self.buf):
@@ -140,6 +151,11 @@ class Table:
         start, count = found
         return self.fb.buf[start : start + count]
 
+    def length(self, i: int, what: str, item: int = 4) -> int:
+        """The number of items of a vector field (0 when absent), without reading them."""
+        found = self._vector(i, item, what)
+        return 0 if found is None else found[1]
+
     def tables(self, i: int, what: str) -> list[Table]:
         found = self._vector(i, 4, what)
         if found is None:
@@ -150,3 +166,14 @@ class Table:
             at = start + 4 * j
             out.append(self.fb.table_at(at + self.fb.read(_U32, at, what), f"{what}[{j}]"))
         return out
+
+
+def map_file(path: str | os.PathLike) -> memoryview:
+    """A model file mapped read-only (one-line errors for a missing or unreadable one)."""
+    try:
+        with open(path, "rb") as f:
+            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such model file") from None
+    except (IsADirectoryError, ValueError, OSError) as e:
+        raise ModelFileError(f"{path}: cannot open as a model file ({e})") from None

@@ -215,10 +215,14 @@ class GGUFFile:
         cur = _Cursor(buf, self.path)
         if len(buf) < 24 or bytes(buf[:4]) != MAGIC:
             head = bytes(buf[:64])
-            if head[:8] == b"LITERTLM" or head[4:8] == b"TFL3" or b"PK\x03\x04" in head:
+            if head[:8] == b"LITERTLM" or head[4:8] == b"TFL3":
                 raise ModelFileError(
-                    f"{self.path}: one of Google's .litertlm / .tflite / .task files, not GGUF: `pocketlm inspect` "
+                    f"{self.path}: one of Google's .litertlm / .tflite files, not GGUF: `pocketlm inspect` "
                     "and `pocketlm diff` read it, but running it needs a conversion to GGUF, which is not there yet"
+                )
+            if b"PK\x03\x04" in head:
+                raise ModelFileError(
+                    f"{self.path}: a ZIP archive (a .task bundle, a PyTorch checkpoint?), not GGUF"
                 )
             raise ModelFileError(f"{self.path}: not a GGUF file (bad magic or too short)")
         cur.pos = 4

@@ -15,7 +15,6 @@ field numbers. Every section and entry must lie inside the file.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import zlib
@@ -23,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError
-from .flatbuf import FlatBuffer, Table
+from ..errors import ModelFileError, UnsupportedError
+from .flatbuf import FlatBuffer, Table, map_file
 from .tflite import TFLiteModel, read_tflite
 
 MAGIC = b"LITERTLM"
@@ -64,7 +63,7 @@ _METADATA_PROTOS = {
     "ExecutorMetadataProto": ("executor_metadata_pb2", "ExecutorMetadata"),
     "EmbeddingMetadataProto": ("embedding_metadata_pb2", "EmbeddingMetadata"),
 }
-MAX_TOKENIZER_JSON = 1 << 30  # bytes a compressed tokenizer.json may expand to
+MAX_TOKENIZER_JSON = 128 << 20  # bytes a compressed tokenizer.json may expand to (Gemma's: 33 MB)
 
 
 @dataclass
@@ -88,16 +87,6 @@ class LiteRTLMFile:
     system_metadata: dict[str, Any]
     sections: list[Section]
     size: int
-
-
-def map_file(path: Path) -> memoryview:
-    try:
-        with open(path, "rb") as f:
-            return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file") from None
-    except (IsADirectoryError, ValueError, OSError) as e:
-        raise ModelFileError(f"{path}: cannot open as a model file ({e})") from None
 
 
 def _key_values(entries: list[Table], fb: FlatBuffer) -> dict[str, Any]:
@@ -138,16 +127,18 @@ def open_litertlm(path: str | os.PathLike) -> LiteRTLMFile:
             raise ModelFileError(
                 f"{path}: section {i} spans bytes {begin}..{end}, outside the file's data ({header_end}..{len(buf)})"
             )
-        section = Section(
-            i,
-            SECTION_TYPES.get(kind, f"unknown ({kind})"),
-            begin,
-            end,
-            _key_values(s.tables(0, "section items"), fb),
-            buf[begin:end],
+        kind_name = SECTION_TYPES.get(kind, f"unknown ({kind})")
+        sections.append(
+            Section(i, kind_name, begin, end, _key_values(s.tables(0, "section items"), fb), buf[begin:end])
         )
+    ordered = sorted(sections, key=lambda s: (s.begin, s.end))
+    for before, after in zip(ordered, ordered[1:]):  # shared bytes would be decoded again and again
+        if after.begin < before.end:
+            raise ModelFileError(
+                f"{path}: sections {before.index} and {after.index} overlap (byte {after.begin})"
+            )
+    for section in sections:
         _decode_section(section, path)
-        sections.append(section)
     return LiteRTLMFile(path, (major, minor, patch), header_end, system_metadata, sections, len(buf))
 
 
@@ -161,7 +152,12 @@ def _decode_section(section: Section, path: Path) -> None:
         import importlib
 
         module, name = _METADATA_PROTOS[section.data_type]
-        message = getattr(importlib.import_module(f"litert_lm_builder.runtime.proto.{module}"), name)
+        try:
+            message = getattr(importlib.import_module(f"litert_lm_builder.runtime.proto.{module}"), name)
+        except (ImportError, AttributeError) as e:  # a broken or too new litert-lm-builder
+            raise UnsupportedError(
+                f"{path}: {what} needs Google's litert-lm-builder 0.18 (pip install 'litert-lm-builder>=0.18,<0.19'): {e}"
+            ) from None
         section.decoded = parse_proto(message, section.data, path, what)
     elif section.data_type == "SP_Tokenizer":
         section.tokenizer = {

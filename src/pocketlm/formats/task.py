@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFileError
-from .litertlm import map_file, message_class, parse_proto, sentencepiece_size
+from .flatbuf import map_file
+from .litertlm import message_class, parse_proto, sentencepiece_size
 from .tflite import TFLiteModel, read_tflite
 
 
@@ -42,15 +43,18 @@ def open_task(path: str | os.PathLike) -> TaskFile:
     path = Path(path)
     buf = map_file(path)
     try:
-        infos = zipfile.ZipFile(path).infolist()
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise ModelFileError(f"{path}: not a .task bundle (a ZIP file): {e}") from None
-    entries = []
-    for info in infos:
+    entries, end = [], 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
         if info.compress_type != zipfile.ZIP_STORED:
             raise ModelFileError(f"{path}: entry {info.filename} is compressed; .task entries are stored")
         at = info.header_offset
-        if at + 30 > len(buf) or bytes(buf[at : at + 4]) != b"PK\x03\x04":
+        if at < end:  # entries that share bytes: each would be read again (a crafted archive)
+            raise ModelFileError(f"{path}: entry {info.filename} overlaps the entry before it (byte {at})")
+        if at < 0 or at + 30 > len(buf) or bytes(buf[at : at + 4]) != b"PK\x03\x04":
             raise ModelFileError(f"{path}: entry {info.filename}'s local header at byte {at} is missing")
         name_len, extra_len = struct.unpack_from("<HH", buf, at + 26)
         begin = at + 30 + name_len + extra_len
@@ -58,7 +62,8 @@ def open_task(path: str | os.PathLike) -> TaskFile:
             raise ModelFileError(
                 f"{path}: entry {info.filename} ({info.file_size} bytes at {begin}) runs past the end"
             )
-        entry = TaskEntry(info.filename, begin, info.file_size, buf[begin : begin + info.file_size])
+        end = begin + info.file_size
+        entry = TaskEntry(info.filename, begin, info.file_size, buf[begin:end])
         what = f"entry {info.filename}"
         if info.filename.startswith("TF_LITE_"):
             entry.tflite = read_tflite(entry.data, path, base=begin, what=f"the TFLite model of {what}")

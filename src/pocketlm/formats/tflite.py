@@ -10,7 +10,6 @@ file; tensor data are numpy views of the mapping.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelFileError
-from .flatbuf import FlatBuffer, Table
+from .flatbuf import FlatBuffer, Table, map_file
 
 # TensorType: name, bits per element (schema.fbs)
 TENSOR_TYPES = {
@@ -134,7 +133,8 @@ class TFLiteModel:
         quant = t.quantization
         if quant.scheme == "blockwise":
             graph = self.subgraphs[t.subgraph].tensors
-            scale = graph[quant.scale_tensor] if 0 <= (quant.scale_tensor or -1) < len(graph) else None
+            index = quant.scale_tensor
+            scale = graph[index] if index is not None and 0 <= index < len(graph) else None
             blocks = (*t.shape[:-1], t.shape[-1] // quant.block_size)
             if scale is None or scale.type not in _FLOATS or scale.shape != blocks:
                 raise ModelFileError(f"{self.path}: tensor {t.name!r} lacks scales of shape {list(blocks)}")
@@ -241,9 +241,7 @@ def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview]) -> Su
     outputs = [int(i) for i in g.array(2, "i4", f"subgraph {j} outputs")]
     if any(not 0 <= i < len(tensors) for i in inputs + outputs):
         raise fb.fail(g.at, f"subgraph {j} names an input or output tensor that it does not have")
-    return Subgraph(
-        g.string(4, "a subgraph name") or "", tensors, inputs, outputs, len(g.tables(3, "operators"))
-    )
+    return Subgraph(g.string(4, "a subgraph name") or "", tensors, inputs, outputs, g.length(3, "operators"))
 
 
 def _quantization(q: Table | None, name: str, shape: tuple[int, ...], fb: FlatBuffer) -> Quantization:
@@ -251,6 +249,8 @@ def _quantization(q: Table | None, name: str, shape: tuple[int, ...], fb: FlatBu
         return Quantization("none")
     scales = q.array(2, "f4", f"the scales of {name!r}")
     zero_points = q.array(3, "i8", f"the zero points of {name!r}")
+    if len(zero_points) not in (0, 1, len(scales)):
+        raise fb.fail(q.at, f"tensor {name!r} has {len(zero_points)} zero points for {len(scales)} scales")
     if q.scalar(4, "u8") == _BLOCKWISE:
         details = q.table(5, f"the blockwise quantization of {name!r}")
         block = details.scalar(2, "i32") if details else 0
@@ -272,13 +272,7 @@ def _quantization(q: Table | None, name: str, shape: tuple[int, ...], fb: FlatBu
 def open_tflite(path: str | os.PathLike) -> TFLiteModel:
     """A .tflite file, memory-mapped."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such model file") from None
-    except (IsADirectoryError, ValueError, OSError) as e:
-        raise ModelFileError(f"{path}: cannot open as a model file ({e})") from None
-    if len(mapped) < 8:
-        raise ModelFileError(f"{path}: too short for a TFLite model ({len(mapped)} bytes)")
-    return read_tflite(memoryview(mapped), path)
+    buf = map_file(path)
+    if len(buf) < 8:
+        raise ModelFileError(f"{path}: too short for a TFLite model ({len(buf)} bytes)")
+    return read_tflite(buf, path)

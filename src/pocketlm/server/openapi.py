@@ -22,6 +22,7 @@ def _error_responses(*codes: int) -> dict:
         401: "invalid or missing API key",
         404: "another model than the one served",
         413: "the body is larger than 1 MB",
+        500: "a bug of pocketlm's (the traceback is in the server's log)",
     }
     return {
         str(c): {"description": why[c], "content": {"application/json": {"schema": _ref("Error")}}}
@@ -321,7 +322,7 @@ def openapi(model_id: str, context_size: int, api_key: bool) -> dict:
                         "description": f"the {answer}, or its chunks as server-sent events with stream: true",
                         "content": {"application/json": {"schema": _ref(answer)}, **stream},
                     },
-                    **_error_responses(400, *auth, 404, 413),
+                    **_error_responses(400, *auth, 404, 413, 500),
                 },
             }
         }
