@@ -132,6 +132,24 @@ def _schemas() -> dict:
         "model": {"type": "string"},
         "usage": _ref("Usage"),
     }
+
+    def completion(kind: str, field: str, schema: dict) -> dict:
+        """A chat or text completion: its one choice carries `field` (message or text)."""
+        choice = {
+            "type": "object",
+            "required": ["index", field, "finish_reason"],
+            "properties": {"index": {"type": "integer"}, field: schema, "finish_reason": finish},
+        }
+        return {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                **common,
+                "object": {"const": kind},
+                "choices": {"type": "array", "items": choice},
+            },
+        }
+
     return {
         "Error": {
             "type": "object",
@@ -194,54 +212,20 @@ def _schemas() -> dict:
             },
         },
         "Usage": usage,
-        "ChatCompletion": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices", "usage"],
-            "properties": {
-                **common,
-                "object": {"const": "chat.completion"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "message", "finish_reason"],
-                        "properties": {
-                            "index": {"type": "integer"},
-                            "finish_reason": finish,
-                            "message": {
-                                "type": "object",
-                                "required": ["role", "content"],
-                                "properties": {
-                                    "role": {"const": "assistant"},
-                                    "content": {"type": ["string", "null"]},
-                                    "tool_calls": {"type": "array", "items": tool_call},
-                                },
-                            },
-                        },
-                    },
+        "ChatCompletion": completion(
+            "chat.completion",
+            "message",
+            {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "content": {"type": ["string", "null"]},
+                    "tool_calls": {"type": "array", "items": tool_call},
                 },
             },
-        },
-        "Completion": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices", "usage"],
-            "properties": {
-                **common,
-                "object": {"const": "text_completion"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "text", "finish_reason"],
-                        "properties": {
-                            "index": {"type": "integer"},
-                            "text": {"type": "string"},
-                            "finish_reason": finish,
-                        },
-                    },
-                },
-            },
-        },
+        ),
+        "Completion": completion("text_completion", "text", {"type": "string"}),
         "ModelList": {
             "type": "object",
             "required": ["object", "data"],
