@@ -16,7 +16,7 @@ from pocketlm.errors import ModelFileError
 from pocketlm.inspection import describe, render
 
 SAMPLES = Path(__file__).parent / "fixtures" / "litert"
-FILES = sorted(p.name for p in SAMPLES.iterdir())
+FILES = sorted(p.name for p in SAMPLES.iterdir() if p.suffix in (".litertlm", ".task", ".tflite"))
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -232,11 +232,6 @@ def test_diff_across_formats_matches_tensors_by_shape_where_names_differ(tmp_pat
         capsys, "diff", str(SAMPLES / "tiny_mlp_int8.litertlm"), str(SAMPLES / "tiny_mlp_int8.task"), "--json"
     )
     assert code == 0 and json.loads(out)["metadata"]["only_b"]["METADATA.start_token"] == "<s>"
-
-
-def test_running_a_google_file_says_what_pocketlm_can_do_with_it(capsys):
-    code, _, err = run_cli(capsys, "run", str(SAMPLES / "tiny_llama_h16_int8.litertlm"), "Hi")
-    assert code == 2 and err.count("\n") == 1 and "`pocketlm inspect` and `pocketlm diff` read it" in err
 
 
 def test_a_tflite_model_over_2_gb_reads_its_buffers_stored_after_the_flatbuffer(tmp_path):

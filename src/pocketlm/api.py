@@ -21,7 +21,7 @@ import numpy as np
 from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
 from .errors import InvalidOptionError
 from .kvcache import KVCache
-from .registry import resolve_model
+from .registry import runnable_model
 from .sampling import make_sampler, validate
 from .structured import Constraint, Grammar, compile_format
 from .tools import Reply, ToolPlan
@@ -51,7 +51,7 @@ def load(
     """Open a model file (path or short name; None for the default) for low-level use:
     `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill.
     `ple_in_ram` loads Gemma 3n's per-layer embeddings into memory instead of reading them per token."""
-    return LoadedModel(resolve_model(model), backend=backend, ple_in_ram=ple_in_ram)
+    return LoadedModel(runnable_model(model), backend=backend, ple_in_ram=ple_in_ram)
 
 
 class LlmInference:

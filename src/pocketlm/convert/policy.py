@@ -28,6 +28,9 @@ class ConversionConfig:
     ffn_bits: int | None = None
     embedding_bits: int | None = None
     matformer: str | None = None  # Gemma 3n: a preset or JSON slice (see convert.gemma3n.MatFormerSlice)
+    # Google's files: keep INT8 per-channel / INT4 block-32 weights in their own bits (Q8_0 / Q4_0)
+    # instead of re-quantizing them to `quant`
+    keep_source_bits: bool = True
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:

@@ -1,11 +1,14 @@
 """A checkpoint's tokenizer files -> GGUF `tokenizer.*` metadata, as llama.cpp writes them.
 
 tokenizer.model (SentencePiece) becomes a "llama" vocabulary with scores and token types;
-tokenizer.json with a byte-level BPE becomes a "gpt2" vocabulary with merges.
+tokenizer.json with a byte-level BPE becomes a "gpt2" vocabulary with merges; tokenizer.json
+holding a SentencePiece BPE (Gemma's: "▁" for spaces, byte fallback, no tokenizer.model beside it)
+becomes a "llama" vocabulary whose scores rank the pieces as its merges do.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,8 @@ Typed = tuple[Any, ValueType | None, ValueType | None]  # value, type, array ite
 def tokenizer_metadata(ckpt: HFCheckpoint, vocab_size: int) -> dict[str, Typed]:
     if ckpt.sentencepiece_model is not None:
         keys = _sentencepiece(ckpt)
+    elif ckpt.tokenizer_json is not None and _is_sentencepiece_bpe(ckpt.tokenizer_json):
+        keys = _sentencepiece_bpe(ckpt.tokenizer_json)
     elif ckpt.tokenizer_json is not None:
         keys = _byte_level_bpe(ckpt.tokenizer_json)
     else:
@@ -59,7 +64,8 @@ def _sentencepiece(ckpt: HFCheckpoint) -> dict[str, Any]:
             "reading tokenizer.model needs sentencepiece and protobuf: pip install 'pocketlm[sentencepiece]'"
         ) from None
     proto = spm_pb2.ModelProto()
-    proto.ParseFromString(ckpt.sentencepiece_model.read_bytes())
+    model = ckpt.sentencepiece_model  # a tokenizer.model path, or its bytes (from a Google file)
+    proto.ParseFromString(model if isinstance(model, bytes) else model.read_bytes())
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]  # SentencePiece's type numbers equal llama.cpp's
@@ -128,6 +134,56 @@ def _byte_level_bpe(tj: dict) -> dict[str, Any]:
         "tokenizer.ggml.add_bos_token": False,
         "_tokens": tokens,
         "_scores": [0.0] * len(tokens),
+        "_types": types,
+    }
+
+
+def _is_sentencepiece_bpe(tj: dict) -> bool:
+    model = tj.get("model") or {}
+    return (
+        model.get("type") == "BPE"
+        and bool(model.get("byte_fallback"))
+        and "ByteLevel" not in str(tj.get("decoder"))
+    )
+
+
+def _sentencepiece_bpe(tj: dict) -> dict[str, Any]:
+    """A SentencePiece BPE written as tokenizer.json. llama.cpp's "llama" tokenizer merges the
+    adjacent pair whose result scores best, so a piece's score is minus the rank of the first
+    merge that makes it; pieces no merge makes score below all of them."""
+    model = tj["model"]
+    vocab = dict(model["vocab"])
+    added = {a["content"]: a for a in tj.get("added_tokens", [])}
+    for content, a in added.items():
+        vocab[content] = a["id"]
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        tokens[i] = token
+    scores = np.full(len(tokens), -1e9, np.float32)
+    for rank, m in enumerate(model.get("merges", [])):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(left + right)
+        if i is not None and scores[i] == -1e9:
+            scores[i] = -rank
+    types = [NORMAL] * len(tokens)
+    for i, token in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types[i] = TokenType.BYTE
+    if model.get("unk_token") in vocab:
+        types[vocab[model["unk_token"]]] = TokenType.UNKNOWN
+    for a in added.values():
+        if types[a["id"]] == NORMAL:
+            types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
+    normalizers = str(tj.get("normalizer"))
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.add_space_prefix": "Prepend" in normalizers
+        or "Metaspace" in str(tj.get("pre_tokenizer")),
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "_tokens": tokens,
+        "_scores": [float(x) for x in scores],
         "_types": types,
     }
 

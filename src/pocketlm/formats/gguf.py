@@ -217,8 +217,8 @@ class GGUFFile:
             head = bytes(buf[:64])
             if head[:8] == b"LITERTLM" or head[4:8] == b"TFL3":
                 raise ModelFileError(
-                    f"{self.path}: one of Google's .litertlm / .tflite files, not GGUF: `pocketlm inspect` "
-                    "and `pocketlm diff` read it, but running it needs a conversion to GGUF, which is not there yet"
+                    f"{self.path}: one of Google's .litertlm / .tflite files, not GGUF: convert it with "
+                    "`pocketlm convert FILE OUT.gguf` (`pocketlm run FILE` and LlmInference(FILE) do that once for you)"
                 )
             if b"PK\x03\x04" in head:
                 raise ModelFileError(

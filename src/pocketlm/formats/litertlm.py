@@ -182,8 +182,8 @@ def parse_proto(message_class, data: memoryview, path: Path, what: str) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _hf_tokenizer(data: memoryview, path: Path, what: str) -> dict:
-    """tokenizer.json stored as u64 size + zlib stream: its model type and vocabulary size."""
+def hf_tokenizer_json(data: memoryview, path: Path, what: str) -> dict:
+    """tokenizer.json stored as u64 size + zlib stream, decoded (at most MAX_TOKENIZER_JSON bytes)."""
     if len(data) < 8:
         raise ModelFileError(f"{path}: {what} is too short")
     size = struct.unpack_from("<Q", data, 0)[0]
@@ -197,9 +197,17 @@ def _hf_tokenizer(data: memoryview, path: Path, what: str) -> dict:
         raise ModelFileError(f"{path}: {what} does not hold a zlib-compressed tokenizer.json ({e})") from None
     if len(text) != size:
         raise ModelFileError(f"{path}: {what} expands to {len(text)} bytes, not the {size} it states")
-    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        raise ModelFileError(f"{path}: {what}: tokenizer.json is not a JSON object")
+    return spec
+
+
+def _hf_tokenizer(data: memoryview, path: Path, what: str) -> dict:
+    """The model type and vocabulary size of a stored tokenizer.json."""
+    spec = hf_tokenizer_json(data, path, what)
+    model = spec.get("model")
     vocab = model.get("vocab") if isinstance(model, dict) else None
-    added = spec.get("added_tokens") if isinstance(spec, dict) else None
+    added = spec.get("added_tokens")
     return {
         "model": model.get("type") if isinstance(model, dict) else None,
         "vocab_size": len(vocab) if isinstance(vocab, (dict, list)) else None,

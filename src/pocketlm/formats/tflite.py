@@ -49,6 +49,54 @@ _FLOATS = {
 }
 _INTS = {"INT8": np.int8, "UINT8": np.uint8, "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4")}
 _BLOCKWISE = 2  # QuantizationDetails union: 1 CustomQuantization, 2 BlockwiseQuantization
+# BuiltinOperator codes (schema.fbs) of the ops an LLM export is made of; others read as BUILTIN_<n>
+BUILTIN_OPS = {
+    0: "ADD",
+    2: "CONCATENATION",
+    6: "DEQUANTIZE",
+    7: "EMBEDDING_LOOKUP",
+    9: "FULLY_CONNECTED",
+    14: "LOGISTIC",
+    18: "MUL",
+    19: "RELU",
+    22: "RESHAPE",
+    25: "SOFTMAX",
+    28: "TANH",
+    36: "GATHER",
+    39: "TRANSPOSE",
+    40: "MEAN",
+    41: "SUB",
+    42: "DIV",
+    43: "SQUEEZE",
+    45: "STRIDED_SLICE",
+    47: "EXP",
+    49: "SPLIT",
+    53: "CAST",
+    55: "MAXIMUM",
+    57: "MINIMUM",
+    59: "NEG",
+    65: "SLICE",
+    66: "SIN",
+    69: "TILE",
+    70: "EXPAND_DIMS",
+    74: "SUM",
+    75: "SQRT",
+    76: "RSQRT",
+    78: "POW",
+    83: "PACK",
+    92: "SQUARE",
+    99: "SQUARED_DIFFERENCE",
+    107: "GATHER_ND",
+    108: "COS",
+    114: "QUANTIZE",
+    123: "SELECT_V2",
+    126: "BATCH_MATMUL",
+    130: "BROADCAST_TO",
+    150: "GELU",
+    151: "DYNAMIC_UPDATE_SLICE",
+    206: "STABLEHLO_COMPOSITE",
+}
+_COMPOSITE_OPTIONS = 21  # BuiltinOptions2 union: StableHLOCompositeOptions
 
 
 @dataclass
@@ -83,12 +131,25 @@ class TFLiteTensor:
 
 
 @dataclass
+class Operator:
+    op: str  # the builtin's name ("FULLY_CONNECTED"), or a custom op's code
+    inputs: tuple[int, ...]  # tensor indices of its subgraph; -1: an optional input left out
+    outputs: tuple[int, ...]
+    composite: str | None = None  # STABLEHLO_COMPOSITE: its name ("odml.rms_norm") ...
+    decomposition: int | None = None  # ... and the subgraph that spells it out
+
+
+@dataclass
 class Subgraph:
     name: str
     tensors: list[TFLiteTensor]
     inputs: list[int]
     outputs: list[int]
-    operators: int
+    ops: list[Operator]
+
+    @property
+    def operators(self) -> int:
+        return len(self.ops)
 
 
 @dataclass
@@ -179,7 +240,18 @@ def read_tflite(buf: memoryview, path: Path, base: int = 0, what: str = "TFLite 
             external += 1
         else:
             buffers.append(b.bytes(0, f"buffer {i}"))
-    subgraphs = [_subgraph(fb, g, j, buffers) for j, g in enumerate(model.tables(2, "subgraphs"))]
+    codes = []
+    for c in model.tables(1, "operator codes"):
+        code = max(c.scalar(0, "i8"), c.scalar(3, "i32"))  # the deprecated byte, or the int32 past 127
+        custom = c.string(1, "a custom op code")
+        codes.append(custom if code == 32 and custom else BUILTIN_OPS.get(code, f"BUILTIN_{code}"))
+    subgraphs = [_subgraph(fb, g, j, buffers, codes) for j, g in enumerate(model.tables(2, "subgraphs"))]
+    for j, graph in enumerate(subgraphs):
+        for op in graph.ops:
+            if op.decomposition is not None and not 0 <= op.decomposition < len(subgraphs):
+                raise fb.fail(
+                    0, f"subgraph {j}: composite {op.composite!r} names subgraph {op.decomposition}"
+                )
     signatures = []
     for s in model.tables(7, "signature_defs"):
         key = s.string(2, "a signature key") or ""
@@ -213,7 +285,7 @@ def read_tflite(buf: memoryview, path: Path, base: int = 0, what: str = "TFLite 
     )
 
 
-def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview]) -> Subgraph:
+def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview], codes: list[str]) -> Subgraph:
     tensors = []
     for k, t in enumerate(g.tables(0, f"subgraph {j} tensors")):
         name = t.string(3, "a tensor name") or f"tensor {k}"
@@ -241,7 +313,23 @@ def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview]) -> Su
     outputs = [int(i) for i in g.array(2, "i4", f"subgraph {j} outputs")]
     if any(not 0 <= i < len(tensors) for i in inputs + outputs):
         raise fb.fail(g.at, f"subgraph {j} names an input or output tensor that it does not have")
-    return Subgraph(g.string(4, "a subgraph name") or "", tensors, inputs, outputs, g.length(3, "operators"))
+    ops = []
+    for o in g.tables(3, f"subgraph {j} operators"):
+        code = o.scalar(0, "u32")
+        if code >= len(codes):
+            raise fb.fail(o.at, f"subgraph {j}: an operator names op code {code} of {len(codes)}")
+        ins = tuple(int(i) for i in o.array(1, "i4", f"subgraph {j} operator inputs"))
+        outs = tuple(int(i) for i in o.array(2, "i4", f"subgraph {j} operator outputs"))
+        if any(not -1 <= i < len(tensors) for i in ins) or any(not 0 <= i < len(tensors) for i in outs):
+            raise fb.fail(o.at, f"subgraph {j}: a {codes[code]} operator names a tensor it does not have")
+        composite = decomposition = None
+        if o.scalar(11, "u8") == _COMPOSITE_OPTIONS:
+            options = o.table(12, "composite options")
+            if options is not None:
+                composite = options.string(0, "a composite name") or ""
+                decomposition = options.scalar(1, "i32")
+        ops.append(Operator(codes[code], ins, outs, composite, decomposition))
+    return Subgraph(g.string(4, "a subgraph name") or "", tensors, inputs, outputs, ops)
 
 
 def _quantization(q: Table | None, name: str, shape: tuple[int, ...], fb: FlatBuffer) -> Quantization:
