@@ -1,16 +1,18 @@
 """pocketlm against LiteRT-LM (Google's runtime, CPU / XNNPACK) on the same weights, side by side.
 
-LiteRT-LM runs a `.litertlm` file, pocketlm a GGUF file of the same weights (for the int8
-per-channel `.litertlm` that `../shared/litert/` builds from Gemma 3 270M: our Q8_0 conversion of
-the same checkpoint). Each round runs both, alternating, each in a fresh process, 2 threads, a
-512-token prompt then 128 decoded tokens (LiteRT-LM's own `Benchmark`; pocketlm's `run_bench`),
-and the medians are printed with the ratio pocketlm / LiteRT-LM.
+LiteRT-LM runs a `.litertlm` file and pocketlm its own conversion of that same file (`pocketlm
+convert`, done once before the rounds: INT8 per-channel weights become Q8_0 blocks holding the
+same numbers), or a GGUF given with --gguf. Each round runs both, alternating, each in a fresh
+process, 2 threads, a 512-token prompt then 128 decoded tokens (LiteRT-LM's own `Benchmark`;
+pocketlm's `run_bench`), and the medians are printed with the ratio pocketlm / LiteRT-LM. Both
+keep their caches between rounds (LiteRT-LM's weight cache folder, pocketlm's compiled kernels and
+conversion) and both are warmed once before the rounds.
 
 LiteRT-LM (`pip install litert-lm-api==0.18.1`) may live in another virtual environment: pass its
 interpreter with --litert-python.
 
-    python benchmarks/compare_litertlm.py --litertlm gemma3-270m-int8.litertlm --gguf gemma3-270m-q8_0.gguf \\
-        --litert-python /path/to/venv/bin/python --rounds 3
+    python benchmarks/compare_litertlm.py --litertlm gemma3-270m-int8.litertlm --rounds 3 \\
+        [--litert-python /path/to/venv/bin/python] [--gguf other.gguf]
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import statistics
 import subprocess
 import sys
 
-from compare_llamacpp import machine
+from compare_llamacpp import machine, memory_bandwidth_gbs
 
 LITERT_CHILD = r"""
-import json, resource, sys, tempfile, time
+import json, resource, sys, time
 import litert_lm
-path, prefill, decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, prefill, decode, cache_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
 text = ("LiteRT-LM is an inference framework designed to run large language models on edge devices "
         "such as phones, laptops and single board computers. ")
@@ -35,7 +37,7 @@ prompt = " ".join(f"Paragraph {i}: {text}" for i in range(60))
 start = time.perf_counter()
 info = litert_lm.Benchmark(model_path=path, backend=litert_lm.Backend.CPU(thread_count=2),
                            prefill_tokens=prefill, decode_tokens=decode, max_num_tokens=prefill + decode + 64,
-                           cache_dir=tempfile.mkdtemp(), prompt=prompt).run()
+                           cache_dir=cache_dir, prompt=prompt).run()
 print(json.dumps({"load_seconds": info.init_time_in_second, "ttft_seconds": info.time_to_first_token_in_second,
                   "prefill_tokens": info.last_prefill_token_count,
                   "prefill_tokens_per_second": info.last_prefill_tokens_per_second,
@@ -49,6 +51,7 @@ METRICS = [  # name, key, format
     ("decode tok/s", "decode_tokens_per_second", "{:.1f}"),
     ("time to first token s", "ttft_seconds", "{:.3f}"),
     ("load s", "load_seconds", "{:.2f}"),
+    ("load + first token s", "load_and_first_seconds", "{:.2f}"),
     ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
 ]
 
@@ -57,10 +60,15 @@ def child_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="2", NUMBA_NUM_THREADS="2")
 
 
-def litert(python: str, path: str, prefill: int, decode: int) -> dict:
-    cmd = [python, "-c", LITERT_CHILD, path, str(prefill), str(decode)]
+def litert(python: str, path: str, prefill: int, decode: int, cache_dir: str) -> dict:
+    cmd = [python, "-c", LITERT_CHILD, path, str(prefill), str(decode), cache_dir]
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _with_total(json.loads(out.strip().splitlines()[-1]))
+
+
+def _with_total(result: dict) -> dict:
+    result["load_and_first_seconds"] = result["load_seconds"] + result["ttft_seconds"]
+    return result
 
 
 def pocketlm(path: str, prefill: int, decode: int) -> dict:
@@ -76,7 +84,7 @@ def pocketlm(path: str, prefill: int, decode: int) -> dict:
         env=child_env(),
         check=True,
     ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return _with_total(json.loads(out.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -84,7 +92,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--litertlm", required=True, help="the .litertlm file LiteRT-LM runs")
-    parser.add_argument("--gguf", required=True, help="the GGUF file of the same weights pocketlm runs")
+    parser.add_argument(
+        "--gguf", help="a GGUF file for pocketlm to run instead of its conversion of the .litertlm file"
+    )
     parser.add_argument(
         "--litert-python", default=sys.executable, help="a Python with litert-lm-api installed"
     )
@@ -93,17 +103,25 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    import tempfile
+
     from pocketlm.kernels import isa
+    from pocketlm.registry import runnable_model
 
     print(f"CPU: {machine()}; pocketlm kernels: {isa.PATH}")
-    pocketlm(args.gguf, 16, 4)  # the numba cache and the page cache, warmed
+    gguf = args.gguf or str(runnable_model(args.litertlm))  # converted once, as `pocketlm run` does
+    cache_dir = tempfile.mkdtemp(prefix="litert-lm-cache-")
+    pocketlm(gguf, 16, 4)  # the numba cache and the page cache, warmed
+    litert(args.litert_python, args.litertlm, 16, 4, cache_dir)  # LiteRT-LM's weight cache, warmed
     runs = {"LiteRT-LM": [], "pocketlm": []}
     for r in range(args.rounds):
         for peer in ("LiteRT-LM", "pocketlm") if r % 2 == 0 else ("pocketlm", "LiteRT-LM"):
             if peer == "pocketlm":
-                result = pocketlm(args.gguf, args.prompt_tokens, args.gen_tokens)
+                result = pocketlm(gguf, args.prompt_tokens, args.gen_tokens)
             else:
-                result = litert(args.litert_python, args.litertlm, args.prompt_tokens, args.gen_tokens)
+                result = litert(
+                    args.litert_python, args.litertlm, args.prompt_tokens, args.gen_tokens, cache_dir
+                )
             runs[peer].append(result)
             print(
                 f"  round {r + 1}/{args.rounds} {peer}: decode {result['decode_tokens_per_second']:.1f} tok/s, "
@@ -114,16 +132,26 @@ def main() -> None:
         peer: {k: statistics.median(run[k] for run in rs) for _, k, _ in METRICS} for peer, rs in runs.items()
     }
     print(
-        f"\n{os.path.basename(args.litertlm)} vs {os.path.basename(args.gguf)} ({args.prompt_tokens}-token prompt, "
+        f"\n{os.path.basename(args.litertlm)} vs {os.path.basename(gguf)} ({args.prompt_tokens}-token prompt, "
         f"{args.gen_tokens} decoded, 2 threads, median of {args.rounds})"
     )
     print(f"{'metric':<24}{'LiteRT-LM':>12}{'pocketlm':>12}{'ratio':>8}")
     for label, key, fmt in METRICS:
         a, b = median["LiteRT-LM"][key], median["pocketlm"][key]
         print(f"{label:<24}{fmt.format(a):>12}{fmt.format(b):>12}{b / a if a else float('nan'):>8.2f}")
+    bandwidth = memory_bandwidth_gbs()
+    sizes = {"LiteRT-LM": os.path.getsize(args.litertlm), "pocketlm": os.path.getsize(gguf)}
+    for peer, size in sizes.items():
+        bound = bandwidth * 1e9 / size
+        print(
+            f"{peer} decode = {median[peer]['decode_tokens_per_second'] / bound:.0%} of its bandwidth bound "
+            f"({bound:.1f} tok/s: its {size / 1e6:.0f} MB file read once a token at {bandwidth:.1f} GB/s, 2 threads)"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "median": median}, f, indent=1)
+            json.dump(
+                {"runs": runs, "median": median, "bandwidth_gbs": bandwidth, "file_bytes": sizes}, f, indent=1
+            )
 
 
 if __name__ == "__main__":
