@@ -245,26 +245,21 @@ class _Graph:
 
     def upstream(self, t: int, stop: Callable[[int], bool]) -> tuple[list[int], list[int]]:
         """Walk back from tensor `t`: the ops where `stop` holds (not passed), and every op passed."""
-        found, passed, seen, todo = [], [], set(), [t]
-        while todo:
-            t = todo.pop()
-            k = self.producer.get(t)
-            if k is None or k in seen:
-                continue
-            seen.add(k)
-            if stop(k):
-                found.append(k)
-                continue
-            passed.append(k)
-            todo.extend(i for i in self.ops[k].inputs if i >= 0 and not self.const(i))
-        return sorted(found), sorted(passed)
+        return self._walk(
+            t,
+            stop,
+            lambda t: [self.producer[t]] if t in self.producer else [],
+            lambda k: [i for i in self.ops[k].inputs if i >= 0 and not self.const(i)],
+        )
 
     def downstream(self, t: int, stop: Callable[[int], bool]) -> tuple[list[int], list[int]]:
         """Walk forward from tensor `t`: the ops where `stop` holds (not passed), and every op passed."""
+        return self._walk(t, stop, lambda t: self.consumers.get(t, []), lambda k: self.ops[k].outputs)
+
+    def _walk(self, t: int, stop, ops_of, next_tensors) -> tuple[list[int], list[int]]:
         found, passed, seen, todo = [], [], set(), [t]
         while todo:
-            t = todo.pop()
-            for k in self.consumers.get(t, []):
+            for k in ops_of(todo.pop()):
                 if k in seen:
                     continue
                 seen.add(k)
@@ -272,7 +267,7 @@ class _Graph:
                     found.append(k)
                     continue
                 passed.append(k)
-                todo.extend(self.ops[k].outputs)
+                todo.extend(next_tensors(k))
         return sorted(found), sorted(passed)
 
     def scalar_consts(self, ks: list[int], kind: str) -> list[float]:
@@ -779,7 +774,10 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
     writer.add("general.file_type", file_type)
     summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
     if verbose:
-        print(f"pocketlm: {path.name}: a {arch} decoder, {len(d.layers)} layers; tensors: {summary}", file=sys.stderr)
+        print(
+            f"pocketlm: {path.name}: a {arch} decoder, {len(d.layers)} layers; tensors: {summary}",
+            file=sys.stderr,
+        )
     return writer
 
 
