@@ -78,9 +78,10 @@ def _randomize(model, seed: int) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    # Gemma 1-3 norms scale by (1 + w); Gemma 3n's, like the others', by w
+    # Gemma 1-3 norms scale by (1 + w); Gemma 3n's and 4's, like the others', by w
+    model_type = model.config.model_type
     centre = (
-        0.0 if model.config.model_type.startswith("gemma") and "3n" not in model.config.model_type else 1.0
+        0.0 if model_type.startswith("gemma") and not model_type.startswith(("gemma3n", "gemma4")) else 1.0
     )
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -89,12 +90,15 @@ def _randomize(model, seed: int) -> None:
             p.copy_(
                 centre + 0.2 * noise if is_norm_weight else (0.2 * noise if p.ndim == 1 else 0.15 * noise)
             )
-            if model.config.model_type == "gemma3n_text" and name.endswith(
+            if model_type in ("gemma3n_text", "gemma4_text") and name.endswith(
                 ("q_norm.weight", "k_norm.weight")
             ):
                 # Gemma 3n attends with scale 1: its trained q/k norms carry the 1/sqrt(head_dim)
                 # (with weights near 1, a random model's attention is near one-hot and chaotic)
-                p.mul_(model.config.head_dim**-0.25)
+                p.mul_(p.shape[-1] ** -0.25)  # the layer's head size
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):  # Gemma 4's per-layer output scale (ones at init)
+                b.copy_(0.6 + 0.8 * torch.rand(b.shape, generator=gen))
 
 
 _COMMON = dict(
@@ -130,6 +134,42 @@ _GEMMA3N = dict(
     vocab_size_per_layer_input=600,
     altup_num_inputs=4,
     activation_sparsity_pattern=[0.95, 0.95] + [0.0] * 8,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+# Gemma 4: 8 layers (3 sliding + 1 full, twice) with head sizes 16 / 32, the last 4 reuse layers 2
+# and 3's keys and values (the last unshared layer is a full one, as in the released models and as
+# llama.cpp assumes) and have a double-wide FFN, a window shorter than the prompts, a quarter
+# of the full layers' head rotated (proportional RoPE), per-layer inputs, soft-capped logits.
+_GEMMA4 = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    layer_types=["sliding_attention"] * 3
+    + ["full_attention"]
+    + ["sliding_attention"] * 3
+    + ["full_attention"],
+    sliding_window=16,
+    num_kv_shared_layers=4,
+    use_double_wide_mlp=True,
+    hidden_size_per_layer_input=16,
+    vocab_size_per_layer_input="vocab",  # the tokenizer's size (build_tiny fills it in)
+    final_logit_softcapping=30.0,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {
+            "rope_type": "proportional",
+            "partial_rotary_factor": 0.25,
+            "rope_theta": 1000000.0,
+        },
+    },
     max_position_embeddings=256,
     pad_token_id=0,
     eos_token_id=1,
@@ -272,6 +312,7 @@ TINY = {
     ),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_COMMON, num_key_value_heads=2, head_dim=32), "bpe"),
     "gemma3n": ("Gemma3nForCausalLM", "Gemma3nTextConfig", _GEMMA3N, "spm"),
+    "gemma4": ("Gemma4ForCausalLM", "Gemma4TextConfig", _GEMMA4, "spm"),
 }
 
 
@@ -285,7 +326,8 @@ def build_tiny(kind: str, folder: Path, **overrides):
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     vocab = _byte_level_tokenizer(folder) if tokenizer == "bpe" else _sentencepiece_tokenizer(folder)
-    config = getattr(transformers, config_class)(vocab_size=vocab, **{**values, **overrides})
+    values = {k: vocab if v == "vocab" else v for k, v in {**values, **overrides}.items()}
+    config = getattr(transformers, config_class)(vocab_size=vocab, **values)
     model = getattr(transformers, model_class)(config)
     _randomize(model, seed=1)
     model.eval()

@@ -238,6 +238,7 @@ def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
         "qwen3",
         "llama3-bias",
         "gemma3n",
+        "gemma4",
     ],
 )
 def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tiny, tmp_path, kind):

@@ -402,4 +402,4 @@ class FalconMapping(Mapping):
         return np.concatenate([p.reshape(-1, *rest) for p in parts])
 
 
-from . import gemma3n  # noqa: E402,F401  (registers the gemma3n mapping)
+from . import gemma3n, gemma4  # noqa: E402,F401  (register the gemma3n and gemma4 mappings)

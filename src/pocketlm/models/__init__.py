@@ -16,6 +16,7 @@ ARCHITECTURES = {
     "gemma2": "gemma2",
     "gemma3": "gemma3",
     "gemma3n": "gemma3n",
+    "gemma4": "gemma4",
     "phi2": "phi",
     "falcon": "falcon",
     "stablelm": "stablelm",

@@ -1,0 +1,195 @@
+"""Gemma 4's text decoder (E2B / E4B): Gemma's sandwich-normed blocks on one residual stream,
+per-layer embeddings (PLE), KV sharing, sliding and full layers with their own head sizes,
+proportional partial RoPE on the full layers, a double-wide FFN in the KV-sharing layers, a
+learned scalar on every layer's output, final soft-capping.
+
+Each layer receives its slice of the per-layer input: a row of the per-layer embedding table
+(which stays in the file and is read per token, see `streamed`) mixed with a projection of the
+token embedding; after the FFN it is gated by the hidden state and added to it. The last
+`shared_kv_layers` layers compute no keys and values: each attends over those of the last earlier
+layer of its kind. Attention scale is 1 (the q / k norms carry it); norms multiply by w itself
+(no 1 + w); the value norm has no weight. Tensor and key names follow llama.cpp's `gemma4`; the
+full layers' partial rotation comes as llama.cpp's `rope_freqs` (1 for rotated frequencies,
+1e30 for the others, which then never turn).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backends.base import HOST_ACTIVATIONS
+from ..kvcache import KVCache, LayerCache, SharedLayerCache
+from .base import REQUIRED, AttentionSpec, Norm, Weights
+from .gemma3 import Gemma3Args
+
+PER_LAYER_TABLE = "per_layer_token_embd.weight"
+
+
+@dataclass
+class Gemma4Args(Gemma3Args):
+    head_dim_swa: int = REQUIRED  # the sliding layers' head size (head_dim: the full layers')
+    rope_dims_swa: int | None = None
+    per_layer_dim: int = 0
+    shared_kv_layers: int = 0
+
+    _keys = {
+        **Gemma3Args._keys,
+        "head_dim_swa": "attention.key_length_swa",
+        "rope_dims_swa": "rope.dimension_count_swa",
+        "per_layer_dim": "embedding_length_per_layer_input",
+        "shared_kv_layers": "attention.shared_kv_layers",
+    }
+    _positive = Gemma3Args._positive | {"head_dim_swa"}
+    _per_layer = frozenset({"ffn_size"})  # the KV-sharing layers' FFN may be twice as wide
+
+    def kv_source(self, i: int) -> int | None:
+        """The layer whose keys and values layer i reuses (the last unshared layer of its kind),
+        or None when it computes its own."""
+        first_shared = self.n_layers - self.shared_kv_layers
+        if i < first_shared:
+            return None
+        same_kind = [j for j in range(first_shared) if self.is_sliding(j) == self.is_sliding(i)]
+        if not same_kind:
+            from ..errors import ModelFileError
+
+            raise ModelFileError(
+                f"gemma4 layer {i} shares keys and values, but no earlier layer of its kind has them"
+            )
+        return same_kind[-1]
+
+
+class Attention:
+    """q / k norms with weights, v norm without; scale 1. A KV-sharing layer has only its query
+    and output projections."""
+
+    def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, eps: float, shared: bool, freq_factors):
+        self.spec, self.eps, self.shared, self.freq_factors = spec, eps, shared, freq_factors
+        self.wq, self.wo, self.q_norm = (
+            w(f"{prefix}.{n}.weight") for n in ("attn_q", "attn_output", "attn_q_norm")
+        )
+        if not shared:
+            self.wk, self.wv, self.k_norm = (
+                w(f"{prefix}.{n}.weight") for n in ("attn_k", "attn_v", "attn_k_norm")
+            )
+
+    def __call__(self, ops, x, positions: np.ndarray, cache):
+        s, T = self.spec, len(x)
+        factors = ops.dense(self.freq_factors) if self.freq_factors is not None else None
+
+        def rope(t):
+            return ops.rope(t, positions, s.rope_base, s.rope_dims, True, freq_factors=factors)
+
+        q = rope(
+            ops.rms_norm(ops.linear(x, self.wq).reshape(T, s.n_heads, s.head_dim), self.q_norm, self.eps)
+        )
+        if self.shared:
+            keys, values, key_positions = cache.fetch()
+        else:
+            k = ops.rms_norm(
+                ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps
+            )
+            v = ops.rms_norm(ops.linear(x, self.wv).reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
+            keys, values, key_positions = cache.update_and_fetch(rope(k), v, int(positions[0]))
+        out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window)
+        return ops.linear(out, self.wo)
+
+
+class Block:
+    def __init__(self, w: Weights, i: int, args: Gemma4Args):
+        sliding = args.is_sliding(i)
+        head_dim = args.head_dim_swa if sliding else args.head_dim
+        spec = args.attention_spec(
+            head_dim=head_dim,
+            rope_base=args.rope_base_swa if sliding else args.rope_base,
+            rope_dims=(args.rope_dims_swa if sliding else args.rope_dims) or head_dim,
+            scale=1.0,
+            window=args.sliding_window if sliding else None,
+        )
+        p, eps = f"blk.{i}", args.norm_eps
+        self.kv_source = args.kv_source(i)
+        factors = None if sliding else w.optional("rope_freqs.weight")
+        self.attention = Attention(w, p, spec, eps, self.kv_source is not None, factors)
+        self.attn_norm, self.post_attn_norm, self.ffn_norm, self.post_ffn_norm = (
+            Norm(w, f"{p}.{n}", "rms", eps)
+            for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+        )
+        self.gate, self.up, self.down = (w(f"{p}.ffn_{n}.weight") for n in ("gate", "up", "down"))
+        self.per_layer = args.per_layer_dim > 0
+        if self.per_layer:
+            self.ple_gate, self.ple_proj = w(f"{p}.inp_gate.weight"), w(f"{p}.proj.weight")
+            self.ple_norm = Norm(w, f"{p}.post_norm", "rms", eps)
+        self.output_scale = w.optional(f"{p}.layer_output_scale.weight")
+
+    def __call__(self, ops, h, per_layer, positions, cache):
+        h = h + self.post_attn_norm(ops, self.attention(ops, self.attn_norm(ops, h), positions, cache))
+        x = self.ffn_norm(ops, h)
+        h = h + self.post_ffn_norm(
+            ops, ops.linear(ops.gelu_tanh(ops.linear(x, self.gate)) * ops.linear(x, self.up), self.down)
+        )
+        if self.per_layer:  # the per-layer input, gated by the hidden state itself
+            gated = ops.gelu_tanh(ops.linear(h, self.ple_gate)) * per_layer
+            h = h + self.ple_norm(ops, ops.linear(gated, self.ple_proj))
+        if self.output_scale is not None:
+            h = h * float(ops.dense(self.output_scale).reshape(-1)[0])
+        return h
+
+
+class Model:
+    """Satisfies the engine's contract (`make_cache`, `forward`, `vocab_size`, `args`)."""
+
+    # Tensors the runtime leaves in the file and reads row by row (never made resident).
+    streamed = frozenset({PER_LAYER_TABLE})
+    requires = frozenset({HOST_ACTIVATIONS})  # the per-layer inputs are cut per layer on numpy arrays
+
+    def __init__(self, args: Gemma4Args, w: Weights):
+        self.args = args
+        self.token_embd = w("token_embd.weight")
+        if args.per_layer_dim:
+            self.ple_table, self.ple_proj = w(PER_LAYER_TABLE), w("per_layer_model_proj.weight")
+            self.ple_proj_norm = Norm(w, "per_layer_proj_norm", "rms", args.norm_eps)
+        self.output_norm = Norm(w, "output_norm", "rms", args.norm_eps)
+        output = w.optional("output.weight")
+        self.output = output if output is not None else self.token_embd
+        self.vocab_size = self.token_embd.shape[0]
+        self.layers = [Block(w, i, args) for i in range(args.n_layers)]
+
+    def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
+        layers = []
+        for b in self.layers:
+            s = b.attention.spec
+            shared = b.kv_source is not None
+            layers.append(
+                SharedLayerCache(b.kv_source)
+                if shared
+                else layer_cache(max_tokens, s.n_kv_heads, s.head_dim, s.head_dim, s.window)
+            )
+        return KVCache(layers, max_tokens)
+
+    def per_layer_inputs(self, ops, ids: np.ndarray, embedded) -> np.ndarray:
+        """[T, L, P]: the per-layer table's rows (ids beyond it read row 0), scaled by sqrt(P), plus
+        the normed projection of the scaled token embedding, times 1/sqrt(2)."""
+        a, T = self.args, len(ids)
+        rows = ops.embedding(self.ple_table, np.where(ids < self.ple_table.shape[0], ids, 0))
+        table = rows.reshape(T, a.n_layers, a.per_layer_dim) * np.float32(math.sqrt(a.per_layer_dim))
+        proj = ops.linear(embedded, self.ple_proj) * np.float32(a.hidden_size**-0.5)
+        proj = self.ple_proj_norm(ops, proj.reshape(T, a.n_layers, a.per_layer_dim))
+        return (proj + table) * np.float32(2**-0.5)
+
+    def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        positions = np.arange(cache.offset, cache.offset + len(ids))
+        ids = np.asarray(ids, np.int64)
+        h = ops.embedding(self.token_embd, ids) * np.float32(math.sqrt(self.args.hidden_size))
+        per_layer = self.per_layer_inputs(ops, ids, h) if self.args.per_layer_dim else None
+        for i, layer in enumerate(self.layers):
+            h = layer(ops, h, per_layer[:, i] if per_layer is not None else None, positions, cache[i])
+        cache.offset += len(ids)
+        if not all_logits:
+            h = h[-1:]
+        logits = ops.linear(self.output_norm(ops, h), self.output)
+        return ops.softcap(logits, self.args.final_softcap) if self.args.final_softcap else logits
+
+
+ARGS = Gemma4Args
