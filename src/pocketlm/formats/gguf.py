@@ -108,6 +108,16 @@ class Tensor:
         size = self.nbytes // self.shape[0]
         return Tensor(f"{self.name}[{j}]", self.kind, self.shape[1:], self.data[j * size : (j + 1) * size])
 
+    def rows(self, start: int, stop: int) -> Tensor:
+        """Rows start..stop of a matrix (or elements of a vector), still a view into the file."""
+        size = self.nbytes // self.shape[0]
+        return Tensor(
+            f"{self.name}[{start}:{stop}]",
+            self.kind,
+            (stop - start, *self.shape[1:]),
+            self.data[start * size : stop * size],
+        )
+
 
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer; errors name the file and offset."""

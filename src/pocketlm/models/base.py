@@ -227,10 +227,15 @@ class Attention:
             for name in (f"{prefix}.attn_q_norm.weight", f"{prefix}.attn_k_norm.weight"):
                 if w.optional(name) is not None:
                     raise ModelFileError(f"tensor {name!r} is not part of this architecture (no q/k norm)")
-        self.wqkv, self.bqkv = w.optional(f"{prefix}.attn_qkv.weight"), w.optional(f"{prefix}.attn_qkv.bias")
-        if self.wqkv is None:
+        wqkv, bqkv = w.optional(f"{prefix}.attn_qkv.weight"), w.optional(f"{prefix}.attn_qkv.bias")
+        if wqkv is None:
             self.wq, self.wk, self.wv = (w(f"{prefix}.attn_{n}.weight") for n in "qkv")
             self.bq, self.bk, self.bv = (w.optional(f"{prefix}.attn_{n}.bias") for n in "qkv")
+        else:  # a fused matrix (rows: all q, then k, then v), read as three row views of the file
+            q_size, kv_size = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+            bounds = [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, wqkv.shape[0])]
+            self.wq, self.wk, self.wv = (wqkv.rows(a, b) for a, b in bounds)
+            self.bq, self.bk, self.bv = (bqkv.rows(a, b) if bqkv is not None else None for a, b in bounds)
         self.wo, self.bo = w(f"{prefix}.attn_output.weight"), w.optional(f"{prefix}.attn_output.bias")
         self.q_norm = self.k_norm = None
         if spec.qk_norm is not None:
@@ -243,12 +248,7 @@ class Attention:
 
     def project(self, ops, x: np.ndarray):
         s, T = self.spec, len(x)
-        q_size, kv_size = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-        if self.wqkv is not None:
-            qkv = ops.linear(x, self.wqkv, self.bqkv)  # rows: all q, then k, then v
-            q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
-        else:
-            q, k, v = ops.linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
+        q, k, v = ops.linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
         return (
             q.reshape(T, s.n_heads, s.head_dim),
             k.reshape(T, s.n_kv_heads, s.head_dim),

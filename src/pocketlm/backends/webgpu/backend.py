@@ -21,10 +21,11 @@ from ...errors import UnsupportedError
 from ...formats.gguf import Tensor
 from ...formats.quants import GGMLType
 from ...kernels import int8
+from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-_OPS = {"add": 0, "mul": 1, "scale": 2, "silu": 3, "gelu_tanh": 4, "softcap": 5}
+_OPS = {"add": 0, "mul": 1, "scale": 2, "silu": 3, "gelu_tanh": 4, "softcap": 5, "gelu": 6}
 
 
 class GpuTensor:
@@ -124,11 +125,10 @@ class _Matrix:
 
 
 class WebGPUBackend:
-    """The op set (`backends.base.Backend`) in WGSL through wgpu-py; no LayerNorm, exact GELU,
-    ALiBi or numpy on activations yet."""
+    """The op set (`backends.base.Backend`) in WGSL through wgpu-py; no numpy on activations."""
 
     name = "webgpu"
-    capabilities = frozenset()
+    capabilities = frozenset({LAYER_NORM, EXACT_GELU, ALIBI})
 
     def __init__(self, keep_host_copies: bool = False):
         self.device = Device()
@@ -298,9 +298,15 @@ class WebGPUBackend:
         return y
 
     def layer_norm(self, x: GpuTensor, w: Tensor, b: Tensor | None, eps: float) -> GpuTensor:
-        raise UnsupportedError(
-            "the webgpu backend has no LayerNorm yet (llama, gemma and qwen architectures run)"
-        )
+        dim = x.shape[-1]
+        rows = x.size // dim
+        y = self.new(x.shape)
+        weight = self.vector(w)
+        w_rows = math.prod(w.shape) // dim  # per-head norms (StableLM, Phi): one row per head
+        bias = self.vector(b) if b is not None else weight
+        params = [rows, dim, x.offset, 0, int(b is not None), float(eps), w_rows, 0]
+        self.device.dispatch("layer_norm", params, [x.buf, weight, bias, y.buf], grid(rows))
+        return y
 
     def elementwise(self, op: str, a: GpuTensor, b=None, s: float = 0.0) -> GpuTensor:
         if b is not None and not isinstance(b, GpuTensor):
@@ -320,9 +326,7 @@ class WebGPUBackend:
         return self.elementwise("gelu_tanh", x)
 
     def gelu(self, x: GpuTensor) -> GpuTensor:
-        raise UnsupportedError(
-            "the webgpu backend has no exact GELU yet (llama, gemma and qwen architectures run)"
-        )
+        return self.elementwise("gelu", x)
 
     def softcap(self, x, cap: float):
         return self.elementwise("softcap", x, s=float(cap))
@@ -402,8 +406,6 @@ class WebGPUBackend:
         softcap: float | None = None,
         alibi=None,
     ) -> GpuTensor:
-        if alibi is not None:
-            raise UnsupportedError("the webgpu backend has no ALiBi attention")
         T, n_heads, D = q.shape
         n_kv, v_dim = k.shape[1], v.shape[2]
         if D > 4 * WORKGROUP or v_dim != D:
@@ -420,10 +422,15 @@ class WebGPUBackend:
             int(bool(softcap)),
             float(scale),
             float(softcap or 1.0),
-            0,
+            int(alibi is not None),
             0,
         ]
+        slopes = (
+            self.vector(np.asarray(alibi, np.float32), f"alibi-{np.asarray(alibi).tobytes().hex()}")
+            if alibi is not None
+            else q.buf
+        )
         self.device.dispatch(
-            "attention", params, [self.device.step, q.buf, k.buf, v.buf, y.buf], (n_heads, T, 1)
+            "attention", params, [self.device.step, q.buf, k.buf, v.buf, y.buf, slopes], (n_heads, T, 1)
         )
         return y

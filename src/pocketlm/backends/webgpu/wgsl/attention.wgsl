@@ -1,11 +1,11 @@
-// Causal (optionally sliding-window, soft-capped) attention of q [T, Hq, D] over the cache
+// Causal (optionally sliding-window, soft-capped, ALiBi-biased) attention of q [T, Hq, D] over the cache
 // k/v [positions, Hkv, D]; query t sits at position step.pos0 + t and sees keys j with
 // pos - window < j <= pos. One workgroup per (head, token): tiles of 64 keys, online softmax,
 // each thread accumulating up to 4 output dimensions (head_dim <= 256).
 struct Params {
   n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32,
   q_off: u32, y_off: u32, window: u32, has_softcap: u32,
-  scale: f32, softcap: f32, pad0: u32, pad1: u32,
+  scale: f32, softcap: f32, has_alibi: u32, pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: array<u32>;
@@ -13,6 +13,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> k: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read> slopes: array<f32>;  // ALiBi: score += slope[h] * key position
 
 var<workgroup> scores: array<f32, 64>;
 
@@ -38,6 +39,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
       for (var d = 0u; d < p.head_dim; d++) { dot_qk += q[qb + d] * k[kb + d]; }
       s = dot_qk * p.scale;
       if (p.has_softcap == 1u) { s = tanh(s / p.softcap) * p.softcap; }
+      if (p.has_alibi == 1u) { s += slopes[h] * f32(j); }
     }
     scores[lid] = s;
     workgroupBarrier();

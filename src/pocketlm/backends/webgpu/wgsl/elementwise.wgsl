@@ -1,4 +1,5 @@
-// y = op(a, b): 0 add, 1 mul, 2 a * s, 3 silu(a), 4 gelu_tanh(a), 5 tanh(a / s) * s.
+// y = op(a, b): 0 add, 1 mul, 2 a * s, 3 silu(a), 4 gelu_tanh(a), 5 tanh(a / s) * s, 6 gelu(a) (exact,
+// erf from Abramowitz & Stegun 7.1.26, error < 1.5e-7, as the CPU backend computes it).
 // b is read at i % b_len (b_len = n: same shape; b_len = row length: a bias broadcast over rows).
 struct Params { n: u32, op: u32, a_off: u32, b_off: u32, b_len: u32, y_off: u32, s: f32, pad0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,6 +21,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     case 4u: {
       let inner = clamp(0.7978845608 * (x + 0.044715 * x * x * x), -15.0, 15.0);
       r = 0.5 * x * (1.0 + tanh(inner));
+    }
+    case 6u: {
+      let z = abs(x) * 0.7071067811865476;
+      let t = 1.0 / (1.0 + 0.3275911 * z);
+      let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+      r = 0.5 * x * (1.0 + sign(x) * (1.0 - poly * exp(-z * z)));
     }
     default: { r = tanh(clamp(x / p.s, -15.0, 15.0)) * p.s; }
   }
