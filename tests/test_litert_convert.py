@@ -306,3 +306,53 @@ def test_the_cli_convert_keeps_int8_unless_asked_to_requantize(tmp_path):
     assert GGUFFile(kept).tensors["blk.0.ffn_down.weight"].kind.name == "Q8_0"  # 32 inputs: whole blocks
     assert GGUFFile(f32).tensors["blk.0.ffn_down.weight"].kind.name == "F32"
     assert ConversionConfig().keep_source_bits
+
+
+def test_either_kv_cache_layout_gives_the_same_heads_and_length():
+    """litert-torch's caches are [1, kv heads, positions, head dim]; ai-edge-torch's [1, positions,
+    kv heads, head dim]: the key projection's size says which."""
+    import dataclasses
+
+    bundle = open_bundle(LITERTLM)
+    expected = read_decoder(bundle.model)
+    assert (expected.n_kv_heads, expected.cache_length, expected.head_dim) == (1, 256, 8)
+    for graph in bundle.model.subgraphs:
+        for i, t in enumerate(graph.tensors):
+            if re.search(r"kv_cache_[kv]_\d+$", t.name) and len(t.shape) == 4:
+                graph.tensors[i] = dataclasses.replace(
+                    t, shape=(t.shape[0], t.shape[2], t.shape[1], t.shape[3])
+                )
+    swapped = read_decoder(bundle.model)
+    assert (swapped.n_kv_heads, swapped.cache_length, swapped.head_dim) == (1, 256, 8)
+
+
+def test_a_graph_whose_reshape_feeds_itself_is_refused_not_looped_over():
+    import dataclasses
+
+    from pocketlm.errors import UnsupportedError
+
+    bundle = open_bundle(LITERTLM)
+    decode = bundle.model.subgraphs[next(s.subgraph for s in bundle.model.signatures if s.key == "decode")]
+    first = next(k for k, op in enumerate(decode.ops) if op.op == "FULLY_CONNECTED")
+    source = decode.ops[first].inputs[0]
+    maker = next(k for k, op in enumerate(decode.ops) if source in op.outputs)
+    # the norm that made the attention input is replaced by a reshape of its own output
+    decode.ops[maker] = dataclasses.replace(decode.ops[maker], op="RESHAPE", inputs=(source,), composite=None)
+    with pytest.raises(UnsupportedError, match="no norm before layer 0's attention"):
+        read_decoder(bundle.model)
+
+
+def test_a_tokenizer_json_that_is_not_a_tokenizer_is_one_line(tmp_path, monkeypatch):
+    from pocketlm.convert import litert
+
+    real = litert.open_bundle
+
+    def damaged(path):
+        bundle = real(path)
+        bundle.tokenizer_json = {"model": "BPE", "added_tokens": [{"id": "x", "content": 3}]}
+        return bundle
+
+    monkeypatch.setattr(litert, "open_bundle", damaged)
+    with pytest.raises(PocketLMError) as error:
+        convert(LITERTLM, tmp_path / "out.gguf", progress=False)
+    assert "\n" not in str(error.value) and not (tmp_path / "out.gguf").exists()

@@ -113,7 +113,14 @@ def runnable_model(
     import hashlib
 
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{GOOGLE_CONVERSION_VERSION}"
+    with open(path, "rb") as f:  # the ends of the file, so that a replaced copy of the same size shows
+        head = f.read(1 << 20)
+        f.seek(max(0, stat.st_size - (1 << 20)))
+        tail = f.read(1 << 20)
+    from . import __version__
+
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{GOOGLE_CONVERSION_VERSION}|{__version__}|"
+    key += hashlib.sha256(head + tail).hexdigest() + _converter_digest()
     target = models_dir() / "converted" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
     if target.exists():
         return target
@@ -128,6 +135,22 @@ def runnable_model(
 
 
 GOOGLE_CONVERSION_VERSION = 1  # bump when the .litertlm / .task converter writes different files
+
+
+def _converter_digest() -> str:
+    """The converter's own sources: an edited converter converts again (a development install)."""
+    import hashlib
+
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in (
+        "convert/litert.py",
+        "convert/tokenizer.py",
+        "convert/architectures.py",
+        "formats/tflite.py",
+    ):
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
 
 
 def pull(name: str, quiet: bool = False) -> Path:

@@ -46,6 +46,19 @@ class Gemma4Mapping(Mapping):
                 raise UnsupportedError(f"gemma4: {what} is not supported yet")
         if text.get("use_bidirectional_attention") == "all":
             raise UnsupportedError("gemma4 with bidirectional attention is not a causal LM")
+        if text.get("attention_bias"):
+            raise UnsupportedError("gemma4 with attention biases is not supported")
+        activation = text.get("hidden_activation", "gelu_pytorch_tanh")
+        if activation != "gelu_pytorch_tanh":
+            raise UnsupportedError(
+                f"gemma4 with the {activation!r} activation is not supported (gelu_pytorch_tanh)"
+            )
+        for layer, override in (text.get("per_layer_config") or {}).items():
+            other = set(override) - {"head_dim"} if isinstance(override, dict) else {"?"}
+            if other:
+                raise UnsupportedError(
+                    f"gemma4 layer {layer} overrides {sorted(other)}; only head_dim is supported"
+                )
         super().__init__(text)
         self.layer_types = list(text["layer_types"])
         self.first_shared = self.n_layers - int(text.get("num_kv_shared_layers") or 0)
@@ -81,7 +94,8 @@ class Gemma4Mapping(Mapping):
             )
         half = self.global_head_dim // 2
         rotated = int(float(full["partial_rotary_factor"]) * self.global_head_dim // 2)
-        return np.array([1.0] * rotated + [1e30] * (half - rotated), np.float32)
+        factor = float(full.get("factor", 1.0))  # transformers divides the rotated frequencies by it
+        return np.array([factor] * rotated + [1e30] * (half - rotated), np.float32)
 
     def metadata(self):
         c = self.config

@@ -44,6 +44,12 @@ from .policy import ConversionConfig
 from .tokenizer import tokenizer_metadata
 
 SUFFIXES = (".litertlm", ".task", ".tflite")
+_INT_VALUES = {
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+}
 _PASS_THROUGH = {"RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "CAST"}
 _ACTIVATIONS = {"LOGISTIC": "silu", "GELU": "gelu_tanh"}
 _HF_CLASS = re.compile(r"transformers\.models\.(\w+)\.modeling_\w+")
@@ -213,8 +219,8 @@ class _Graph:
 
     def value(self, t: int) -> np.ndarray:
         tensor = self.tensors[t]
-        if tensor.type.startswith("INT") and tensor.quantization.scheme == "none":
-            return tensor.data.view(np.dtype("<i4") if tensor.type == "INT32" else np.int8).astype(np.float64)
+        if tensor.type in _INT_VALUES and tensor.quantization.scheme == "none":
+            return tensor.data.view(_INT_VALUES[tensor.type]).astype(np.float64)
         return self.model.dequantize(tensor).astype(np.float64)
 
     def op(self, k: int) -> Operator:
@@ -236,7 +242,9 @@ class _Graph:
 
     def made_by(self, t: int) -> int | None:
         """The op that computed `t`, looking through reshapes and casts."""
-        while t in self.producer:
+        seen = set()
+        while t in self.producer and t not in seen:  # a crafted graph may loop
+            seen.add(t)
             k = self.producer[t]
             if self.ops[k].op not in _PASS_THROUGH:
                 return k
@@ -301,9 +309,8 @@ def read_decoder(model: TFLiteModel) -> Decoder:
     if not n_layers or sorted(k_caches) != list(range(n_layers)) or sorted(v_caches) != list(range(n_layers)):
         raise g.fail(f"key caches {sorted(k_caches)} and value caches {sorted(v_caches)}")
     k_shape = g.tensors[k_caches[0]].shape
-    if len(k_shape) != 4:
+    if len(k_shape) != 4 or k_shape[0] != 1:
         raise g.fail(f"a key cache of shape {list(k_shape)}")
-    n_kv_heads, cache_length, head_dim = k_shape[1], k_shape[2], k_shape[3]
 
     embedding, embedding_scale = _embedding(g)
     layers, eps_values = [], set()
@@ -328,7 +335,28 @@ def read_decoder(model: TFLiteModel) -> Decoder:
     if len(eps_values) != 1:
         raise g.fail(f"norms with different epsilons {sorted(eps_values)}")
     out_weight = g.tensors[g.ops[head].inputs[1]]
+    # the cache's layout: [1, kv heads, positions, head dim] (litert-torch) or [1, positions, kv
+    # heads, head dim] (ai-edge-torch); the one whose heads times head size the key projection makes
+    head_dim, k_rows = k_shape[3], layers[0].weights["attn_k"].shape[0]
+    layouts = {
+        (a, b) for a, b in ((k_shape[1], k_shape[2]), (k_shape[2], k_shape[1])) if a * head_dim == k_rows
+    }
+    if len(layouts) != 1:
+        raise g.fail(f"a key cache of shape {list(k_shape)} for a key projection of {k_rows} rows")
+    n_kv_heads, cache_length = layouts.pop()
     q_rows = layers[0].weights["attn_q"].shape[0]
+    for i, layer in enumerate(layers):
+        w = layer.weights
+        if (
+            w["attn_k"].shape[0] != k_rows
+            or w["attn_v"].shape[0] != k_rows
+            or w["attn_q"].shape[0] != q_rows
+            or q_rows % head_dim
+            or (q_rows // head_dim) % n_kv_heads
+        ):
+            raise g.fail(
+                f"layer {i}'s projections ({w['attn_q'].shape}, {w['attn_k'].shape}, {w['attn_v'].shape})"
+            )
     names = " ".join(t.name for t in g.tensors[:200])
     hf = _HF_CLASS.search(names)
     return Decoder(
@@ -580,7 +608,7 @@ def _config(d: Decoder, arch: str, bundle: Bundle) -> dict[str, Any]:
     }
     for layer in d.layers:
         rot = 2 * len(layer.inv_freq)
-        if rot != d.head_dim and arch != "llama":
+        if rot != d.head_dim:
             raise UnsupportedError(
                 f"{where}: partial RoPE ({rot} of {d.head_dim} dimensions) in a {arch} model"
             )
@@ -668,8 +696,15 @@ def _exact_blocks(
         blocks[:, :, 2:] = q.view(np.uint8).reshape(t.shape[0], n_blocks, 32)
         return GGMLType.Q8_0, blocks.reshape(t.shape[0], -1)
     if t.type == "INT4" and quant.scheme == "blockwise" and quant.block_size == 32:
-        scale_t = model.subgraphs[t.subgraph].tensors[quant.scale_tensor]
-        if scale_t.type != "FLOAT16" or scale_t.shape != (t.shape[0], t.shape[1] // 32):
+        graph = model.subgraphs[t.subgraph].tensors
+        if quant.scale_tensor is None or not 0 <= quant.scale_tensor < len(graph):
+            return None
+        scale_t = graph[quant.scale_tensor]
+        if (
+            scale_t.type != "FLOAT16"
+            or scale_t.shape != (t.shape[0], t.shape[1] // 32)
+            or scale_t.data is None
+        ):
             return None
         packed = t.data
         q = np.empty(packed.size * 2, np.uint8)
@@ -699,7 +734,18 @@ def litert_writer(
     what was found on stderr."""
     try:
         return _writer(path, config, keep_bits, verbose)
-    except (IndexError, KeyError, ValueError, StopIteration, ZeroDivisionError, OverflowError) as e:
+    except (
+        IndexError,
+        KeyError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        StopIteration,
+        ZeroDivisionError,
+        OverflowError,
+        RecursionError,
+        MemoryError,
+    ) as e:
         # the reader checked every offset; a graph that still makes no sense is a damaged file
         raise ModelFileError(
             f"{path}: its decode graph does not make sense ({type(e).__name__}: {str(e)[:200]!r})"
@@ -761,6 +807,7 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
         writer.add_tensor("rope_freqs.weight", GGMLType.F32, factors.shape, lambda: factors)
 
     vocab = tokenizer_metadata(_tokenizer_source(bundle), d.embedding.shape[0])
+    _check_vocabulary(vocab, d.embedding.shape[0], path)
     # LiteRT-LM puts the start token before every prompt
     vocab["tokenizer.ggml.add_bos_token"] = (bundle.start_token is not None, None, None)
     for key, (value, vtype, item_type) in vocab.items():
@@ -779,6 +826,20 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
             file=sys.stderr,
         )
     return writer
+
+
+def _check_vocabulary(vocab: dict, n_rows: int, path: Path) -> None:
+    """What the file's tokenizer gave must be writable: strings of valid text, ids of tokens."""
+    tokens = vocab["tokenizer.ggml.tokens"][0]
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise ModelFileError(f"{path}: token {i} of the tokenizer is not a string")
+        token.encode("utf-8")  # a lone surrogate raises (UnicodeEncodeError: caught as damage)
+    for key, (value, _, _) in vocab.items():
+        if key.endswith("_token_id") and not (
+            isinstance(value, int) and 0 <= value < min(len(tokens), n_rows)
+        ):
+            raise ModelFileError(f"{path}: {key} {value!r} is not one of the {len(tokens)} tokens")
 
 
 @dataclass

@@ -63,9 +63,14 @@ def _sentencepiece(ckpt: HFCheckpoint) -> dict[str, Any]:
         raise UnsupportedError(
             "reading tokenizer.model needs sentencepiece and protobuf: pip install 'pocketlm[sentencepiece]'"
         ) from None
+    from google.protobuf.message import DecodeError
+
     proto = spm_pb2.ModelProto()
     model = ckpt.sentencepiece_model  # a tokenizer.model path, or its bytes (from a Google file)
-    proto.ParseFromString(model if isinstance(model, bytes) else model.read_bytes())
+    try:
+        proto.ParseFromString(model if isinstance(model, bytes) else model.read_bytes())
+    except DecodeError as e:
+        raise ModelFileError(f"{ckpt.folder}: the SentencePiece model does not parse ({e})") from None
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]  # SentencePiece's type numbers equal llama.cpp's
@@ -139,7 +144,7 @@ def _byte_level_bpe(tj: dict) -> dict[str, Any]:
 
 
 def _is_sentencepiece_bpe(tj: dict) -> bool:
-    model = tj.get("model") or {}
+    model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
     return (
         model.get("type") == "BPE"
         and bool(model.get("byte_fallback"))
@@ -156,6 +161,8 @@ def _sentencepiece_bpe(tj: dict) -> dict[str, Any]:
     added = {a["content"]: a for a in tj.get("added_tokens", [])}
     for content, a in added.items():
         vocab[content] = a["id"]
+    if not vocab or not all(isinstance(i, int) and 0 <= i < 1 << 22 for i in vocab.values()):
+        raise ModelFileError("tokenizer.json: token ids must be integers from 0 (at most 4 M tokens)")
     tokens = [""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():
         tokens[i] = token
@@ -169,6 +176,8 @@ def _sentencepiece_bpe(tj: dict) -> dict[str, Any]:
     for i, token in enumerate(tokens):
         if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
             types[i] = TokenType.BYTE
+        elif token == "":  # an id the vocabulary skips
+            tokens[i], types[i] = f"[PAD{i}]", UNUSED
     if model.get("unk_token") in vocab:
         types[vocab[model["unk_token"]]] = TokenType.UNKNOWN
     for a in added.values():
