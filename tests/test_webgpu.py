@@ -260,3 +260,26 @@ def test_gemma3_270m_matches_the_cpu_backend_with_its_embedding_split_by_rows(re
     ids = cpu.tokenizer.encode("The capital of France is")
     assert np.abs(webgpu.logits(ids) - cpu.logits(ids)).max() <= 1e-3
     assert greedy(webgpu, ids, 8) == greedy(cpu, ids, 8)
+
+
+def test_kernel_parameters_are_packed_by_field_name_from_the_wgsl_struct():
+    """Every kernel's `struct Params` is read from its WGSL: values go to the field of their name with
+    its type, and a misspelt or forgotten field is an error instead of a shifted value."""
+    from pocketlm.backends.webgpu.device import pack_params, param_fields, wgsl_constants
+
+    assert [n for n, _ in param_fields("rms_norm")][:6] == [
+        "n_rows",
+        "dim",
+        "x_off",
+        "y_off",
+        "has_weight",
+        "eps",
+    ]
+    packed = pack_params("rms_norm", dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1, eps=1e-6))
+    assert packed == [3, 80, 5, 0, 1, pytest.approx(1e-6), 0, 0] and isinstance(packed[5], float)
+    with pytest.raises(ValueError, match="unknown parameters \\['epsilon'\\]"):
+        pack_params("rms_norm", dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1, epsilon=1e-6))
+    with pytest.raises(ValueError, match="unset \\['eps'\\]"):
+        pack_params("rms_norm", dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1))
+    ops = wgsl_constants("elementwise", "OP")
+    assert ops == {"add": 0, "mul": 1, "scale": 2, "silu": 3, "gelu_tanh": 4, "softcap": 5, "gelu": 6}

@@ -22,10 +22,14 @@ from ...formats.gguf import Tensor
 from ...formats.quants import GGMLType
 from ...kernels import int8
 from ..base import ALIBI, EXACT_GELU, LAYER_NORM
-from .device import WORKGROUP, Buffer, Device, grid
+from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
-_OPS = {"add": 0, "mul": 1, "scale": 2, "silu": 3, "gelu_tanh": 4, "softcap": 5, "gelu": 6}
+
+
+def _ops() -> dict[str, int]:
+    """The elementwise kernel's op codes, as its WGSL declares them (const OP_ADD: u32 = 0u; ...)."""
+    return wgsl_constants("elementwise", "OP")
 
 
 class GpuTensor:
@@ -262,10 +266,12 @@ class WebGPUBackend:
         y = self.new((T, rows))
         for first, n, bufs in m.chunks:
             if m.quantized:
-                params = [n, cols, m.sub, T, x.offset, cols, 0, rows, first, int(m.has_offset), 0, 0]
+                params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
+                params.update(y_off=0, y_stride=rows, row_base=first, has_offset=int(m.has_offset))
                 self.device.dispatch("linear_q8", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
             else:
-                params = [n, cols, T, x.offset, cols, 0, rows, first]
+                params = dict(rows=n, cols=cols, n_tokens=T, x_off=x.offset, x_stride=cols)
+                params.update(y_off=0, y_stride=rows, row_base=first)
                 self.device.dispatch("linear_f32", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
         return self.elementwise("add", y, bias) if bias is not None else y
 
@@ -277,12 +283,13 @@ class WebGPUBackend:
         y = self.new((T, cols))
         for first, n, bufs in m.chunks:
             if m.quantized:
-                params = [T, cols, m.sub, int(m.has_offset), first, n, 0, 0]
+                params = dict(n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset))
+                params.update(row_base=first, rows=n, y_off=0)
                 self.device.dispatch(
                     "embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
                 )
             else:
-                params = [T, cols, first, n, 0, 0, 0, 0]
+                params = dict(n_tokens=T, cols=cols, row_base=first, rows=n, y_off=0)
                 self.device.dispatch(
                     "embed_f32", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
                 )
@@ -293,7 +300,7 @@ class WebGPUBackend:
         rows = x.size // dim
         y = self.new(x.shape)
         weight = self.vector(w) if w is not None else x.buf
-        params = [rows, dim, x.offset, 0, int(w is not None), float(eps), 0, 0]
+        params = dict(n_rows=rows, dim=dim, x_off=x.offset, y_off=0, has_weight=int(w is not None), eps=eps)
         self.device.dispatch("rms_norm", params, [x.buf, weight, y.buf], grid(rows))
         return y
 
@@ -304,7 +311,8 @@ class WebGPUBackend:
         weight = self.vector(w)
         w_rows = math.prod(w.shape) // dim  # per-head norms (StableLM, Phi): one row per head
         bias = self.vector(b) if b is not None else weight
-        params = [rows, dim, x.offset, 0, int(b is not None), float(eps), w_rows, 0]
+        params = dict(n_rows=rows, dim=dim, x_off=x.offset, y_off=0, has_bias=int(b is not None), eps=eps)
+        params["w_rows"] = w_rows
         self.device.dispatch("layer_norm", params, [x.buf, weight, bias, y.buf], grid(rows))
         return y
 
@@ -313,7 +321,8 @@ class WebGPUBackend:
             b = GpuTensor(self, self.vector(b), b.shape)  # a weight (bias)
         y = self.new(a.shape)
         b_len = b.size if b is not None else 1
-        params = [a.size, _OPS[op], a.offset, b.offset if b is not None else 0, b_len, 0, float(s), 0]
+        params = dict(n=a.size, op=_ops()[op], a_off=a.offset, b_off=b.offset if b is not None else 0)
+        params.update(b_len=b_len, y_off=0, s=s)
         self.device.dispatch(
             "elementwise", params, [a.buf, (b or a).buf, y.buf], grid(-(-a.size // WORKGROUP))
         )
@@ -368,7 +377,9 @@ class WebGPUBackend:
         T, H, D = x.shape
         cos, sin = self.rope_tables(base, n_dims, freq_scale, freq_factors)
         y = self.new(x.shape)
-        params = [T, H, D, n_dims, int(neox), x.offset, 0, 0]
+        params = dict(
+            n_tokens=T, n_heads=H, head_dim=D, n_dims=n_dims, neox=int(neox), x_off=x.offset, y_off=0
+        )
         self.device.dispatch(
             "rope", params, [self.device.step, cos, sin, x.buf, y.buf], grid(-(-x.size // WORKGROUP))
         )
@@ -389,7 +400,7 @@ class WebGPUBackend:
         stride = x.size // len(x)
         self.device.dispatch(
             "kv_write",
-            [x.size, x.offset, stride, 0],
+            dict(n=x.size, src_off=x.offset, stride=stride),
             [self.device.step, x.buf, cache],
             grid(-(-x.size // WORKGROUP)),
         )
@@ -411,20 +422,9 @@ class WebGPUBackend:
         if D > 4 * WORKGROUP or v_dim != D:
             raise UnsupportedError(f"the webgpu attention kernel takes head_dim <= 256 (got {D})")
         y = self.new((T, n_heads * D))
-        params = [
-            T,
-            n_heads,
-            n_kv,
-            D,
-            q.offset,
-            0,
-            window or 0,
-            int(bool(softcap)),
-            float(scale),
-            float(softcap or 1.0),
-            int(alibi is not None),
-            0,
-        ]
+        params = dict(n_tokens=T, n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, q_off=q.offset, y_off=0)
+        params.update(window=window or 0, has_softcap=int(bool(softcap)), scale=scale, softcap=softcap or 1.0)
+        params["has_alibi"] = int(alibi is not None)
         slopes = (
             self.vector(np.asarray(alibi, np.float32), f"alibi-{np.asarray(alibi).tobytes().hex()}")
             if alibi is not None

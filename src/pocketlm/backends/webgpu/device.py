@@ -12,7 +12,9 @@ the plan that `web.export` writes for the browser, which replays it with the sam
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -36,6 +38,39 @@ class Buffer:
 
 def wgsl_source(kernel: str) -> str:
     return (files(__package__) / "wgsl" / f"{kernel}.wgsl").read_text(encoding="utf-8")
+
+
+_FIELD = re.compile(r"(\w+)\s*:\s*(u32|i32|f32)")
+
+
+@functools.cache
+def param_fields(kernel: str) -> tuple[tuple[str, str], ...]:
+    """(name, type) of each field of a kernel's `struct Params`, in the order the WGSL declares them."""
+    match = re.search(r"struct Params\s*\{(.*?)\}", wgsl_source(kernel), re.S)
+    if match is None:
+        raise ValueError(f"kernel {kernel}: no struct Params")
+    return tuple(_FIELD.findall(match.group(1)))
+
+
+def pack_params(kernel: str, values: dict) -> list:
+    """A kernel's parameters by field name, in its struct's order and types (padding fields `pad*` are
+    0). A name the struct lacks, or a field left unset, is an error: never a silently shifted value."""
+    fields = param_fields(kernel)
+    unknown = set(values) - {name for name, _ in fields}
+    missing = [name for name, _ in fields if name not in values and not name.startswith("pad")]
+    if unknown or missing:
+        raise ValueError(f"kernel {kernel}: unknown parameters {sorted(unknown)}, unset {missing}")
+    return [
+        float(values.get(name, 0)) if kind == "f32" else int(values.get(name, 0)) for name, kind in fields
+    ]
+
+
+@functools.cache
+def wgsl_constants(kernel: str, prefix: str) -> dict[str, int]:
+    """`const PREFIX_NAME: u32 = Nu;` declarations of a kernel, as {"name": N} (the op codes its
+    switch takes: one table, in the WGSL)."""
+    found = re.findall(rf"const {prefix}_(\w+)\s*:\s*u32\s*=\s*(\d+)u\s*;", wgsl_source(kernel))
+    return {name.lower(): int(value) for name, value in found}
 
 
 def grid(n_groups: int) -> tuple[int, int, int]:
@@ -141,10 +176,11 @@ class Device:
         return self._pipelines[kernel]
 
     def dispatch(
-        self, kernel: str, params: list, buffers: list[Buffer], groups: tuple[int, int, int]
+        self, kernel: str, params: dict, buffers: list[Buffer], groups: tuple[int, int, int]
     ) -> None:
+        """Run `kernel` with its `struct Params` fields by name (see pack_params) over `buffers`."""
         pipeline = self.pipeline(kernel)
-        bound = [self.params(params), *buffers]
+        bound = [self.params(pack_params(kernel, params)), *buffers]
         key = (kernel, *(b.id for b in bound))
         group = self._bind_groups.get(key)
         if group is None:
