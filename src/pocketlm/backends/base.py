@@ -67,8 +67,9 @@ class Backend(Protocol):
     def linears(self, x: Activation, weights: list[Weight], biases: list[Weight | None]) -> list[Activation]:
         """`linear` of one input by several matrices (q/k/v, gate/up): one pass where it pays."""
 
-    def embedding(self, w: Weight, ids: np.ndarray) -> Activation:
-        """Rows `ids` [T] of the table W [vocab, n] -> [T, n]."""
+    def embedding(self, w: Weight, ids: np.ndarray, stride: int = 1, offset: int = 0) -> Activation:
+        """Rows `ids * stride + offset` [T] of the table W [rows, n] -> [T, n] (a per-layer table
+        read as [vocab * layers, n]: stride = layers, offset = the layer)."""
 
     def rms_norm(self, x: Activation, w: Weight | None, eps: float) -> Activation:
         """x / sqrt(mean(x^2) + eps) * w over the last axis (w None: no scale); x [..., n]."""

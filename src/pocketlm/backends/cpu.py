@@ -194,8 +194,10 @@ class CpuBackend:
         pinned = [p for name, p in self._pinned.items() if name not in self._packed]  # others are views
         return sum(p.nbytes for p in [*self._packed.values(), *self._dequantized.values(), *pinned])
 
-    def embedding(self, w: Tensor, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` of an embedding table [vocab, D], dequantizing just those rows."""
+    def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> np.ndarray:
+        """Rows `ids * stride + offset` of an embedding table [rows, D], dequantizing just those rows."""
+        if stride != 1 or offset:
+            ids = np.asarray(ids, np.int64) * stride + offset
         if w.name in self._dequantized:
             return self._dequantized[w.name][ids]
         n_rows, dim = w.shape

@@ -108,6 +108,17 @@ class Tensor:
         size = self.nbytes // self.shape[0]
         return Tensor(f"{self.name}[{j}]", self.kind, self.shape[1:], self.data[j * size : (j + 1) * size])
 
+    def regrouped(self, n_rows: int) -> Tensor:
+        """The same bytes read as a matrix of `n_rows` rows (each whole blocks), under the same name:
+        Gemma's per-layer table [vocab, layers * width] as [vocab * layers, width]."""
+        cols = self.n_elements // n_rows
+        if n_rows * cols != self.n_elements or cols % BLOCK_LAYOUT[self.kind][0]:
+            raise ModelFileError(
+                f"tensor {self.name!r} ({self.kind.name} {list(self.shape)}) cannot be read as {n_rows} rows "
+                f"of whole {BLOCK_LAYOUT[self.kind][0]}-value blocks"
+            )
+        return Tensor(self.name, self.kind, (n_rows, cols), self.data)
+
     def rows(self, start: int, stop: int) -> Tensor:
         """Rows start..stop of a matrix (or elements of a vector), still a view into the file."""
         size = self.nbytes // self.shape[0]

@@ -3,9 +3,10 @@ per-layer embeddings (PLE), KV sharing, sliding and full layers with their own h
 proportional partial RoPE on the full layers, a double-wide FFN in the KV-sharing layers, a
 learned scalar on every layer's output, final soft-capping.
 
-Each layer receives its slice of the per-layer input: a row of the per-layer embedding table
-(which stays in the file and is read per token, see `streamed`) mixed with a projection of the
-token embedding; after the FFN it is gated by the hidden state and added to it. The last
+Each layer receives its slice of the per-layer input: its part of a row of the per-layer
+embedding table (which stays in the file and is read per token, see `streamed`) mixed with its
+part of a projection of the token embedding, both read through the op set (no numpy on
+activations: the GPU backend runs it too); after the FFN it is gated by the hidden state and added to it. The last
 `shared_kv_layers` layers compute no keys and values: each attends over those of the last earlier
 layer of its kind. Attention scale is 1 (the q / k norms carry it); norms multiply by w itself
 (no 1 + w); the value norm has no weight. Tensor and key names follow llama.cpp's `gemma4`; the
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import HOST_ACTIVATIONS
 from ..kvcache import KVCache, LayerCache, SharedLayerCache
 from .base import REQUIRED, AttentionSpec, Norm, Weights
 from .gemma3 import Gemma3Args
@@ -124,6 +124,7 @@ class Block:
         self.output_scale = w.optional(f"{p}.layer_output_scale.weight")
 
     def __call__(self, ops, h, per_layer, positions, cache):
+        """`per_layer`: this layer's per-layer input [T, P], or None when the model has none."""
         h = h + self.post_attn_norm(ops, self.attention(ops, self.attn_norm(ops, h), positions, cache))
         x = self.ffn_norm(ops, h)
         h = h + self.post_ffn_norm(
@@ -142,13 +143,19 @@ class Model:
 
     # Tensors the runtime leaves in the file and reads row by row (never made resident).
     streamed = frozenset({PER_LAYER_TABLE})
-    requires = frozenset({HOST_ACTIVATIONS})  # the per-layer inputs are cut per layer on numpy arrays
 
     def __init__(self, args: Gemma4Args, w: Weights):
         self.args = args
         self.token_embd = w("token_embd.weight")
         if args.per_layer_dim:
-            self.ple_table, self.ple_proj = w(PER_LAYER_TABLE), w("per_layer_model_proj.weight")
+            # layer i's part of each token's row of the table [vocab, L * P] is row id * L + i of
+            # the same bytes read as [vocab * L, P]; its part of the projection [L * P, D], rows
+            # i * P .. (i + 1) * P: every layer reads its own per-layer input through ops alone
+            P = args.per_layer_dim
+            table = w(PER_LAYER_TABLE)
+            self.ple_table = table.regrouped(table.shape[0] * args.n_layers)
+            proj = w("per_layer_model_proj.weight")
+            self.ple_proj = [proj.rows(i * P, (i + 1) * P) for i in range(args.n_layers)]
             self.ple_proj_norm = Norm(w, "per_layer_proj_norm", "rms", args.norm_eps)
         self.output_norm = Norm(w, "output_norm", "rms", args.norm_eps)
         output = w.optional("output.weight")
@@ -168,23 +175,24 @@ class Model:
             )
         return KVCache(layers, max_tokens)
 
-    def per_layer_inputs(self, ops, ids: np.ndarray, embedded) -> np.ndarray:
-        """[T, L, P]: the per-layer table's rows (ids beyond it read row 0), scaled by sqrt(P), plus
-        the normed projection of the scaled token embedding, times 1/sqrt(2)."""
-        a, T = self.args, len(ids)
-        rows = ops.embedding(self.ple_table, np.where(ids < self.ple_table.shape[0], ids, 0))
-        table = rows.reshape(T, a.n_layers, a.per_layer_dim) * np.float32(math.sqrt(a.per_layer_dim))
-        proj = ops.linear(embedded, self.ple_proj) * np.float32(a.hidden_size**-0.5)
-        proj = self.ple_proj_norm(ops, proj.reshape(T, a.n_layers, a.per_layer_dim))
-        return (proj + table) * np.float32(2**-0.5)
+    def per_layer_input(self, ops, i: int, ids: np.ndarray, embedded):
+        """Layer i's [T, P]: its slice of the table's rows (the table covers the whole vocabulary, as
+        transformers assumes) times sqrt(P), plus the normed projection of the scaled token embedding, times 1/sqrt(2)."""
+        a = self.args
+        rows = ops.embedding(self.ple_table, ids, stride=a.n_layers, offset=i) * np.float32(
+            math.sqrt(a.per_layer_dim)
+        )
+        proj = ops.linear(embedded, self.ple_proj[i]) * np.float32(a.hidden_size**-0.5)
+        return (self.ple_proj_norm(ops, proj) + rows) * np.float32(2**-0.5)
 
     def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         positions = np.arange(cache.offset, cache.offset + len(ids))
         ids = np.asarray(ids, np.int64)
         h = ops.embedding(self.token_embd, ids) * np.float32(math.sqrt(self.args.hidden_size))
-        per_layer = self.per_layer_inputs(ops, ids, h) if self.args.per_layer_dim else None
+        embedded = h
         for i, layer in enumerate(self.layers):
-            h = layer(ops, h, per_layer[:, i] if per_layer is not None else None, positions, cache[i])
+            per_layer = self.per_layer_input(ops, i, ids, embedded) if self.args.per_layer_dim else None
+            h = layer(ops, h, per_layer, positions, cache[i])
         cache.offset += len(ids)
         if not all_logits:
             h = h[-1:]

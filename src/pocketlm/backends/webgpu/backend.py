@@ -86,6 +86,8 @@ class GpuTensor:
 class GpuLayerCache:
     """Keys and values of every position of one layer, in device memory."""
 
+    shared = False  # set by KVCache when a SharedLayerCache reads this layer's `last`
+
     def __init__(self, ops: WebGPUBackend, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window):
         self.ops, self.capacity, self.window = ops, capacity, window
         self.k_shape, self.v_shape = (capacity, n_kv_heads, k_dim), (capacity, n_kv_heads, v_dim)
@@ -95,11 +97,14 @@ class GpuLayerCache:
     def update_and_fetch(self, k: GpuTensor, v: GpuTensor, start: int):
         self.ops.write_cache(k, self.keys, start)
         self.ops.write_cache(v, self.values, start)
-        return (
+        fetched = (
             GpuTensor(self.ops, self.keys, self.k_shape),
             GpuTensor(self.ops, self.values, self.v_shape),
             None,
         )
+        if self.shared:
+            self.last = fetched
+        return fetched
 
     def copy(self) -> GpuLayerCache:
         twin = object.__new__(GpuLayerCache)
@@ -275,7 +280,7 @@ class WebGPUBackend:
                 self.device.dispatch("linear_f32", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
         return self.elementwise("add", y, bias) if bias is not None else y
 
-    def embedding(self, w: Tensor, ids: np.ndarray) -> GpuTensor:
+    def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> GpuTensor:
         m = self.matrix(w)
         cols, T = m.shape[1], len(ids)
         self._ids = np.asarray(ids)
@@ -284,12 +289,14 @@ class WebGPUBackend:
         for first, n, bufs in m.chunks:
             if m.quantized:
                 params = dict(n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset))
-                params.update(row_base=first, rows=n, y_off=0)
+                params.update(row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset)
                 self.device.dispatch(
                     "embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
                 )
             else:
-                params = dict(n_tokens=T, cols=cols, row_base=first, rows=n, y_off=0)
+                params = dict(
+                    n_tokens=T, cols=cols, row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset
+                )
                 self.device.dispatch(
                     "embed_f32", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
                 )
@@ -419,8 +426,8 @@ class WebGPUBackend:
     ) -> GpuTensor:
         T, n_heads, D = q.shape
         n_kv, v_dim = k.shape[1], v.shape[2]
-        if D > 4 * WORKGROUP or v_dim != D:
-            raise UnsupportedError(f"the webgpu attention kernel takes head_dim <= 256 (got {D})")
+        if D > 8 * WORKGROUP or v_dim != D:
+            raise UnsupportedError(f"the webgpu attention kernel takes head_dim <= 512 (got {D})")
         y = self.new((T, n_heads * D))
         params = dict(n_tokens=T, n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, q_off=q.offset, y_off=0)
         params.update(window=window or 0, has_softcap=int(bool(softcap)), scale=scale, softcap=softcap or 1.0)

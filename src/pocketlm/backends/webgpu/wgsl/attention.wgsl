@@ -1,7 +1,7 @@
 // Causal (optionally sliding-window, soft-capped, ALiBi-biased) attention of q [T, Hq, D] over the cache
 // k/v [positions, Hkv, D]; query t sits at position step.pos0 + t and sees keys j with
 // pos - window < j <= pos. One workgroup per (head, token): tiles of 64 keys, online softmax,
-// each thread accumulating up to 4 output dimensions (head_dim <= 256).
+// each thread accumulating up to 8 output dimensions (head_dim <= 512: Gemma 4's full layers).
 struct Params {
   n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32,
   q_off: u32, y_off: u32, window: u32, has_softcap: u32,
@@ -29,7 +29,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   if (p.window > 0u && pos + 1u > p.window) { lo = pos + 1u - p.window; }
   var m = -3.0e38;
   var l = 0.0;
-  var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+  var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
   for (var start = lo; start <= pos; start += 64u) {
     let j = start + lid;
     var s = -3.0e38;
@@ -49,12 +49,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let new_m = max(m, tile_max);
     let corr = exp(m - new_m);
     l = l * corr;
-    for (var c = 0u; c < 4u; c++) { acc[c] = acc[c] * corr; }
+    for (var c = 0u; c < 8u; c++) { acc[c] = acc[c] * corr; }
     for (var i = 0u; i < n; i++) {
       let w = exp(scores[i] - new_m);
       l += w;
       let vb = (start + i) * kv_stride + kvh * p.head_dim;
-      for (var c = 0u; c < 4u; c++) {
+      for (var c = 0u; c < 8u; c++) {
         let d = lid + 64u * c;
         if (d < p.head_dim) { acc[c] += w * v[vb + d]; }
       }
@@ -62,7 +62,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     m = new_m;
     workgroupBarrier();
   }
-  for (var c = 0u; c < 4u; c++) {
+  for (var c = 0u; c < 8u; c++) {
     let d = lid + 64u * c;
     if (d < p.head_dim) { y[p.y_off + (t * p.n_heads + h) * p.head_dim + d] = acc[c] / l; }
   }

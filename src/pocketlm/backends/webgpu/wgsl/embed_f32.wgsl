@@ -1,5 +1,6 @@
-// out[t, :] = row step.ids[t] of a float32 table chunk holding rows [row_base, row_base + rows).
-struct Params { n_tokens: u32, cols: u32, row_base: u32, rows: u32, y_off: u32, pad0: u32, pad1: u32, pad2: u32 }
+// out[t, :] = row step.ids[t] * id_mul + id_add of a float32 table chunk holding rows
+// [row_base, row_base + rows) (id_mul / id_add: a per-layer table read as [vocab * layers, cols]).
+struct Params { n_tokens: u32, cols: u32, row_base: u32, rows: u32, y_off: u32, id_mul: u32, id_add: u32, pad0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: array<u32>;
 @group(0) @binding(2) var<storage, read> table: array<f32>;
@@ -10,7 +11,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let i = gid.x + gid.y * nwg.x * 64u;
   if (i >= p.n_tokens * p.cols) { return; }
   let t = i / p.cols;
-  let id = step[2u + t];
+  let id = step[2u + t] * p.id_mul + p.id_add;
   if (id < p.row_base || id >= p.row_base + p.rows) { return; }
   y[p.y_off + i] = table[(id - p.row_base) * p.cols + i % p.cols];
 }
