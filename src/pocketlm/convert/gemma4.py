@@ -12,19 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UnsupportedError
-from .architectures import _LLAMA_NAMES, Mapping, register, rope_parameters
+from .architectures import Mapping, register, rope_parameters
+from .gemma3n import _NAMES as GEMMA3N_NAMES
 
-_NAMES = {
-    **_LLAMA_NAMES,
-    "model.layers.{i}.post_attention_layernorm": "blk.{i}.post_attention_norm",
-    "model.layers.{i}.pre_feedforward_layernorm": "blk.{i}.ffn_norm",
-    "model.layers.{i}.post_feedforward_layernorm": "blk.{i}.post_ffw_norm",
-    "model.embed_tokens_per_layer": "per_layer_token_embd",
-    "model.per_layer_model_projection": "per_layer_model_proj",
-    "model.per_layer_projection_norm": "per_layer_proj_norm",
-    "model.layers.{i}.per_layer_input_gate": "blk.{i}.inp_gate",
-    "model.layers.{i}.per_layer_projection": "blk.{i}.proj",
-    "model.layers.{i}.post_per_layer_input_norm": "blk.{i}.post_norm",
+_NAMES = {  # Gemma 3n's, without AltUp and LAuReL, with the per-layer output scale
+    **{
+        k: v for k, v in GEMMA3N_NAMES.items() if not any(part in k for part in ("altup", "laurel", "v_norm"))
+    },
     "model.layers.{i}.layer_scalar": "blk.{i}.layer_output_scale",
 }
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backends.base import HOST_ACTIVATIONS
+from ..errors import ModelFileError
 from ..kvcache import KVCache, LayerCache, SharedLayerCache
 from .base import REQUIRED, AttentionSpec, Norm, Weights
 from .gemma3 import Gemma3Args
@@ -48,13 +49,19 @@ class Gemma3nArgs(Gemma3Args):
     _per_layer = frozenset({"ffn_size"})  # MatFormer slices: one FFN width per layer
 
     def kv_source(self, i: int) -> int | None:
-        """The layer whose keys and values layer i reuses (the last unshared layer of its kind),
-        or None when it computes its own."""
-        first_shared = self.n_layers - self.shared_kv_layers
-        if i < first_shared:
-            return None
-        same_kind = [j for j in range(first_shared) if self.is_sliding(j) == self.is_sliding(i)]
-        return same_kind[-1]
+        return shared_kv_source(self, i)
+
+
+def shared_kv_source(args, i: int) -> int | None:
+    """The layer whose keys and values layer i reuses (the last unshared layer of its kind), or
+    None when it computes its own (Gemma 3n and Gemma 4: the last `shared_kv_layers` share)."""
+    first_shared = args.n_layers - args.shared_kv_layers
+    if i < first_shared:
+        return None
+    same_kind = [j for j in range(first_shared) if args.is_sliding(j) == args.is_sliding(i)]
+    if not same_kind:
+        raise ModelFileError(f"layer {i} shares keys and values, but no earlier layer of its kind has them")
+    return same_kind[-1]
 
 
 def rms(x: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from ..kvcache import KVCache, LayerCache, SharedLayerCache
 from .base import REQUIRED, AttentionSpec, Norm, Weights
 from .gemma3 import Gemma3Args
+from .gemma3n import shared_kv_source
 
 PER_LAYER_TABLE = "per_layer_token_embd.weight"
 
@@ -46,19 +47,7 @@ class Gemma4Args(Gemma3Args):
     _per_layer = frozenset({"ffn_size"})  # the KV-sharing layers' FFN may be twice as wide
 
     def kv_source(self, i: int) -> int | None:
-        """The layer whose keys and values layer i reuses (the last unshared layer of its kind),
-        or None when it computes its own."""
-        first_shared = self.n_layers - self.shared_kv_layers
-        if i < first_shared:
-            return None
-        same_kind = [j for j in range(first_shared) if self.is_sliding(j) == self.is_sliding(i)]
-        if not same_kind:
-            from ..errors import ModelFileError
-
-            raise ModelFileError(
-                f"gemma4 layer {i} shares keys and values, but no earlier layer of its kind has them"
-            )
-        return same_kind[-1]
+        return shared_kv_source(self, i)
 
 
 class Attention:
