@@ -356,3 +356,24 @@ def test_a_tokenizer_json_that_is_not_a_tokenizer_is_one_line(tmp_path, monkeypa
     with pytest.raises(PocketLMError) as error:
         convert(LITERTLM, tmp_path / "out.gguf", progress=False)
     assert "\n" not in str(error.value) and not (tmp_path / "out.gguf").exists()
+
+
+def test_int4_per_channel_weights_become_q4_0_blocks_holding_the_same_numbers():
+    """An INT4 weight with one scale per output channel: each Q4_0 block carries its row's scale
+    (as float16) and the same 4-bit values, the even element of each byte in the low nibble."""
+    from pocketlm.formats.tflite import Quantization, TFLiteModel, TFLiteTensor
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(-8, 8, (6, 64)).astype(np.int8)
+    nibbles = (values.reshape(-1) & 0xF).astype(np.uint8)
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    scales = rng.uniform(0.01, 0.1, 6).astype(np.float32)
+    quant = Quantization("per-channel", axis=0, scales=scales, zero_points=np.zeros(6, np.int64))
+    t = TFLiteTensor("w", "INT4", (6, 64), 1, quant, packed.size, packed)
+    model = TFLiteModel(Path("x"), 3, None, [], [], [], 0, 0)
+    assert np.array_equal(model.dequantize(t), values * scales[:, None])  # the reader's own reading
+    rows = np.array([3, 1, 0, 2, 5, 4])
+    kind, blocks = _exact_blocks(model, t, rows)
+    half_scales = scales.astype(np.float16).astype(np.float32)[:, None]
+    assert kind.name == "Q4_0"
+    assert np.array_equal(dequantize(blocks, kind, t.shape), (values * half_scales)[rows])

@@ -388,6 +388,8 @@ def _embedding(g: _Graph) -> tuple[TFLiteTensor, float | None]:
     # a constant multiplying the looked-up rows before the first norm (Gemma: sqrt(hidden))
     _, passed = g.downstream(op.outputs[0], lambda k: g.is_norm(k) or g.is_fc(k) or g.ops[k].op == "ADD")
     scales = g.scalar_consts(passed, "MUL")
+    if len(scales) > 1:
+        raise g.fail(f"{len(scales)} constants multiplying the embedding")
     return table, (scales[0] if scales else None)
 
 
@@ -504,7 +506,12 @@ def _layer(g: _Graph, i: int, k_cache: int, v_cache: int) -> tuple[Layer, set[fl
         raise g.fail(f"{len(pair)} projections after layer {i}'s feed-forward norm (a gated MLP has 2)")
     gates = []
     for k in pair:
-        acts = [c for c in g.consumers[g.ops[k].outputs[0]] if g.ops[c].op in _ACTIVATIONS]
+        out = g.ops[k].outputs[0]
+        acts = [c for c in g.consumers[out] if g.ops[c].op in _ACTIVATIONS]
+        if acts and g.ops[acts[0]].op == "LOGISTIC":  # SiLU is x * sigmoid(x): the same x
+            silu = [c for c in g.consumers[g.ops[acts[0]].outputs[0]] if g.ops[c].op == "MUL"]
+            if len(silu) != 1 or out not in g.ops[silu[0]].inputs:
+                raise g.fail(f"a sigmoid in layer {i}'s feed-forward that is not part of a SiLU")
         if acts:
             gates.append(k)
             layer.activation = _ACTIVATIONS[g.ops[acts[0]].op]
@@ -634,6 +641,8 @@ def _config(d: Decoder, arch: str, bundle: Bundle) -> dict[str, Any]:
             or len({r[:2] for r in full}) > 1
         ):
             raise UnsupportedError(f"{where}: RoPE frequencies this converter does not map")
+        if any(r[1] != 1.0 for r in local):
+            raise UnsupportedError(f"{where}: scaled RoPE in the sliding-window layers")
         base, factor, _ = full[0] if full else local[0]
         rope = {"full_attention": {"rope_theta": base, "rope_type": "default"}}
         if factor != 1.0:
@@ -695,6 +704,15 @@ def _exact_blocks(
         blocks[:, :, :2] = d.view(np.uint8).reshape(-1, 1, 2)
         blocks[:, :, 2:] = q.view(np.uint8).reshape(t.shape[0], n_blocks, 32)
         return GGMLType.Q8_0, blocks.reshape(t.shape[0], -1)
+    if t.type == "INT4" and quant.scheme == "per-channel" and quant.axis == 0:
+        d = quant.scales.astype(np.float32).astype(np.float16)
+        if not np.all(np.isfinite(d)) or np.any(
+            np.abs(d.astype(np.float32) - quant.scales) > 1e-3 * np.abs(quant.scales)
+        ):
+            return None
+        return GGMLType.Q4_0, _q4_0_blocks(
+            _int4_offset(t), np.repeat(d[:, None], t.shape[1] // 32, axis=1), rows
+        )
     if t.type == "INT4" and quant.scheme == "blockwise" and quant.block_size == 32:
         graph = model.subgraphs[t.subgraph].tensors
         if quant.scale_tensor is None or not 0 <= quant.scale_tensor < len(graph):
@@ -706,19 +724,30 @@ def _exact_blocks(
             or scale_t.data is None
         ):
             return None
-        packed = t.data
-        q = np.empty(packed.size * 2, np.uint8)
-        q[0::2], q[1::2] = packed & 0x0F, packed >> 4  # two's complement nibbles, even element low
-        q = (q.astype(np.int16) ^ 8).astype(np.uint8).reshape(t.shape)  # signed -8..7 -> 0..15 (+8)
         d = scale_t.data.view(np.float16).reshape(scale_t.shape)
-        if rows is not None:
-            q, d = q[rows], d[rows]
-        blocks = np.empty((t.shape[0], t.shape[1] // 32, 18), np.uint8)
-        blocks[:, :, :2] = d.view(np.uint8).reshape(t.shape[0], -1, 2)
-        nib = q.reshape(t.shape[0], -1, 32)
-        blocks[:, :, 2:] = nib[:, :, :16] | (nib[:, :, 16:] << 4)
-        return GGMLType.Q4_0, blocks.reshape(t.shape[0], -1)
+        return GGMLType.Q4_0, _q4_0_blocks(_int4_offset(t), d, rows)
     return None
+
+
+def _int4_offset(t: TFLiteTensor) -> np.ndarray:
+    """An INT4 tensor's values plus 8 (0..15, as Q4_0 stores them), [rows, cols] uint8."""
+    packed = t.data
+    q = np.empty(packed.size * 2, np.uint8)
+    q[0::2], q[1::2] = packed & 0x0F, packed >> 4  # two's complement nibbles, the even element low
+    return (q[: math.prod(t.shape)] ^ 8).reshape(t.shape)  # signed -8..7 -> 0..15
+
+
+def _q4_0_blocks(q: np.ndarray, d: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """Q4_0 blocks of values q (0..15) [rows, cols] and float16 scales d [rows, cols / 32]: per
+    block the scale, then 16 bytes holding elements 0..15 in the low nibbles, 16..31 in the high."""
+    if rows is not None:
+        q, d = q[rows], d[rows]
+    n_rows = q.shape[0]
+    blocks = np.empty((n_rows, q.shape[1] // 32, 18), np.uint8)
+    blocks[:, :, :2] = np.ascontiguousarray(d, np.float16).view(np.uint8).reshape(n_rows, -1, 2)
+    nib = q.reshape(n_rows, -1, 32)
+    blocks[:, :, 2:] = nib[:, :, :16] | (nib[:, :, 16:] << 4)
+    return blocks.reshape(n_rows, -1)
 
 
 def _permutation(n_rows: int, n_heads: int) -> np.ndarray:
@@ -772,9 +801,9 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
     model = bundle.model
     counts: dict[str, int] = defaultdict(int)
 
-    def add(name: str, t: TFLiteTensor, rows: np.ndarray | None = None, shift: float = 0.0) -> None:
+    def add(name: str, t: TFLiteTensor, rows: np.ndarray | None = None) -> None:
         shape = t.shape
-        exact = _exact_blocks(model, t, rows) if keep_bits and shift == 0.0 else None
+        exact = _exact_blocks(model, t, rows) if keep_bits else None
         if exact is not None:
             kind, blocks = exact
             counts[f"{t.type} kept as {kind.name}"] += 1
@@ -787,7 +816,7 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
             x = model.dequantize(t).astype(np.float32)
             if rows is not None:
                 x = x[rows]
-            return quantize(x - np.float32(shift) if shift else x, kind)
+            return quantize(x, kind)
 
         writer.add_tensor(name, kind, shape, load)
 
