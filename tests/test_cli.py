@@ -310,8 +310,10 @@ def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_
     assert (
         json.loads((tmp_path / "web2" / "manifest.json").read_text())["max_tokens"] == 256
     )  # the model's context
-    code, _, err = run_cli(capsys, "run", str(tiny("phi")[2]), "x", "--backend", "webgpu")
-    assert code == 2 and "webgpu backend cannot run this phi2 model: it has no layer_norm" in err
+    code, _, err = run_cli(
+        capsys, "run", str(tiny("gemma3n")[2]), "x", "--backend", "webgpu", "--max-tokens", "64"
+    )
+    assert code == 2 and "webgpu backend cannot run this gemma3n model: it has no host_activations" in err
 
 
 def test_list_show_and_rm_manage_the_model_folder(capsys, tiny, tmp_path, monkeypatch):

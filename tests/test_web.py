@@ -83,12 +83,12 @@ class Replayer:
         return np.frombuffer(raw, np.float32)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma4"])
 def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
     model, _, path = tiny(kind)
     package = export(path, tmp_path / "web", max_tokens=96, progress=False)
     manifest = json.loads((package / "manifest.json").read_text())
-    assert manifest["architecture"] in ("llama", "gemma3") and manifest["max_tokens"] == 96
+    assert manifest["architecture"] == kind and manifest["max_tokens"] == 96
     replay = Replayer(package)
     band = replay.passes["prefill"][0]
     ids = prompt_ids(model.config.vocab_size, 2 * band + 8)  # past gemma3's 16-token window
@@ -186,6 +186,23 @@ def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
     first, second, shown = in_chromium(package, two_turns, "web-tiny-chat.png")
     assert first["text"] == expected
     assert len(second["ids"]) == 8 and shown == 2
+
+
+@pytest.mark.browser
+def test_a_tiny_gemma4_package_in_chromium_writes_the_native_text(tiny, tmp_path):
+    """Gemma 4 in the browser: per-layer inputs, KV sharing, two head sizes, partial RoPE."""
+    _, _, path = tiny("gemma4")
+    expected = (
+        LlmInference(path, temperature=0.0, max_tokens=96)
+        .create_session()
+        .chat("the river", max_new_tokens=8)
+    )
+    package = export(path, tmp_path / "web", max_tokens=96, progress=False)
+
+    def reply(page):
+        return page.evaluate("() => window.pocketlm.generate('the river', {temperature: 0, maxNewTokens: 8})")
+
+    assert in_chromium(package, reply, "web-tiny-gemma4.png")["text"] == expected
 
 
 @pytest.mark.browser
