@@ -138,6 +138,7 @@ class WebGPUBackend:
 
     name = "webgpu"
     capabilities = frozenset({LAYER_NORM, EXACT_GELU, ALIBI})
+    reads_rows_from_file = False  # a table the CPU reads row by row from the file is uploaded whole
 
     def __init__(self, keep_host_copies: bool = False):
         self.device = Device()
