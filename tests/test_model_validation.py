@@ -162,3 +162,21 @@ def test_a_few_hundred_mutated_files_end_in_one_line_errors_or_load_never_a_cras
     assert (
         result["counts"]["error"] > 100 and result["counts"]["loaded"] > 10
     )  # the mutations did reach the loader
+
+
+def test_falcons_parallel_or_sequential_blocks_are_said_by_the_file_not_inferred(tiny, tmp_path):
+    """falcon-rw runs its blocks one after the other (a second LayerNorm before the MLP), falcon-7b/40b
+    in parallel: our files say which, so a lost norm is refused instead of running the other layout."""
+    rw, forty = tiny("falcon-rw")[2], tiny("falcon-40b")[2]
+    assert GGUFFile(rw).metadata["pocketlm.parallel_residual"] is False
+    assert GGUFFile(forty).metadata["pocketlm.parallel_residual"] is True
+    bad = rewritten(rw, tmp_path / "rw.gguf", drop=("blk.1.ffn_norm.weight",))
+    with pytest.raises(ModelFileError, match=r"rw.gguf: model file lacks tensor 'blk.1.ffn_norm.weight'"):
+        load(bad)
+    bad = rewritten(forty, tmp_path / "forty.gguf", extra={"blk.0.ffn_norm.weight": "blk.0.attn_norm.weight"})
+    with pytest.raises(
+        ModelFileError, match=r"forty.gguf: tensor 'blk.0.ffn_norm.weight' is not part of a parallel"
+    ):
+        load(bad)
+    unflagged = rewritten(rw, tmp_path / "unflagged.gguf", metadata={"pocketlm.parallel_residual": None})
+    assert load(unflagged).logits([1, 2, 3]).shape[0] == 3  # llama.cpp-style files: the tensors decide

@@ -382,6 +382,10 @@ class FalconMapping(Mapping):
         if self.config.get("alibi"):
             keys["attention.max_alibi_bias"] = 8.0
             del keys["rope.freq_base"]
+        c = self.config  # parallel attention + MLP (7b / 40b) or sequential blocks (rw), said outright
+        keys["pocketlm.parallel_residual"] = bool(
+            c.get("parallel_attn", True) or c.get("new_decoder_architecture")
+        )
         return keys
 
     def transform(self, gguf_name):

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..backends.base import EXACT_GELU
-from .base import MLP, Attention, CausalLM, LayerNormArgs, Norm, Weights, alibi_slopes
+from ..errors import ModelFileError
+from .base import MLP, Attention, CausalLM, LayerNormArgs, Norm, Weights, alibi_slopes, feature
 
 
 @dataclass
@@ -31,7 +32,15 @@ class TransformerBlock:
         self.attn_norm = Norm(w, f"{p}.attn_norm", "layer", eps)
         has = lambda name: w.optional(f"{p}.{name}.weight") is not None  # noqa: E731
         self.attn_norm_2 = Norm(w, f"{p}.attn_norm_2", "layer", eps) if has("attn_norm_2") else None
-        self.ffn_norm = Norm(w, f"{p}.ffn_norm", "layer", eps) if has("ffn_norm") else None
+        # sequential (falcon-rw) or parallel: our converter's `pocketlm.parallel_residual` says which
+        # (the norm is then required or refused); other files, by the norm's presence
+        sequential = args.parallel_residual is False if args.parallel_residual is not None else None
+        if feature(sequential, w, f"{p}.ffn_norm.weight"):
+            self.ffn_norm = Norm(w, f"{p}.ffn_norm", "layer", eps)
+        elif has("ffn_norm"):
+            raise ModelFileError(f"tensor '{p}.ffn_norm.weight' is not part of a parallel Falcon block")
+        else:
+            self.ffn_norm = None
         self.attention = Attention(w, p, spec, eps)
         self.mlp = MLP(w, p, "gelu")
 
