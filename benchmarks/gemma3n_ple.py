@@ -63,24 +63,11 @@ def build_checkpoint(folder: Path, hidden: int, layers: int, per_layer: int) -> 
     model.save_pretrained(folder)
 
 
-def bench(path: Path, *flags: str) -> dict:
+def bench(path: Path, *flags: str, prompt: int = 128, gen: int = 64) -> dict:
+    """`pocketlm bench --json` on `path` in a fresh process."""
+    cmd = [sys.executable, "-m", "pocketlm", "bench", str(path), "--prompt-tokens", str(prompt)]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pocketlm",
-            "bench",
-            str(path),
-            "--prompt-tokens",
-            "128",
-            "--gen-tokens",
-            "64",
-            "--json",
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        [*cmd, "--gen-tokens", str(gen), "--json", *flags], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout)
 

@@ -13,14 +13,13 @@ and runs `pocketlm bench` on it in fresh processes, alternating the two modes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from gemma3n_ple import bench
 from gpu_bench import random_tensor
 
 E2B = {
@@ -127,22 +126,6 @@ def build(path: Path, quant: str) -> None:
     writer.write(path)
 
 
-def bench(path: Path, prompt: int, gen: int, *flags: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pocketlm",
-        "bench",
-        str(path),
-        "--prompt-tokens",
-        str(prompt),
-        "--gen-tokens",
-        str(gen),
-    ]
-    out = subprocess.run([*cmd, "--json", *flags], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,7 +149,7 @@ def main() -> None:
         for r in range(args.rounds):
             for mode in ("streamed", "in RAM") if r % 2 == 0 else ("in RAM", "streamed"):
                 flags = ("--ple-in-ram",) if mode == "in RAM" else ()
-                runs[mode].append(bench(path, args.prompt_tokens, args.gen_tokens, *flags))
+                runs[mode].append(bench(path, *flags, prompt=args.prompt_tokens, gen=args.gen_tokens))
                 print(
                     f"  round {r + 1} {mode}: decode {runs[mode][-1]['decode_tokens_per_second']:.2f} tok/s",
                     file=sys.stderr,

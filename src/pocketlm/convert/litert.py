@@ -38,7 +38,7 @@ import numpy as np
 from ..errors import ModelFileError, UnsupportedError
 from ..formats.gguf import GGUFWriter, arch_key
 from ..formats.quants import GGMLType, quantize
-from ..formats.tflite import Operator, TFLiteModel, TFLiteTensor
+from ..formats.tflite import TFLiteModel, TFLiteTensor
 from .architectures import mapping_for
 from .policy import ConversionConfig
 from .tokenizer import tokenizer_metadata
@@ -223,9 +223,6 @@ class _Graph:
             return tensor.data.view(_INT_VALUES[tensor.type]).astype(np.float64)
         return self.model.dequantize(tensor).astype(np.float64)
 
-    def op(self, k: int) -> Operator:
-        return self.ops[k]
-
     def is_fc(self, k: int) -> bool:
         op = self.ops[k]
         return op.op == "FULLY_CONNECTED" and len(op.inputs) > 1 and self.const(op.inputs[1])
@@ -394,12 +391,10 @@ def _embedding(g: _Graph) -> tuple[TFLiteTensor, float | None]:
 
 
 def _eps(g: _Graph, norm: int) -> float:
-    sub = g.model.subgraphs[g.ops[norm].decomposition] if g.ops[norm].decomposition is not None else None
-    if sub is None:
+    if g.ops[norm].decomposition is None:
         raise g.fail("an RMSNorm without its decomposition")
-    inner = _Graph.__new__(_Graph)
-    inner.model, inner.sub, inner.tensors, inner.ops = g.model, sub, sub.tensors, sub.ops
-    values = inner.scalar_consts(list(range(len(sub.ops))), "ADD")
+    inner = _Graph(g.model, g.ops[norm].decomposition)
+    values = inner.scalar_consts(list(range(len(inner.ops))), "ADD")
     if len(values) != 1 or not 0 < values[0] < 0.1:
         raise g.fail(f"an RMSNorm whose epsilon is unclear ({values})")
     return float(np.float32(values[0]))

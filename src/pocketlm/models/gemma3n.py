@@ -64,6 +64,20 @@ def shared_kv_source(args, i: int) -> int | None:
     return same_kind[-1]
 
 
+def kv_sharing_cache(blocks, max_tokens: int, layer_cache=LayerCache) -> KVCache:
+    """A cache for blocks with `kv_source` and `attention.spec`: a layer of its own for each block
+    that computes keys and values, a SharedLayerCache for each that reuses another's."""
+    layers = []
+    for b in blocks:
+        s = b.attention.spec
+        layers.append(
+            SharedLayerCache(b.kv_source)
+            if b.kv_source is not None
+            else layer_cache(max_tokens, s.n_kv_heads, s.head_dim, s.head_dim, s.window)
+        )
+    return KVCache(layers, max_tokens)
+
+
 def rms(x: np.ndarray) -> np.ndarray:
     """Root mean square over the last axis, [..., 1]."""
     return np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
@@ -78,8 +92,11 @@ class Attention:
     """q/k norms with weights, v norm without; attention scale 1. A shared layer has only its
     query and output projections and attends over its source layer's keys and values."""
 
-    def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, eps: float, shared: bool):
-        self.spec, self.eps, self.shared = spec, eps, shared
+    def __init__(
+        self, w: Weights, prefix: str, spec: AttentionSpec, eps: float, shared: bool, freq_factors=None
+    ):
+        """`freq_factors`: a tensor dividing RoPE's frequencies (Gemma 4's partial rotation), or None."""
+        self.spec, self.eps, self.shared, self.freq_factors = spec, eps, shared, freq_factors
         self.wq, self.wo, self.q_norm = (
             w(f"{prefix}.{n}.weight") for n in ("attn_q", "attn_output", "attn_q_norm")
         )
@@ -90,8 +107,9 @@ class Attention:
 
     def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
         s, T = self.spec, len(x)
+        factors = ops.dense(self.freq_factors) if self.freq_factors is not None else None
         q = ops.rms_norm(ops.linear(x, self.wq).reshape(T, s.n_heads, s.head_dim), self.q_norm, self.eps)
-        q = ops.rope(q, positions, s.rope_base, s.rope_dims, True)
+        q = ops.rope(q, positions, s.rope_base, s.rope_dims, True, freq_factors=factors)
         if self.shared:
             keys, values, key_positions = cache.fetch()
         else:
@@ -99,7 +117,7 @@ class Attention:
                 ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps
             )
             v = ops.rms_norm(ops.linear(x, self.wv).reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
-            k = ops.rope(k, positions, s.rope_base, s.rope_dims, True)
+            k = ops.rope(k, positions, s.rope_base, s.rope_dims, True, freq_factors=factors)
             keys, values, key_positions = cache.update_and_fetch(k, v, int(positions[0]))
         out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window)
         return ops.linear(out, self.wo)
@@ -232,19 +250,7 @@ class Model:
         self.layers = [Block(w, i, args) for i in range(args.n_layers)]
 
     def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
-        layers = [
-            SharedLayerCache(b.kv_source)
-            if b.kv_source is not None
-            else layer_cache(
-                max_tokens,
-                b.attention.spec.n_kv_heads,
-                b.attention.spec.head_dim,
-                b.attention.spec.head_dim,
-                b.attention.spec.window,
-            )
-            for b in self.layers
-        ]
-        return KVCache(layers, max_tokens)
+        return kv_sharing_cache(self.layers, max_tokens, layer_cache)
 
     def per_layer_inputs(self, ops, ids: np.ndarray, embedded: np.ndarray) -> np.ndarray:
         """[T, L, P]: the per-layer table's rows (ids beyond it read row 0), mixed with a

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kvcache import KVCache, LayerCache, SharedLayerCache
-from .base import REQUIRED, AttentionSpec, Norm, Weights
+from ..kvcache import KVCache, LayerCache
+from .base import REQUIRED, Norm, Weights
 from .gemma3 import Gemma3Args
-from .gemma3n import shared_kv_source
+from .gemma3n import Attention, kv_sharing_cache, shared_kv_source
 
 PER_LAYER_TABLE = "per_layer_token_embd.weight"
 
@@ -48,42 +48,6 @@ class Gemma4Args(Gemma3Args):
 
     def kv_source(self, i: int) -> int | None:
         return shared_kv_source(self, i)
-
-
-class Attention:
-    """q / k norms with weights, v norm without; scale 1. A KV-sharing layer has only its query
-    and output projections."""
-
-    def __init__(self, w: Weights, prefix: str, spec: AttentionSpec, eps: float, shared: bool, freq_factors):
-        self.spec, self.eps, self.shared, self.freq_factors = spec, eps, shared, freq_factors
-        self.wq, self.wo, self.q_norm = (
-            w(f"{prefix}.{n}.weight") for n in ("attn_q", "attn_output", "attn_q_norm")
-        )
-        if not shared:
-            self.wk, self.wv, self.k_norm = (
-                w(f"{prefix}.{n}.weight") for n in ("attn_k", "attn_v", "attn_k_norm")
-            )
-
-    def __call__(self, ops, x, positions: np.ndarray, cache):
-        s, T = self.spec, len(x)
-        factors = ops.dense(self.freq_factors) if self.freq_factors is not None else None
-
-        def rope(t):
-            return ops.rope(t, positions, s.rope_base, s.rope_dims, True, freq_factors=factors)
-
-        q = rope(
-            ops.rms_norm(ops.linear(x, self.wq).reshape(T, s.n_heads, s.head_dim), self.q_norm, self.eps)
-        )
-        if self.shared:
-            keys, values, key_positions = cache.fetch()
-        else:
-            k = ops.rms_norm(
-                ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps
-            )
-            v = ops.rms_norm(ops.linear(x, self.wv).reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
-            keys, values, key_positions = cache.update_and_fetch(rope(k), v, int(positions[0]))
-        out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window)
-        return ops.linear(out, self.wo)
 
 
 class Block:
@@ -153,16 +117,7 @@ class Model:
         self.layers = [Block(w, i, args) for i in range(args.n_layers)]
 
     def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
-        layers = []
-        for b in self.layers:
-            s = b.attention.spec
-            shared = b.kv_source is not None
-            layers.append(
-                SharedLayerCache(b.kv_source)
-                if shared
-                else layer_cache(max_tokens, s.n_kv_heads, s.head_dim, s.head_dim, s.window)
-            )
-        return KVCache(layers, max_tokens)
+        return kv_sharing_cache(self.layers, max_tokens, layer_cache)
 
     def per_layer_input(self, ops, i: int, ids: np.ndarray, embedded):
         """Layer i's [T, P]: its slice of the table's rows (the table covers the whole vocabulary, as
