@@ -1,48 +1,113 @@
-"""Where a webgpu decode step spends its time: recording (the model's Python and the wgpu calls),
-submission and the wait for the logits. python benchmarks/gpu_profile.py MODEL.gguf"""
+"""Where a webgpu decode step spends its time, after a prompt of --context tokens:
 
+- the replayed step as the engine runs it, split into encoding (Python + wgpu calls), and submission
+  to read-back of the logits (GPU work and the wait);
+- the GPU time of each kernel: its dispatches of one step, replayed --repeat times in one pass
+  and timed from submission to completion, less an empty pass (so launch gaps are included);
+- the cost of one dispatch of an empty-sized kernel, the floor that fusing removes.
+
+    python benchmarks/gpu_profile.py MODEL.gguf [--context 512] [--repeat 20]
+"""
+
+import argparse
+import statistics
 import sys
 import time
+from collections import defaultdict
 
 import numpy as np
 
 sys.path.insert(0, "src")
 from pocketlm import load  # noqa: E402
-from pocketlm.engine import prefill  # noqa: E402
+from pocketlm.engine import decode_step, prefill  # noqa: E402
 
-lm = load(sys.argv[1], backend="webgpu")
-cache = lm.make_cache(256)
-prefill(lm, cache, list(range(10, 60)))
-device = lm.ops.device
-for _ in range(5):
+
+def median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+
+    lm = load(args.model, backend="webgpu")
+    device = lm.ops.device
+    print(f"{args.model} on {device.description}", flush=True)
+    cache = lm.make_cache(args.context + 256)
+    prefill(lm, cache, [10 + i % 1000 for i in range(args.context)])
     t0 = time.perf_counter()
-    device.trace = []
-    out = lm.model.forward(lm.ops, np.array([7]), cache)
-    t1 = time.perf_counter()
-    lm.ops.to_host(out)
-    t2 = time.perf_counter()
-    n = len(device.trace)
-    device.trace = None
+    decode_step(lm, cache, 7)
+    print(f"first decode step (records the plan): {1e3 * (time.perf_counter() - t0):.1f} ms")
+    step = median_ms(lambda: decode_step(lm, cache, 7), 30)
+    plan = lm.ops._decode_plans[id(cache)]
+    commands, out = plan[2], plan[3]
+    print(f"replayed decode step: {step:.2f} ms ({1e3 / step:.0f} tok/s), {len(commands)} dispatches")
+
+    encode, wait = [], []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        device.set_step(cache.offset, np.array([7]))
+        device.replay(commands)
+        t1 = time.perf_counter()
+        lm.ops.to_host(out)
+        t2 = time.perf_counter()
+        cache.offset += 1
+        encode.append(t1 - t0)
+        wait.append(t2 - t1)
     print(
-        f"record {1e3 * (t1 - t0):.1f} ms, submit + wait {1e3 * (t2 - t1):.1f} ms, {n} dispatches", flush=True
+        f"encode {1e3 * statistics.median(encode):.2f} ms, "
+        f"submit + GPU + read back {1e3 * statistics.median(wait):.2f} ms"
     )
 
-from pocketlm.engine import decode_step  # noqa: E402
+    names = {id(p): k for k, p in device._pipelines.items()}
+    by_kernel = defaultdict(list)
+    for command in commands:
+        by_kernel[names[id(command[0])]].append(command)
+    sync = out.buf
 
-token = 7
-for _ in range(5):
-    t0 = time.perf_counter()
-    logits = decode_step(lm, cache, token)
-    print(f"replayed decode step {1e3 * (time.perf_counter() - t0):.1f} ms", flush=True)
+    def timed(cmds) -> float:
+        def once():
+            device.replay(cmds)
+            device.finish(sync, 0, 4)
 
-# the replay split: encoding the recorded commands (Python + wgpu calls) vs submission and the wait
-plan = next(iter(lm.ops._decode_plans.values()))
-for _ in range(5):
+        once()
+        return median_ms(once, 5)
+
+    empty = timed([])
+    rows = []
+    for kernel, cmds in by_kernel.items():
+        total = timed(cmds * args.repeat) - empty
+        rows.append((total / args.repeat, kernel, len(cmds)))
+    print(f"GPU time per kernel in one step (each replayed {args.repeat}x; empty pass {empty:.2f} ms):")
+    for ms, kernel, n in sorted(rows, reverse=True):
+        print(f"  {kernel:<16} {n:4d} dispatches  {ms:7.3f} ms  ({1e3 * ms / n:6.1f} us each)")
+    print(f"  sum {sum(r[0] for r in rows):.3f} ms")
+
+    # one tiny elementwise dispatch, many times: the per-dispatch floor
+    tiny = lm.ops.new((1,))
+    device.commands = []
+    lm.ops.elementwise("scale", tiny, s=1.0)
+    one, device.commands = device.commands, None
+    device.finish()
+    n = 500
+    per = (timed(one * n) - empty) / n
+    print(f"one tiny dispatch: {1e3 * per:.1f} us on the GPU")
     t0 = time.perf_counter()
-    device.set_step(cache.offset, np.array([token]))
-    device.replay(plan[2])
-    t1 = time.perf_counter()
-    lm.ops.to_host(plan[3])
-    t2 = time.perf_counter()
-    cache.offset += 1
-    print(f"encode {1e3 * (t1 - t0):.1f} ms, submit + GPU + read back {1e3 * (t2 - t1):.1f} ms", flush=True)
+    for _ in range(20):
+        device.replay(one * n)
+        device.finish()
+    print(f"encoding one dispatch: {1e6 * (time.perf_counter() - t0) / (20 * n):.1f} us of host time")
+
+
+if __name__ == "__main__":
+    main()

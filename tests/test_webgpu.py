@@ -136,12 +136,15 @@ def test_rope_matches_at_positions_read_from_the_step_buffer(gpu, neox, n_dims):
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (7, None), (None, 20.0), (100, 50.0)])
-@pytest.mark.parametrize("T", [1, 6])
-def test_attention_over_the_cache_matches_the_reference(gpu, window, softcap, T):
+@pytest.mark.parametrize("T", [1, 6, 12])
+@pytest.mark.parametrize("D", [64, 80, 320])
+def test_attention_over_the_cache_matches_the_reference(gpu, window, softcap, T, D):
     """Keys 0..start+T-1 in the cache; GQA (8 query heads over 2 kv heads); 130 keys span three
-    64-key tiles of the online softmax."""
+    64-key tiles of the online softmax (one workgroup's, or split over workgroups and merged for
+    up to 8 queries); heads of 64 and 80 values (4 and 3 key lanes of 16 and 20 threads, 4 threads
+    idle) and of 320 (80 groups of 4 values: some threads take two)."""
     rng = np.random.default_rng(4)
-    start, D = 130 - T, 64
+    start = 130 - T
     q = rng.standard_normal((T, 8, D)).astype(np.float32)
     k = rng.standard_normal((start + T, 2, D)).astype(np.float32)
     v = rng.standard_normal((start + T, 2, D)).astype(np.float32)
@@ -275,11 +278,142 @@ def test_kernel_parameters_are_packed_by_field_name_from_the_wgsl_struct():
         "has_weight",
         "eps",
     ]
-    packed = pack_params("rms_norm", dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1, eps=1e-6))
-    assert packed == [3, 80, 5, 0, 1, pytest.approx(1e-6), 0, 0] and isinstance(packed[5], float)
+    values = dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1, eps=1e-6, has_res=0, res_off=7)
+    packed = pack_params("rms_norm", values)
+    assert packed == [3, 80, 5, 0, 1, pytest.approx(1e-6), 0, 7] and isinstance(packed[5], float)
+    without_eps = {k: v for k, v in values.items() if k != "eps"}
     with pytest.raises(ValueError, match="unknown parameters \\['epsilon'\\]"):
-        pack_params("rms_norm", dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1, epsilon=1e-6))
+        pack_params("rms_norm", {**without_eps, "epsilon": 1e-6})
     with pytest.raises(ValueError, match="unset \\['eps'\\]"):
-        pack_params("rms_norm", dict(n_rows=3, dim=80, x_off=5, y_off=0, has_weight=1))
+        pack_params("rms_norm", without_eps)
     ops = wgsl_constants("elementwise", "OP")
-    assert ops == {"add": 0, "mul": 1, "scale": 2, "silu": 3, "gelu_tanh": 4, "softcap": 5, "gelu": 6}
+    assert ops == {
+        "add": 0,
+        "mul": 1,
+        "scale": 2,
+        "silu": 3,
+        "gelu_tanh": 4,
+        "softcap": 5,
+        "gelu": 6,
+        "silu_mul": 7,
+        "gelu_tanh_mul": 8,
+        "gelu_mul": 9,
+    }
+
+
+# -- fused kernels: each against the same ops computed one at a time by the numpy reference -------
+
+
+def _vector(name: str, n: int, seed: int) -> Tensor:
+    return f32_tensor(name, np.random.default_rng(seed).standard_normal(n) + 1.0)
+
+
+@pytest.mark.parametrize("kind", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
+@pytest.mark.parametrize("T", [1, 5])
+def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, kind, T):
+    """RMSNorm read on the way by q/k/v stacked as one matrix (odd row counts), biases in the epilogue."""
+    cols = 256
+    ws = [weight(kind, rows, cols, seed=i, name=f"stack{T}") for i, rows in enumerate((37, 12, 12))]
+    biases = [_vector(f"b{i}-{kind.name}-{T}", w.shape[0], i) for i, w in enumerate(ws)]
+    norm = _vector(f"n-{kind.name}-{T}", cols, 9)
+    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
+    normed = REFERENCE.rms_norm(x, norm, 1e-6)
+    gpu.device.trace = []
+    outs = gpu.linears(gpu.rms_norm(gpu.upload(x), norm, 1e-6), ws, biases)
+    kernels = [d[0] for d in gpu.device.trace]
+    gpu.device.trace = None
+    assert kernels == ["linear"]
+    for out, w, b in zip(outs, ws, biases):
+        expected = REFERENCE.linear(normed, w, b)
+        np.testing.assert_allclose(run(gpu, out), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    single = gpu.linear(gpu.upload(normed), ws[1], biases[1])  # a stacked matrix still runs alone
+    np.testing.assert_allclose(
+        run(gpu, single), REFERENCE.linear(normed, ws[1], biases[1]), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("T", [1, 11])
+def test_gated_activation_read_by_the_down_projection_and_residual_added(gpu, act, T):
+    """down(act(gate) * up) + h: one dispatch for a few tokens (the activation computed where the
+    down projection reads it), the product computed first for many; the residual in the epilogue."""
+    cols, ffn = 64, 96
+    gate_up = [weight(GGMLType.Q8_0, ffn, cols, seed=s, name=f"gu-{act}-{T}") for s in (1, 2)]
+    down = weight(GGMLType.Q4_0, cols, ffn, seed=3, name=f"down-{act}-{T}")
+    rng = np.random.default_rng(7)
+    x, h = rng.standard_normal((2, T, cols)).astype(np.float32)
+    g, u = (REFERENCE.linear(x, w) for w in gate_up)
+    expected = REFERENCE.linear(getattr(REFERENCE, act)(g) * u, down) + h
+    gate, up = gpu.linears(gpu.upload(x), gate_up, [None, None])
+    gpu.device.trace = []
+    y = gpu.upload(h) + gpu.linear(getattr(gpu, act)(gate) * up, down)
+    ours = run(gpu, y)
+    kernels = [d[0] for d in gpu.device.trace]
+    gpu.device.trace = None
+    assert kernels == (["linear"] if T <= 8 else ["elementwise", "linear"])
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_post_norm_with_the_residual_added_is_one_dispatch(gpu):
+    rng = np.random.default_rng(8)
+    x, h = rng.standard_normal((2, 3, 80)).astype(np.float32)
+    norm = _vector("post", 80, 4)
+    gpu.device.trace = []
+    ours = run(gpu, gpu.upload(h) + gpu.rms_norm(gpu.upload(x), norm, 1e-6))
+    assert [d[0] for d in gpu.device.trace] == ["rms_norm"]
+    gpu.device.trace = None
+    np.testing.assert_allclose(ours, h + REFERENCE.rms_norm(x, norm, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 6, 12])
+@pytest.mark.parametrize("neox", [True, False])
+def test_qk_norms_and_rope_applied_by_the_cache_write_and_the_attention_kernel(gpu, T, neox):
+    """Qwen 3 / Gemma 3 order: per-head RMSNorm of q and k, RoPE on the first dims, values normed
+    without weight (Gemma 4); keys go through the cache write, queries through the attention kernel."""
+    rng = np.random.default_rng(T)
+    D, start = 64, 90
+    q = rng.standard_normal((start + T, 4, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, start + T, 2, D)).astype(np.float32)
+    q_norm, k_norm = _vector(f"qn{T}{neox}", D, 1), _vector(f"kn{T}{neox}", D, 2)
+    positions = np.arange(start + T)
+
+    def reference(x, norm):
+        return REFERENCE.rope(REFERENCE.rms_norm(x, norm, 1e-6), positions, 10000.0, 32, neox)
+
+    rq, rk, rv = reference(q, q_norm), reference(k, k_norm), REFERENCE.rms_norm(v, None, 1e-6)
+    expected = REFERENCE.attention(rq[start:], rk, rv, positions[start:], positions, 0.125, None, None)
+    cache = gpu.layer_cache(256, 2, D, D, None)
+    counts = []
+    for first, stop in ((0, start), (start, start + T)):
+        gpu.device.set_step(first, np.zeros(stop - first))
+        span = positions[first:stop]
+        qs, ks, vs = (gpu.upload(a[first:stop]) for a in (q, k, v))
+        qs = gpu.rope(gpu.rms_norm(qs, q_norm, 1e-6), span, 10000.0, 32, neox)
+        ks = gpu.rope(gpu.rms_norm(ks, k_norm, 1e-6), span, 10000.0, 32, neox)
+        gpu.device.trace = []
+        keys, values, _ = cache.update_and_fetch(ks, gpu.rms_norm(vs, None, 1e-6), first)
+        out = gpu.attention(qs, keys, values, span, None, 0.125)
+        ours = run(gpu, out)
+        counts.append([d[0] for d in gpu.device.trace])
+        gpu.device.trace = None
+    assert counts[-1][:2] == ["kv_write", "kv_write"]  # k and v uploaded separately: one each
+    assert counts[-1][2:] == (["attention", "attention_merge"] if T <= 8 else ["attention"])
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_decode_step_is_seven_dispatches_a_llama_layer(tiny):
+    """The fused decode step: the embedding; per layer norm + q/k/v, RoPE + cache write, attention
+    and its merge, output projection + residual, norm + gate/up, activation + down + residual; the
+    final norm with the output matrix."""
+    from pocketlm.backends.webgpu import WebGPUBackend  # noqa: F401 (skips with the module fixture)
+    from pocketlm.engine import decode_step, prefill
+
+    model, _, path = tiny("llama")
+    try:
+        lm = load(path, backend="webgpu")
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    cache = lm.make_cache(128)
+    prefill(lm, cache, prompt_ids(model.config.vocab_size, 20))
+    decode_step(lm, cache, 5)
+    assert lm.ops.dispatches_per_token(cache) == 7 * model.config.num_hidden_layers + 2

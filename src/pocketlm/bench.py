@@ -68,6 +68,7 @@ class BenchResult:
     params_resident: int = 0  # parameters in memory
     params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
     streamed_bytes: int = 0
+    dispatches_per_token: int | None = None  # GPU kernel dispatches of one decode step (webgpu)
 
 
 def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -131,6 +132,7 @@ def run_bench(
             say(f"decode {i}/{gen_tokens}")
         token = int(np.argmax(decode_step(lm, cache, token)))
     decode_seconds = time.perf_counter() - start
+    count = getattr(lm.ops, "dispatches_per_token", None)
     return BenchResult(
         model=str(lm.path.name),
         file_mb=lm.file.size / 1e6,
@@ -147,4 +149,5 @@ def run_bench(
         streamed_bytes=lm.streamed_bytes,
         params_streamed=sum(t.n_elements for t in lm.file.tensors.values() if t.name in lm.streamed),
         params_resident=sum(t.n_elements for t in lm.file.tensors.values() if t.name not in lm.streamed),
+        dispatches_per_token=count(cache) if count else None,
     )

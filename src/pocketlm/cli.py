@@ -312,9 +312,12 @@ def cmd_bench(args) -> None:
             + (
                 " (Q8_0 and Q5_0 read in place, 4-bit types as nibbles, others as int8)"
                 if r.backend == "cpu"
+                else " on the GPU (int8 with scales; float weights as float32)"
+                if r.backend == "webgpu"
                 else " (float32)"
             ),
         ),
+        *([("dispatches a decode step", str(r.dispatches_per_token))] if r.dispatches_per_token else []),
         (
             "parameters",
             f"{r.params_resident / 1e6:.1f} M in memory, {r.params_streamed / 1e6:.1f} M read from storage"

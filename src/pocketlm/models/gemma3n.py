@@ -108,15 +108,17 @@ class Attention:
     def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
         s, T = self.spec, len(x)
         factors = ops.dense(self.freq_factors) if self.freq_factors is not None else None
-        q = ops.rms_norm(ops.linear(x, self.wq).reshape(T, s.n_heads, s.head_dim), self.q_norm, self.eps)
+        if self.shared:
+            q = ops.linear(x, self.wq)
+        else:
+            q, k, v = ops.linears(x, [self.wq, self.wk, self.wv], [None, None, None])
+        q = ops.rms_norm(q.reshape(T, s.n_heads, s.head_dim), self.q_norm, self.eps)
         q = ops.rope(q, positions, s.rope_base, s.rope_dims, True, freq_factors=factors)
         if self.shared:
             keys, values, key_positions = cache.fetch()
         else:
-            k = ops.rms_norm(
-                ops.linear(x, self.wk).reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps
-            )
-            v = ops.rms_norm(ops.linear(x, self.wv).reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
+            k = ops.rms_norm(k.reshape(T, s.n_kv_heads, s.head_dim), self.k_norm, self.eps)
+            v = ops.rms_norm(v.reshape(T, s.n_kv_heads, s.head_dim), None, self.eps)
             k = ops.rope(k, positions, s.rope_base, s.rope_dims, True, freq_factors=factors)
             keys, values, key_positions = cache.update_and_fetch(k, v, int(positions[0]))
         out = ops.attention(q, keys, values, positions, key_positions, s.scale, s.window)

@@ -79,10 +79,8 @@ class Block:
     def __call__(self, ops, h, per_layer, positions, cache):
         """`per_layer`: this layer's per-layer input [T, P], or None when the model has none."""
         h = h + self.post_attn_norm(ops, self.attention(ops, self.attn_norm(ops, h), positions, cache))
-        x = self.ffn_norm(ops, h)
-        h = h + self.post_ffn_norm(
-            ops, ops.linear(ops.gelu_tanh(ops.linear(x, self.gate)) * ops.linear(x, self.up), self.down)
-        )
+        gate, up = ops.linears(self.ffn_norm(ops, h), [self.gate, self.up], [None, None])
+        h = h + self.post_ffn_norm(ops, ops.linear(ops.gelu_tanh(gate) * up, self.down))
         if self.per_layer:  # the per-layer input, gated by the hidden state itself
             gated = ops.gelu_tanh(ops.linear(h, self.ple_gate)) * per_layer
             h = h + self.ple_norm(ops, ops.linear(gated, self.ple_proj))

@@ -7,8 +7,16 @@ until `to_host` submits the pass and reads the logits back.
 
 Weights are uploaded once at load: quantized matrices as the same int8 + per-sub-block scales
 (and offsets) the CPU backend repacks them to (`kernels.int8.repack`, exact for every GGUF type),
-float ones as float32. Matrices larger than the device's binding limit are split by rows.
+float ones as float32. Matrices larger than the device's binding limit are split by rows; matrices
+multiplied by one input (q/k/v, gate/up) are stacked into one at first use, and run as one dispatch.
 The KV cache of every layer holds every position (sliding windows are applied by the mask).
+
+Fusion: some ops return a tensor whose computation is only described (`_Lazy`) until something
+reads it. The op that reads it may take the computation into its own kernel: an RMSNorm into the
+next linear layer (a few tokens), an activation times a product into the down projection, a
+residual add into the linear layer or norm before it, per-head q/k norms and RoPE into the
+KV-cache write and the attention kernel; anything else computes it first (`_ready`). A llama
+layer's decode step is 6 dispatches.
 """
 
 from __future__ import annotations
@@ -25,6 +33,19 @@ from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
+FUSE_TOKENS = 8  # norms and gated activations are fused into linear layers for at most this many tokens
+MAX_SPLITS = 256  # attention over a few tokens is split into key ranges of a multiple of 64 keys
+_GATED = {"silu": 2, "gelu_tanh": 3, "gelu": 4}  # the linear kernel's x_mode for act(x) * x2
+
+
+class _Lazy:
+    """A tensor's computation, described but not yet dispatched: `kind` and what it reads
+    (`args`); `out` is the tensor it will fill. Shared by the views of that tensor."""
+
+    __slots__ = ("kind", "out", "args", "done")
+
+    def __init__(self, kind: str, out: GpuTensor, **args):
+        self.kind, self.out, self.args, self.done = kind, out, args, False
 
 
 def _ops() -> dict[str, int]:
@@ -37,8 +58,16 @@ class GpuTensor:
 
     __array_ufunc__ = None  # numpy scalars defer to our operators
 
-    def __init__(self, ops: WebGPUBackend, buf: Buffer, shape: tuple[int, ...], offset: int = 0):
+    def __init__(
+        self,
+        ops: WebGPUBackend,
+        buf: Buffer,
+        shape: tuple[int, ...],
+        offset: int = 0,
+        lazy: _Lazy | None = None,
+    ):
         self.ops, self.buf, self.shape, self.offset = ops, buf, tuple(int(s) for s in shape), offset
+        self.lazy = lazy  # how it will be computed, while it is not yet
 
     @property
     def size(self) -> int:
@@ -55,19 +84,18 @@ class GpuTensor:
         shape = list(shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape)
         if -1 in shape:
             shape[shape.index(-1)] = self.size // -math.prod(shape)
-        return GpuTensor(self.ops, self.buf, tuple(shape), self.offset)
+        return GpuTensor(self.ops, self.buf, tuple(shape), self.offset, self.lazy)
 
     def __getitem__(self, key) -> GpuTensor:
         """Rows along the first axis: an index or a slice with step 1."""
         row = self.size // self.shape[0]
         if isinstance(key, int):
             key = key % self.shape[0]
-            return GpuTensor(self.ops, self.buf, self.shape[1:], self.offset + key * row)
+            return GpuTensor(self.ops, self.buf, self.shape[1:], self.offset + key * row, self.lazy)
         if isinstance(key, slice) and key.step in (None, 1):
             start, stop, _ = key.indices(self.shape[0])
-            return GpuTensor(
-                self.ops, self.buf, (max(0, stop - start), *self.shape[1:]), self.offset + start * row
-            )
+            shape = (max(0, stop - start), *self.shape[1:])
+            return GpuTensor(self.ops, self.buf, shape, self.offset + start * row, self.lazy)
         raise UnsupportedError(f"webgpu tensors take row indices and slices, not {key!r}")
 
     def __add__(self, other):
@@ -95,8 +123,7 @@ class GpuLayerCache:
         self.values = ops.device.buffer(4 * math.prod(self.v_shape), "cache")
 
     def update_and_fetch(self, k: GpuTensor, v: GpuTensor, start: int):
-        self.ops.write_cache(k, self.keys, start)
-        self.ops.write_cache(v, self.values, start)
+        self.ops.write_kv(k, v, self.keys, self.values, start)
         fetched = (
             GpuTensor(self.ops, self.keys, self.k_shape),
             GpuTensor(self.ops, self.values, self.v_shape),
@@ -121,9 +148,10 @@ class GpuLayerCache:
 
 
 class _Matrix:
-    """An uploaded weight matrix: row chunks of (first row, rows, buffers)."""
+    """An uploaded weight matrix: row chunks of (first row, rows, buffers [q, scale, offset] or
+    [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's."""
 
-    def __init__(self, shape, chunks, quantized: bool, sub: int = 0, has_offset: bool = False):
+    def __init__(self, shape, chunks, quantized: bool, sub: int = 0, has_offset: bool = False, row0: int = 0):
         self.shape, self.chunks, self.quantized, self.sub, self.has_offset = (
             shape,
             chunks,
@@ -131,6 +159,7 @@ class _Matrix:
             sub,
             has_offset,
         )
+        self.row0 = row0
 
 
 class WebGPUBackend:
@@ -145,7 +174,8 @@ class WebGPUBackend:
         self.keep = keep_host_copies  # keep uploaded arrays (for exporting a web package)
         self._matrices: dict[str, _Matrix] = {}
         self._vectors: dict[str, Buffer] = {}
-        self._rope: dict[tuple, tuple[Buffer, Buffer]] = {}
+        self._rope_tables: dict[tuple, Buffer] = {}
+        self._stacks: dict[tuple, _Matrix | None] = {}
         self.max_positions = 0
         self._first_position = 0
         self._ids = np.zeros(0, np.int64)  # the tokens of the pass being recorded
@@ -207,6 +237,54 @@ class WebGPUBackend:
             self._vectors[name] = self.device.buffer(values.nbytes, "weight", values, self.keep)
         return self._vectors[name]
 
+    def stacked(self, weights: list[Tensor]) -> _Matrix | None:
+        """One matrix of `weights`' rows, in order, made at first use from their uploaded copies
+        (which it replaces: each weight then reads its rows of the stack); None where they cannot
+        stack (different layouts or widths, or more than one binding's worth)."""
+        key = tuple(w.name for w in weights)
+        if key not in self._stacks:
+            self._stacks[key] = self._stack([self.matrix(w) for w in weights], weights)
+        return self._stacks[key]
+
+    def _stack(self, parts: list[_Matrix], weights: list[Tensor]) -> _Matrix | None:
+        first = parts[0]
+        rows, cols = sum(m.shape[0] for m in parts), first.shape[1]
+        layout = (first.quantized, cols, first.sub, first.has_offset)
+        if (
+            len(parts) < 2
+            or len({id(m) for m in parts}) < len(parts)
+            or any(
+                (m.quantized, m.shape[1], m.sub, m.has_offset) != layout or len(m.chunks) > 1 or m.row0
+                for m in parts
+            )
+        ):
+            return None
+        if first.quantized:  # bytes a row in each buffer: int8 values, scales, offsets (or a placeholder)
+            n_sub = cols // first.sub
+            per_row = [cols, 4 * n_sub, 4 * n_sub if first.has_offset else 0]
+        else:
+            per_row = [4 * cols]
+        if rows * max(per_row) > self.device.max_binding:
+            return None
+        stacked = []
+        for i, row_bytes in enumerate(per_row):
+            olds = [m.chunks[0][2][i] for m in parts]
+            if row_bytes == 0:
+                stacked.append(olds[0])  # the placeholder, shared
+                continue
+            data = None
+            if self.keep:
+                data = np.concatenate([np.ascontiguousarray(b.data).view(np.uint8).ravel() for b in olds])
+            stacked.append(self.device.concatenate(olds, [m.shape[0] * row_bytes for m in parts], data))
+        whole = _Matrix((rows, cols), [(0, rows, stacked)], first.quantized, first.sub, first.has_offset)
+        start = 0
+        for w, m in zip(weights, parts):
+            self._matrices[w.name] = _Matrix(
+                m.shape, [(0, m.shape[0], stacked)], m.quantized, m.sub, m.has_offset, row0=start
+            )
+            start += m.shape[0]
+        return whole
+
     @staticmethod
     def dense(w: Tensor) -> np.ndarray:
         return w.dequantize()
@@ -220,10 +298,52 @@ class WebGPUBackend:
     def new(self, shape) -> GpuTensor:
         return GpuTensor(self, self.device.scratch(math.prod(shape)), shape)
 
+    def _lazy(self, kind: str, shape, **args) -> GpuTensor:
+        y = self.new(shape)
+        y.lazy = _Lazy(kind, y, **args)
+        return y
+
+    def _ready(self, x):
+        """x, computed: a lazy tensor's kernel is dispatched now."""
+        if isinstance(x, GpuTensor) and x.lazy is not None and not x.lazy.done:
+            self._run(x.lazy)
+        return x
+
+    @staticmethod
+    def _whole(x, kind: str) -> _Lazy | None:
+        """x's pending computation of `kind`, when x is all of what it computes."""
+        lazy = getattr(x, "lazy", None)
+        if lazy is None or lazy.done or lazy.kind != kind:
+            return None
+        out = lazy.out
+        return lazy if (x.buf is out.buf and x.offset == out.offset and x.size == out.size) else None
+
+    def _run(self, lazy: _Lazy, residual: GpuTensor | None = None) -> GpuTensor:
+        """Dispatch a lazy tensor's kernel (with `residual` added in its epilogue, where given)."""
+        lazy.done = True
+        a, out = lazy.args, lazy.out
+        if lazy.kind == "norm":
+            self._rms_norm(a["x"], a["w"], a["eps"], out, residual)
+        elif lazy.kind == "linear":
+            self._linear(a["input"], a["matrix"], a["bias"], [out], residual)
+        elif lazy.kind == "act":
+            self._elementwise(a["op"], a["x"], None, 0.0, out)
+        elif lazy.kind == "gated":
+            self._elementwise(f"{a['op']}_mul", a["gate"], a["up"], 0.0, out)
+        else:  # "rope": of a tensor, or of its per-head norm
+            head = a["head"]
+            src = head["src"]
+            if head["norm"]:
+                src = self.new(src.shape)
+                self._rms_norm(head["src"], head["w"], head["eps"], src, None)
+            self._rope(src, a["rope"], out)
+        return out
+
     def to_host(self, x) -> np.ndarray:
         """Submit the recorded pass and read x back (the logits)."""
         if not isinstance(x, GpuTensor):
             return x
+        self._ready(x)
         raw = self.device.finish(x.buf, 4 * x.offset, 4 * x.size)
         return raw.view(np.float32).reshape(x.shape)
 
@@ -248,7 +368,7 @@ class WebGPUBackend:
         plan = self._decode_plans.get(id(cache))
         if plan is None or plan[0] != self.device.generation or plan[1] is not cache:
             self.device.commands = []
-            out = model.forward(self, np.array([token]), cache)
+            out = self._ready(model.forward(self, np.array([token]), cache))
             commands, self.device.commands = self.device.commands, None
             if len(self._decode_plans) >= 4:  # plans hold their caches: keep the latest few
                 del self._decode_plans[next(iter(self._decode_plans))]
@@ -260,29 +380,85 @@ class WebGPUBackend:
         cache.offset += 1
         return self.to_host(out)[-1]
 
+    def dispatches_per_token(self, cache) -> int | None:
+        """Dispatches of the decode step recorded for `cache` (None before its first)."""
+        plan = self._decode_plans.get(id(cache))
+        return len(plan[2]) if plan else None
+
     # -- ops ------------------------------------------------------------------------------------
 
+    def _input(self, x: GpuTensor, cols: int) -> dict:
+        """How the linear kernel reads x: a pending RMSNorm over rows of `cols` or a gated
+        activation of a few tokens is computed on the way (x_mode), anything else is computed first."""
+        tokens = x.size // cols
+        plain = dict(x_mode=0, x=None, x2_off=0, w=None, eps=0.0)
+        if tokens <= FUSE_TOKENS:
+            lazy = self._whole(x, "norm")
+            if lazy is not None and lazy.args["x"].shape[-1] == cols:
+                return dict(plain, x_mode=1, x=lazy.args["x"], w=lazy.args["w"], eps=lazy.args["eps"])
+            lazy = self._whole(x, "gated")
+            if lazy is not None:
+                gate, up = lazy.args["gate"], lazy.args["up"]
+                if gate.buf is up.buf and gate.shape[-1] == cols and up.shape[-1] == cols:
+                    return dict(plain, x_mode=_GATED[lazy.args["op"]], x=gate, x2_off=up.offset)
+        return dict(plain, x=self._ready(x))
+
     def linears(self, x: GpuTensor, weights: list[Tensor], biases: list[Tensor | None]) -> list[GpuTensor]:
-        return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+        """One dispatch for all of `weights` where they stack (each output a view of one buffer)."""
+        stack = self.stacked(weights) if len(weights) > 1 else None
+        if stack is None:
+            return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+        cols = stack.shape[1]
+        T = x.size // cols
+        bias = None
+        if any(b is not None for b in biases):
+            key = "bias:" + "|".join(w.name for w in weights)
+            values = [
+                self.dense(b) if b is not None else np.zeros(w.shape[0], np.float32)
+                for w, b in zip(weights, biases)
+            ]
+            bias = self.vector(np.concatenate([np.ravel(v) for v in values]), key)
+        y = self.new((T, stack.shape[0]))
+        outs, start = [], 0
+        for w in weights:
+            outs.append(GpuTensor(self, y.buf, (T, w.shape[0]), y.offset + T * start))
+            start += w.shape[0]
+        self._linear(self._input(x, cols), stack, bias, outs, None)
+        return outs
 
     def linear(self, x: GpuTensor, w: Tensor, bias: Tensor | None = None) -> GpuTensor:
         m = self.matrix(w)
         rows, cols = m.shape
+        source = self._input(x, cols)
+        bias_buf = self.vector(bias) if bias is not None else None
+        return self._lazy("linear", (x.size // cols, rows), input=source, matrix=m, bias=bias_buf)
+
+    def _linear(self, source: dict, m: _Matrix, bias: Buffer | None, outs: list[GpuTensor], residual) -> None:
+        """y = W x' (+ bias) (+ residual) into `outs`, one tensor per stacked matrix (at most 3)."""
+        rows, cols = m.shape
+        x = source["x"]
         T = x.size // cols
-        y = self.new((T, rows))
+        bounds = np.cumsum([o.shape[-1] for o in outs]).tolist()
+        bounds += [bounds[-1]] * (3 - len(bounds))
+        offsets = [o.offset for o in outs] + [0] * (3 - len(outs))
+        norm_w = self.vector(source["w"]) if source["w"] is not None else None
         for first, n, bufs in m.chunks:
-            if m.quantized:
-                params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
-                params.update(y_off=0, y_stride=rows, row_base=first, has_offset=int(m.has_offset))
-                self.device.dispatch("linear_q8", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
-            else:
-                params = dict(rows=n, cols=cols, n_tokens=T, x_off=x.offset, x_stride=cols)
-                params.update(y_off=0, y_stride=rows, row_base=first)
-                self.device.dispatch("linear_f32", params, [*bufs, x.buf, y.buf], grid(-(-n // 4)))
-        return self.elementwise("add", y, bias) if bias is not None else y
+            params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
+            params.update(w_row0=m.row0, has_offset=int(m.has_offset), row_base=first)
+            params.update(x_mode=source["x_mode"], x2_off=source["x2_off"], eps=source["eps"])
+            params.update(seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
+            params.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
+            params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
+            params.update(res_off=residual.offset if residual is not None else 0)
+            params.update(has_norm_w=int(norm_w is not None), weight_kind=int(m.quantized))
+            weights = bufs if m.quantized else [bufs[0]] * 3
+            extra = [norm_w or x.buf, bias or x.buf, residual.buf if residual is not None else x.buf]
+            self.device.dispatch("linear", params, [*weights, x.buf, outs[0].buf, *extra], grid(-(-n // 4)))
 
     def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> GpuTensor:
         m = self.matrix(w)
+        if m.row0:
+            raise UnsupportedError(f"{w.name} is read as rows of a stacked matrix, not as a table")
         cols, T = m.shape[1], len(ids)
         self._ids = np.asarray(ids)
         self.device.set_step(self._first_position, self._ids)
@@ -304,15 +480,23 @@ class WebGPUBackend:
         return y
 
     def rms_norm(self, x: GpuTensor, w: Tensor | None, eps: float) -> GpuTensor:
+        return self._lazy("norm", x.shape, x=self._ready(x), w=w, eps=eps)
+
+    def _rms_norm(self, x: GpuTensor, w: Tensor | None, eps: float, y: GpuTensor, residual) -> None:
         dim = x.shape[-1]
         rows = x.size // dim
-        y = self.new(x.shape)
         weight = self.vector(w) if w is not None else x.buf
-        params = dict(n_rows=rows, dim=dim, x_off=x.offset, y_off=0, has_weight=int(w is not None), eps=eps)
-        self.device.dispatch("rms_norm", params, [x.buf, weight, y.buf], grid(rows))
-        return y
+        params = dict(
+            n_rows=rows, dim=dim, x_off=x.offset, y_off=y.offset, has_weight=int(w is not None), eps=eps
+        )
+        params.update(
+            has_res=int(residual is not None), res_off=residual.offset if residual is not None else 0
+        )
+        res = residual.buf if residual is not None else x.buf
+        self.device.dispatch("rms_norm", params, [x.buf, weight, y.buf, res], grid(rows))
 
     def layer_norm(self, x: GpuTensor, w: Tensor, b: Tensor | None, eps: float) -> GpuTensor:
+        x = self._ready(x)
         dim = x.shape[-1]
         rows = x.size // dim
         y = self.new(x.shape)
@@ -325,31 +509,53 @@ class WebGPUBackend:
         return y
 
     def elementwise(self, op: str, a: GpuTensor, b=None, s: float = 0.0) -> GpuTensor:
+        """op(a, b); a sum with a pending linear layer or norm of the same size is that kernel's
+        epilogue, a product with a pending activation a gated activation the next linear reads."""
+        if isinstance(b, GpuTensor) and a.size == b.size and op in ("add", "mul"):
+            for first, second in ((a, b), (b, a)):
+                if op == "add":
+                    lazy = self._whole(first, "linear") or self._whole(first, "norm")
+                    if lazy is not None and second.lazy is not lazy:
+                        out = self._run(lazy, self._ready(second))
+                        return GpuTensor(self, out.buf, a.shape, out.offset)
+                else:
+                    lazy = self._whole(first, "act")
+                    if lazy is not None and second.lazy is not lazy:
+                        x = lazy.args["x"]
+                        return self._lazy(
+                            "gated", a.shape, op=lazy.args["op"], gate=x, up=self._ready(second)
+                        )
         if b is not None and not isinstance(b, GpuTensor):
             b = GpuTensor(self, self.vector(b), b.shape)  # a weight (bias)
         y = self.new(a.shape)
+        self._elementwise(op, self._ready(a), self._ready(b), s, y)
+        return y
+
+    def _elementwise(self, op: str, a: GpuTensor, b: GpuTensor | None, s: float, y: GpuTensor) -> None:
         b_len = b.size if b is not None else 1
         params = dict(n=a.size, op=_ops()[op], a_off=a.offset, b_off=b.offset if b is not None else 0)
-        params.update(b_len=b_len, y_off=0, s=s)
+        params.update(b_len=b_len, y_off=y.offset, s=s)
         self.device.dispatch(
             "elementwise", params, [a.buf, (b or a).buf, y.buf], grid(-(-a.size // WORKGROUP))
         )
-        return y
+
+    def _activation(self, op: str, x: GpuTensor) -> GpuTensor:
+        return self._lazy("act", x.shape, op=op, x=self._ready(x))
 
     def silu(self, x):
-        return self.elementwise("silu", x)
+        return self._activation("silu", x)
 
     def gelu_tanh(self, x):
-        return self.elementwise("gelu_tanh", x)
+        return self._activation("gelu_tanh", x)
 
     def gelu(self, x: GpuTensor) -> GpuTensor:
-        return self.elementwise("gelu", x)
+        return self._activation("gelu", x)
 
     def softcap(self, x, cap: float):
         return self.elementwise("softcap", x, s=float(cap))
 
-    def rope_tables(self, base, n_dims, freq_scale, freq_factors) -> tuple[Buffer, Buffer]:
-        """cos and sin [positions, n_dims / 2], computed in float64 as the CPU backend does."""
+    def rope_tables(self, base, n_dims, freq_scale, freq_factors) -> Buffer:
+        """cos then sin [positions, n_dims / 2], computed in float64 as the CPU backend does."""
         key = (
             base,
             n_dims,
@@ -357,19 +563,16 @@ class WebGPUBackend:
             None if freq_factors is None else freq_factors.tobytes(),
             self.max_positions,
         )
-        if key not in self._rope:
+        if key not in self._rope_tables:
             inv_freq = base ** (-np.arange(n_dims // 2, dtype=np.float64) * 2 / n_dims)
             if freq_factors is not None:
                 inv_freq = inv_freq / freq_factors
             angles = (np.arange(self.max_positions, dtype=np.float64)[:, None] * freq_scale) * inv_freq[
                 None, :
             ]
-            cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-            self._rope[key] = (
-                self.device.buffer(cos.nbytes, "data", cos, True),
-                self.device.buffer(sin.nbytes, "data", sin, True),
-            )
-        return self._rope[key]
+            tables = np.concatenate([np.cos(angles).ravel(), np.sin(angles).ravel()]).astype(np.float32)
+            self._rope_tables[key] = self.device.buffer(tables.nbytes, "data", tables, True)
+        return self._rope_tables[key]
 
     def rope(
         self,
@@ -382,16 +585,34 @@ class WebGPUBackend:
         freq_factors: np.ndarray | None = None,
     ) -> GpuTensor:
         self._check_positions(positions)
+        tables = self.rope_tables(base, n_dims, freq_scale, freq_factors)
+        rope = dict(tables=tables, n_dims=n_dims, neox=int(neox), sin_off=self.max_positions * (n_dims // 2))
+        head = self._head(x, allow_rope=False)
+        return self._lazy("rope", x.shape, head=head, rope=rope)
+
+    def _head(self, x: GpuTensor, allow_rope: bool = True) -> dict:
+        """How a kernel that loads one head at a time reads x [T, heads, dim]: a pending per-head
+        RMSNorm (norm 1: no weight, 2: weight) and RoPE are applied on the way, where fusable."""
+        dim = x.shape[-1]
+        lazy = self._whole(x, "rope") if allow_rope else None
+        if lazy is not None:
+            return dict(lazy.args["head"], rope=lazy.args["rope"])
+        lazy = self._whole(x, "norm")
+        if lazy is not None and lazy.args["x"].shape[-1] == dim:
+            w = lazy.args["w"]
+            if w is None or math.prod(w.shape) == dim:
+                return dict(
+                    src=lazy.args["x"], norm=2 if w is not None else 1, w=w, eps=lazy.args["eps"], rope=None
+                )
+        return dict(src=self._ready(x), norm=0, w=None, eps=0.0, rope=None)
+
+    def _rope(self, x: GpuTensor, rope: dict, y: GpuTensor) -> None:
         T, H, D = x.shape
-        cos, sin = self.rope_tables(base, n_dims, freq_scale, freq_factors)
-        y = self.new(x.shape)
-        params = dict(
-            n_tokens=T, n_heads=H, head_dim=D, n_dims=n_dims, neox=int(neox), x_off=x.offset, y_off=0
-        )
+        params = dict(n_tokens=T, n_heads=H, head_dim=D, n_dims=rope["n_dims"], neox=rope["neox"])
+        params.update(x_off=x.offset, y_off=y.offset, sin_off=rope["sin_off"])
         self.device.dispatch(
-            "rope", params, [self.device.step, cos, sin, x.buf, y.buf], grid(-(-x.size // WORKGROUP))
+            "rope", params, [self.device.step, rope["tables"], x.buf, y.buf], grid(-(-x.size // WORKGROUP))
         )
-        return y
 
     def _check_positions(self, positions: np.ndarray) -> None:
         first = int(positions[0])
@@ -403,14 +624,36 @@ class WebGPUBackend:
                 f"position {int(positions[-1])} is beyond the cache ({self.max_positions})"
             )
 
-    def write_cache(self, x: GpuTensor, cache: Buffer, start: int) -> None:
+    def write_kv(self, k: GpuTensor, v: GpuTensor, keys: Buffer, values: Buffer, start: int) -> None:
+        """Keys (their pending norm and RoPE applied on the way) and values (a pending norm without
+        weight likewise) of T tokens into the cache at positions start..: one dispatch where both
+        are read from one buffer, else one each."""
         self._check_positions(np.array([start]))
-        stride = x.size // len(x)
+        T, H, k_dim = k.shape
+        v_dim = v.size // (T * H)
+        kh, vh = self._head(k), self._head(v, allow_rope=False)
+        if vh["norm"] == 2 or (vh["norm"] and kh["norm"] and vh["eps"] != kh["eps"]):
+            vh = dict(src=self._ready(v), norm=0, w=None, eps=0.0, rope=None)
+        rope = kh["rope"] or dict(tables=None, n_dims=0, neox=0, sin_off=0)
+        params = dict(n_heads=H, k_dim=k_dim, v_dim=v_dim, k_off=kh["src"].offset, v_off=vh["src"].offset)
+        params.update(k_norm=kh["norm"], v_norm=vh["norm"], eps=kh["eps"] if kh["norm"] else vh["eps"])
+        params.update(n_dims=rope["n_dims"], neox=rope["neox"], sin_off=rope["sin_off"])
+        src = kh["src"].buf
+        extra = [rope["tables"] or src, self.vector(kh["w"]) if kh["w"] is not None else src]
+        if vh["src"].buf is src:
+            self.device.dispatch(
+                "kv_write", dict(params, first=0), [self.device.step, src, *extra, keys, values], (H, T, 2)
+            )
+            return
+        self.device.dispatch(
+            "kv_write", dict(params, first=0), [self.device.step, src, *extra, keys, values], (H, T, 1)
+        )
+        other = vh["src"].buf
         self.device.dispatch(
             "kv_write",
-            dict(n=x.size, src_off=x.offset, stride=stride),
-            [self.device.step, x.buf, cache],
-            grid(-(-x.size // WORKGROUP)),
+            dict(params, first=1),
+            [self.device.step, other, other, other, keys, values],
+            (H, T, 1),
         )
 
     def attention(
@@ -427,18 +670,37 @@ class WebGPUBackend:
     ) -> GpuTensor:
         T, n_heads, D = q.shape
         n_kv, v_dim = k.shape[1], v.shape[2]
-        if D > 8 * WORKGROUP or v_dim != D:
-            raise UnsupportedError(f"the webgpu attention kernel takes head_dim <= 512 (got {D})")
+        if D > 8 * WORKGROUP or v_dim != D or D % 4:
+            raise UnsupportedError(
+                f"the webgpu attention kernel takes head_dim <= 512, a multiple of 4 (got {D})"
+            )
+        head = self._head(q)
+        rope = head["rope"] or dict(tables=None, n_dims=0, neox=0, sin_off=0)
+        capacity = k.shape[0]
+        chunk, splits = capacity, 1
+        if T <= FUSE_TOKENS:  # few queries: more workgroups, each over a range of keys
+            chunk = 64 * max(1, -(-capacity // (64 * MAX_SPLITS)))
+            splits = -(-capacity // chunk)
         y = self.new((T, n_heads * D))
-        params = dict(n_tokens=T, n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, q_off=q.offset, y_off=0)
-        params.update(window=window or 0, has_softcap=int(bool(softcap)), scale=scale, softcap=softcap or 1.0)
-        params["has_alibi"] = int(alibi is not None)
+        out = y if splits == 1 else self.new((T, n_heads, splits, D + 2))
+        params = dict(n_tokens=T, n_heads=n_heads, n_kv_heads=n_kv, head_dim=D, q_off=head["src"].offset)
+        params.update(y_off=out.offset, window=window or 0, has_softcap=int(bool(softcap)), scale=scale)
+        params.update(
+            softcap=softcap or 1.0, has_alibi=int(alibi is not None), q_norm=head["norm"], eps=head["eps"]
+        )
+        params.update(
+            n_dims=rope["n_dims"], neox=rope["neox"], sin_off=rope["sin_off"], n_splits=splits, chunk=chunk
+        )
+        src = head["src"].buf
         slopes = (
             self.vector(np.asarray(alibi, np.float32), f"alibi-{np.asarray(alibi).tobytes().hex()}")
             if alibi is not None
-            else q.buf
+            else src
         )
-        self.device.dispatch(
-            "attention", params, [self.device.step, q.buf, k.buf, v.buf, y.buf, slopes], (n_heads, T, 1)
-        )
+        norm_w = self.vector(head["w"]) if head["w"] is not None else src
+        buffers = [self.device.step, src, k.buf, v.buf, out.buf, slopes, norm_w, rope["tables"] or src]
+        self.device.dispatch("attention", params, buffers, (n_heads, T, splits))
+        if splits > 1:
+            params = dict(n_heads=n_heads, head_dim=D, n_splits=splits, y_off=y.offset)
+            self.device.dispatch("attention_merge", params, [out.buf, y.buf], (n_heads, T, 1))
         return y

@@ -36,8 +36,15 @@ class Buffer:
     data: np.ndarray | None = None  # initial contents kept for export (weights, tables)
 
 
+_INCLUDE = re.compile(r"^#include (\w+)$", re.M)
+
+
+@functools.cache
 def wgsl_source(kernel: str) -> str:
-    return (files(__package__) / "wgsl" / f"{kernel}.wgsl").read_text(encoding="utf-8")
+    """A kernel's WGSL, with each `#include NAME` line replaced by wgsl/NAME.wgsl (functions that
+    several kernels share; WGSL has no includes of its own)."""
+    text = (files(__package__) / "wgsl" / f"{kernel}.wgsl").read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: wgsl_source(m.group(1)), text)
 
 
 _FIELD = re.compile(r"(\w+)\s*:\s*(u32|i32|f32)")
@@ -245,6 +252,24 @@ class Device:
         data = np.frombuffer(self._readback.gpu.read_mapped(0, nbytes), np.uint8).copy()
         self._readback.gpu.unmap()
         return data
+
+    def concatenate(self, parts: list[Buffer], sizes: list[int], data: np.ndarray | None = None) -> Buffer:
+        """One new buffer holding the first `sizes[i]` bytes of each part in order (copied on the
+        GPU), which replaces the parts: they are destroyed, and recorded passes recorded again."""
+        whole = self.buffer(sum(sizes), parts[0].role)
+        whole.data = data
+        encoder = self.device.create_command_encoder()
+        at = 0
+        for part, size in zip(parts, sizes):
+            encoder.copy_buffer_to_buffer(part.gpu, 0, whole.gpu, at, size)
+            at += size
+        self.device.queue.submit([encoder.finish()])
+        for part in parts:
+            part.gpu.destroy()
+            part.role, part.data = "freed", None
+        self._bind_groups.clear()
+        self.generation += 1
+        return whole
 
     def copy(self, src: Buffer, dst: Buffer) -> None:
         """Copy a whole buffer in a command buffer of its own (session clones)."""

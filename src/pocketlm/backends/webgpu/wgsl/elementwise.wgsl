@@ -9,6 +9,9 @@ const OP_SILU: u32 = 3u;
 const OP_GELU_TANH: u32 = 4u;
 const OP_SOFTCAP: u32 = 5u;
 const OP_GELU: u32 = 6u;
+const OP_SILU_MUL: u32 = 7u;  // act(a) * b: a gated MLP's activation and product in one
+const OP_GELU_TANH_MUL: u32 = 8u;
+const OP_GELU_MUL: u32 = 9u;
 struct Params { n: u32, op: u32, a_off: u32, b_off: u32, b_len: u32, y_off: u32, s: f32, pad0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -21,7 +24,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   if (i >= p.n) { return; }
   let x = a[p.a_off + i];
   var r = 0.0;
-  switch p.op {
+  var op = p.op;
+  if (op == OP_SILU_MUL) { op = OP_SILU; }
+  if (op == OP_GELU_TANH_MUL) { op = OP_GELU_TANH; }
+  if (op == OP_GELU_MUL) { op = OP_GELU; }
+  switch op {
     case OP_ADD: { r = x + b[p.b_off + i % p.b_len]; }
     case OP_MUL: { r = x * b[p.b_off + i % p.b_len]; }
     case OP_SCALE: { r = x * p.s; }
@@ -38,5 +45,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     case OP_SOFTCAP, default: { r = tanh(clamp(x / p.s, -15.0, 15.0)) * p.s; }
   }
+  if (p.op >= OP_SILU_MUL) { r = r * b[p.b_off + i % p.b_len]; }
   y[p.y_off + i] = r;
 }

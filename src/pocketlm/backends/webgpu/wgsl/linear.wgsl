@@ -1,0 +1,221 @@
+// y = W x' for W [rows, cols]: int8 packed four to a u32 (little-endian) with a float scale (and
+// offset) per sub-block of `sub` columns (weight_kind 1: y = sum_g scale[r, g] * (q[r, g] . x'[g])
+// + offset[r, g] * sum(x'[g])), or float32 (weight_kind 0).
+// x' is x as read (x_mode 0), RMS-normed per token (1; times norm weight nw where has_norm_w), or a
+// gated activation act(x[x_off + ...]) * x[x2_off + ...] (2 silu, 3 gelu_tanh, 4 gelu).
+// Several matrices stacked by rows (q/k/v, gate/up) run as one: output row R = row_base + r of
+// segment s (R in [seg_s, seg_s+1), seg_0 = 0) goes to y[y_off_s + t * (seg_s+1 - seg_s) + R - seg_s].
+// Epilogue: + bias[R] where has_bias, + res[res_off + same index] where has_res (one segment).
+// Four output rows per workgroup, 16 threads splitting each row. One token of at most XS_MAX values
+// (decode): x' is computed once into workgroup memory and int8 weights are read 16 at a time;
+// otherwise up to 8 tokens share each weight load, reading x' from the buffer.
+struct Params {
+  rows: u32, cols: u32, sub: u32, n_tokens: u32,
+  x_off: u32, x_stride: u32, w_row0: u32, has_offset: u32,
+  row_base: u32, x_mode: u32, x2_off: u32, eps: f32,
+  seg1: u32, seg2: u32, seg3: u32, y_off0: u32,
+  y_off1: u32, y_off2: u32, has_bias: u32, has_res: u32,
+  res_off: u32, has_norm_w: u32, weight_kind: u32, pad0: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;  // int8 x 16, or float32 x 4
+@group(0) @binding(2) var<storage, read> scale: array<f32>;
+@group(0) @binding(3) var<storage, read> offs: array<f32>;
+@group(0) @binding(4) var<storage, read> x: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+@group(0) @binding(6) var<storage, read> nw: array<f32>;
+@group(0) @binding(7) var<storage, read> bias: array<f32>;
+@group(0) @binding(8) var<storage, read> res: array<f32>;
+
+var<workgroup> part: array<f32, 512>;  // [token, row * 16 + lane]
+var<workgroup> inv: array<f32, 8>;  // 1 / rms of each token of the tile (x_mode 1)
+const XS_MAX: u32 = 3072u;
+var<workgroup> xs: array<vec4<f32>, 768>;  // x' of one token (XS_MAX values)
+
+fn word(i: u32) -> u32 { return q[i / 4u][i % 4u]; }
+
+fn int8x4(w: u32) -> vec4<f32> {
+  return vec4<f32>(f32(bitcast<i32>(w << 24u) >> 24u), f32(bitcast<i32>(w << 16u) >> 24u),
+                   f32(bitcast<i32>(w << 8u) >> 24u), f32(bitcast<i32>(w) >> 24u));
+}
+
+fn gelu_erf(v: f32) -> f32 {
+  let z = abs(v) * 0.7071067811865476;
+  let t = 1.0 / (1.0 + 0.3275911 * z);
+  let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+  return 0.5 * v * (1.0 + sign(v) * (1.0 - poly * exp(-z * z)));
+}
+
+// x'[t, c] (c < cols)
+fn x_at(t: u32, tile: u32, c: u32) -> f32 {
+  if (c >= p.cols) { return 0.0; }
+  let v = x[p.x_off + t * p.x_stride + c];
+  switch p.x_mode {
+    case 1u: {
+      var n = v * inv[tile];
+      if (p.has_norm_w == 1u) { n = n * nw[c]; }
+      return n;
+    }
+    case 2u: { return v / (1.0 + exp(-v)) * x[p.x2_off + t * p.x_stride + c]; }
+    case 3u: {
+      let inner = clamp(0.7978845608 * (v + 0.044715 * v * v * v), -15.0, 15.0);
+      return 0.5 * v * (1.0 + tanh(inner)) * x[p.x2_off + t * p.x_stride + c];
+    }
+    case 4u: { return gelu_erf(v) * x[p.x2_off + t * p.x_stride + c]; }
+    default: { return v; }
+  }
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+  let lane = lid % 16u;
+  let r = (wg.x + wg.y * nwg.x) * 4u + lid / 16u;
+  let words = (p.cols + 3u) / 4u;
+  let n_sub = p.cols / max(p.sub, 1u);
+  let wr = p.w_row0 + r;
+  if (p.n_tokens == 1u && p.cols <= XS_MAX && p.weight_kind == 1u) {
+    one_token(r, wr, lane, lid);
+    return;
+  }
+  for (var t0 = 0u; t0 < p.n_tokens; t0 += 8u) {
+    let nt = min(8u, p.n_tokens - t0);
+    if (p.x_mode == 1u) {  // each token's mean square, over the whole workgroup
+      for (var t = 0u; t < nt; t++) {
+        var sum = 0.0;
+        for (var c = lid; c < p.cols; c += 64u) { let v = x[p.x_off + (t0 + t) * p.x_stride + c]; sum += v * v; }
+        part[t * 64u + lid] = sum;
+      }
+      workgroupBarrier();
+      for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
+        if (lid < stride) {
+          for (var t = 0u; t < nt; t++) { part[t * 64u + lid] += part[t * 64u + lid + stride]; }
+        }
+        workgroupBarrier();
+      }
+      if (lid < nt) { inv[lid] = 1.0 / sqrt(part[lid * 64u] / f32(p.cols) + p.eps); }
+      workgroupBarrier();
+    }
+    var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    if (r < p.rows && p.weight_kind == 1u) {  // 16 int8 weights a load (sub is 16 or 32)
+      let per_row = p.cols / 16u;
+      for (var j = lane; j < per_row; j += 16u) {
+        let w = q[wr * per_row + j];
+        let g = wr * n_sub + (j * 16u) / p.sub;
+        let s = scale[g];
+        var o = 0.0;
+        if (p.has_offset == 1u) { o = offs[g]; }
+        let w0 = int8x4(w.x);
+        let w1 = int8x4(w.y);
+        let w2 = int8x4(w.z);
+        let w3 = int8x4(w.w);
+        let c = j * 16u;
+        for (var t = 0u; t < nt; t++) {
+          var xa: vec4<f32>;
+          var xb: vec4<f32>;
+          var xc: vec4<f32>;
+          var xd: vec4<f32>;
+          if (p.x_mode == 0u) {
+            let i = p.x_off + (t0 + t) * p.x_stride + c;
+            xa = vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
+            xb = vec4<f32>(x[i + 4u], x[i + 5u], x[i + 6u], x[i + 7u]);
+            xc = vec4<f32>(x[i + 8u], x[i + 9u], x[i + 10u], x[i + 11u]);
+            xd = vec4<f32>(x[i + 12u], x[i + 13u], x[i + 14u], x[i + 15u]);
+          } else {
+            xa = vec4<f32>(x_at(t0 + t, t, c), x_at(t0 + t, t, c + 1u), x_at(t0 + t, t, c + 2u), x_at(t0 + t, t, c + 3u));
+            xb = vec4<f32>(x_at(t0 + t, t, c + 4u), x_at(t0 + t, t, c + 5u), x_at(t0 + t, t, c + 6u), x_at(t0 + t, t, c + 7u));
+            xc = vec4<f32>(x_at(t0 + t, t, c + 8u), x_at(t0 + t, t, c + 9u), x_at(t0 + t, t, c + 10u), x_at(t0 + t, t, c + 11u));
+            xd = vec4<f32>(x_at(t0 + t, t, c + 12u), x_at(t0 + t, t, c + 13u), x_at(t0 + t, t, c + 14u), x_at(t0 + t, t, c + 15u));
+          }
+          let sum = dot(w0, xa) + dot(w1, xb) + dot(w2, xc) + dot(w3, xd);
+          acc[t] += s * sum + o * dot(xa + xb + xc + xd, vec4<f32>(1.0));
+        }
+      }
+    } else if (r < p.rows) {  // float32 weights
+      for (var j = lane; j < words; j += 16u) {
+        let c = j * 4u;
+        let b = wr * p.cols + c;
+        var wv = vec4<f32>(bitcast<f32>(word(b)), 0.0, 0.0, 0.0);
+        if (c + 1u < p.cols) { wv.y = bitcast<f32>(word(b + 1u)); }
+        if (c + 2u < p.cols) { wv.z = bitcast<f32>(word(b + 2u)); }
+        if (c + 3u < p.cols) { wv.w = bitcast<f32>(word(b + 3u)); }
+        for (var t = 0u; t < nt; t++) {
+          let xv = vec4<f32>(x_at(t0 + t, t, c), x_at(t0 + t, t, c + 1u), x_at(t0 + t, t, c + 2u), x_at(t0 + t, t, c + 3u));
+          acc[t] += dot(wv, xv);
+        }
+      }
+    }
+    for (var t = 0u; t < nt; t++) { part[t * 64u + lid] = acc[t]; }
+    workgroupBarrier();
+    for (var stride = 8u; stride > 0u; stride = stride >> 1u) {
+      if (lane < stride) {
+        for (var t = 0u; t < nt; t++) { part[t * 64u + lid] += part[t * 64u + lid + stride]; }
+      }
+      workgroupBarrier();
+    }
+    if (r < p.rows && lane < nt) { store(r, t0 + lane, part[lane * 64u + lid - lane]); }
+    workgroupBarrier();
+  }
+}
+
+// y at output row r (of this dispatch) of token t: segment, bias, residual
+fn store(r: u32, t: u32, sum: f32) {
+  let R = p.row_base + r;
+  var start = 0u;
+  var n = p.seg1;
+  var off = p.y_off0;
+  if (R >= p.seg2) { start = p.seg2; n = p.seg3 - p.seg2; off = p.y_off2; }
+  else if (R >= p.seg1) { start = p.seg1; n = p.seg2 - p.seg1; off = p.y_off1; }
+  let i = t * n + R - start;
+  var value = sum;
+  if (p.has_bias == 1u) { value += bias[R]; }
+  if (p.has_res == 1u) { value += res[p.res_off + i]; }
+  y[off + i] = value;
+}
+
+// One token, int8 weights: x' into workgroup memory once, then 16 weights (one sub-block part) a load.
+fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
+  if (p.x_mode == 1u) {
+    var sum = 0.0;
+    for (var c = lid; c < p.cols; c += 64u) { let v = x[p.x_off + c]; sum += v * v; }
+    part[lid] = sum;
+    workgroupBarrier();
+    for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
+      if (lid < stride) { part[lid] += part[lid + stride]; }
+      workgroupBarrier();
+    }
+    if (lid == 0u) { inv[0] = 1.0 / sqrt(part[0] / f32(p.cols) + p.eps); }
+    workgroupBarrier();
+  }
+  for (var c4 = lid; c4 < p.cols / 4u; c4 += 64u) {
+    let c = c4 * 4u;
+    xs[c4] = vec4<f32>(x_at(0u, 0u, c), x_at(0u, 0u, c + 1u), x_at(0u, 0u, c + 2u), x_at(0u, 0u, c + 3u));
+  }
+  workgroupBarrier();
+  var acc = 0.0;
+  if (r < p.rows) {
+    let per_row = p.cols / 16u;
+    let n_sub = p.cols / p.sub;
+    for (var j = lane; j < per_row; j += 16u) {
+      let w = q[wr * per_row + j];
+      let g = wr * n_sub + (j * 16u) / p.sub;
+      let a = xs[4u * j];
+      let b = xs[4u * j + 1u];
+      let c = xs[4u * j + 2u];
+      let d = xs[4u * j + 3u];
+      let dots = dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d);
+      acc += scale[g] * dots;
+      if (p.has_offset == 1u) {
+        let ones = vec4<f32>(1.0);
+        acc += offs[g] * (dot(a, ones) + dot(b, ones) + dot(c, ones) + dot(d, ones));
+      }
+    }
+  }
+  part[lid] = acc;
+  workgroupBarrier();
+  for (var stride = 8u; stride > 0u; stride = stride >> 1u) {
+    if (lane < stride) { part[lid] += part[lid + stride]; }
+    workgroupBarrier();
+  }
+  if (r < p.rows && lane == 0u) { store(r, 0u, part[lid]); }
+}
