@@ -401,14 +401,15 @@ def test_qk_norms_and_rope_applied_by_the_cache_write_and_the_attention_kernel(g
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_a_decode_step_is_seven_dispatches_a_llama_layer(tiny):
-    """The fused decode step: the embedding; per layer norm + q/k/v, RoPE + cache write, attention
-    and its merge, output projection + residual, norm + gate/up, activation + down + residual; the
-    final norm with the output matrix."""
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_a_decode_step_is_six_dispatches_a_layer(tiny, kind):
+    """The fused decode step: the embedding; per layer norm + q/k/v, (q/k norms and) RoPE + cache
+    write, split attention, its merge + output projection + residual, norm + gate/up, activation +
+    down + residual; the final norm with the output matrix."""
     from pocketlm.backends.webgpu import WebGPUBackend  # noqa: F401 (skips with the module fixture)
     from pocketlm.engine import decode_step, prefill
 
-    model, _, path = tiny("llama")
+    model, _, path = tiny(kind)
     try:
         lm = load(path, backend="webgpu")
     except UnsupportedError as e:
@@ -416,4 +417,43 @@ def test_a_decode_step_is_seven_dispatches_a_llama_layer(tiny):
     cache = lm.make_cache(128)
     prefill(lm, cache, prompt_ids(model.config.vocab_size, 20))
     decode_step(lm, cache, 5)
-    assert lm.ops.dispatches_per_token(cache) == 7 * model.config.num_hidden_layers + 2
+    assert lm.ops.dispatches_per_token(cache) == 6 * model.config.num_hidden_layers + 2
+
+
+def test_one_token_through_a_large_matrix_uses_more_rows_a_workgroup(gpu):
+    """8,200 rows (an output matrix's kind of size, not a multiple of the 16 rows a workgroup)."""
+    w = weight(GGMLType.Q4_K, 8200, 256, name="large")
+    x = np.random.default_rng(3).standard_normal((1, 256)).astype(np.float32)
+    expected = REFERENCE.linear(x, w)
+    np.testing.assert_allclose(
+        run(gpu, gpu.linear(gpu.upload(x), w)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
+
+
+def test_split_attention_is_merged_by_the_output_projection_that_reads_it(gpu):
+    rng = np.random.default_rng(21)
+    S, D = 150, 64
+    q = rng.standard_normal((1, 4, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, S, 2, D)).astype(np.float32)
+    wo = weight(GGMLType.Q8_0, 40, 4 * D, name="wo")
+    cache = gpu.layer_cache(256, 2, D, D, None)
+    gpu.device.set_step(0, np.zeros(S))
+    cache.update_and_fetch(gpu.upload(k), gpu.upload(v), 0)
+    gpu.to_host(gpu.upload(np.zeros(1)))  # submit the cache writes before the step moves
+    gpu.device.set_step(S - 1, np.zeros(1))
+    keys, values = cache_tensors(gpu, cache)
+    gpu.device.trace = []
+    out = gpu.linear(gpu.attention(gpu.upload(q), keys, values, np.array([S - 1]), None, 0.125), wo)
+    ours = run(gpu, out)
+    assert [d[0] for d in gpu.device.trace] == ["attention", "linear"]
+    gpu.device.trace = None
+    attended = REFERENCE.attention(q, k, v, np.array([S - 1]), np.arange(S), 0.125)
+    expected = REFERENCE.linear(attended.reshape(1, -1), wo)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def cache_tensors(gpu, cache):
+    """The cache's keys and values as the attention op receives them."""
+    from pocketlm.backends.webgpu.backend import GpuTensor
+
+    return GpuTensor(gpu, cache.keys, cache.k_shape), GpuTensor(gpu, cache.values, cache.v_shape)

@@ -330,6 +330,10 @@ class WebGPUBackend:
             self._elementwise(a["op"], a["x"], None, 0.0, out)
         elif lazy.kind == "gated":
             self._elementwise(f"{a['op']}_mul", a["gate"], a["up"], 0.0, out)
+        elif lazy.kind == "merge":
+            T, heads = a["parts"].shape[:2]
+            params = dict(n_heads=heads, head_dim=a["dim"], n_splits=a["splits"], y_off=out.offset)
+            self.device.dispatch("attention_merge", params, [a["parts"].buf, out.buf], (heads, T, 1))
         else:  # "rope": of a tensor, or of its per-head norm
             head = a["head"]
             src = head["src"]
@@ -391,7 +395,11 @@ class WebGPUBackend:
         """How the linear kernel reads x: a pending RMSNorm over rows of `cols` or a gated
         activation of a few tokens is computed on the way (x_mode), anything else is computed first."""
         tokens = x.size // cols
-        plain = dict(x_mode=0, x=None, x2_off=0, w=None, eps=0.0)
+        plain = dict(x_mode=0, x=None, x2_off=0, w=None, eps=0.0, m_splits=0, m_dim=0)
+        lazy = self._whole(x, "merge")
+        if lazy is not None and tokens == 1:  # split attention's partials, merged as they are read
+            a = lazy.args
+            return dict(plain, x_mode=5, x=a["parts"], m_splits=a["splits"], m_dim=a["dim"])
         if tokens <= FUSE_TOKENS:
             lazy = self._whole(x, "norm")
             if lazy is not None and lazy.args["x"].shape[-1] == cols:
@@ -437,7 +445,8 @@ class WebGPUBackend:
         """y = W x' (+ bias) (+ residual) into `outs`, one tensor per stacked matrix (at most 3)."""
         rows, cols = m.shape
         x = source["x"]
-        T = x.size // cols
+        T = outs[0].size // outs[0].shape[-1]
+        one_token = T == 1 and m.quantized and cols <= wgsl_constants("linear", "XS")["max"]
         bounds = np.cumsum([o.shape[-1] for o in outs]).tolist()
         bounds += [bounds[-1]] * (3 - len(bounds))
         offsets = [o.offset for o in outs] + [0] * (3 - len(outs))
@@ -451,9 +460,15 @@ class WebGPUBackend:
             params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
             params.update(res_off=residual.offset if residual is not None else 0)
             params.update(has_norm_w=int(norm_w is not None), weight_kind=int(m.quantized))
+            params.update(m_splits=source["m_splits"], m_dim=source["m_dim"])
+            lanes = (
+                4 if one_token and n >= 8192 else 16
+            )  # threads a row: large matrices, more rows a workgroup
+            params["lanes"] = lanes
             weights = bufs if m.quantized else [bufs[0]] * 3
             extra = [norm_w or x.buf, bias or x.buf, residual.buf if residual is not None else x.buf]
-            self.device.dispatch("linear", params, [*weights, x.buf, outs[0].buf, *extra], grid(-(-n // 4)))
+            groups = grid(-(-n // (64 // lanes)))
+            self.device.dispatch("linear", params, [*weights, x.buf, outs[0].buf, *extra], groups)
 
     def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> GpuTensor:
         m = self.matrix(w)
@@ -700,7 +715,6 @@ class WebGPUBackend:
         norm_w = self.vector(head["w"]) if head["w"] is not None else src
         buffers = [self.device.step, src, k.buf, v.buf, out.buf, slopes, norm_w, rope["tables"] or src]
         self.device.dispatch("attention", params, buffers, (n_heads, T, splits))
-        if splits > 1:
-            params = dict(n_heads=n_heads, head_dim=D, n_splits=splits, y_off=y.offset)
-            self.device.dispatch("attention_merge", params, [out.buf, y.buf], (n_heads, T, 1))
+        if splits > 1:  # merged by attention_merge, or by the linear layer that reads one token's
+            y.lazy = _Lazy("merge", y, parts=out, splits=splits, dim=D)
         return y

@@ -2,20 +2,23 @@
 // offset) per sub-block of `sub` columns (weight_kind 1: y = sum_g scale[r, g] * (q[r, g] . x'[g])
 // + offset[r, g] * sum(x'[g])), or float32 (weight_kind 0).
 // x' is x as read (x_mode 0), RMS-normed per token (1; times norm weight nw where has_norm_w), or a
-// gated activation act(x[x_off + ...]) * x[x2_off + ...] (2 silu, 3 gelu_tanh, 4 gelu).
+// gated activation act(x[x_off + ...]) * x[x2_off + ...] (2 silu, 3 gelu_tanh, 4 gelu), or, for one
+// token, split attention's partial sums merged (5: x holds [heads, m_splits, m_dim + 2], see attention).
 // Several matrices stacked by rows (q/k/v, gate/up) run as one: output row R = row_base + r of
 // segment s (R in [seg_s, seg_s+1), seg_0 = 0) goes to y[y_off_s + t * (seg_s+1 - seg_s) + R - seg_s].
 // Epilogue: + bias[R] where has_bias, + res[res_off + same index] where has_res (one segment).
-// Four output rows per workgroup, 16 threads splitting each row. One token of at most XS_MAX values
-// (decode): x' is computed once into workgroup memory and int8 weights are read 16 at a time;
-// otherwise up to 8 tokens share each weight load, reading x' from the buffer.
+// Four output rows per workgroup, 16 threads splitting each row; one token of at most XS_MAX values
+// (decode) with int8 weights: x' computed once into workgroup memory, `lanes` threads a row (64 / lanes
+// rows a workgroup: 4 for large matrices, so that more rows share the staging). Otherwise up to 8
+// tokens share each weight load, reading x' from the buffer. Int8 weights are read 16 at a time.
 struct Params {
   rows: u32, cols: u32, sub: u32, n_tokens: u32,
   x_off: u32, x_stride: u32, w_row0: u32, has_offset: u32,
   row_base: u32, x_mode: u32, x2_off: u32, eps: f32,
   seg1: u32, seg2: u32, seg3: u32, y_off0: u32,
   y_off1: u32, y_off2: u32, has_bias: u32, has_res: u32,
-  res_off: u32, has_norm_w: u32, weight_kind: u32, pad0: u32,
+  res_off: u32, has_norm_w: u32, weight_kind: u32, lanes: u32,
+  m_splits: u32, m_dim: u32, pad0: u32, pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;  // int8 x 16, or float32 x 4
@@ -46,6 +49,29 @@ fn gelu_erf(v: f32) -> f32 {
   return 0.5 * v * (1.0 + sign(v) * (1.0 - poly * exp(-z * z)));
 }
 
+// value c of the attention output from split partials (one token): head c / m_dim
+fn merged(c: u32) -> f32 {
+  let size = p.m_dim + 2u;
+  let base = p.x_off + (c / p.m_dim) * p.m_splits * size;
+  let d = c % p.m_dim;
+  var m = -3.0e38;
+  for (var s = 0u; s < p.m_splits; s++) {
+    if (x[base + s * size + p.m_dim + 1u] > 0.0) { m = max(m, x[base + s * size + p.m_dim]); }
+  }
+  var l = 0.0;
+  var sum = 0.0;
+  for (var s = 0u; s < p.m_splits; s++) {
+    let b = base + s * size;
+    let ls = x[b + p.m_dim + 1u];
+    if (ls > 0.0) {
+      let e = exp(x[b + p.m_dim] - m);
+      l += ls * e;
+      sum += x[b + d] * e;
+    }
+  }
+  return sum / l;
+}
+
 // x'[t, c] (c < cols)
 fn x_at(t: u32, tile: u32, c: u32) -> f32 {
   if (c >= p.cols) { return 0.0; }
@@ -62,6 +88,7 @@ fn x_at(t: u32, tile: u32, c: u32) -> f32 {
       return 0.5 * v * (1.0 + tanh(inner)) * x[p.x2_off + t * p.x_stride + c];
     }
     case 4u: { return gelu_erf(v) * x[p.x2_off + t * p.x_stride + c]; }
+    case 5u: { return merged(c); }
     default: { return v; }
   }
 }
@@ -69,15 +96,16 @@ fn x_at(t: u32, tile: u32, c: u32) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
+  if (p.n_tokens == 1u && p.cols <= XS_MAX && p.weight_kind == 1u) {
+    let r1 = (wg.x + wg.y * nwg.x) * (64u / p.lanes) + lid / p.lanes;
+    one_token(r1, p.w_row0 + r1, lid % p.lanes, lid);
+    return;
+  }
   let lane = lid % 16u;
   let r = (wg.x + wg.y * nwg.x) * 4u + lid / 16u;
   let words = (p.cols + 3u) / 4u;
   let n_sub = p.cols / max(p.sub, 1u);
   let wr = p.w_row0 + r;
-  if (p.n_tokens == 1u && p.cols <= XS_MAX && p.weight_kind == 1u) {
-    one_token(r, wr, lane, lid);
-    return;
-  }
   for (var t0 = 0u; t0 < p.n_tokens; t0 += 8u) {
     let nt = min(8u, p.n_tokens - t0);
     if (p.x_mode == 1u) {  // each token's mean square, over the whole workgroup
@@ -196,7 +224,7 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   if (r < p.rows) {
     let per_row = p.cols / 16u;
     let n_sub = p.cols / p.sub;
-    for (var j = lane; j < per_row; j += 16u) {
+    for (var j = lane; j < per_row; j += p.lanes) {
       let w = q[wr * per_row + j];
       let g = wr * n_sub + (j * 16u) / p.sub;
       let a = xs[4u * j];
@@ -213,7 +241,7 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   }
   part[lid] = acc;
   workgroupBarrier();
-  for (var stride = 8u; stride > 0u; stride = stride >> 1u) {
+  for (var stride = p.lanes / 2u; stride > 0u; stride = stride >> 1u) {
     if (lane < stride) { part[lid] += part[lid + stride]; }
     workgroupBarrier();
   }
