@@ -2,8 +2,9 @@
 
 - the replayed step as the engine runs it, split into encoding (Python + wgpu calls), and submission
   to read-back of the logits (GPU work and the wait);
-- the GPU time of each kernel: its dispatches of one step, replayed --repeat times in one pass
-  and timed from submission to completion, less an empty pass (so launch gaps are included);
+- the GPU time of each kernel (linear layers by their number of workgroups): its dispatches of one
+  step, replayed --repeat times in one pass and timed from submission to completion, less an empty
+  pass (so launch gaps are included);
 - the cost of one dispatch of an empty-sized kernel, the floor that fusing removes.
 
     python benchmarks/gpu_profile.py MODEL.gguf [--context 512] [--repeat 20]
@@ -71,8 +72,11 @@ def main() -> None:
 
     names = {id(p): k for k, p in device._pipelines.items()}
     by_kernel = defaultdict(list)
-    for command in commands:
-        by_kernel[names[id(command[0])]].append(command)
+    for command in commands:  # linear layers apart by size (workgroups)
+        kernel = names[id(command[0])]
+        if kernel == "linear":
+            kernel = f"linear x{command[2][0] * command[2][1]}"
+        by_kernel[kernel].append(command)
     sync = out.buf
 
     def timed(cmds) -> float:
@@ -90,7 +94,7 @@ def main() -> None:
         rows.append((total / args.repeat, kernel, len(cmds)))
     print(f"GPU time per kernel in one step (each replayed {args.repeat}x; empty pass {empty:.2f} ms):")
     for ms, kernel, n in sorted(rows, reverse=True):
-        print(f"  {kernel:<16} {n:4d} dispatches  {ms:7.3f} ms  ({1e3 * ms / n:6.1f} us each)")
+        print(f"  {kernel:<20} {n:4d} dispatches  {ms:7.3f} ms  ({1e3 * ms / n:6.1f} us each)")
     print(f"  sum {sum(r[0] for r in rows):.3f} ms")
 
     # one tiny elementwise dispatch, many times: the per-dispatch floor

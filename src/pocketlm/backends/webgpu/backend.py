@@ -391,15 +391,18 @@ class WebGPUBackend:
 
     # -- ops ------------------------------------------------------------------------------------
 
-    def _input(self, x: GpuTensor, cols: int) -> dict:
+    def _input(self, x: GpuTensor, m: _Matrix) -> dict:
         """How the linear kernel reads x: a pending RMSNorm over rows of `cols` or a gated
-        activation of a few tokens is computed on the way (x_mode), anything else is computed first."""
+        activation of a few tokens, or one token's split attention partials, are computed on the way
+        (x_mode); anything else is computed first."""
+        cols = m.shape[1]
         tokens = x.size // cols
         plain = dict(x_mode=0, x=None, x2_off=0, w=None, eps=0.0, m_splits=0, m_dim=0)
         lazy = self._whole(x, "merge")
-        if lazy is not None and tokens == 1:  # split attention's partials, merged as they are read
+        if lazy is not None and tokens == 1:
             a = lazy.args
-            return dict(plain, x_mode=5, x=a["parts"], m_splits=a["splits"], m_dim=a["dim"])
+            if cols // a["dim"] * a["splits"] <= wgsl_constants("linear", "MW")["max"]:
+                return dict(plain, x_mode=5, x=a["parts"], m_splits=a["splits"], m_dim=a["dim"])
         if tokens <= FUSE_TOKENS:
             lazy = self._whole(x, "norm")
             if lazy is not None and lazy.args["x"].shape[-1] == cols:
@@ -431,26 +434,46 @@ class WebGPUBackend:
         for w in weights:
             outs.append(GpuTensor(self, y.buf, (T, w.shape[0]), y.offset + T * start))
             start += w.shape[0]
-        self._linear(self._input(x, cols), stack, bias, outs, None)
+        self._linear(self._input(x, stack), stack, bias, outs, None)
         return outs
 
     def linear(self, x: GpuTensor, w: Tensor, bias: Tensor | None = None) -> GpuTensor:
         m = self.matrix(w)
         rows, cols = m.shape
-        source = self._input(x, cols)
+        source = self._input(x, m)
         bias_buf = self.vector(bias) if bias is not None else None
         return self._lazy("linear", (x.size // cols, rows), input=source, matrix=m, bias=bias_buf)
+
+    @staticmethod
+    def _one_token(m: _Matrix) -> bool:
+        """Whether the linear kernel's one-token path (input staged in workgroup memory) takes m."""
+        return m.quantized and m.shape[1] <= wgsl_constants("linear", "XS")["max"]
 
     def _linear(self, source: dict, m: _Matrix, bias: Buffer | None, outs: list[GpuTensor], residual) -> None:
         """y = W x' (+ bias) (+ residual) into `outs`, one tensor per stacked matrix (at most 3)."""
         rows, cols = m.shape
         x = source["x"]
         T = outs[0].size // outs[0].shape[-1]
-        one_token = T == 1 and m.quantized and cols <= wgsl_constants("linear", "XS")["max"]
+        one_token = T == 1 and self._one_token(m)
         bounds = np.cumsum([o.shape[-1] for o in outs]).tolist()
         bounds += [bounds[-1]] * (3 - len(bounds))
         offsets = [o.offset for o in outs] + [0] * (3 - len(outs))
         norm_w = self.vector(source["w"]) if source["w"] is not None else None
+        if T > FUSE_TOKENS and source["x_mode"] == 0:  # many tokens: the tiled kernel
+            for first, n, bufs in m.chunks:
+                params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
+                params.update(w_row0=m.row0, has_offset=int(m.has_offset), row_base=first)
+                params.update(seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
+                params.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
+                params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
+                params.update(
+                    res_off=residual.offset if residual is not None else 0, weight_kind=int(m.quantized)
+                )
+                weights = bufs if m.quantized else [bufs[0]] * 3
+                extra = [bias or x.buf, residual.buf if residual is not None else x.buf]
+                groups = (-(-n // 64), -(-T // 32), 1)
+                self.device.dispatch("matmul", params, [*weights, x.buf, outs[0].buf, *extra], groups)
+            return
         for first, n, bufs in m.chunks:
             params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
             params.update(w_row0=m.row0, has_offset=int(m.has_offset), row_base=first)

@@ -34,6 +34,8 @@ var<workgroup> part: array<f32, 512>;  // [token, row * 16 + lane]
 var<workgroup> inv: array<f32, 8>;  // 1 / rms of each token of the tile (x_mode 1)
 const XS_MAX: u32 = 3072u;
 var<workgroup> xs: array<vec4<f32>, 768>;  // x' of one token (XS_MAX values)
+const MW_MAX: u32 = 256u;
+var<workgroup> mw: array<f32, 256>;  // x_mode 5: each (head, split)'s weight (heads * splits <= MW_MAX)
 
 fn word(i: u32) -> u32 { return q[i / 4u][i % 4u]; }
 
@@ -49,27 +51,39 @@ fn gelu_erf(v: f32) -> f32 {
   return 0.5 * v * (1.0 + sign(v) * (1.0 - poly * exp(-z * z)));
 }
 
-// value c of the attention output from split partials (one token): head c / m_dim
+// value c of the attention output from split partials (one token): head c / m_dim, each split's
+// sums times its weight exp(m_s - m) / l from `mw` (filled by merge_weights)
 fn merged(c: u32) -> f32 {
   let size = p.m_dim + 2u;
-  let base = p.x_off + (c / p.m_dim) * p.m_splits * size;
-  let d = c % p.m_dim;
-  var m = -3.0e38;
-  for (var s = 0u; s < p.m_splits; s++) {
-    if (x[base + s * size + p.m_dim + 1u] > 0.0) { m = max(m, x[base + s * size + p.m_dim]); }
-  }
-  var l = 0.0;
+  let h = c / p.m_dim;
+  let base = p.x_off + h * p.m_splits * size + c % p.m_dim;
   var sum = 0.0;
   for (var s = 0u; s < p.m_splits; s++) {
-    let b = base + s * size;
-    let ls = x[b + p.m_dim + 1u];
-    if (ls > 0.0) {
-      let e = exp(x[b + p.m_dim] - m);
-      l += ls * e;
-      sum += x[b + d] * e;
-    }
+    let w = mw[h * p.m_splits + s];
+    if (w > 0.0) { sum += x[base + s * size] * w; }
   }
-  return sum / l;
+  return sum;
+}
+
+// mw[h * m_splits + s]: split s's share of head h, one thread a head (cols / m_dim heads)
+fn merge_weights(lid: u32) {
+  let size = p.m_dim + 2u;
+  for (var h = lid; h < p.cols / p.m_dim; h += 64u) {
+    let base = p.x_off + h * p.m_splits * size + p.m_dim;
+    var m = -3.0e38;
+    for (var s = 0u; s < p.m_splits; s++) {
+      if (x[base + s * size + 1u] > 0.0) { m = max(m, x[base + s * size]); }
+    }
+    var l = 0.0;
+    for (var s = 0u; s < p.m_splits; s++) {
+      let ls = x[base + s * size + 1u];
+      var e = 0.0;
+      if (ls > 0.0) { e = exp(x[base + s * size] - m); }
+      mw[h * p.m_splits + s] = e;
+      l += ls * e;
+    }
+    for (var s = 0u; s < p.m_splits; s++) { mw[h * p.m_splits + s] = mw[h * p.m_splits + s] / l; }
+  }
 }
 
 // x'[t, c] (c < cols)
@@ -106,6 +120,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let words = (p.cols + 3u) / 4u;
   let n_sub = p.cols / max(p.sub, 1u);
   let wr = p.w_row0 + r;
+  if (p.x_mode == 5u) {
+    merge_weights(lid);
+    workgroupBarrier();
+  }
   for (var t0 = 0u; t0 < p.n_tokens; t0 += 8u) {
     let nt = min(8u, p.n_tokens - t0);
     if (p.x_mode == 1u) {  // each token's mean square, over the whole workgroup
@@ -186,20 +204,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   }
 }
 
-// y at output row r (of this dispatch) of token t: segment, bias, residual
-fn store(r: u32, t: u32, sum: f32) {
-  let R = p.row_base + r;
-  var start = 0u;
-  var n = p.seg1;
-  var off = p.y_off0;
-  if (R >= p.seg2) { start = p.seg2; n = p.seg3 - p.seg2; off = p.y_off2; }
-  else if (R >= p.seg1) { start = p.seg1; n = p.seg2 - p.seg1; off = p.y_off1; }
-  let i = t * n + R - start;
-  var value = sum;
-  if (p.has_bias == 1u) { value += bias[R]; }
-  if (p.has_res == 1u) { value += res[p.res_off + i]; }
-  y[off + i] = value;
-}
+#include store
 
 // One token, int8 weights: x' into workgroup memory once, then 16 weights (one sub-block part) a load.
 fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
@@ -213,6 +218,10 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
       workgroupBarrier();
     }
     if (lid == 0u) { inv[0] = 1.0 / sqrt(part[0] / f32(p.cols) + p.eps); }
+    workgroupBarrier();
+  }
+  if (p.x_mode == 5u) {
+    merge_weights(lid);
     workgroupBarrier();
   }
   for (var c4 = lid; c4 < p.cols / 4u; c4 += 64u) {
