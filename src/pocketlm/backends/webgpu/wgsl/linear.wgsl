@@ -206,6 +206,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 
 #include store
 
+// 16 int8 weights (columns 16 j..) of a row whose sub-blocks start at g0, times the staged x'
+fn sixteen(w: vec4<u32>, g0: u32, j: u32) -> f32 {
+  let g = g0 + (j * 16u) / p.sub;
+  let a = xs[4u * j];
+  let b = xs[4u * j + 1u];
+  let c = xs[4u * j + 2u];
+  let d = xs[4u * j + 3u];
+  var sum = scale[g] * (dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d));
+  if (p.has_offset == 1u) { sum += offs[g] * dot(a + b + c + d, vec4<f32>(1.0)); }
+  return sum;
+}
+
 // One token, int8 weights: x' into workgroup memory once, then 16 weights (one sub-block part) a load.
 fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   if (p.x_mode == 1u) {
@@ -233,20 +245,17 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   if (r < p.rows) {
     let per_row = p.cols / 16u;
     let n_sub = p.cols / p.sub;
-    for (var j = lane; j < per_row; j += p.lanes) {
-      let w = q[wr * per_row + j];
-      let g = wr * n_sub + (j * 16u) / p.sub;
-      let a = xs[4u * j];
-      let b = xs[4u * j + 1u];
-      let c = xs[4u * j + 2u];
-      let d = xs[4u * j + 3u];
-      let dots = dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d);
-      acc += scale[g] * dots;
-      if (p.has_offset == 1u) {
-        let ones = vec4<f32>(1.0);
-        acc += offs[g] * (dot(a, ones) + dot(b, ones) + dot(c, ones) + dot(d, ones));
-      }
+    // four loads in flight a thread before any is used, then the rest one at a time
+    var j = lane;
+    for (; j + 3u * p.lanes < per_row; j += 4u * p.lanes) {
+      let w0 = q[wr * per_row + j];
+      let w1 = q[wr * per_row + j + p.lanes];
+      let w2 = q[wr * per_row + j + 2u * p.lanes];
+      let w3 = q[wr * per_row + j + 3u * p.lanes];
+      acc += sixteen(w0, wr * n_sub, j) + sixteen(w1, wr * n_sub, j + p.lanes);
+      acc += sixteen(w2, wr * n_sub, j + 2u * p.lanes) + sixteen(w3, wr * n_sub, j + 3u * p.lanes);
     }
+    for (; j < per_row; j += p.lanes) { acc += sixteen(q[wr * per_row + j], wr * n_sub, j); }
   }
   part[lid] = acc;
   workgroupBarrier();
