@@ -457,3 +457,25 @@ def cache_tensors(gpu, cache):
     from pocketlm.backends.webgpu.backend import GpuTensor
 
     return GpuTensor(gpu, cache.keys, cache.k_shape), GpuTensor(gpu, cache.values, cache.v_shape)
+
+
+@pytest.mark.parametrize("kind", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K])
+@pytest.mark.parametrize("T", [1, 5, 11])
+def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, kind, T):
+    """Q4_0 / Q4_1 / Q4_K matrices are uploaded as nibbles (half the bytes of the int8 repacking) and
+    multiplied as such by each path: one token, a few, the tiled product of many."""
+    from pocketlm.backends.webgpu.backend import NIBBLES
+
+    cols = 256 if kind == GGMLType.Q4_K else 128
+    w = weight(kind, 37, cols, seed=40 + T, name="nibbles")
+    m = gpu.matrix(w)
+    assert m.kind == NIBBLES and m.chunks[0][2][0].size == 37 * cols // 2
+    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
+    expected = REFERENCE.linear(x, w)
+    ours = run(gpu, gpu.linear(gpu.upload(x), w))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    ids = np.array([36, 0, 5])
+    gpu.device.set_step(0, ids)
+    np.testing.assert_allclose(
+        run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
+    )

@@ -28,7 +28,7 @@ import numpy as np
 from ...errors import UnsupportedError
 from ...formats.gguf import Tensor
 from ...formats.quants import GGMLType
-from ...kernels import int8
+from ...kernels import int4, int8
 from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 
@@ -147,19 +147,31 @@ class GpuLayerCache:
         return self.keys.size + self.values.size
 
 
-class _Matrix:
-    """An uploaded weight matrix: row chunks of (first row, rows, buffers [q, scale, offset] or
-    [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's."""
+FLOAT32, INT8, NIBBLES = 0, 1, 2  # how a matrix's values are held (the kernels' weight_kind)
 
-    def __init__(self, shape, chunks, quantized: bool, sub: int = 0, has_offset: bool = False, row0: int = 0):
-        self.shape, self.chunks, self.quantized, self.sub, self.has_offset = (
-            shape,
-            chunks,
-            quantized,
-            sub,
-            has_offset,
-        )
+
+class _Matrix:
+    """An uploaded weight matrix: row chunks of (first row, rows, buffers [values, scale, offset] or
+    [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's.
+    `kind`: FLOAT32, INT8 (one byte a value, `kernels.int8`'s repacking) or NIBBLES (4-bit types kept
+    in 4 bits, `kernels.int4`'s layout: runs of 64 values in 32 bytes, value j and 32 + j in byte j)."""
+
+    def __init__(self, shape, chunks, kind: int, sub: int = 0, has_offset: bool = False, row0: int = 0):
+        self.shape, self.chunks, self.kind, self.sub, self.has_offset = shape, chunks, kind, sub, has_offset
         self.row0 = row0
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != FLOAT32
+
+    @property
+    def row_bytes(self) -> list[int]:
+        """Bytes a row in each buffer (0: a shared placeholder)."""
+        cols = self.shape[1]
+        if self.kind == FLOAT32:
+            return [4 * cols]
+        n_sub = cols // self.sub
+        return [cols // 2 if self.kind == NIBBLES else cols, 4 * n_sub, 4 * n_sub if self.has_offset else 0]
 
 
 class WebGPUBackend:
@@ -213,20 +225,23 @@ class WebGPUBackend:
                     )
                     for r in range(0, rows, per_chunk)
                 ]
-                self._matrices[w.name] = _Matrix(w.shape, chunks, False)
+                self._matrices[w.name] = _Matrix(w.shape, chunks, FLOAT32)
             else:
-                packed = int8.repack(w.data, w.kind, w.shape)
-                per_chunk = max(1, self.device.max_binding // cols)
+                if int4.fits(w.kind, w.shape):  # 4-bit types stay 4 bits on the GPU
+                    nib = int4.repack(w.data, w.kind, w.shape)
+                    kind, values, scale, offset, sub = NIBBLES, nib.packed, nib.scale, nib.offset, int4.SUB
+                else:
+                    packed = int8.repack(w.data, w.kind, w.shape)
+                    kind, values, scale, offset, sub = INT8, packed.q, packed.scale, packed.offset, packed.sub
+                per_chunk = max(1, self.device.max_binding // values.shape[1])
                 chunks = []
                 for r in range(0, rows, per_chunk):
                     part = slice(r, r + per_chunk)
-                    q, scale = packed.q[part], packed.scale[part]
-                    offset = packed.offset[part] if packed.offset.shape[1] else np.zeros(1, np.float32)
-                    bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, scale, offset)]
+                    q, sc = values[part], scale[part]
+                    o = offset[part] if offset.shape[1] else np.zeros(1, np.float32)
+                    bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, sc, o)]
                     chunks.append((r, len(q), bufs))
-                self._matrices[w.name] = _Matrix(
-                    w.shape, chunks, True, packed.sub, packed.offset.shape[1] > 0
-                )
+                self._matrices[w.name] = _Matrix(w.shape, chunks, kind, sub, offset.shape[1] > 0)
         return self._matrices[w.name]
 
     def vector(self, w: Tensor | np.ndarray, name: str | None = None) -> Buffer:
@@ -249,21 +264,17 @@ class WebGPUBackend:
     def _stack(self, parts: list[_Matrix], weights: list[Tensor]) -> _Matrix | None:
         first = parts[0]
         rows, cols = sum(m.shape[0] for m in parts), first.shape[1]
-        layout = (first.quantized, cols, first.sub, first.has_offset)
+        layout = (first.kind, cols, first.sub, first.has_offset)
         if (
             len(parts) < 2
             or len({id(m) for m in parts}) < len(parts)
             or any(
-                (m.quantized, m.shape[1], m.sub, m.has_offset) != layout or len(m.chunks) > 1 or m.row0
+                (m.kind, m.shape[1], m.sub, m.has_offset) != layout or len(m.chunks) > 1 or m.row0
                 for m in parts
             )
         ):
             return None
-        if first.quantized:  # bytes a row in each buffer: int8 values, scales, offsets (or a placeholder)
-            n_sub = cols // first.sub
-            per_row = [cols, 4 * n_sub, 4 * n_sub if first.has_offset else 0]
-        else:
-            per_row = [4 * cols]
+        per_row = first.row_bytes
         if rows * max(per_row) > self.device.max_binding:
             return None
         stacked = []
@@ -276,11 +287,11 @@ class WebGPUBackend:
             if self.keep:
                 data = np.concatenate([np.ascontiguousarray(b.data).view(np.uint8).ravel() for b in olds])
             stacked.append(self.device.concatenate(olds, [m.shape[0] * row_bytes for m in parts], data))
-        whole = _Matrix((rows, cols), [(0, rows, stacked)], first.quantized, first.sub, first.has_offset)
+        whole = _Matrix((rows, cols), [(0, rows, stacked)], first.kind, first.sub, first.has_offset)
         start = 0
         for w, m in zip(weights, parts):
             self._matrices[w.name] = _Matrix(
-                m.shape, [(0, m.shape[0], stacked)], m.quantized, m.sub, m.has_offset, row0=start
+                m.shape, [(0, m.shape[0], stacked)], m.kind, m.sub, m.has_offset, row0=start
             )
             start += m.shape[0]
         return whole
@@ -466,9 +477,7 @@ class WebGPUBackend:
                 params.update(seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
                 params.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
                 params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
-                params.update(
-                    res_off=residual.offset if residual is not None else 0, weight_kind=int(m.quantized)
-                )
+                params.update(res_off=residual.offset if residual is not None else 0, weight_kind=m.kind)
                 weights = bufs if m.quantized else [bufs[0]] * 3
                 extra = [bias or x.buf, residual.buf if residual is not None else x.buf]
                 groups = (-(-n // 64), -(-T // 32), 1)
@@ -482,7 +491,7 @@ class WebGPUBackend:
             params.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
             params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
             params.update(res_off=residual.offset if residual is not None else 0)
-            params.update(has_norm_w=int(norm_w is not None), weight_kind=int(m.quantized))
+            params.update(has_norm_w=int(norm_w is not None), weight_kind=m.kind)
             params.update(m_splits=source["m_splits"], m_dim=source["m_dim"])
             lanes = (
                 4 if one_token and n >= 8192 else 16
@@ -503,7 +512,9 @@ class WebGPUBackend:
         y = self.new((T, cols))
         for first, n, bufs in m.chunks:
             if m.quantized:
-                params = dict(n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset))
+                params = dict(
+                    n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset), weight_kind=m.kind
+                )
                 params.update(row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset)
                 self.device.dispatch(
                     "embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))

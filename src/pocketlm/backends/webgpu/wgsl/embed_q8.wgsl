@@ -1,9 +1,10 @@
-// out[t, :] = row step.ids[t] * id_mul + id_add of an int8 table (packed four to a u32) with
+// out[t, :] = row step.ids[t] * id_mul + id_add of an int8 table (packed four to a u32; weight_kind 2:
+// nibbles in kernels.int4's layout, runs of 64 values in 32 bytes) with
 // per-sub-block scale (and offset); rows outside [row_base, row_base + rows) belong to another chunk.
 struct Params {
   n_tokens: u32, cols: u32, sub: u32, has_offset: u32,
   row_base: u32, rows: u32, y_off: u32, id_mul: u32,
-  id_add: u32, pad0: u32, pad1: u32, pad2: u32,
+  id_add: u32, weight_kind: u32, pad1: u32, pad2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: array<u32>;
@@ -21,8 +22,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let id = step[2u + t] * p.id_mul + p.id_add;
   if (id < p.row_base || id >= p.row_base + p.rows) { return; }
   let r = id - p.row_base;
-  let w = q[(r * p.cols + c) / 4u];
-  let value = f32(bitcast<i32>(w << (24u - 8u * (c % 4u))) >> 24u);
+  var value = 0.0;
+  if (p.weight_kind == 2u) {  // byte j of a run: value j (low nibble) and value 32 + j (high)
+    let byte = r * (p.cols / 2u) + (c / 64u) * 32u + c % 32u;
+    value = f32((q[byte / 4u] >> (8u * (byte % 4u) + 4u * ((c % 64u) / 32u))) & 15u);
+  } else {
+    let w = q[(r * p.cols + c) / 4u];
+    value = f32(bitcast<i32>(w << (24u - 8u * (c % 4u))) >> 24u);
+  }
   let g = r * (p.cols / p.sub) + c / p.sub;
   var o = 0.0;
   if (p.has_offset == 1u) { o = offs[g]; }

@@ -1,6 +1,8 @@
 // y = W x' for W [rows, cols]: int8 packed four to a u32 (little-endian) with a float scale (and
 // offset) per sub-block of `sub` columns (weight_kind 1: y = sum_g scale[r, g] * (q[r, g] . x'[g])
-// + offset[r, g] * sum(x'[g])), or float32 (weight_kind 0).
+// + offset[r, g] * sum(x'[g])), the same as 4-bit values (weight_kind 2: kernels.int4's layout, runs
+// of 64 values in 32 bytes, byte j holding value j in its low nibble and 32 + j in its high one;
+// sub = 32), or float32 (weight_kind 0).
 // x' is x as read (x_mode 0), RMS-normed per token (1; times norm weight nw where has_norm_w), or a
 // gated activation act(x[x_off + ...]) * x[x2_off + ...] (2 silu, 3 gelu_tanh, 4 gelu), or, for one
 // token, split attention's partial sums merged (5: x holds [heads, m_splits, m_dim + 2], see attention).
@@ -38,6 +40,10 @@ const MW_MAX: u32 = 256u;
 var<workgroup> mw: array<f32, 256>;  // x_mode 5: each (head, split)'s weight (heads * splits <= MW_MAX)
 
 fn word(i: u32) -> u32 { return q[i / 4u][i % 4u]; }
+
+fn nibbles(w: u32) -> vec4<f32> {  // the low nibbles of w's four bytes
+  return vec4<f32>(f32(w & 15u), f32((w >> 8u) & 15u), f32((w >> 16u) & 15u), f32((w >> 24u) & 15u));
+}
 
 fn int8x4(w: u32) -> vec4<f32> {
   return vec4<f32>(f32(bitcast<i32>(w << 24u) >> 24u), f32(bitcast<i32>(w << 16u) >> 24u),
@@ -110,7 +116,7 @@ fn x_at(t: u32, tile: u32, c: u32) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-  if (p.n_tokens == 1u && p.cols <= XS_MAX && p.weight_kind == 1u) {
+  if (p.n_tokens == 1u && p.cols <= XS_MAX && p.weight_kind >= 1u) {
     let r1 = (wg.x + wg.y * nwg.x) * (64u / p.lanes) + lid / p.lanes;
     one_token(r1, p.w_row0 + r1, lid % p.lanes, lid);
     return;
@@ -177,6 +183,31 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
           acc[t] += s * sum + o * dot(xa + xb + xc + xd, vec4<f32>(1.0));
         }
       }
+    } else if (r < p.rows && p.weight_kind == 2u) {  // 32 weights of 4 bits a load
+      let per_row = p.cols / 32u;
+      for (var j = lane; j < per_row; j += 16u) {
+        let w = q[wr * per_row + j];
+        let run = j / 2u;
+        let g = wr * n_sub + 2u * run;
+        let c = 64u * run + 16u * (j % 2u);  // the column of the first low nibble; the high ones 32 on
+        for (var t = 0u; t < nt; t++) {
+          var lo = 0.0;
+          var hi = 0.0;
+          var x_lo = 0.0;
+          var x_hi = 0.0;
+          for (var i = 0u; i < 4u; i++) {
+            let a = vec4<f32>(x_at(t0 + t, t, c + 4u * i), x_at(t0 + t, t, c + 4u * i + 1u),
+                              x_at(t0 + t, t, c + 4u * i + 2u), x_at(t0 + t, t, c + 4u * i + 3u));
+            let b = vec4<f32>(x_at(t0 + t, t, c + 32u + 4u * i), x_at(t0 + t, t, c + 33u + 4u * i),
+                              x_at(t0 + t, t, c + 34u + 4u * i), x_at(t0 + t, t, c + 35u + 4u * i));
+            lo += dot(nibbles(w[i]), a);
+            hi += dot(nibbles(w[i] >> 4u), b);
+            x_lo += dot(a, vec4<f32>(1.0));
+            x_hi += dot(b, vec4<f32>(1.0));
+          }
+          acc[t] += scale[g] * lo + offs[g] * x_lo + scale[g + 1u] * hi + offs[g + 1u] * x_hi;
+        }
+      }
     } else if (r < p.rows) {  // float32 weights
       for (var j = lane; j < words; j += 16u) {
         let c = j * 4u;
@@ -218,7 +249,27 @@ fn sixteen(w: vec4<u32>, g0: u32, j: u32) -> f32 {
   return sum;
 }
 
-// One token, int8 weights: x' into workgroup memory once, then 16 weights (one sub-block part) a load.
+// 32 weights of 4 bits (16 bytes: half of a run of 64 values) times the staged x'
+fn thirty_two(w: vec4<u32>, g0: u32, j: u32) -> f32 {
+  let run = j / 2u;
+  let b = 16u * run + 4u * (j % 2u);  // xs index of the values in the low nibbles; the high ones 8 on
+  let g = g0 + 2u * run;
+  let lo = dot(nibbles(w.x), xs[b]) + dot(nibbles(w.y), xs[b + 1u]) + dot(nibbles(w.z), xs[b + 2u])
+         + dot(nibbles(w.w), xs[b + 3u]);
+  let hi = dot(nibbles(w.x >> 4u), xs[b + 8u]) + dot(nibbles(w.y >> 4u), xs[b + 9u])
+         + dot(nibbles(w.z >> 4u), xs[b + 10u]) + dot(nibbles(w.w >> 4u), xs[b + 11u]);
+  let ones = vec4<f32>(1.0);
+  let x_lo = dot(xs[b] + xs[b + 1u] + xs[b + 2u] + xs[b + 3u], ones);
+  let x_hi = dot(xs[b + 8u] + xs[b + 9u] + xs[b + 10u] + xs[b + 11u], ones);
+  return scale[g] * lo + offs[g] * x_lo + scale[g + 1u] * hi + offs[g + 1u] * x_hi;
+}
+
+fn piece(w: vec4<u32>, g0: u32, j: u32) -> f32 {
+  if (p.weight_kind == 2u) { return thirty_two(w, g0, j); }
+  return sixteen(w, g0, j);
+}
+
+// One token, int8 or 4-bit weights: x' into workgroup memory once, then 16 weights (one sub-block part) a load.
 fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   if (p.x_mode == 1u) {
     var sum = 0.0;
@@ -243,7 +294,8 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   workgroupBarrier();
   var acc = 0.0;
   if (r < p.rows) {
-    let per_row = p.cols / 16u;
+    var per_row = p.cols / 16u;  // 16-byte loads a row
+    if (p.weight_kind == 2u) { per_row = p.cols / 32u; }
     let n_sub = p.cols / p.sub;
     // four loads in flight a thread before any is used, then the rest one at a time
     var j = lane;
@@ -252,10 +304,10 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
       let w1 = q[wr * per_row + j + p.lanes];
       let w2 = q[wr * per_row + j + 2u * p.lanes];
       let w3 = q[wr * per_row + j + 3u * p.lanes];
-      acc += sixteen(w0, wr * n_sub, j) + sixteen(w1, wr * n_sub, j + p.lanes);
-      acc += sixteen(w2, wr * n_sub, j + 2u * p.lanes) + sixteen(w3, wr * n_sub, j + 3u * p.lanes);
+      acc += piece(w0, wr * n_sub, j) + piece(w1, wr * n_sub, j + p.lanes);
+      acc += piece(w2, wr * n_sub, j + 2u * p.lanes) + piece(w3, wr * n_sub, j + 3u * p.lanes);
     }
-    for (; j < per_row; j += p.lanes) { acc += sixteen(q[wr * per_row + j], wr * n_sub, j); }
+    for (; j < per_row; j += p.lanes) { acc += piece(q[wr * per_row + j], wr * n_sub, j); }
   }
   part[lid] = acc;
   workgroupBarrier();

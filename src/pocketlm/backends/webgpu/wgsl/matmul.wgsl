@@ -1,4 +1,4 @@
-// y = W x for many tokens (prefill): the same product, weights and epilogue as `linear` (x read as
+// y = W x for many tokens (prefill): the same product, weights (int8, 4-bit or float32) and epilogue as `linear` (x read as
 // is), computed in tiles: a workgroup of 256 threads takes 64 rows x 32 tokens, steps over the
 // columns 32 at a time with the weights (dequantized) and x staged in workgroup memory, and each
 // thread accumulates 4 rows x 2 tokens.
@@ -52,6 +52,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
           for (var i = 0u; i < 4u; i++) {
             let word = w[i];
             for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * int8_of(word, b) + o; }
+          }
+        }
+        for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
+      }
+    } else if (p.weight_kind == 2u) {  // 64 rows x 32 values of 4 bits: the 32 bytes of their run
+      if (lid < 128u) {
+        let r = lid / 2u;
+        let half = lid % 2u;  // bytes 16 half .. of the run
+        var vals = array<f32, 16>();
+        if (row0 + r < p.rows) {
+          let wr = p.w_row0 + row0 + r;
+          let w = q[wr * (p.cols / 32u) + (k0 / 64u) * 2u + half];
+          let g = wr * (p.cols / 32u) + k0 / 32u;
+          let s = scale[g];
+          let o = offs[g];
+          let shift = 4u * ((k0 % 64u) / 32u);  // columns 32.. of the run are the high nibbles
+          for (var i = 0u; i < 4u; i++) {
+            for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * f32((w[i] >> (8u * b + shift)) & 15u) + o; }
           }
         }
         for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
