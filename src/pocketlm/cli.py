@@ -312,7 +312,7 @@ def cmd_bench(args) -> None:
             + (
                 " (Q8_0 and Q5_0 read in place, 4-bit types as nibbles, others as int8)"
                 if r.backend == "cpu"
-                else " on the GPU (int8 with scales; float weights as float32)"
+                else " on the GPU (4-bit types as nibbles, others as int8, with scales)"
                 if r.backend == "webgpu"
                 else " (float32)"
             ),
