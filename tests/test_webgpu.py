@@ -479,3 +479,28 @@ def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, kind, T):
     np.testing.assert_allclose(
         run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
     )
+
+
+def test_gemma4_per_layer_table_is_streamed_to_the_gpu_not_uploaded(tiny):
+    """Rows of the per-layer table are read from the file per pass (as on the CPU); with
+    ple_in_ram it is uploaded whole instead; both give the CPU backend's logits."""
+    from pocketlm.engine import decode_step, prefill
+    from pocketlm.models.gemma4 import PER_LAYER_TABLE
+
+    model, _, path = tiny("gemma4")
+    try:
+        streamed, in_ram = load(path, backend="webgpu"), load(path, backend="webgpu", ple_in_ram=True)
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    cpu = load(path)
+    assert streamed.streamed == {PER_LAYER_TABLE} and not in_ram.streamed
+    ids = prompt_ids(model.config.vocab_size, 12)
+    for lm in (streamed, in_ram):
+        assert np.abs(lm.logits(ids) - cpu.logits(ids)).max() <= 1e-3
+    assert PER_LAYER_TABLE not in streamed.ops._matrices and PER_LAYER_TABLE in in_ram.ops._matrices
+    steps = []
+    for lm in (streamed, cpu):  # replayed decode steps read the new token's rows
+        cache = lm.make_cache(32)
+        prefill(lm, cache, ids)
+        steps.append([decode_step(lm, cache, t) for t in (5, 9, 5)])
+    assert np.abs(np.array(steps[0]) - np.array(steps[1])).max() <= 1e-3

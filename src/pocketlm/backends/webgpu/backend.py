@@ -25,9 +25,9 @@ import math
 
 import numpy as np
 
-from ...errors import UnsupportedError
+from ...errors import ModelFileError, UnsupportedError
 from ...formats.gguf import Tensor
-from ...formats.quants import GGMLType
+from ...formats.quants import GGMLType, dequantize
 from ...kernels import int4, int8
 from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
@@ -179,11 +179,17 @@ class WebGPUBackend:
 
     name = "webgpu"
     capabilities = frozenset({LAYER_NORM, EXACT_GELU, ALIBI})
-    reads_rows_from_file = False  # a table the CPU reads row by row from the file is uploaded whole
 
     def __init__(self, keep_host_copies: bool = False):
         self.device = Device()
         self.keep = keep_host_copies  # keep uploaded arrays (for exporting a web package)
+        # Tables a model reads row by row (Gemma's per-layer inputs): their rows are gathered from
+        # the file and copied to the GPU per pass, never uploaded whole; but a web package uploads
+        # them whole, as the browser has no file to read rows from.
+        self.reads_rows_from_file = not keep_host_copies
+        self._streamed: frozenset[str] = frozenset()
+        self._pinned: dict[str, np.ndarray] = {}
+        self._fills: list[tuple] = []  # the streamed rows the pass being recorded reads
         self._matrices: dict[str, _Matrix] = {}
         self._vectors: dict[str, Buffer] = {}
         self._rope_tables: dict[tuple, Buffer] = {}
@@ -359,6 +365,8 @@ class WebGPUBackend:
         if not isinstance(x, GpuTensor):
             return x
         self._ready(x)
+        fills, self._fills = self._fills, []
+        self._fill(fills, self._ids)
         raw = self.device.finish(x.buf, 4 * x.offset, 4 * x.size)
         return raw.view(np.float32).reshape(x.shape)
 
@@ -372,10 +380,28 @@ class WebGPUBackend:
         return GpuLayerCache(self, capacity, n_kv_heads, k_dim, v_dim, window)
 
     def warm_up(self, model, make_cache) -> None:
-        """Nothing: pipelines are made as the first pass records them."""
+        """Notes the tables the model streams (pipelines are made as the first pass records them)."""
+        if self.reads_rows_from_file:
+            self._streamed = frozenset(getattr(model, "streamed", ())) - set(self._pinned)
 
     def pin(self, name: str, data: np.ndarray) -> None:
-        raise UnsupportedError("the webgpu backend reads no tensor from the host per token")
+        """Upload table `name` whole, from this resident copy, instead of streaming its rows."""
+        self._pinned[name] = data
+
+    def _fill(self, fills: list[tuple], ids: np.ndarray) -> None:
+        """Copy the rows of streamed tables that a pass over tokens `ids` reads to the GPU (as
+        float32, where the pass's embedding reads them), before it is submitted."""
+        for w, stride, offset, y in fills:
+            n_rows, cols = w.shape
+            rows = np.asarray(ids, np.int64) * stride + offset
+            if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+                raise ModelFileError(
+                    f"tensor {w.name!r} has {n_rows} rows but row {int(rows.max())} was asked for: "
+                    "the file's vocabulary and table disagree"
+                )
+            raw = w.data.reshape(n_rows, w.nbytes // n_rows)[rows]
+            values = np.ascontiguousarray(dequantize(raw, w.kind, (len(rows), cols)), np.float32)
+            self.device.device.queue.write_buffer(y.buf.gpu, 4 * y.offset, values)
 
     def decode_step(self, model, cache, token: int) -> np.ndarray:
         """One token through the model: recorded once per cache (the pass reads its position and
@@ -387,11 +413,13 @@ class WebGPUBackend:
             commands, self.device.commands = self.device.commands, None
             if len(self._decode_plans) >= 4:  # plans hold their caches: keep the latest few
                 del self._decode_plans[next(iter(self._decode_plans))]
-            self._decode_plans[id(cache)] = (self.device.generation, cache, commands, out)
+            self._decode_plans[id(cache)] = (self.device.generation, cache, commands, out, self._fills)
             return self.to_host(out)[-1]
-        _, _, commands, out = plan
-        self.device.set_step(cache.offset, np.array([token]))
+        _, _, commands, out, fills = plan
+        self._ids = np.array([token])
+        self.device.set_step(cache.offset, self._ids)
         self.device.replay(commands)
+        self._fills = list(fills)
         cache.offset += 1
         return self.to_host(out)[-1]
 
@@ -503,6 +531,14 @@ class WebGPUBackend:
             self.device.dispatch("linear", params, [*weights, x.buf, outs[0].buf, *extra], groups)
 
     def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> GpuTensor:
+        if w.name in self._streamed:  # its rows are copied in when the pass is submitted
+            self._ids = np.asarray(ids)
+            self.device.set_step(self._first_position, self._ids)
+            y = self.new((len(ids), w.shape[1]))
+            self._fills.append((w, stride, offset, y))
+            return y
+        if w.name in self._pinned:  # uploaded from the resident copy, which is then let go
+            w = Tensor(w.name, w.kind, w.shape, self._pinned.pop(w.name))
         m = self.matrix(w)
         if m.row0:
             raise UnsupportedError(f"{w.name} is read as rows of a stacked matrix, not as a table")
