@@ -1,7 +1,8 @@
 """Where a webgpu decode step spends its time, after a prompt of --context tokens:
 
-- the replayed step as the engine runs it, split into encoding (Python + wgpu calls), and submission
-  to read-back of the logits (GPU work and the wait);
+- the replayed step as decode_step runs it, split into encoding (Python + wgpu calls), and submission
+  to read-back of the logits (GPU work and the wait); and greedy steps as generate_tokens runs them,
+  the token chosen on the GPU and the next step submitted before the last is read back;
 - the GPU time of each kernel (linear layers by their number of workgroups): its dispatches of one
   step, replayed --repeat times in one pass and timed from submission to completion, less an empty
   pass (so launch gaps are included);
@@ -53,6 +54,15 @@ def main() -> None:
     plan = lm.ops._decode_plans[id(cache)]
     commands, out = plan[2], plan[3]
     print(f"replayed decode step: {step:.2f} ms ({1e3 / step:.0f} tok/s), {len(commands)} dispatches")
+
+    from pocketlm.engine import greedy_tokens
+
+    for _ in range(2):
+        t0, n = time.perf_counter(), 0
+        for _ in greedy_tokens(lm, cache, 7, 48):
+            n += 1
+        per = (time.perf_counter() - t0) / n
+        print(f"greedy steps chained on the GPU: {1e3 * per:.2f} ms a token ({1 / per:.0f} tok/s)")
 
     encode, wait = [], []
     for _ in range(30):

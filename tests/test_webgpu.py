@@ -504,3 +504,37 @@ def test_gemma4_per_layer_table_is_streamed_to_the_gpu_not_uploaded(tiny):
         prefill(lm, cache, ids)
         steps.append([decode_step(lm, cache, t) for t in (5, 9, 5)])
     assert np.abs(np.array(steps[0]) - np.array(steps[1])).max() <= 1e-3
+
+
+def test_greedy_steps_chained_on_the_gpu_give_the_host_argmax_and_leave_the_cache_as_decode_step(tiny):
+    """generate_tokens' greedy path on the GPU: each token chosen by argmax.wgsl and fed to the next
+    step there, one step submitted ahead of the reader. The tokens are the host's argmax of the same
+    steps; a reader that stops after 4 leaves the cache as 4 decode steps do (the step run ahead is
+    not counted: the next step, of another token, reads the host's position and token, not those the
+    step run ahead left on the GPU)."""
+    from pocketlm.engine import decode_step, greedy_tokens, prefill
+
+    model, _, path = tiny("llama")
+    try:
+        lm = load(path, backend="webgpu")
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    ids = prompt_ids(model.config.vocab_size, 20)
+    expected = greedy(lm, ids, 12)  # decode_step and numpy's argmax
+    cache = lm.make_cache(len(ids) + 12)
+    first = int(np.argmax(prefill(lm, cache, ids)))
+    assert [first, *greedy_tokens(lm, cache, first, 11)] == expected
+    assert cache.offset == len(ids) + 11
+
+    chained, host = lm.make_cache(64), lm.make_cache(64)
+    prefill(lm, chained, ids)
+    tokens = greedy_tokens(lm, chained, first, 20)
+    taken = [next(tokens) for _ in range(4)]
+    tokens.close()
+    assert taken == expected[1:5] and chained.offset == len(ids) + 4
+    prefill(lm, host, ids)
+    for token in expected[:4]:
+        decode_step(lm, host, token)
+    assert host.offset == chained.offset
+    other = (taken[-1] + 1) % model.config.vocab_size  # not the token the step run ahead fed
+    np.testing.assert_allclose(decode_step(lm, chained, other), decode_step(lm, host, other), atol=1e-5)

@@ -112,7 +112,7 @@ def run_bench(
     ple_in_ram: bool = False,
 ) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
-    from .engine import decode_step, prefill
+    from .engine import greedy_tokens, prefill
 
     say = on_progress or (lambda message: None)
     start = time.perf_counter()
@@ -127,10 +127,9 @@ def run_bench(
     ttft = time.perf_counter() - start
     start_to_first = process_age_seconds()
     start = time.perf_counter()
-    for i in range(gen_tokens - 1):
+    for i, _ in enumerate(greedy_tokens(lm, cache, token, gen_tokens - 1)):  # as generate_tokens decodes
         if i % 16 == 0:
             say(f"decode {i}/{gen_tokens}")
-        token = int(np.argmax(decode_step(lm, cache, token)))
     decode_seconds = time.perf_counter() - start
     count = getattr(lm.ops, "dispatches_per_token", None)
     return BenchResult(

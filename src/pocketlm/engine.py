@@ -21,7 +21,7 @@ from .errors import ContextLengthError, InvalidOptionError, ModelFileError, Unsu
 from .formats.gguf import GGUFFile
 from .kvcache import KVCache
 from .models import build_model
-from .sampling import Sampler
+from .sampling import Sampler, greedy
 from .structured import Constraint, Vocabulary
 from .tokenizer import GGUFTokenizer
 
@@ -192,30 +192,67 @@ def generate_tokens(
     logits = prefill(lm, cache, prompt_ids)
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    tokens = _sampled(lm, cache, logits, sampler, constraint, max_new_tokens or cache.max_tokens)
+    try:
+        for token in tokens:
+            stats.token_ids.append(token)
+            if token in lm.tokenizer.stop_ids:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            if constraint is not None:
+                constraint.accept(token)
+            yield token
+            if constraint is not None and constraint.done:
+                stats.finish_reason = "stop"
+                break
+            if cache.offset + 1 >= cache.max_tokens or stats.generated_tokens == max_new_tokens:
+                stats.finish_reason = "length"
+                break
+            stats.decode_seconds = time.perf_counter() - start
+    finally:
+        tokens.close()  # a step run ahead of this loop is not counted in the cache
+    stats.decode_seconds = time.perf_counter() - start
+
+
+def _check_finite(lm: LoadedModel, logits: np.ndarray | None) -> None:
+    if logits is None or not math.isfinite(float(np.max(logits))):  # NaN propagates through max
+        raise ModelFileError(f"{lm.path}: the model computed NaN or infinite logits: its weights are corrupt")
+
+
+def _sampled(lm, cache, logits, sampler, constraint, limit: int) -> Iterator[int]:
+    """The token after the prompt, then one after each decode step, each computed only when the
+    next is asked for. Greedy and unconstrained on a backend that chooses tokens itself
+    (`greedy_tokens`), the steps after the first are chained there."""
     while True:
-        if not math.isfinite(float(np.max(logits))):  # NaN propagates through max; one pass over the row
-            raise ModelFileError(
-                f"{lm.path}: the model computed NaN or infinite logits: its weights are corrupt"
-            )
+        _check_finite(lm, logits)
         if constraint is not None:
             logits = constraint.mask(logits)
         token = sampler(logits)
-        stats.token_ids.append(token)
-        if token in lm.tokenizer.stop_ids:
-            stats.finish_reason = "stop"
-            break
-        stats.generated_tokens += 1
-        if constraint is not None:
-            constraint.accept(token)
         yield token
-        if constraint is not None and constraint.done:
-            stats.finish_reason = "stop"
-            break
-        if cache.offset + 1 >= cache.max_tokens or stats.generated_tokens == max_new_tokens:
-            stats.finish_reason = "length"
-            break
+        if sampler is greedy and constraint is None:
+            yield from greedy_tokens(lm, cache, token, limit - 1)
+            return
         logits = decode_step(lm, cache, token)
-        stats.decode_seconds = time.perf_counter() - start
+
+
+def greedy_tokens(lm: LoadedModel, cache: KVCache, token: int, limit: int) -> Iterator[int]:
+    """Up to `limit` greedy tokens after `token` (fed first), each fed to the next step; a token is
+    in the cache once the next is asked for. A backend's own `greedy_tokens` chains the steps on
+    its device (the webgpu backend's: token choice on the GPU, the next step submitted before the
+    last is read back)."""
+    own = getattr(lm.ops, "greedy_tokens", None)
+    if own is not None:
+        for chosen in own(lm.model, cache, token, limit):
+            if chosen < 0:
+                _check_finite(lm, None)
+            yield chosen
+        return
+    for _ in range(limit):
+        logits = decode_step(lm, cache, token)
+        _check_finite(lm, logits)
+        token = int(np.argmax(logits))
+        yield token
 
 
 def stream_text(tokenizer: GGUFTokenizer, tokens: Iterable[int]) -> Iterator[str]:

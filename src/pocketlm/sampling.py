@@ -48,12 +48,17 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def greedy(logits: np.ndarray) -> int:
+    """Temperature 0: the largest logit (the first of equals)."""
+    return int(np.argmax(logits))
+
+
 def make_sampler(
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
 ) -> Sampler:
     validate(temperature, top_k, top_p)
     if temperature == 0:
-        return lambda logits: int(np.argmax(logits))
+        return greedy
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:

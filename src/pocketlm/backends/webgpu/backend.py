@@ -22,6 +22,7 @@ layer's decode step is 6 dispatches.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -190,6 +191,8 @@ class WebGPUBackend:
         self._streamed: frozenset[str] = frozenset()
         self._pinned: dict[str, np.ndarray] = {}
         self._fills: list[tuple] = []  # the streamed rows the pass being recorded reads
+        self._argmax_out: Buffer | None = None  # greedy_tokens: [token, non-finite flag]
+        self._readbacks: list[Buffer] = []
         self._matrices: dict[str, _Matrix] = {}
         self._vectors: dict[str, Buffer] = {}
         self._rope_tables: dict[tuple, Buffer] = {}
@@ -422,6 +425,52 @@ class WebGPUBackend:
         self._fills = list(fills)
         cache.offset += 1
         return self.to_host(out)[-1]
+
+    def greedy_tokens(self, model, cache, token: int, limit: int) -> Iterator[int]:
+        """Up to `limit` greedy tokens after `token`, each chosen on the GPU (argmax.wgsl), which also
+        feeds it to the next step there: step N + 1 is encoded and submitted before step N's token is
+        read back, so the host's work overlaps the GPU's. A token is in the cache once the next one is
+        asked for, so a reader that stops leaves the cache as decode_step would (the step run ahead
+        is overwritten later). -1 stands for a step whose logits were not all finite."""
+        if limit <= 0:
+            return
+        logits = self.decode_step(model, cache, token)  # on the host: records the step if needed
+        token = int(np.argmax(logits)) if np.isfinite(logits).all() else -1
+        _, _, commands, out, fills = self._decode_plans[id(cache)]
+        if fills or token < 0:  # rows streamed from the file need the host between steps
+            yield token
+            for _ in range(limit - 1):
+                logits = self.decode_step(model, cache, token)
+                token = int(np.argmax(logits)) if np.isfinite(logits).all() else -1
+                yield token
+            return
+        if self._argmax_out is None:
+            self._argmax_out = self.device.buffer(16, "data")
+            self._readbacks = [self.device.readback_buffer(16) for _ in range(2)]
+
+        def submit(k: int, first: bool) -> int:
+            if first:  # later steps read the position and token the previous step's argmax left
+                self._ids = np.array([token])
+                self.device.set_step(cache.offset, self._ids)
+            self.device.replay(commands)
+            params = dict(n=out.size, l_off=out.offset)
+            self.device.dispatch("argmax", params, [out.buf, self.device.step, self._argmax_out], (1, 1, 1))
+            self.device.submit([(self._argmax_out, 0, self._readbacks[k % 2], 8)], write_step=first)
+            return k
+
+        produced, pending = 1, None
+        if produced < limit and cache.offset < cache.max_tokens:
+            pending = submit(0, True)
+        yield token
+        while pending is not None:
+            cache.offset += 1  # the token just yielded was taken: the step that fed it counts
+            produced += 1
+            ahead = None
+            if produced < limit and cache.offset < cache.max_tokens:
+                ahead = submit(pending + 1, False)
+            value, bad = self.device.read(self._readbacks[pending % 2], 8).view(np.uint32)
+            pending = ahead
+            yield -1 if bad else int(value)
 
     def dispatches_per_token(self, cache) -> int | None:
         """Dispatches of the decode step recorded for `cache` (None before its first)."""

@@ -232,25 +232,40 @@ class Device:
 
     def finish(self, read: Buffer | None = None, offset: int = 0, nbytes: int = 0) -> np.ndarray | None:
         """Submit the recorded pass (one command buffer); return `nbytes` of `read` from `offset`."""
-        self.device.queue.write_buffer(self.step.gpu, 0, self.step_values)
+        if read is None:
+            self.submit()
+            return None
+        if self._readback is None or self._readback.size < nbytes:
+            self._readback = self.readback_buffer(max(nbytes, 4096))
+        self.submit([(read, offset, self._readback, nbytes)])
+        return self.read(self._readback, nbytes)
+
+    def readback_buffer(self, size: int) -> Buffer:
+        usage = self.wgpu.BufferUsage
+        return Buffer(
+            -1, self.device.create_buffer(size=size, usage=usage.MAP_READ | usage.COPY_DST), size, "readback"
+        )
+
+    def submit(self, copies: list[tuple] = (), write_step: bool = True) -> None:
+        """Submit the recorded pass, then copies (src, offset, readback buffer, nbytes) after it;
+        the step buffer is written from the host first unless the GPU itself advanced it."""
+        if write_step:
+            self.device.queue.write_buffer(self.step.gpu, 0, self.step_values)
         if self._encoder is None:
             self._encoder = self.device.create_command_encoder()
         if self._pass is not None:
             self._pass.end()
-        if read is not None:
-            if self._readback is None or self._readback.size < nbytes:
-                usage = self.wgpu.BufferUsage
-                gpu = self.device.create_buffer(size=max(nbytes, 4096), usage=usage.MAP_READ | usage.COPY_DST)
-                self._readback = Buffer(-1, gpu, max(nbytes, 4096), "readback")
-            self._encoder.copy_buffer_to_buffer(read.gpu, offset, self._readback.gpu, 0, nbytes)
+        for src, offset, dst, nbytes in copies:
+            self._encoder.copy_buffer_to_buffer(src.gpu, offset, dst.gpu, 0, nbytes)
         self.device.queue.submit([self._encoder.finish()])
         self._encoder = self._pass = None
         self._arena_next = 0
-        if read is None:
-            return None
-        self._readback.gpu.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
-        data = np.frombuffer(self._readback.gpu.read_mapped(0, nbytes), np.uint8).copy()
-        self._readback.gpu.unmap()
+
+    def read(self, readback: Buffer, nbytes: int) -> np.ndarray:
+        """The first bytes of a readback buffer, once the submission that fills it has run."""
+        readback.gpu.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
+        data = np.frombuffer(readback.gpu.read_mapped(0, nbytes), np.uint8).copy()
+        readback.gpu.unmap()
         return data
 
     def concatenate(self, parts: list[Buffer], sizes: list[int], data: np.ndarray | None = None) -> Buffer:
