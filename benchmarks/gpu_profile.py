@@ -84,8 +84,8 @@ def main() -> None:
     by_kernel = defaultdict(list)
     for command in commands:  # linear layers apart by size (workgroups)
         kernel = names[id(command[0])]
-        if kernel == "linear":
-            kernel = f"linear x{command[2][0] * command[2][1]}"
+        if kernel.startswith("linear"):
+            kernel = f"{kernel} x{command[2][0] * command[2][1]}"
         by_kernel[kernel].append(command)
     sync = out.buf
 

@@ -41,17 +41,23 @@ class Replayer:
                 with open(package / b["shard"], "rb") as f:
                     f.seek(b["offset"])
                     self.device.queue.write_buffer(self.buffers[b["id"]], 0, f.read(b["length"]))
-        pipelines = {}
+        pipelines, layouts = {}, {}
         for name, code in self.plan["kernels"].items():
             module = self.device.create_shader_module(code=code)
+            entries = [
+                {"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
+                for i, kind in enumerate(self.plan["bindings"][name])
+            ]
+            layouts[name] = self.device.create_bind_group_layout(entries=entries)
             pipelines[name] = self.device.create_compute_pipeline(
-                layout="auto", compute={"module": module, "entry_point": "main"}
+                layout=self.device.create_pipeline_layout(bind_group_layouts=[layouts[name]]),
+                compute={"module": module, "entry_point": "main"},
             )
         self.passes = {}
         for name, plan_pass in self.plan["passes"].items():
             commands = []
             for kernel, params, ids, groups in plan_pass["dispatches"]:
-                layout = pipelines[kernel].get_bind_group_layout(0)
+                layout = layouts[kernel]
                 entries = [
                     {
                         "binding": i,
@@ -138,10 +144,14 @@ def in_chromium(package: Path, script, screenshot: str):
 
     server = LiveServer(create_app(package))
     ARTIFACTS.mkdir(exist_ok=True)
-    # --enable-unsafe-webgpu alone: more GPU flags make requestAdapter() hang (shared/notes/webgpu.md)
+    # --enable-unsafe-webgpu alone: more GPU flags make requestAdapter() hang (shared/notes/webgpu.md).
+    # Dawn's disable_workgroup_init: SwiftShader zeroes workgroup memory at about 25 MB/s, 0.5 ms for
+    # each workgroup of the linear kernel's 12 KB (GPUs do it in nanoseconds); the kernels never read
+    # workgroup memory they have not written.
     args = [
         "--no-sandbox",
         "--enable-unsafe-webgpu",
+        "--enable-dawn-features=disable_workgroup_init",
         "--disable-quic",
         "--no-first-run",
         "--disable-background-networking",

@@ -268,12 +268,12 @@ def cmd_serve(args) -> None:
 def cmd_web(args) -> None:
     import uvicorn
 
-    from .web import create_app, default_max_tokens, export, package_dir
+    from .web import create_app, default_max_tokens, export, package_current, package_dir
 
     path = _resolve(args.model)
     max_tokens = args.max_tokens or default_max_tokens(path)
     package = package_dir(path, max_tokens)
-    if args.rebuild or not (package / "manifest.json").exists():
+    if args.rebuild or not package_current(package):
         print(f"pocketlm: exporting {path.name} for the browser into {package}", file=sys.stderr)
         export(path, package, max_tokens)
     app = create_app(package)

@@ -32,9 +32,14 @@ async function fetchCached(url, cacheName) {
   return response.arrayBuffer();
 }
 
+const PLAN_FORMAT = 2; // web/__init__.py's FORMAT
+
 export class PlanRunner {
   static async load(device, base, manifest, onProgress = () => {}) {
     const plan = await (await fetch(base + "plan.json")).json();
+    if (plan.format !== PLAN_FORMAT) {
+      throw new Error(`this package's plan is format ${plan.format}; this runtime reads format ${PLAN_FORMAT}: export it again with this pocketlm`);
+    }
     const runner = new PlanRunner(device, plan, manifest);
     const byShard = new Map();
     for (const b of plan.buffers) {
@@ -71,14 +76,17 @@ export class PlanRunner {
     const pipelines = {};
     for (const [name, code] of Object.entries(this.plan.kernels)) {
       const module = this.device.createShaderModule({ code });
-      pipelines[name] = await this.device.createComputePipelineAsync({ layout: "auto", compute: { module, entryPoint: "main" } });
+      const entries = this.plan.bindings[name].map((type, binding) => ({ binding, visibility: GPUShaderStage.COMPUTE, buffer: { type } }));
+      const layout = this.device.createBindGroupLayout({ entries });
+      const pipelineLayout = this.device.createPipelineLayout({ bindGroupLayouts: [layout] });
+      pipelines[name] = { layout, pipeline: await this.device.createComputePipelineAsync({ layout: pipelineLayout, compute: { module, entryPoint: "main" } }) };
     }
     this.passes = {};
     for (const [name, pass] of Object.entries(this.plan.passes)) {
       const commands = pass.dispatches.map(([kernel, params, ids, groups]) => {
-        const pipeline = pipelines[kernel];
+        const { layout, pipeline } = pipelines[kernel];
         const entries = [params, ...ids].map((id, binding) => ({ binding, resource: { buffer: this.buffers.get(id) } }));
-        return { pipeline, group: this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries }), groups };
+        return { pipeline, group: this.device.createBindGroup({ layout, entries }), groups };
       });
       this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits };
     }

@@ -30,7 +30,7 @@ from ..errors import InvalidOptionError
 SHARD_BYTES = 256 * 1024 * 1024  # shards the browser fetches and caches one at a time
 PREFILL_TOKENS = 16  # the prefill pass takes prompts this many tokens at a time (the rest one by one)
 ALIGN = 256
-FORMAT = 1
+FORMAT = 2  # 2: each kernel's bind group layout written out (`bindings`)
 
 
 DEFAULT_MAX_TOKENS = 1024
@@ -51,7 +51,7 @@ def export(
     """Write the web package of a GGUF model into folder `out` (replaced when complete);
     `max_tokens` is the browser's context (default: 1024 or the model's, if shorter)."""
     max_tokens = max_tokens or default_max_tokens(model)
-    from ..backends.webgpu.device import wgsl_source
+    from ..backends.webgpu.device import binding_types, wgsl_source
 
     out = Path(out)
     if out.exists() and not (out / "manifest.json").exists():
@@ -85,6 +85,7 @@ def export(
     plan = {
         "format": FORMAT,
         "kernels": {k: wgsl_source(k) for k in kernels},
+        "bindings": {k: binding_types(k) for k in kernels},
         "buffers": buffers,
         "passes": passes,
         "step": device.step.id,
@@ -177,6 +178,15 @@ STATIC = Path(__file__).parent / "static"
 
 def runtime_ready() -> bool:
     return (STATIC / "worker.js").exists()
+
+
+def package_current(package: Path) -> bool:
+    """Whether `package` holds a complete package of the format this version writes (an older one is
+    exported again: the runtime refuses other formats)."""
+    try:
+        return json.loads((package / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def package_dir(model_path: Path, max_tokens: int) -> Path:

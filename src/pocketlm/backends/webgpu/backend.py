@@ -149,6 +149,8 @@ class GpuLayerCache:
 
 
 FLOAT32, INT8, NIBBLES = 0, 1, 2  # how a matrix's values are held (the kernels' weight_kind)
+_VARIANT = {FLOAT32: "f32", INT8: "int8", NIBBLES: "int4"}  # linear / matmul kernel variant of each
+_INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged"}  # linear's, by x_mode
 
 
 class _Matrix:
@@ -547,37 +549,35 @@ class WebGPUBackend:
         bounds += [bounds[-1]] * (3 - len(bounds))
         offsets = [o.offset for o in outs] + [0] * (3 - len(outs))
         norm_w = self.vector(source["w"]) if source["w"] is not None else None
-        if T > FUSE_TOKENS and source["x_mode"] == 0:  # many tokens: the tiled kernel
-            for first, n, bufs in m.chunks:
-                params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
-                params.update(w_row0=m.row0, has_offset=int(m.has_offset), row_base=first)
-                params.update(seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
-                params.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
-                params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
-                params.update(res_off=residual.offset if residual is not None else 0, weight_kind=m.kind)
-                weights = bufs if m.quantized else [bufs[0]] * 3
-                extra = [bias or x.buf, residual.buf if residual is not None else x.buf]
-                groups = (-(-n // 64), -(-T // 32), 1)
-                self.device.dispatch("matmul", params, [*weights, x.buf, outs[0].buf, *extra], groups)
-            return
+        base = dict(cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols, w_row0=m.row0)
+        base.update(has_offset=int(m.has_offset), seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
+        base.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
+        base.update(has_bias=int(bias is not None), has_res=int(residual is not None))
+        base.update(res_off=residual.offset if residual is not None else 0)
+        extra = [bias or x.buf, residual.buf if residual is not None else x.buf]
+        tiled = T > FUSE_TOKENS and source["x_mode"] == 0  # many tokens: the tiled kernel
+        kernel = "matmul+" + _VARIANT[m.kind]
+        if not tiled:
+            kernel = f"linear+{_VARIANT[m.kind]}+{_INPUT[source['x_mode']]}" + ("+one" if one_token else "")
         for first, n, bufs in m.chunks:
-            params = dict(rows=n, cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols)
-            params.update(w_row0=m.row0, has_offset=int(m.has_offset), row_base=first)
+            params = dict(base, rows=n, row_base=first)
+            weights = bufs if m.quantized else [bufs[0]] * 3
+            if tiled:
+                groups = (-(-n // 64), -(-T // 32), 1)
+                self.device.dispatch(kernel, params, [*weights, x.buf, outs[0].buf, *extra], groups)
+                continue
             params.update(x_mode=source["x_mode"], x2_off=source["x2_off"], eps=source["eps"])
-            params.update(seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
-            params.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
-            params.update(has_bias=int(bias is not None), has_res=int(residual is not None))
-            params.update(res_off=residual.offset if residual is not None else 0)
-            params.update(has_norm_w=int(norm_w is not None), weight_kind=m.kind)
-            params.update(m_splits=source["m_splits"], m_dim=source["m_dim"])
+            params.update(
+                has_norm_w=int(norm_w is not None), m_splits=source["m_splits"], m_dim=source["m_dim"]
+            )
             lanes = (
                 4 if one_token and n >= 8192 else 16
             )  # threads a row: large matrices, more rows a workgroup
             params["lanes"] = lanes
-            weights = bufs if m.quantized else [bufs[0]] * 3
-            extra = [norm_w or x.buf, bias or x.buf, residual.buf if residual is not None else x.buf]
             groups = grid(-(-n // (64 // lanes)))
-            self.device.dispatch("linear", params, [*weights, x.buf, outs[0].buf, *extra], groups)
+            self.device.dispatch(
+                kernel, params, [*weights, x.buf, outs[0].buf, norm_w or x.buf, *extra], groups
+            )
 
     def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> GpuTensor:
         if w.name in self._streamed:  # its rows are copied in when the pass is submitted

@@ -37,14 +37,44 @@ class Buffer:
 
 
 _INCLUDE = re.compile(r"^#include (\w+)$", re.M)
+_DIRECTIVE = re.compile(r"^\s*#(if|elif|else|endif)\b\s*(\w*)\s*$")
 
 
 @functools.cache
 def wgsl_source(kernel: str) -> str:
-    """A kernel's WGSL, with each `#include NAME` line replaced by wgsl/NAME.wgsl (functions that
-    several kernels share; WGSL has no includes of its own)."""
-    text = (files(__package__) / "wgsl" / f"{kernel}.wgsl").read_text(encoding="utf-8")
-    return _INCLUDE.sub(lambda m: wgsl_source(m.group(1)), text)
+    """A kernel's WGSL. `kernel` is a file of wgsl/ or a variant of one, "linear+int4+one": the file
+    with each `#include NAME` line replaced by wgsl/NAME.wgsl (functions that several kernels share)
+    and only the lines that its `#if NAME` / `#elif NAME` / `#else` / `#endif` blocks keep for the
+    names after the "+" (WGSL has neither; a variant carries no code it cannot run)."""
+    name, *defines = kernel.split("+")
+    text = (files(__package__) / "wgsl" / f"{name}.wgsl").read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: wgsl_source(m.group(1)), _select(text, set(defines), kernel))
+
+
+def _select(text: str, defines: set[str], kernel: str) -> str:
+    lines, stack = [], []  # per open #if: [this branch kept, a branch already taken]
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        match = _DIRECTIVE.match(line)
+        if match is None:
+            if all(kept for kept, _ in stack):
+                lines.append(line)
+            continue
+        word, arg = match.groups()
+        if word == "if":
+            taken = arg in defines
+            stack.append([taken, taken])
+        elif not stack:
+            raise ValueError(f"kernel {kernel}: #{word} without #if at line {number}")
+        elif word == "elif":
+            taken = arg in defines and not stack[-1][1]
+            stack[-1][0], stack[-1][1] = taken, stack[-1][1] or taken
+        elif word == "else":
+            stack[-1][0], stack[-1][1] = not stack[-1][1], True
+        else:
+            stack.pop()
+    if stack:
+        raise ValueError(f"kernel {kernel}: #if without #endif")
+    return "".join(lines)
 
 
 _FIELD = re.compile(r"(\w+)\s*:\s*(u32|i32|f32)")
@@ -80,6 +110,29 @@ def wgsl_constants(kernel: str, prefix: str) -> dict[str, int]:
     return {name.lower(): int(value) for name, value in found}
 
 
+_BINDING = re.compile(r"@binding\((\d+)\)\s*var<(uniform|storage,\s*read_write|storage,\s*read|storage)>")
+_BINDING_TYPE = {
+    "uniform": "uniform",
+    "read": "read-only-storage",
+    "read_write": "storage",
+    "storage": "read-only-storage",
+}
+
+
+@functools.cache
+def binding_types(kernel: str) -> tuple[str, ...]:
+    """WebGPU's buffer binding type ("uniform", "read-only-storage", "storage") of each binding of a
+    kernel, in order: its bind group layout, written out rather than derived from what the code uses,
+    so that a variant which leaves a buffer unread still takes the same buffers."""
+    found = {
+        int(n): _BINDING_TYPE[kind.replace(" ", "").split(",")[-1]]
+        for n, kind in _BINDING.findall(wgsl_source(kernel))
+    }
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"kernel {kernel}: bindings {sorted(found)} are not 0..n-1")
+    return tuple(found[i] for i in range(len(found)))
+
+
 def grid(n_groups: int) -> tuple[int, int, int]:
     """Workgroups for n_groups, folded into two dimensions beyond the per-dimension limit."""
     n_groups = max(1, n_groups)
@@ -107,6 +160,7 @@ class Device:
         self.buffers: list[Buffer] = []
         self.trace: list | None = None
         self._pipelines: dict[str, object] = {}
+        self._layouts: dict[str, object] = {}  # each kernel's bind group layout
         self._params: dict[tuple, Buffer] = {}
         self.generation = 0  # bumped whenever a buffer that recorded passes bind is replaced
         self.commands: list | None = None  # when a list, receives (pipeline, bind group, workgroups)
@@ -177,8 +231,15 @@ class Device:
     def pipeline(self, kernel: str):
         if kernel not in self._pipelines:
             module = self.device.create_shader_module(code=wgsl_source(kernel))
+            entries = [
+                {"binding": i, "visibility": self.wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
+                for i, kind in enumerate(binding_types(kernel))
+            ]
+            layout = self.device.create_bind_group_layout(entries=entries)
+            self._layouts[kernel] = layout
             self._pipelines[kernel] = self.device.create_compute_pipeline(
-                layout="auto", compute={"module": module, "entry_point": "main"}
+                layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
+                compute={"module": module, "entry_point": "main"},
             )
         return self._pipelines[kernel]
 
@@ -195,7 +256,7 @@ class Device:
                 {"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": b.size}}
                 for i, b in enumerate(bound)
             ]
-            group = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            group = self.device.create_bind_group(layout=self._layouts[kernel], entries=entries)
             self._bind_groups[key] = group
         if self._pass is None:
             self._encoder = self.device.create_command_encoder()

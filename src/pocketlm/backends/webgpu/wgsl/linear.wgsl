@@ -1,25 +1,27 @@
-// y = W x' for W [rows, cols]: int8 packed four to a u32 (little-endian) with a float scale (and
-// offset) per sub-block of `sub` columns (weight_kind 1: y = sum_g scale[r, g] * (q[r, g] . x'[g])
-// + offset[r, g] * sum(x'[g])), the same as 4-bit values (weight_kind 2: kernels.int4's layout, runs
-// of 64 values in 32 bytes, byte j holding value j in its low nibble and 32 + j in its high one;
-// sub = 32), or float32 (weight_kind 0).
-// x' is x as read (x_mode 0), RMS-normed per token (1; times norm weight nw where has_norm_w), or a
-// gated activation act(x[x_off + ...]) * x[x2_off + ...] (2 silu, 3 gelu_tanh, 4 gelu), or, for one
-// token, split attention's partial sums merged (5: x holds [heads, m_splits, m_dim + 2], see attention).
+// y = W x' for W [rows, cols], in variants by how W is held: +int8: int8 packed four to a u32
+// (little-endian) with a float scale (and offset) per sub-block of `sub` columns (y = sum_g scale[r, g]
+// * (q[r, g] . x'[g]) + offset[r, g] * sum(x'[g])); +int4: the same as 4-bit values (kernels.int4's
+// layout, runs of 64 values in 32 bytes, byte j holding value j in its low nibble and 32 + j in its
+// high one; sub = 32); +f32: float32. Each variant carries only its own code: a CPU device (SwiftShader)
+// pays for every instruction a kernel with barriers holds, on every workgroup, run or not.
+// x' in variants too: +plain: x as read; +norm: RMS-normed per token (times norm weight nw where
+// has_norm_w); +gated: act(x[x_off + ...]) * x[x2_off + ...] (x_mode 2 silu, 3 gelu_tanh, 4 gelu);
+// +merged (one token): split attention's partial sums merged (x holds [heads, m_splits, m_dim + 2],
+// see attention).
 // Several matrices stacked by rows (q/k/v, gate/up) run as one: output row R = row_base + r of
 // segment s (R in [seg_s, seg_s+1), seg_0 = 0) goes to y[y_off_s + t * (seg_s+1 - seg_s) + R - seg_s].
 // Epilogue: + bias[R] where has_bias, + res[res_off + same index] where has_res (one segment).
-// Four output rows per workgroup, 16 threads splitting each row; one token of at most XS_MAX values
-// (decode) with int8 weights: x' computed once into workgroup memory, `lanes` threads a row (64 / lanes
-// rows a workgroup: 4 for large matrices, so that more rows share the staging). Otherwise up to 8
-// tokens share each weight load, reading x' from the buffer. Int8 weights are read 16 at a time.
+// Default: four output rows per workgroup, 16 threads splitting each row, up to 8 tokens sharing each
+// weight load, x' read from the buffer. +one (one token of at most XS_MAX values, int8 or int4): x'
+// computed once into workgroup memory, `lanes` threads a row (64 / lanes rows a workgroup: 4 for
+// large matrices, so that more rows share the staging), four 16-byte weight loads in flight a thread.
 struct Params {
   rows: u32, cols: u32, sub: u32, n_tokens: u32,
   x_off: u32, x_stride: u32, w_row0: u32, has_offset: u32,
   row_base: u32, x_mode: u32, x2_off: u32, eps: f32,
   seg1: u32, seg2: u32, seg3: u32, y_off0: u32,
   y_off1: u32, y_off2: u32, has_bias: u32, has_res: u32,
-  res_off: u32, has_norm_w: u32, weight_kind: u32, lanes: u32,
+  res_off: u32, has_norm_w: u32, lanes: u32, pad2: u32,
   m_splits: u32, m_dim: u32, pad0: u32, pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -33,11 +35,11 @@ struct Params {
 @group(0) @binding(8) var<storage, read> res: array<f32>;
 
 var<workgroup> part: array<f32, 512>;  // [token, row * 16 + lane]
-var<workgroup> inv: array<f32, 8>;  // 1 / rms of each token of the tile (x_mode 1)
+var<workgroup> inv: array<f32, 8>;  // 1 / rms of each token of the tile (+norm)
 const XS_MAX: u32 = 3072u;
 var<workgroup> xs: array<vec4<f32>, 768>;  // x' of one token (XS_MAX values)
 const MW_MAX: u32 = 256u;
-var<workgroup> mw: array<f32, 256>;  // x_mode 5: each (head, split)'s weight (heads * splits <= MW_MAX)
+var<workgroup> mw: array<f32, 256>;  // +merged: each (head, split)'s weight (heads * splits <= MW_MAX)
 
 fn word(i: u32) -> u32 { return q[i / 4u][i % 4u]; }
 
@@ -50,13 +52,17 @@ fn int8x4(w: u32) -> vec4<f32> {
                    f32(bitcast<i32>(w << 8u) >> 24u), f32(bitcast<i32>(w) >> 24u));
 }
 
+#if gated
+// act(v) by x_mode: 2 silu, 3 gelu_tanh, 4 gelu (erf)
 fn gelu_erf(v: f32) -> f32 {
   let z = abs(v) * 0.7071067811865476;
   let t = 1.0 / (1.0 + 0.3275911 * z);
   let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
   return 0.5 * v * (1.0 + sign(v) * (1.0 - poly * exp(-z * z)));
 }
+#endif
 
+#if merged
 // value c of the attention output from split partials (one token): head c / m_dim, each split's
 // sums times its weight exp(m_s - m) / l from `mw` (filled by merge_weights)
 fn merged(c: u32) -> f32 {
@@ -91,70 +97,91 @@ fn merge_weights(lid: u32) {
     for (var s = 0u; s < p.m_splits; s++) { mw[h * p.m_splits + s] = mw[h * p.m_splits + s] / l; }
   }
 }
+#endif
 
 // x'[t, c] (c < cols)
 fn x_at(t: u32, tile: u32, c: u32) -> f32 {
   if (c >= p.cols) { return 0.0; }
   let v = x[p.x_off + t * p.x_stride + c];
-  switch p.x_mode {
-    case 1u: {
-      var n = v * inv[tile];
-      if (p.has_norm_w == 1u) { n = n * nw[c]; }
-      return n;
-    }
-    case 2u: { return v / (1.0 + exp(-v)) * x[p.x2_off + t * p.x_stride + c]; }
-    case 3u: {
-      let inner = clamp(0.7978845608 * (v + 0.044715 * v * v * v), -15.0, 15.0);
-      return 0.5 * v * (1.0 + tanh(inner)) * x[p.x2_off + t * p.x_stride + c];
-    }
-    case 4u: { return gelu_erf(v) * x[p.x2_off + t * p.x_stride + c]; }
-    case 5u: { return merged(c); }
-    default: { return v; }
+#if norm
+  var n = v * inv[tile];
+  if (p.has_norm_w == 1u) { n = n * nw[c]; }
+  return n;
+#elif gated
+  let u = x[p.x2_off + t * p.x_stride + c];
+  if (p.x_mode == 2u) { return v / (1.0 + exp(-v)) * u; }
+  if (p.x_mode == 3u) {
+    let inner = clamp(0.7978845608 * (v + 0.044715 * v * v * v), -15.0, 15.0);
+    return 0.5 * v * (1.0 + tanh(inner)) * u;
   }
+  return gelu_erf(v) * u;
+#elif merged
+  return merged(c);
+#else
+  return v;
+#endif
 }
+
+// x'[t, c .. c + 4]
+fn x4(t: u32, tile: u32, c: u32) -> vec4<f32> {
+#if plain
+  if (c + 3u < p.cols) {
+    let i = p.x_off + t * p.x_stride + c;
+    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
+  }
+#endif
+  return vec4<f32>(x_at(t, tile, c), x_at(t, tile, c + 1u), x_at(t, tile, c + 2u), x_at(t, tile, c + 3u));
+}
+
+#if norm
+// inv[t] = 1 / rms of tokens first .. first + nt, over the whole workgroup
+fn token_norms(first: u32, nt: u32, lid: u32) {
+  for (var t = 0u; t < nt; t++) {
+    var sum = 0.0;
+    for (var c = lid; c < p.cols; c += 64u) { let v = x[p.x_off + (first + t) * p.x_stride + c]; sum += v * v; }
+    part[t * 64u + lid] = sum;
+  }
+  workgroupBarrier();
+  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
+    if (lid < stride) {
+      for (var t = 0u; t < nt; t++) { part[t * 64u + lid] += part[t * 64u + lid + stride]; }
+    }
+    workgroupBarrier();
+  }
+  if (lid < nt) { inv[lid] = 1.0 / sqrt(part[lid * 64u] / f32(p.cols) + p.eps); }
+  workgroupBarrier();
+}
+#endif
+
+#include store
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-  if (p.n_tokens == 1u && p.cols <= XS_MAX && p.weight_kind >= 1u) {
-    let r1 = (wg.x + wg.y * nwg.x) * (64u / p.lanes) + lid / p.lanes;
-    one_token(r1, p.w_row0 + r1, lid % p.lanes, lid);
-    return;
-  }
+#if merged
+  merge_weights(lid);
+  workgroupBarrier();
+#endif
+#if one
+  let r1 = (wg.x + wg.y * nwg.x) * (64u / p.lanes) + lid / p.lanes;
+  one_token(r1, p.w_row0 + r1, lid % p.lanes, lid);
+#else
   let lane = lid % 16u;
   let r = (wg.x + wg.y * nwg.x) * 4u + lid / 16u;
-  let words = (p.cols + 3u) / 4u;
   let n_sub = p.cols / max(p.sub, 1u);
   let wr = p.w_row0 + r;
-  if (p.x_mode == 5u) {
-    merge_weights(lid);
-    workgroupBarrier();
-  }
   for (var t0 = 0u; t0 < p.n_tokens; t0 += 8u) {
     let nt = min(8u, p.n_tokens - t0);
-    if (p.x_mode == 1u) {  // each token's mean square, over the whole workgroup
-      for (var t = 0u; t < nt; t++) {
-        var sum = 0.0;
-        for (var c = lid; c < p.cols; c += 64u) { let v = x[p.x_off + (t0 + t) * p.x_stride + c]; sum += v * v; }
-        part[t * 64u + lid] = sum;
-      }
-      workgroupBarrier();
-      for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
-        if (lid < stride) {
-          for (var t = 0u; t < nt; t++) { part[t * 64u + lid] += part[t * 64u + lid + stride]; }
-        }
-        workgroupBarrier();
-      }
-      if (lid < nt) { inv[lid] = 1.0 / sqrt(part[lid * 64u] / f32(p.cols) + p.eps); }
-      workgroupBarrier();
-    }
+#if norm
+    token_norms(t0, nt, lid);
+#endif
     var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
-    if (r < p.rows && p.weight_kind == 1u) {  // 16 int8 weights a load (sub is 16 or 32)
-      let per_row = p.cols / 16u;
+    if (r < p.rows) {
+#if int8
+      let per_row = p.cols / 16u;  // 16 weights a load (sub is 16 or 32)
       for (var j = lane; j < per_row; j += 16u) {
         let w = q[wr * per_row + j];
         let g = wr * n_sub + (j * 16u) / p.sub;
-        let s = scale[g];
         var o = 0.0;
         if (p.has_offset == 1u) { o = offs[g]; }
         let w0 = int8x4(w.x);
@@ -163,28 +190,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         let w3 = int8x4(w.w);
         let c = j * 16u;
         for (var t = 0u; t < nt; t++) {
-          var xa: vec4<f32>;
-          var xb: vec4<f32>;
-          var xc: vec4<f32>;
-          var xd: vec4<f32>;
-          if (p.x_mode == 0u) {
-            let i = p.x_off + (t0 + t) * p.x_stride + c;
-            xa = vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
-            xb = vec4<f32>(x[i + 4u], x[i + 5u], x[i + 6u], x[i + 7u]);
-            xc = vec4<f32>(x[i + 8u], x[i + 9u], x[i + 10u], x[i + 11u]);
-            xd = vec4<f32>(x[i + 12u], x[i + 13u], x[i + 14u], x[i + 15u]);
-          } else {
-            xa = vec4<f32>(x_at(t0 + t, t, c), x_at(t0 + t, t, c + 1u), x_at(t0 + t, t, c + 2u), x_at(t0 + t, t, c + 3u));
-            xb = vec4<f32>(x_at(t0 + t, t, c + 4u), x_at(t0 + t, t, c + 5u), x_at(t0 + t, t, c + 6u), x_at(t0 + t, t, c + 7u));
-            xc = vec4<f32>(x_at(t0 + t, t, c + 8u), x_at(t0 + t, t, c + 9u), x_at(t0 + t, t, c + 10u), x_at(t0 + t, t, c + 11u));
-            xd = vec4<f32>(x_at(t0 + t, t, c + 12u), x_at(t0 + t, t, c + 13u), x_at(t0 + t, t, c + 14u), x_at(t0 + t, t, c + 15u));
-          }
+          let xa = x4(t0 + t, t, c);
+          let xb = x4(t0 + t, t, c + 4u);
+          let xc = x4(t0 + t, t, c + 8u);
+          let xd = x4(t0 + t, t, c + 12u);
           let sum = dot(w0, xa) + dot(w1, xb) + dot(w2, xc) + dot(w3, xd);
-          acc[t] += s * sum + o * dot(xa + xb + xc + xd, vec4<f32>(1.0));
+          acc[t] += scale[g] * sum + o * dot(xa + xb + xc + xd, vec4<f32>(1.0));
         }
       }
-    } else if (r < p.rows && p.weight_kind == 2u) {  // 32 weights of 4 bits a load
-      let per_row = p.cols / 32u;
+#elif int4
+      let per_row = p.cols / 32u;  // 32 weights of 4 bits a load
       for (var j = lane; j < per_row; j += 16u) {
         let w = q[wr * per_row + j];
         let run = j / 2u;
@@ -193,22 +208,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         for (var t = 0u; t < nt; t++) {
           var lo = 0.0;
           var hi = 0.0;
-          var x_lo = 0.0;
-          var x_hi = 0.0;
+          var x_lo = vec4<f32>(0.0);
+          var x_hi = vec4<f32>(0.0);
           for (var i = 0u; i < 4u; i++) {
-            let a = vec4<f32>(x_at(t0 + t, t, c + 4u * i), x_at(t0 + t, t, c + 4u * i + 1u),
-                              x_at(t0 + t, t, c + 4u * i + 2u), x_at(t0 + t, t, c + 4u * i + 3u));
-            let b = vec4<f32>(x_at(t0 + t, t, c + 32u + 4u * i), x_at(t0 + t, t, c + 33u + 4u * i),
-                              x_at(t0 + t, t, c + 34u + 4u * i), x_at(t0 + t, t, c + 35u + 4u * i));
+            let a = x4(t0 + t, t, c + 4u * i);
+            let b = x4(t0 + t, t, c + 32u + 4u * i);
             lo += dot(nibbles(w[i]), a);
             hi += dot(nibbles(w[i] >> 4u), b);
-            x_lo += dot(a, vec4<f32>(1.0));
-            x_hi += dot(b, vec4<f32>(1.0));
+            x_lo += a;
+            x_hi += b;
           }
-          acc[t] += scale[g] * lo + offs[g] * x_lo + scale[g + 1u] * hi + offs[g + 1u] * x_hi;
+          let ones = vec4<f32>(1.0);
+          acc[t] += scale[g] * lo + offs[g] * dot(x_lo, ones) + scale[g + 1u] * hi + offs[g + 1u] * dot(x_hi, ones);
         }
       }
-    } else if (r < p.rows) {  // float32 weights
+#else
+      let words = (p.cols + 3u) / 4u;  // float32
       for (var j = lane; j < words; j += 16u) {
         let c = j * 4u;
         let b = wr * p.cols + c;
@@ -216,11 +231,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (c + 1u < p.cols) { wv.y = bitcast<f32>(word(b + 1u)); }
         if (c + 2u < p.cols) { wv.z = bitcast<f32>(word(b + 2u)); }
         if (c + 3u < p.cols) { wv.w = bitcast<f32>(word(b + 3u)); }
-        for (var t = 0u; t < nt; t++) {
-          let xv = vec4<f32>(x_at(t0 + t, t, c), x_at(t0 + t, t, c + 1u), x_at(t0 + t, t, c + 2u), x_at(t0 + t, t, c + 3u));
-          acc[t] += dot(wv, xv);
-        }
+        for (var t = 0u; t < nt; t++) { acc[t] += dot(wv, x4(t0 + t, t, c)); }
       }
+#endif
     }
     for (var t = 0u; t < nt; t++) { part[t * 64u + lid] = acc[t]; }
     workgroupBarrier();
@@ -233,24 +246,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (r < p.rows && lane < nt) { store(r, t0 + lane, part[lane * 64u + lid - lane]); }
     workgroupBarrier();
   }
+#endif
 }
 
-#include store
-
-// 16 int8 weights (columns 16 j..) of a row whose sub-blocks start at g0, times the staged x'
-fn sixteen(w: vec4<u32>, g0: u32, j: u32) -> f32 {
-  let g = g0 + (j * 16u) / p.sub;
-  let a = xs[4u * j];
-  let b = xs[4u * j + 1u];
-  let c = xs[4u * j + 2u];
-  let d = xs[4u * j + 3u];
-  var sum = scale[g] * (dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d));
-  if (p.has_offset == 1u) { sum += offs[g] * dot(a + b + c + d, vec4<f32>(1.0)); }
-  return sum;
-}
-
-// 32 weights of 4 bits (16 bytes: half of a run of 64 values) times the staged x'
-fn thirty_two(w: vec4<u32>, g0: u32, j: u32) -> f32 {
+#if one
+// W's values from 16-byte load j of a row whose sub-blocks start at g0, times the staged x'
+fn piece(w: vec4<u32>, g0: u32, j: u32) -> f32 {
+#if int4
+  // 32 values of 4 bits: half of a run of 64
   let run = j / 2u;
   let b = 16u * run + 4u * (j % 2u);  // xs index of the values in the low nibbles; the high ones 8 on
   let g = g0 + 2u * run;
@@ -262,40 +265,33 @@ fn thirty_two(w: vec4<u32>, g0: u32, j: u32) -> f32 {
   let x_lo = dot(xs[b] + xs[b + 1u] + xs[b + 2u] + xs[b + 3u], ones);
   let x_hi = dot(xs[b + 8u] + xs[b + 9u] + xs[b + 10u] + xs[b + 11u], ones);
   return scale[g] * lo + offs[g] * x_lo + scale[g + 1u] * hi + offs[g + 1u] * x_hi;
+#else
+  // 16 int8 values (columns 16 j ..)
+  let g = g0 + (j * 16u) / p.sub;
+  let a = xs[4u * j];
+  let b = xs[4u * j + 1u];
+  let c = xs[4u * j + 2u];
+  let d = xs[4u * j + 3u];
+  var sum = scale[g] * (dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d));
+  if (p.has_offset == 1u) { sum += offs[g] * dot(a + b + c + d, vec4<f32>(1.0)); }
+  return sum;
+#endif
 }
 
-fn piece(w: vec4<u32>, g0: u32, j: u32) -> f32 {
-  if (p.weight_kind == 2u) { return thirty_two(w, g0, j); }
-  return sixteen(w, g0, j);
-}
-
-// One token, int8 or 4-bit weights: x' into workgroup memory once, then 16 weights (one sub-block part) a load.
+// One token: x' into workgroup memory once, then four 16-byte weight loads in flight a thread.
 fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
-  if (p.x_mode == 1u) {
-    var sum = 0.0;
-    for (var c = lid; c < p.cols; c += 64u) { let v = x[p.x_off + c]; sum += v * v; }
-    part[lid] = sum;
-    workgroupBarrier();
-    for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
-      if (lid < stride) { part[lid] += part[lid + stride]; }
-      workgroupBarrier();
-    }
-    if (lid == 0u) { inv[0] = 1.0 / sqrt(part[0] / f32(p.cols) + p.eps); }
-    workgroupBarrier();
-  }
-  if (p.x_mode == 5u) {
-    merge_weights(lid);
-    workgroupBarrier();
-  }
-  for (var c4 = lid; c4 < p.cols / 4u; c4 += 64u) {
-    let c = c4 * 4u;
-    xs[c4] = vec4<f32>(x_at(0u, 0u, c), x_at(0u, 0u, c + 1u), x_at(0u, 0u, c + 2u), x_at(0u, 0u, c + 3u));
-  }
+#if norm
+  token_norms(0u, 1u, lid);
+#endif
+  for (var c4 = lid; c4 < p.cols / 4u; c4 += 64u) { xs[c4] = x4(0u, 0u, c4 * 4u); }
   workgroupBarrier();
   var acc = 0.0;
   if (r < p.rows) {
-    var per_row = p.cols / 16u;  // 16-byte loads a row
-    if (p.weight_kind == 2u) { per_row = p.cols / 32u; }
+#if int4
+    let per_row = p.cols / 32u;
+#else
+    let per_row = p.cols / 16u;
+#endif
     let n_sub = p.cols / p.sub;
     // four loads in flight a thread before any is used, then the rest one at a time
     var j = lane;
@@ -317,3 +313,4 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
   }
   if (r < p.rows && lane == 0u) { store(r, 0u, part[lid]); }
 }
+#endif

@@ -1,5 +1,5 @@
-// y = W x for many tokens (prefill): the same product, weights (int8, 4-bit or float32) and epilogue as `linear` (x read as
-// is), computed in tiles: a workgroup of 256 threads takes 64 rows x 32 tokens, steps over the
+// y = W x for many tokens (prefill): the same product, variants (+int8, +int4, +f32) and epilogue as
+// `linear` (x read as is), computed in tiles: a workgroup of 256 threads takes 64 rows x 32 tokens, steps over the
 // columns 32 at a time with the weights (dequantized) and x staged in workgroup memory, and each
 // thread accumulates 4 rows x 2 tokens.
 struct Params {
@@ -7,7 +7,7 @@ struct Params {
   x_off: u32, x_stride: u32, w_row0: u32, has_offset: u32,
   row_base: u32, seg1: u32, seg2: u32, seg3: u32,
   y_off0: u32, y_off1: u32, y_off2: u32, has_bias: u32,
-  has_res: u32, res_off: u32, weight_kind: u32, pad0: u32,
+  has_res: u32, res_off: u32, pad0: u32, pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;  // int8 x 16, or float32 x 4
@@ -36,56 +36,59 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   var acc = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
   let per_row = p.cols / 16u;  // vec4<u32> of int8 a row
   for (var k0 = 0u; k0 < p.cols; k0 += 32u) {
-    if (p.weight_kind == 1u) {  // 64 rows x 32 int8 = 128 loads of 16
-      if (lid < 128u) {
-        let r = lid / 2u;
-        let half = lid % 2u;
-        let c = k0 + half * 16u;
-        var vals = array<f32, 16>();
-        if (row0 + r < p.rows) {
-          let wr = p.w_row0 + row0 + r;
-          let w = q[wr * per_row + c / 16u];
-          let g = wr * (p.cols / p.sub) + c / p.sub;
-          let s = scale[g];
-          var o = 0.0;
-          if (p.has_offset == 1u) { o = offs[g]; }
-          for (var i = 0u; i < 4u; i++) {
-            let word = w[i];
-            for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * int8_of(word, b) + o; }
-          }
+#if int8
+    // 64 rows x 32 int8 = 128 loads of 16
+    if (lid < 128u) {
+      let r = lid / 2u;
+      let half = lid % 2u;
+      let c = k0 + half * 16u;
+      var vals = array<f32, 16>();
+      if (row0 + r < p.rows) {
+        let wr = p.w_row0 + row0 + r;
+        let w = q[wr * per_row + c / 16u];
+        let g = wr * (p.cols / p.sub) + c / p.sub;
+        let s = scale[g];
+        var o = 0.0;
+        if (p.has_offset == 1u) { o = offs[g]; }
+        for (var i = 0u; i < 4u; i++) {
+          let word = w[i];
+          for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * int8_of(word, b) + o; }
         }
-        for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
       }
-    } else if (p.weight_kind == 2u) {  // 64 rows x 32 values of 4 bits: the 32 bytes of their run
-      if (lid < 128u) {
-        let r = lid / 2u;
-        let half = lid % 2u;  // bytes 16 half .. of the run
-        var vals = array<f32, 16>();
-        if (row0 + r < p.rows) {
-          let wr = p.w_row0 + row0 + r;
-          let w = q[wr * (p.cols / 32u) + (k0 / 64u) * 2u + half];
-          let g = wr * (p.cols / 32u) + k0 / 32u;
-          let s = scale[g];
-          let o = offs[g];
-          let shift = 4u * ((k0 % 64u) / 32u);  // columns 32.. of the run are the high nibbles
-          for (var i = 0u; i < 4u; i++) {
-            for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * f32((w[i] >> (8u * b + shift)) & 15u) + o; }
-          }
-        }
-        for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
-      }
-    } else {  // float32: 2048 values, 8 a thread
-      for (var e = lid; e < 2048u; e += 256u) {
-        let r = e / 32u;
-        let c = k0 + e % 32u;
-        var v = 0.0;
-        if (row0 + r < p.rows && c < p.cols) {
-          let i = (p.w_row0 + row0 + r) * p.cols + c;
-          v = bitcast<f32>(q[i / 4u][i % 4u]);
-        }
-        ws[(e % 32u) * 64u + r] = v;
-      }
+      for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
     }
+#elif int4
+    // 64 rows x 32 values of 4 bits: the 32 bytes of their run
+    if (lid < 128u) {
+      let r = lid / 2u;
+      let half = lid % 2u;  // bytes 16 half .. of the run
+      var vals = array<f32, 16>();
+      if (row0 + r < p.rows) {
+        let wr = p.w_row0 + row0 + r;
+        let w = q[wr * (p.cols / 32u) + (k0 / 64u) * 2u + half];
+        let g = wr * (p.cols / 32u) + k0 / 32u;
+        let s = scale[g];
+        let o = offs[g];
+        let shift = 4u * ((k0 % 64u) / 32u);  // columns 32.. of the run are the high nibbles
+        for (var i = 0u; i < 4u; i++) {
+          for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * f32((w[i] >> (8u * b + shift)) & 15u) + o; }
+        }
+      }
+      for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
+    }
+#else
+    // float32: 2048 values, 8 a thread
+    for (var e = lid; e < 2048u; e += 256u) {
+      let r = e / 32u;
+      let c = k0 + e % 32u;
+      var v = 0.0;
+      if (row0 + r < p.rows && c < p.cols) {
+        let i = (p.w_row0 + row0 + r) * p.cols + c;
+        v = bitcast<f32>(q[i / 4u][i % 4u]);
+      }
+      ws[(e % 32u) * 64u + r] = v;
+    }
+#endif
     for (var e = lid; e < 1024u; e += 256u) {
       let t = e / 32u;
       let c = k0 + e % 32u;
