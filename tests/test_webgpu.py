@@ -10,6 +10,7 @@ from test_parity_transformers import our_greedy as greedy
 
 from pocketlm import LlmInference, load
 from pocketlm.backends.cpu import CpuBackend
+from pocketlm.engine import decode_step, prefill
 from pocketlm.errors import UnsupportedError
 from pocketlm.formats.gguf import Tensor
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType
@@ -326,6 +327,32 @@ def test_a_kernel_variant_keeps_only_its_own_blocks_of_the_wgsl():
         device._select("#if x\n", set(), "t")
     with pytest.raises(ValueError, match="#else without #if at line 2"):
         device._select("a\n#else\n", set(), "t")
+
+
+def test_kernels_compiled_in_the_background_while_weights_upload_are_the_ones_dispatched(tiny, tmp_path):
+    """prepare() starts compiling what every pass runs before it uploads; the first pass takes those
+    pipelines (waiting for any still compiling) instead of compiling them again."""
+    from pocketlm.convert import ConversionConfig, convert
+
+    model, _, f32 = tiny("llama")
+    path = convert(f32, tmp_path / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    lm = load(path, backend="webgpu")
+    device = lm.ops.device
+    guessed = set(device._compiling) | set(device._pipelines)
+    one = {f"linear+int8+{x}+one" for x in ("norm", "gated", "merged")}
+    assert guessed == one | {"matmul+int8", "attention", "kv_write", "rms_norm", "argmax"}
+    compiling = dict(device._compiling)
+    ids = prompt_ids(model.config.vocab_size, 3)
+    cache = lm.make_cache(16)
+    prefill(lm, cache, ids)
+    decode_step(lm, cache, ids[0])
+    for kernel, future in compiling.items():
+        if kernel in device._pipelines:
+            assert device._pipelines[kernel] is future.result()[1]
+    assert {"linear+int8+norm+one", "attention"} <= set(device._pipelines)
+    with pytest.raises(FileNotFoundError):  # a kernel that fails to compile fails where it is used
+        device.precompile(["no_such_kernel"])
+        device.pipeline("no_such_kernel")
 
 
 # -- fused kernels: each against the same ops computed one at a time by the numpy reference -------

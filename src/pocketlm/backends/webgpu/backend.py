@@ -208,12 +208,40 @@ class WebGPUBackend:
 
     def prepare(self, tensors, on_packed=None, copy_out=None) -> None:
         """Upload every matrix now; `on_packed(tensor)` after each (its file pages are not read
-        again). `copy_out` (host copies of the file's bytes, for the cpu backend) is not needed."""
+        again). `copy_out` (host copies of the file's bytes, for the cpu backend) is not needed.
+        Meanwhile the kernels that a model of these matrices runs in every pass are compiled."""
+        tensors = list(tensors)
+        self.device.precompile(self._likely_kernels(tensors))
         for w in tensors:
             if len(w.shape) == 2 and w.name not in self._matrices:
                 self.matrix(w)
                 if on_packed:
                     on_packed(w)
+
+    @staticmethod
+    def _likely_kernels(tensors) -> list[str]:
+        """The kernels a decoder of these matrices runs in every pass: for each weight variant of the
+        layers' matrices, the one-token products (after a norm, after the gated activation, with the
+        attention merge) and the tiled prefill; the output matrix's one-token product after the final
+        norm; the kernels every layer dispatches."""
+
+        def variant(w):
+            return "f32" if w.kind in _FLOAT else "int4" if int4.fits(w.kind, w.shape) else "int8"
+
+        layers = {variant(w) for w in tensors if len(w.shape) == 2 and w.name.startswith("blk.")}
+        heads = {variant(w) for w in tensors if len(w.shape) == 2 and not w.name.startswith("blk.")}
+        kernels = [
+            f"linear+{v}+{x}+one" for v in sorted(layers - {"f32"}) for x in ("norm", "gated", "merged")
+        ]
+        kernels += [f"linear+{v}+norm+one" for v in sorted(heads - layers - {"f32"})]
+        return [
+            *kernels,
+            *(f"matmul+{v}" for v in sorted(layers)),
+            "attention",
+            "kv_write",
+            "rms_norm",
+            "argmax",
+        ]
 
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:

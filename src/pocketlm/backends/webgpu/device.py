@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.resources import files
 
@@ -161,6 +163,8 @@ class Device:
         self.trace: list | None = None
         self._pipelines: dict[str, object] = {}
         self._layouts: dict[str, object] = {}  # each kernel's bind group layout
+        self._compiling: dict[str, Future] = {}  # pipelines compiling on background threads
+        self._compiler: ThreadPoolExecutor | None = None
         self._params: dict[tuple, Buffer] = {}
         self.generation = 0  # bumped whenever a buffer that recorded passes bind is replaced
         self.commands: list | None = None  # when a list, receives (pipeline, bind group, workgroups)
@@ -228,19 +232,34 @@ class Device:
 
     # -- dispatch -------------------------------------------------------------------------------
 
+    def precompile(self, kernels) -> None:
+        """Start compiling `kernels` on background threads (a driver compiles each pipeline on the
+        CPU, hundreds of ms for the larger ones): what would otherwise hold up the first pass is
+        done while the weights upload. `pipeline` waits for one still compiling."""
+        if self._compiler is None:
+            self._compiler = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)))
+        for kernel in kernels:
+            if kernel not in self._pipelines and kernel not in self._compiling:
+                self._compiling[kernel] = self._compiler.submit(self._compile, kernel)
+
+    def _compile(self, kernel: str):
+        module = self.device.create_shader_module(code=wgsl_source(kernel))
+        entries = [
+            {"binding": i, "visibility": self.wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
+            for i, kind in enumerate(binding_types(kernel))
+        ]
+        layout = self.device.create_bind_group_layout(entries=entries)
+        pipeline = self.device.create_compute_pipeline(
+            layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
+            compute={"module": module, "entry_point": "main"},
+        )
+        return layout, pipeline
+
     def pipeline(self, kernel: str):
         if kernel not in self._pipelines:
-            module = self.device.create_shader_module(code=wgsl_source(kernel))
-            entries = [
-                {"binding": i, "visibility": self.wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
-                for i, kind in enumerate(binding_types(kernel))
-            ]
-            layout = self.device.create_bind_group_layout(entries=entries)
-            self._layouts[kernel] = layout
-            self._pipelines[kernel] = self.device.create_compute_pipeline(
-                layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
-                compute={"module": module, "entry_point": "main"},
-            )
+            future = self._compiling.pop(kernel, None)
+            layout, pipeline = future.result() if future is not None else self._compile(kernel)
+            self._layouts[kernel], self._pipelines[kernel] = layout, pipeline
         return self._pipelines[kernel]
 
     def dispatch(
