@@ -6,24 +6,39 @@ import numpy as np
 import pytest
 
 from pocketlm.errors import InvalidOptionError
-from pocketlm.sampling import make_sampler, top_k_filter, top_p_filter
+from pocketlm.sampling import make_sampler, mulberry32
 
 LOGITS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+# node -e 'import("./web/src/runtime.js").then(({mulberry32}) => { const r = mulberry32(42);
+#   console.log([r(), r(), r()].map((x) => Math.round(x * 2 ** 32))) })'
+MULBERRY32_42 = [2581720956, 1925393290, 3661312704]
 
 
 def test_temperature_zero_is_argmax():
     assert make_sampler(0.0)(np.array([0.1, 3.0, 2.0])) == 1
 
 
-def test_top_k_keeps_the_k_best():
-    kept = np.isfinite(top_k_filter(LOGITS, 2))
-    assert kept.tolist() == [True, True, False, False]
+def drawn(logits, **options) -> set[int]:
+    sample = make_sampler(1.0, seed=3, **options)
+    return {sample(logits) for _ in range(400)}
+
+
+def test_top_k_keeps_the_k_best_and_ties_by_the_lower_id():
+    assert drawn(LOGITS, top_k=2) == {0, 1}
+    assert drawn(np.array([1.0, 2.0, 1.0, 1.0, 0.5]), top_k=3) == {0, 1, 2}
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    assert np.isfinite(top_p_filter(LOGITS, 0.7)).tolist() == [True, True, False, False]
-    assert np.isfinite(top_p_filter(LOGITS, 0.5)).tolist() == [True, False, False, False]
-    assert np.isfinite(top_p_filter(LOGITS, 0.81)).tolist() == [True, True, True, False]
+    assert drawn(LOGITS, top_p=0.7) == {0, 1}
+    assert drawn(LOGITS, top_p=0.5) == {0}
+    assert drawn(LOGITS, top_p=0.81) == {0, 1, 2}
+    assert drawn(LOGITS, top_k=2, top_p=0.81) == {0, 1}
+
+
+def test_the_generator_is_mulberry32_as_the_browser_runtime_has_it():
+    """The first draws of web/src/runtime.js's mulberry32(42) (printed by Node)."""
+    random = mulberry32(42)
+    assert [round(random() * 2**32) for _ in range(3)] == MULBERRY32_42
 
 
 def test_sampling_follows_the_distribution_and_respects_top_k():

@@ -161,10 +161,13 @@ def test_eight_clients_three_streams_each_get_only_their_own_tokens(tiny_server)
     with ThreadPoolExecutor(8) as pool:
         concurrent = [result for results in pool.map(client_run, range(8)) for result in results]
     for (text, finish, done), body in zip(concurrent, requests):
-        assert done and finish in ("stop", "length") and text
+        assert (
+            done and finish in ("stop", "length") and (text or finish == "stop")
+        )  # empty: a stop token came first
         assert (text, finish, done) == _stream_text(
             tiny_server.url, body
         )  # alone, the same request gives the same
+    assert sum(bool(text) for text, _, _ in concurrent) >= len(requests) - 2
 
 
 def test_a_client_that_disconnects_frees_the_server(smol_server):
@@ -421,9 +424,11 @@ def test_response_format_json_schema_strict(tools_client):
         )
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # any object: a random model's strings end only when it samples a quote, so more room than above
     r = tools_client.chat.completions.create(
-        model="tiny", messages=QUESTION, max_tokens=300, response_format={"type": "json_object"}
+        model="tiny", messages=QUESTION, max_tokens=1500, response_format={"type": "json_object"}
     )
+    assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 

@@ -112,6 +112,20 @@ def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
     assert np.abs(ours - expected[2 * band :]).max() <= 1e-3
 
 
+def test_the_package_vocab_forbids_json_the_tokens_that_no_utf8_text_holds(tiny, tmp_path):
+    """XGrammar (web-xgrammar 0.1.27) lets a string take byte F6 as a character's lead; the page masks
+    every token with a byte no UTF-8 text has (C0, C1, F5-FF) or a raw control character."""
+    _, _, path = tiny("llama")
+    package = export(path, tmp_path / "web", max_tokens=96, progress=False)
+    never = set(json.loads((package / "vocab.json").read_text())["never"])
+    table = load(path).tokenizer.token_bytes()
+    invalid = {i for i, b in enumerate(table) if any(c >= 0xF5 or c in (0xC0, 0xC1) for c in b)}
+    invalid -= {i for i, b in enumerate(table) if b.startswith(b"\xff")}  # control tokens, never text
+    assert invalid and invalid <= never
+    valid_leads = {i for i, b in enumerate(table) if b in (b"\xf0", b"\xf4", b"\xc3")}
+    assert valid_leads and not valid_leads & never
+
+
 def test_a_second_export_replaces_the_package_and_foreign_folders_are_refused(tiny, tmp_path):
     _, _, path = tiny("llama")
     export(path, tmp_path / "web", max_tokens=64, progress=False)
@@ -175,6 +189,32 @@ def in_chromium(package: Path, script, screenshot: str):
             return result
     finally:
         server.stop()
+
+
+@pytest.mark.browser
+def test_a_seed_samples_the_same_text_in_chromium_as_in_python(tiny, tmp_path):
+    """The page's sampler (temperature, top-k, top-p, mulberry32) is pocketlm.sampling's, operation for
+    operation: the same seed and options give the same reply (the logits agree to about 1e-5)."""
+    _, _, path = tiny("llama")
+    cases = [(1.3, 0, 1.0, 5), (0.9, 20, 0.8, 11)]  # temperature, top_k, top_p, seed
+    expected = [
+        LlmInference(path, backend="webgpu", max_tokens=96, temperature=t, top_k=k, top_p=p, random_seed=seed)
+        .create_session()
+        .chat("the river", max_new_tokens=24)
+        for t, k, p, seed in cases
+    ]
+    package = export(path, tmp_path / "web", max_tokens=96, progress=False)
+
+    def sampled(page):
+        replies = []
+        for t, k, p, seed in cases:
+            page.evaluate("() => window.pocketlm.reset()")
+            options = dict(temperature=t, topK=k, topP=p, seed=seed, maxNewTokens=24)
+            replies.append(page.evaluate("(o) => window.pocketlm.generate('the river', o)", options)["text"])
+        return replies
+
+    assert in_chromium(package, sampled, "web-tiny-sampled.png") == expected
+    assert expected[0] != expected[1]
 
 
 @pytest.mark.browser

@@ -127,28 +127,56 @@ export class PlanRunner {
   }
 }
 
-// Sampling: temperature 0 is argmax; otherwise top-k then softmax with temperature.
-export function makeSampler({ temperature = 0, topK = 40, seed = 0 } = {}) {
+// Sampling, as pocketlm.sampling does it (same order of operations, same RNG, so a seed gives the same
+// text as Python): temperature 0 is argmax; otherwise the kept tokens are all of them, or where topK or
+// topP cut, the first topK of the logits sorted best first (ties by id), then the prefix whose weight
+// before each token is under topP of theirs; their weights exp((l - best) / temperature) are summed in
+// id order and the token is the first whose running sum exceeds random() times the total.
+export function mulberry32(seed) {
   let state = seed >>> 0;
-  const random = () => {  // mulberry32
+  return () => {
     state = (state + 0x6d2b79f5) >>> 0;
     let t = state;
     t = Math.imul(t ^ (t >>> 15), t | 1);
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
-  return (logits) => {
+}
+
+export function makeSampler({ temperature = 0, topK = 40, topP = 1, seed = 0 } = {}) {
+  const random = mulberry32(seed);
+  return (input) => {
+    const logits = Float64Array.from(input, (v) => (Number.isNaN(v) ? -Infinity : v));
     let best = 0;
     for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
     if (!(temperature > 0)) return best;
-    const k = topK > 0 ? Math.min(topK, logits.length) : logits.length;
-    const order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]).slice(0, k);
-    const weights = order.map((i) => Math.exp((logits[i] - logits[best]) / temperature));
-    let r = random() * weights.reduce((a, b) => a + b, 0);
-    for (let j = 0; j < order.length; j++) {
-      r -= weights[j];
-      if (r <= 0) return order[j];
+    const weight = (i) => {
+      if (i === best) return 1;
+      const w = Math.exp((logits[i] - logits[best]) / temperature);
+      return Number.isNaN(w) ? 0 : w;
+    };
+    let kept = Array.from(logits.keys());
+    const cutK = topK > 0 && topK < logits.length;
+    if (cutK || topP < 1) {
+      let order = kept.sort((a, b) => logits[b] - logits[a] || a - b);
+      if (cutK) order = order.slice(0, topK);
+      if (topP < 1) {
+        const w = order.map(weight);
+        const running = [];
+        let sum = 0;
+        for (const v of w) running.push((sum += v));
+        const limit = topP * sum;
+        let m = 0;
+        for (let j = 0; j < order.length; j++) if (running[j] - w[j] < limit) m++;
+        order = order.slice(0, Math.max(1, m));
+      }
+      kept = order.sort((a, b) => a - b);
     }
-    return order[order.length - 1];
+    const running = [];
+    let sum = 0;
+    for (const i of kept) running.push((sum += weight(i)));
+    const r = random() * sum;
+    for (let j = 0; j < kept.length; j++) if (running[j] > r) return kept[j];
+    return kept[kept.length - 1];
   };
 }

@@ -6,8 +6,8 @@ import "@mlc-ai/web-xgrammar";  // a UMD build: loaded as an ES module it define
 const { GrammarCompiler, GrammarMatcher, TokenizerInfo } = globalThis.xgrammar;
 
 const MAX_DIGITS = 16;
-// Built once per page, on the first schema (vocab.json). `never`: tokens with raw control characters,
-// which compact JSON never contains but XGrammar's string rule admits.
+// Built once per page, on the first schema (vocab.json). `never`: tokens with raw control characters or
+// bytes that no UTF-8 text holds, which compact JSON never contains but XGrammar's string rule admits.
 let compiler = null, startsWithDigit = null, never = null;
 
 async function compilerFor(base, manifest) {
@@ -18,7 +18,7 @@ async function compilerFor(base, manifest) {
     startsWithDigit = new Uint8Array(manifest.vocab_size);
     for (const i of vocab.digit_first) startsWithDigit[i] = 1;
     never = new Uint8Array(manifest.vocab_size);
-    for (const i of vocab.control_chars) never[i] = 1;
+    for (const i of vocab.never) never[i] = 1;
     compiler = await GrammarCompiler.createGrammarCompiler(info);
   }
   return compiler;

@@ -1,6 +1,6 @@
 // The model in a Web Worker, so the page stays responsive: load a web package, then generate.
 //   -> {type: "load", base}                 <- {type: "progress", text}, {type: "ready", ...}
-//   -> {type: "generate", prompt, raw, maxNewTokens, temperature, topK, seed, jsonSchema}
+//   -> {type: "generate", prompt, raw, maxNewTokens, temperature, topK, topP, seed, jsonSchema}
 //                                           (jsonSchema: a JSON schema, object or string, the reply follows)
 //                                           <- {type: "token", text}..., {type: "done", text, stats}
 //   -> {type: "stop"}                       (ends the reply being generated after the current token)
@@ -37,13 +37,13 @@ function promptIds(prompt, raw) {
 
 let grammarBase = null;
 
-async function generate({ prompt, raw = false, maxNewTokens = 256, temperature = 0, topK = 40, seed = 0, jsonSchema = null }) {
+async function generate({ prompt, raw = false, maxNewTokens = 256, temperature = 0, topK = 40, topP = 1, seed = 0, jsonSchema = null }) {
   const ids = promptIds(prompt, raw);
   if (position + ids.length + 1 > manifest.max_tokens) {
     throw new Error(`the context is full (${manifest.max_tokens} tokens); start a new chat`);
   }
   const constraint = jsonSchema === null ? null : await JsonConstraint.create(grammarBase, manifest, jsonSchema);
-  const sample = makeSampler({ temperature, topK, seed });
+  const sample = makeSampler({ temperature, topK, topP, seed });
   stopRequested = false;
   const stop = new Set(manifest.stop_ids);
   const t0 = performance.now();

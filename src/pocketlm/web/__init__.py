@@ -96,12 +96,18 @@ def export(
     (tmp / "tokenizer.json").write_text(tok.to_json())
     tokens = ["" if i in tok.control_ids else (tok.token(i) or "") for i in range(tok.vocab_size)]
     vocab_type = "byte_level" if tok.kind == "gpt2" else "byte_fallback"  # how XGrammar decodes the strings
-    # Raw control characters never belong in compact JSON, but XGrammar's strings admit them; the
-    # tokens whose bytes start with a digit (`<0x39>` among them) are what the 16-digit cap masks.
+    # Tokens that never belong in compact JSON but XGrammar's strings admit: raw control characters,
+    # and bytes no UTF-8 text holds (C0, C1, F5-FF: web-xgrammar 0.1.27 reads F5-F7 as the lead of a
+    # 4-byte character, so a sampled string came out as invalid UTF-8). The tokens whose bytes start
+    # with a digit (`<0x39>` among them) are what the 16-digit cap masks.
     table = tok.token_bytes()
-    control = [i for i, b in enumerate(table) if not b.startswith(b"\xff") and any(c < 0x20 for c in b)]
+    never = [
+        i
+        for i, b in enumerate(table)
+        if not b.startswith(b"\xff") and any(c < 0x20 or c in (0xC0, 0xC1) or c >= 0xF5 for c in b)
+    ]
     digits = [i for i, b in enumerate(table) if b[:1].isdigit()]
-    vocab = {"type": vocab_type, "tokens": tokens, "control_chars": control, "digit_first": digits}
+    vocab = {"type": vocab_type, "tokens": tokens, "never": never, "digit_first": digits}
     (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (tmp / "tokenizer_config.json").write_text(json.dumps({}))
     manifest = {

@@ -63,6 +63,7 @@ $("form").addEventListener("submit", (event) => {
 $("stop").addEventListener("click", () => worker.postMessage({ type: "stop" }));
 $("new").addEventListener("click", () => { worker.postMessage({ type: "reset" }); $("log").replaceChildren(); });
 
-// For scripts and tests: window.pocketlm.generate(prompt, {raw, temperature, maxNewTokens}) -> {text, ids, stats}
+// For scripts and tests: window.pocketlm.generate(prompt, {raw, temperature, topK, topP, seed, maxNewTokens, jsonSchema})
+// -> {text, ids, stats}; a seed gives the text Python's sampler gives with the same options
 window.pocketlm = { generate, stop: () => worker.postMessage({ type: "stop" }), reset: () => worker.postMessage({ type: "reset" }) };
 worker.postMessage({ type: "load", base: new URL("model/", location.href).href });
