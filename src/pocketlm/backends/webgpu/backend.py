@@ -153,6 +153,14 @@ _VARIANT = {FLOAT32: "f32", INT8: "int8", NIBBLES: "int4"}  # linear / matmul ke
 _INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged"}  # linear's, by x_mode
 
 
+def _held(w: Tensor) -> int:
+    """How a matrix is held on the GPU: float types as FLOAT32, 4-bit types of whole 64-value runs
+    as NIBBLES (4 bits still), every other block type repacked to INT8."""
+    if w.kind in _FLOAT:
+        return FLOAT32
+    return NIBBLES if int4.fits(w.kind, w.shape) else INT8
+
+
 class _Matrix:
     """An uploaded weight matrix: row chunks of (first row, rows, buffers [values, scale, offset] or
     [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's.
@@ -225,11 +233,9 @@ class WebGPUBackend:
         attention merge) and the tiled prefill; the output matrix's one-token product after the final
         norm; the kernels every layer dispatches."""
 
-        def variant(w):
-            return "f32" if w.kind in _FLOAT else "int4" if int4.fits(w.kind, w.shape) else "int8"
-
-        layers = {variant(w) for w in tensors if len(w.shape) == 2 and w.name.startswith("blk.")}
-        heads = {variant(w) for w in tensors if len(w.shape) == 2 and not w.name.startswith("blk.")}
+        matrices = [w for w in tensors if len(w.shape) == 2]
+        layers = {_VARIANT[_held(w)] for w in matrices if w.name.startswith("blk.")}
+        heads = {_VARIANT[_held(w)] for w in matrices if not w.name.startswith("blk.")}
         kernels = [
             f"linear+{v}+{x}+one" for v in sorted(layers - {"f32"}) for x in ("norm", "gated", "merged")
         ]
@@ -246,7 +252,8 @@ class WebGPUBackend:
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:
             rows, cols = w.shape
-            if w.kind in _FLOAT:
+            kind = _held(w)
+            if kind == FLOAT32:
                 values = np.ascontiguousarray(w.dequantize(), np.float32)
                 per_chunk = max(1, self.device.max_binding // (4 * cols))
                 chunks = [
@@ -264,14 +271,14 @@ class WebGPUBackend:
                     )
                     for r in range(0, rows, per_chunk)
                 ]
-                self._matrices[w.name] = _Matrix(w.shape, chunks, FLOAT32)
+                self._matrices[w.name] = _Matrix(w.shape, chunks, kind)
             else:
-                if int4.fits(w.kind, w.shape):  # 4-bit types stay 4 bits on the GPU
+                if kind == NIBBLES:
                     nib = int4.repack(w.data, w.kind, w.shape)
-                    kind, values, scale, offset, sub = NIBBLES, nib.packed, nib.scale, nib.offset, int4.SUB
+                    values, scale, offset, sub = nib.packed, nib.scale, nib.offset, int4.SUB
                 else:
                     packed = int8.repack(w.data, w.kind, w.shape)
-                    kind, values, scale, offset, sub = INT8, packed.q, packed.scale, packed.offset, packed.sub
+                    values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
                 per_chunk = max(1, self.device.max_binding // values.shape[1])
                 chunks = []
                 for r in range(0, rows, per_chunk):

@@ -2,8 +2,8 @@
 // (little-endian) with a float scale (and offset) per sub-block of `sub` columns (y = sum_g scale[r, g]
 // * (q[r, g] . x'[g]) + offset[r, g] * sum(x'[g])); +int4: the same as 4-bit values (kernels.int4's
 // layout, runs of 64 values in 32 bytes, byte j holding value j in its low nibble and 32 + j in its
-// high one; sub = 32); +f32: float32. Each variant carries only its own code: a CPU device (SwiftShader)
-// pays for every instruction a kernel with barriers holds, on every workgroup, run or not.
+// high one; sub = 32); +f32: float32. Each variant carries only its own code (smaller to compile, and
+// on a CPU device such as SwiftShader, cheaper a workgroup).
 // x' in variants too: +plain: x as read; +norm: RMS-normed per token (times norm weight nw where
 // has_norm_w); +gated: act(x[x_off + ...]) * x[x2_off + ...] (x_mode 2 silu, 3 gelu_tanh, 4 gelu);
 // +merged (one token): split attention's partial sums merged (x holds [heads, m_splits, m_dim + 2],
