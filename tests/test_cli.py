@@ -310,10 +310,17 @@ def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_
     assert (
         json.loads((tmp_path / "web2" / "manifest.json").read_text())["max_tokens"] == 256
     )  # the model's context
-    code, _, err = run_cli(
-        capsys, "run", str(tiny("gemma3n")[2]), "x", "--backend", "webgpu", "--max-tokens", "64"
-    )
-    assert code == 2 and "webgpu backend cannot run this gemma3n model: it has no host_activations" in err
+
+
+def test_a_model_the_backend_cannot_run_is_one_line_and_exit_2(capsys, tiny, monkeypatch):
+    pytest.importorskip("wgpu")
+    from pocketlm.backends.base import ALIBI
+    from pocketlm.backends.webgpu import WebGPUBackend
+
+    monkeypatch.setattr(WebGPUBackend, "capabilities", WebGPUBackend.capabilities - {ALIBI})
+    code, _, err = run_cli(capsys, "run", str(tiny("falcon-rw")[2]), "x", "--backend", "webgpu")
+    assert code == 2 and "webgpu backend cannot run this falcon model: it has no alibi" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_list_show_and_rm_manage_the_model_folder(capsys, tiny, tmp_path, monkeypatch):

@@ -59,15 +59,20 @@ def test_per_layer_table_is_read_row_by_row_and_never_held(tiny, tmp_path, monke
     reads = []
     embedding = lm.ops.embedding
     monkeypatch.setattr(
-        lm.ops, "embedding", lambda w, ids: (reads.append((w.name, list(ids))), embedding(w, ids))[1]
+        lm.ops,
+        "embedding",
+        lambda w, ids, **kw: (reads.append((w.name, list(ids), kw)), embedding(w, ids, **kw))[1],
     )
     ids = prompt_ids(lm.model.vocab_size, 20, seed=4)
     cache = lm.make_cache(24)
     token = int(np.argmax(prefill(lm, cache, ids)))
     decode_step(lm, cache, token)
-    table_rows = table.shape[0]
-    expected = [[i if i < table_rows else 0 for i in ids], [token if token < table_rows else 0]]
-    assert [rows for name, rows in reads if name == PER_LAYER_TABLE] == expected
+    L, table_rows = lm.model.args.n_layers, table.shape[0]
+    assert any(i >= table_rows for i in ids)  # ids the table lacks read its row 0
+    limits = dict(stride=L, id_limit=table_rows)
+    expected = [(list(ids), dict(limits, offset=i)) for i in range(L)]
+    expected += [([token], dict(limits, offset=i)) for i in range(L)]
+    assert [(rows, kw) for name, rows, kw in reads if name == PER_LAYER_TABLE] == expected
     assert PER_LAYER_TABLE not in {*lm.ops._packed, *lm.ops._dequantized, *lm.ops._pinned}
 
 

@@ -89,7 +89,7 @@ class Replayer:
         return np.frombuffer(raw, np.float32)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma4"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma4", "gemma3n"])
 def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
     model, _, path = tiny(kind)
     package = export(path, tmp_path / "web", max_tokens=96, progress=False)
@@ -239,9 +239,11 @@ def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
 
 
 @pytest.mark.browser
-def test_a_tiny_gemma4_package_in_chromium_writes_the_native_text(tiny, tmp_path):
-    """Gemma 4 in the browser: per-layer inputs, KV sharing, two head sizes, partial RoPE."""
-    _, _, path = tiny("gemma4")
+@pytest.mark.parametrize("kind", ["gemma4", "gemma3n"])
+def test_a_tiny_edge_gemma_package_in_chromium_writes_the_native_text(tiny, tmp_path, kind):
+    """Gemma 4 and Gemma 3n in the browser: per-layer inputs, KV sharing, two head sizes, partial
+    RoPE (Gemma 4); AltUp streams, LAuReL, activation sparsity (Gemma 3n)."""
+    _, _, path = tiny(kind)
     expected = (
         LlmInference(path, temperature=0.0, max_tokens=96)
         .create_session()
@@ -252,7 +254,7 @@ def test_a_tiny_gemma4_package_in_chromium_writes_the_native_text(tiny, tmp_path
     def reply(page):
         return page.evaluate("() => window.pocketlm.generate('the river', {temperature: 0, maxNewTokens: 8})")
 
-    assert in_chromium(package, reply, "web-tiny-gemma4.png")["text"] == expected
+    assert in_chromium(package, reply, f"web-tiny-{kind}.png")["text"] == expected
 
 
 @pytest.mark.browser

@@ -62,8 +62,8 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
     out.push(token);
     if (constraint) constraint.accept(token, tokenizer.decode([token], { skip_special_tokens: true }));
     const text = tokenizer.decode(out, { skip_special_tokens: true });
-    if (!text.endsWith("\ufffd") && text.length > shown.length) {  // never split a UTF-8 character
-      postMessage({ type: "token", text: text.slice(shown.length) });
+    if (!text.endsWith("\ufffd")) {  // never split a UTF-8 character
+      if (text.length > shown.length) postMessage({ type: "token", text: text.slice(shown.length) });
       shown = text;
     }
     if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens
@@ -73,7 +73,7 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
   if (constraint) constraint.dispose();
   const t2 = performance.now();
   turns += 1;
-  const text = tokenizer.decode(out, { skip_special_tokens: true });
+  const text = shown;  // as Python's reply: without the bytes of a character the reply did not finish
   const stats = {
     promptTokens: ids.length, generatedTokens: out.length,
     prefillTokensPerSecond: ids.length / ((t1 - t0) / 1000),

@@ -2,8 +2,9 @@
 
 A backend implements `Backend`; architecture files (`models/`) call nothing else on activations.
 Activations are the backend's own arrays (numpy on the CPU, `GpuTensor` on the GPU) of float32
-values, shaped [T, n] (T tokens) or [T, heads, head_dim]; besides these ops they support `+` and `*`
-(same shape, a row broadcast, or a scalar), `reshape`, `len` and slicing the token axis. Weights are
+values, shaped [T, n] (T tokens), [T, heads, head_dim] or [streams, T, n]; besides these ops they
+support `+` and `*` (same shape, a broadcast of trailing axes, or a scalar), `-` (same shape),
+`reshape`, `len`, and indexing and slicing the first axis. Weights are
 `formats.gguf.Tensor`s, read by the backend in whatever layout it prepared.
 
 Ops some backends lack are *capabilities*: a model lists those it needs (`CausalLM.requires`), and
@@ -24,8 +25,7 @@ Weight = Any  # formats.gguf.Tensor
 LAYER_NORM = "layer_norm"  # `layer_norm`
 EXACT_GELU = "gelu"  # `gelu` (erf); `gelu_tanh` every backend has
 ALIBI = "alibi"  # `attention(..., alibi=slopes)`
-HOST_ACTIVATIONS = "host_activations"  # activations are numpy arrays a model may compute on itself
-ALL_CAPABILITIES = frozenset({LAYER_NORM, EXACT_GELU, ALIBI, HOST_ACTIVATIONS})
+ALL_CAPABILITIES = frozenset({LAYER_NORM, EXACT_GELU, ALIBI})
 
 
 @runtime_checkable
@@ -69,9 +69,12 @@ class Backend(Protocol):
     def linears(self, x: Activation, weights: list[Weight], biases: list[Weight | None]) -> list[Activation]:
         """`linear` of one input by several matrices (q/k/v, gate/up): one pass where it pays."""
 
-    def embedding(self, w: Weight, ids: np.ndarray, stride: int = 1, offset: int = 0) -> Activation:
+    def embedding(
+        self, w: Weight, ids: np.ndarray, stride: int = 1, offset: int = 0, id_limit: int | None = None
+    ) -> Activation:
         """Rows `ids * stride + offset` [T] of the table W [rows, n] -> [T, n] (a per-layer table
-        read as [vocab * layers, n]: stride = layers, offset = the layer)."""
+        read as [vocab * layers, n]: stride = layers, offset = the layer); ids at or beyond
+        `id_limit` read as id 0 (Gemma 3n's per-layer table covers fewer ids than the vocabulary)."""
 
     def rms_norm(self, x: Activation, w: Weight | None, eps: float) -> Activation:
         """x / sqrt(mean(x^2) + eps) * w over the last axis (w None: no scale); x [..., n]."""
@@ -90,6 +93,21 @@ class Backend(Protocol):
 
     def softcap(self, x: Activation, cap: float) -> Activation:
         """cap * tanh(x / cap), elementwise."""
+
+    def concat(self, xs: list[Activation]) -> Activation:
+        """xs [n_i, ...] joined along the first axis -> [sum n_i, ...]."""
+
+    def mix(self, x: Activation, c: Activation) -> Activation:
+        """Per-token weighted sums of K streams: x [K, T, n], c [T, M * K] ->
+        y [M, T, n], y[j, t] = sum_k c[t, j * K + k] * x[k, t] (Gemma 3n's AltUp)."""
+
+    def match_rms(self, x: Activation, ref: Activation) -> Activation:
+        """Each row of x [T, n] rescaled to the root mean square of the same row of ref [T, n']:
+        x * sqrt(mean(ref^2)) / sqrt(max(mean(x^2), 1e-5))."""
+
+    def gaussian_topk(self, x: Activation, k: float, ddof: int = 0) -> Activation:
+        """max(x - (mean + k * std), 0) over the last axis, std with `ddof` (Gemma 3n's
+        activation sparsity: what lies above a Gaussian's top-k cut-off)."""
 
     def rope(
         self,

@@ -194,8 +194,12 @@ class CpuBackend:
         pinned = [p for name, p in self._pinned.items() if name not in self._packed]  # others are views
         return sum(p.nbytes for p in [*self._packed.values(), *self._dequantized.values(), *pinned])
 
-    def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> np.ndarray:
+    def embedding(
+        self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0, id_limit: int | None = None
+    ) -> np.ndarray:
         """Rows `ids * stride + offset` of an embedding table [rows, D], dequantizing just those rows."""
+        if id_limit is not None:
+            ids = np.where(np.asarray(ids) < id_limit, ids, 0)
         if stride != 1 or offset:
             ids = np.asarray(ids, np.int64) * stride + offset
         if w.name in self._dequantized:
@@ -259,6 +263,25 @@ class CpuBackend:
     @staticmethod
     def softcap(x: np.ndarray, cap: float) -> np.ndarray:
         return np.tanh(x / cap) * cap
+
+    @staticmethod
+    def concat(xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs, axis=0)
+
+    @staticmethod
+    def mix(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+        K, T, _ = x.shape
+        return np.einsum("tjk,ktn->jtn", c.reshape(T, -1, K), x).astype(np.float32, copy=False)
+
+    @staticmethod
+    def match_rms(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        target = np.sqrt(np.mean(ref * ref, axis=-1, keepdims=True))
+        return x * (target / np.sqrt(np.maximum(np.mean(x * x, axis=-1, keepdims=True), np.float32(1e-5))))
+
+    @staticmethod
+    def gaussian_topk(x: np.ndarray, k: float, ddof: int = 0) -> np.ndarray:
+        cutoff = x.mean(axis=-1, keepdims=True) + x.std(axis=-1, keepdims=True, ddof=ddof) * np.float32(k)
+        return np.maximum(x - cutoff, np.float32(0.0))
 
     # -- position and attention -----------------------------------------------------------------
 

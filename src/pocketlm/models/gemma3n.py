@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.base import HOST_ACTIVATIONS
 from ..errors import ModelFileError
+from ..formats.gguf import Tensor
+from ..formats.quants import GGMLType
 from ..kvcache import KVCache, LayerCache, SharedLayerCache
 from .base import REQUIRED, AttentionSpec, Norm, Weights
 from .gemma3 import Gemma3Args
@@ -78,14 +79,13 @@ def kv_sharing_cache(blocks, max_tokens: int, layer_cache=LayerCache) -> KVCache
     return KVCache(layers, max_tokens)
 
 
-def rms(x: np.ndarray) -> np.ndarray:
-    """Root mean square over the last axis, [..., 1]."""
-    return np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
-
-
-def match_magnitude(x: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """x rescaled to the root mean square `target` (floored as transformers does)."""
-    return x * (target / np.sqrt(np.maximum(np.mean(x * x, axis=-1, keepdims=True), np.float32(1e-5))))
+def clipped(t: Tensor, limit: float | None) -> Tensor:
+    """A small weight with its values clipped to [-limit, limit] (float32, held in memory), or
+    itself when there is no limit."""
+    if not limit:
+        return t
+    values = np.clip(t.dequantize(), -limit, limit).astype(np.float32)
+    return Tensor(f"{t.name}|clip", GGMLType.F32, t.shape, values.reshape(-1).view(np.uint8))
 
 
 class Attention:
@@ -105,7 +105,7 @@ class Attention:
                 w(f"{prefix}.{n}.weight") for n in ("attn_k", "attn_v", "attn_k_norm")
             )
 
-    def __call__(self, ops, x: np.ndarray, positions: np.ndarray, cache) -> np.ndarray:
+    def __call__(self, ops, x, positions: np.ndarray, cache):
         s, T = self.spec, len(x)
         factors = ops.dense(self.freq_factors) if self.freq_factors is not None else None
         if self.shared:
@@ -126,7 +126,7 @@ class Attention:
 
 
 class AltUp:
-    """Predict all streams from each other before the block; correct them after it."""
+    """Predict all streams [N, T, D] from each other before the block; correct them after it."""
 
     def __init__(self, w: Weights, prefix: str, args: Gemma3nArgs):
         self.router, self.router_norm = (
@@ -134,36 +134,26 @@ class AltUp:
             w(f"{prefix}.altup_router_norm.weight"),
         )
         self.predict_coef, self.correct_coef = (
-            w(f"{prefix}.altup_predict_coef.weight"),
-            w(f"{prefix}.altup_correct_coef.weight"),
+            clipped(w(f"{prefix}.altup_{n}_coef.weight"), args.coef_clip) for n in ("predict", "correct")
         )
-        self.n, self.active, self.eps, self.clip = (
-            args.altup_inputs,
-            args.altup_active,
-            args.norm_eps,
-            args.coef_clip,
-        )
-        self.router_scale = np.float32(1.0 / args.hidden_size)
+        self.n, self.active, self.eps = args.altup_inputs, args.altup_active, args.norm_eps
+        self.router_scale = 1.0 / args.hidden_size
 
-    def modalities(self, ops, x: np.ndarray) -> np.ndarray:
-        return np.tanh(
-            ops.linear(ops.rms_norm(x, self.router_norm, self.eps) * self.router_scale, self.router)
-        )
+    def modalities(self, ops, x):
+        """tanh of the routed stream, [T, N] (a soft cap of 1 is tanh)."""
+        routed = ops.linear(ops.rms_norm(x, self.router_norm, self.eps) * self.router_scale, self.router)
+        return ops.softcap(routed, 1.0)
 
-    def coefs(self, ops, w) -> np.ndarray:
-        c = ops.dense(w)
-        return np.clip(c, -self.clip, self.clip) if self.clip else c
+    def predict(self, ops, streams):
+        """pred[j] = streams[j] + sum_k R[t, j, k] streams[k], R [T, N * N] from the active stream."""
+        R = ops.linear(self.modalities(ops, streams[self.active]), self.predict_coef)
+        return streams + ops.mix(streams, R)
 
-    def predict(self, ops, streams: np.ndarray) -> np.ndarray:
-        """pred[j] = streams[j] + sum_k R[j, k] streams[k], R [T, N, N] from the active stream."""
-        m = self.modalities(ops, streams[self.active])
-        R = (m @ self.coefs(ops, self.predict_coef).T).reshape(-1, self.n, self.n)
-        return streams + np.einsum("tjk,ktd->jtd", R, streams)
-
-    def correct(self, ops, predictions: np.ndarray, activated: np.ndarray) -> np.ndarray:
-        m = self.modalities(ops, activated)
-        scale = m @ self.coefs(ops, self.correct_coef).T + np.float32(1.0)  # [T, N]
-        return predictions + scale.T[:, :, None] * (activated - predictions[self.active])
+    def correct(self, ops, predictions, activated):
+        """corrected[j] = pred[j] + (C[t, j] + 1) (activated - pred[active]), C [T, N]."""
+        scale = ops.linear(self.modalities(ops, activated), self.correct_coef) + 1.0
+        innovation = activated - predictions[self.active]
+        return predictions + ops.mix(innovation.reshape(1, *innovation.shape), scale)
 
 
 class Block:
@@ -203,31 +193,51 @@ class Block:
         scale = args.sparsity_scale[i] if args.sparsity_scale is not None else -math.inf
         self.sparsity = np.float32(scale) if math.isfinite(scale) else None
 
-    def mlp(self, ops, x: np.ndarray) -> np.ndarray:
-        g = ops.linear(x, self.gate)
+    def mlp(self, ops, x):
+        gate, up = ops.linears(x, [self.gate, self.up], [None, None])
         if self.sparsity is not None:  # keep what lies above mean + k * std (Gaussian top-k)
-            cutoff = (
-                g.mean(axis=-1, keepdims=True)
-                + g.std(axis=-1, keepdims=True, ddof=self.std_ddof) * self.sparsity
-            )
-            g = np.maximum(g - cutoff, np.float32(0.0))
-        return ops.linear(ops.gelu_tanh(g) * ops.linear(x, self.up), self.down)
+            gate = ops.gaussian_topk(gate, self.sparsity, self.std_ddof)
+        return ops.linear(ops.gelu_tanh(gate) * up, self.down)
 
-    def __call__(self, ops, streams: np.ndarray, per_layer: np.ndarray, positions, cache) -> np.ndarray:
+    def __call__(self, ops, streams, per_layer, positions, cache):
         predictions = self.altup.predict(ops, streams)
         a = predictions[self.altup.active]
         x = self.attn_norm(ops, a)
         laurel = x + self.laurel_norm(ops, ops.linear(ops.linear(x, self.laurel_l), self.laurel_r))
         attn = self.post_attn_norm(ops, self.attention(ops, x, positions, cache))
-        h = (a + attn + laurel) * np.float32(1 / math.sqrt(2))
+        h = (a + attn + laurel) * (1 / math.sqrt(2))
         h = h + self.post_ffn_norm(ops, self.mlp(ops, self.ffn_norm(ops, h)))
         corrected = self.altup.correct(ops, predictions, h)
         # the per-layer input, gated by the corrected active stream, is added to the other streams
         gate = ops.gelu_tanh(
             ops.linear(corrected[self.altup.active] * ops.dense(self.correct_scale), self.ple_gate)
         )
-        corrected[1:] += self.ple_norm(ops, ops.linear(gate * per_layer, self.ple_proj))
-        return corrected
+        added = self.ple_norm(ops, ops.linear(gate * per_layer, self.ple_proj))
+        return ops.concat([corrected[:1], corrected[1:] + added])
+
+
+class PerLayerInputs:
+    """Each layer's per-layer input [T, P] (Gemma 3n and Gemma 4): its slice of the table's rows
+    times sqrt(P), plus the normed projection of the scaled token embedding, times 1/sqrt(2).
+
+    Layer i's part of each token's row of the table [ids, L * P] is row id * L + i of the same
+    bytes read as [ids * L, P] (ids the table lacks read row 0); its part of the projection
+    [L * P, D], rows i * P .. (i + 1) * P: every layer reads its own through ops alone."""
+
+    def __init__(self, w: Weights, args):
+        self.args, P, L = args, args.per_layer_dim, args.n_layers
+        table = w(PER_LAYER_TABLE)
+        self.id_limit = table.shape[0]
+        self.table = table.regrouped(table.shape[0] * L)
+        proj = w("per_layer_model_proj.weight")
+        self.proj = [proj.rows(i * P, (i + 1) * P) for i in range(L)]
+        self.norm = Norm(w, "per_layer_proj_norm", "rms", args.norm_eps)
+
+    def __call__(self, ops, i: int, ids: np.ndarray, embedded):
+        a = self.args
+        rows = ops.embedding(self.table, ids, stride=a.n_layers, offset=i, id_limit=self.id_limit)
+        proj = ops.linear(embedded, self.proj[i]) * a.hidden_size**-0.5
+        return (self.norm(ops, proj) + rows * math.sqrt(a.per_layer_dim)) * 2**-0.5
 
 
 class Model:
@@ -235,15 +245,11 @@ class Model:
 
     # Tensors the runtime leaves in the file and reads row by row (never made resident).
     streamed = frozenset({PER_LAYER_TABLE})
-    requires = frozenset({HOST_ACTIVATIONS})  # AltUp and the sparse FFN compute on numpy arrays
 
     def __init__(self, args: Gemma3nArgs, w: Weights):
         self.args = args
-        self.token_embd, self.ple_table = w("token_embd.weight"), w(PER_LAYER_TABLE)
-        self.ple_proj, self.ple_proj_norm = (
-            w("per_layer_model_proj.weight"),
-            Norm(w, "per_layer_proj_norm", "rms", args.norm_eps),
-        )
+        self.token_embd = w("token_embd.weight")
+        self.per_layer = PerLayerInputs(w, args)
         n = args.altup_inputs - 1
         self.altup_proj = [w("altup_proj.weight").part(j) for j in range(n)]
         self.altup_unembed = [w("altup_unembd_proj.weight").part(j) for j in range(n)]
@@ -254,33 +260,24 @@ class Model:
     def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
         return kv_sharing_cache(self.layers, max_tokens, layer_cache)
 
-    def per_layer_inputs(self, ops, ids: np.ndarray, embedded: np.ndarray) -> np.ndarray:
-        """[T, L, P]: the per-layer table's rows (ids beyond it read row 0), mixed with a
-        projection of the scaled token embedding."""
-        a, T = self.args, len(ids)
-        rows = ops.embedding(self.ple_table, np.where(ids < self.ple_table.shape[0], ids, 0))
-        table = rows.reshape(T, a.n_layers, a.per_layer_dim) * np.float32(math.sqrt(a.per_layer_dim))
-        proj = ops.linear(embedded, self.ple_proj) * np.float32(a.hidden_size**-0.5)
-        proj = self.ple_proj_norm(ops, proj.reshape(T, a.n_layers, a.per_layer_dim))
-        return (proj + table) * np.float32(2**-0.5)
-
-    def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False):
         positions = np.arange(cache.offset, cache.offset + len(ids))
         ids = np.asarray(ids, np.int64)
-        e = ops.embedding(self.token_embd, ids) * np.float32(math.sqrt(self.args.hidden_size))
-        per_layer = self.per_layer_inputs(ops, ids, e)
-        target = rms(e)
-        streams = np.stack([e] + [match_magnitude(ops.linear(e, w), target) for w in self.altup_proj])
+        T, D, N = len(ids), self.args.hidden_size, self.args.altup_inputs
+        e = ops.embedding(self.token_embd, ids) * math.sqrt(D)
+        # the other streams: projections of the embedding, at its root mean square
+        streams = ops.concat(
+            [e.reshape(1, T, D)]
+            + [ops.match_rms(ops.linear(e, w), e).reshape(1, T, D) for w in self.altup_proj]
+        )
         for i, layer in enumerate(self.layers):
-            streams = layer(ops, streams, per_layer[:, i], positions, cache[i])
+            streams = layer(ops, streams, self.per_layer(ops, i, ids, e), positions, cache[i])
         cache.offset += len(ids)
-        if not all_logits:
-            streams = streams[:, -1:]
-        target = rms(streams[0])
-        merged = [streams[0]] + [
-            match_magnitude(ops.linear(s, w), target) for s, w in zip(streams[1:], self.altup_unembed)
-        ]
-        logits = ops.linear(self.output_norm(ops, np.mean(merged, axis=0)), self.token_embd)
+        last = [streams[j] if all_logits else streams[j][-1:] for j in range(N)]
+        merged = last[0]
+        for s, w in zip(last[1:], self.altup_unembed):  # back to the first stream's magnitude
+            merged = merged + ops.match_rms(ops.linear(s, w), last[0])
+        logits = ops.linear(self.output_norm(ops, merged * (1.0 / N)), self.token_embd)
         return ops.softcap(logits, self.args.final_softcap) if self.args.final_softcap else logits
 
 

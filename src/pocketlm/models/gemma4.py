@@ -24,9 +24,7 @@ import numpy as np
 from ..kvcache import KVCache, LayerCache
 from .base import REQUIRED, Norm, Weights
 from .gemma3 import Gemma3Args
-from .gemma3n import Attention, kv_sharing_cache, shared_kv_source
-
-PER_LAYER_TABLE = "per_layer_token_embd.weight"
+from .gemma3n import PER_LAYER_TABLE, Attention, PerLayerInputs, kv_sharing_cache, shared_kv_source
 
 
 @dataclass
@@ -98,16 +96,7 @@ class Model:
     def __init__(self, args: Gemma4Args, w: Weights):
         self.args = args
         self.token_embd = w("token_embd.weight")
-        if args.per_layer_dim:
-            # layer i's part of each token's row of the table [vocab, L * P] is row id * L + i of
-            # the same bytes read as [vocab * L, P]; its part of the projection [L * P, D], rows
-            # i * P .. (i + 1) * P: every layer reads its own per-layer input through ops alone
-            P = args.per_layer_dim
-            table = w(PER_LAYER_TABLE)
-            self.ple_table = table.regrouped(table.shape[0] * args.n_layers)
-            proj = w("per_layer_model_proj.weight")
-            self.ple_proj = [proj.rows(i * P, (i + 1) * P) for i in range(args.n_layers)]
-            self.ple_proj_norm = Norm(w, "per_layer_proj_norm", "rms", args.norm_eps)
+        self.per_layer = PerLayerInputs(w, args) if args.per_layer_dim else None
         self.output_norm = Norm(w, "output_norm", "rms", args.norm_eps)
         output = w.optional("output.weight")
         self.output = output if output is not None else self.token_embd
@@ -117,23 +106,13 @@ class Model:
     def make_cache(self, max_tokens: int, layer_cache=LayerCache) -> KVCache:
         return kv_sharing_cache(self.layers, max_tokens, layer_cache)
 
-    def per_layer_input(self, ops, i: int, ids: np.ndarray, embedded):
-        """Layer i's [T, P]: its slice of the table's rows (the table covers the whole vocabulary, as
-        transformers assumes) times sqrt(P), plus the normed projection of the scaled token embedding, times 1/sqrt(2)."""
-        a = self.args
-        rows = ops.embedding(self.ple_table, ids, stride=a.n_layers, offset=i) * np.float32(
-            math.sqrt(a.per_layer_dim)
-        )
-        proj = ops.linear(embedded, self.ple_proj[i]) * np.float32(a.hidden_size**-0.5)
-        return (self.ple_proj_norm(ops, proj) + rows) * np.float32(2**-0.5)
-
     def forward(self, ops, ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         positions = np.arange(cache.offset, cache.offset + len(ids))
         ids = np.asarray(ids, np.int64)
         h = ops.embedding(self.token_embd, ids) * np.float32(math.sqrt(self.args.hidden_size))
         embedded = h
         for i, layer in enumerate(self.layers):
-            per_layer = self.per_layer_input(ops, i, ids, embedded) if self.args.per_layer_dim else None
+            per_layer = self.per_layer(ops, i, ids, embedded) if self.per_layer else None
             h = layer(ops, h, per_layer, positions, cache[i])
         cache.offset += len(ids)
         if not all_logits:

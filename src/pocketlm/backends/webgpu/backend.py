@@ -21,6 +21,7 @@ layer's decode step is 6 dispatches.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 
@@ -35,6 +36,7 @@ from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 FUSE_TOKENS = 8  # norms and gated activations are fused into linear layers for at most this many tokens
+ID_LIMIT = 0xFFFFFFFF  # the embed kernels' id_limit when every id is a row
 MAX_SPLITS = 256  # attention over a few tokens is split into key ranges of a multiple of 64 keys
 _GATED = {"silu": 2, "gelu_tanh": 3, "gelu": 4}  # the linear kernel's x_mode for act(x) * x2
 
@@ -100,12 +102,17 @@ class GpuTensor:
         raise UnsupportedError(f"webgpu tensors take row indices and slices, not {key!r}")
 
     def __add__(self, other):
+        if isinstance(other, (int, float, np.floating)):
+            return self.ops.elementwise("shift", self, s=float(other))
         return self.ops.elementwise("add", self, other)
 
     __radd__ = __add__
 
+    def __sub__(self, other):
+        return self.ops.elementwise("sub", self, other)
+
     def __mul__(self, other):
-        if isinstance(other, GpuTensor):
+        if isinstance(other, GpuTensor) or np.ndim(other):  # a tensor, or host values broadcast
             return self.ops.elementwise("mul", self, other)
         return self.ops.elementwise("scale", self, s=float(other))
 
@@ -291,7 +298,14 @@ class WebGPUBackend:
         return self._matrices[w.name]
 
     def vector(self, w: Tensor | np.ndarray, name: str | None = None) -> Buffer:
-        name = name or w.name
+        """A weight's (or host array's) float32 values in a buffer, made once per name (a host
+        array's name is a digest of its values)."""
+        if name is None:
+            name = (
+                w.name
+                if isinstance(w, Tensor)
+                else "host:" + hashlib.sha1(np.ascontiguousarray(w)).hexdigest()
+            )
         if name not in self._vectors:
             values = w if isinstance(w, np.ndarray) else self.dense(w)
             values = np.ascontiguousarray(values, np.float32).ravel()
@@ -375,10 +389,16 @@ class WebGPUBackend:
         out = lazy.out
         return lazy if (x.buf is out.buf and x.offset == out.offset and x.size == out.size) else None
 
-    def _run(self, lazy: _Lazy, residual: GpuTensor | None = None) -> GpuTensor:
-        """Dispatch a lazy tensor's kernel (with `residual` added in its epilogue, where given)."""
-        lazy.done = True
-        a, out = lazy.args, lazy.out
+    def _run(
+        self, lazy: _Lazy, residual: GpuTensor | None = None, into: GpuTensor | None = None
+    ) -> GpuTensor:
+        """Dispatch a lazy tensor's kernel (with `residual` added in its epilogue, where given) into
+        its own output, or into `into`, leaving the lazy tensor pending: a sum fused into the
+        kernel must not change a tensor that something else may still read (Gemma 3n adds its
+        normed input to LAuReL's output and also attends over it)."""
+        if into is None:
+            lazy.done = True
+        a, out = lazy.args, into if into is not None else lazy.out
         if lazy.kind == "norm":
             self._rms_norm(a["x"], a["w"], a["eps"], out, residual)
         elif lazy.kind == "linear":
@@ -431,9 +451,10 @@ class WebGPUBackend:
     def _fill(self, fills: list[tuple], ids: np.ndarray) -> None:
         """Copy the rows of streamed tables that a pass over tokens `ids` reads to the GPU (as
         float32, where the pass's embedding reads them), before it is submitted."""
-        for w, stride, offset, y in fills:
+        for w, stride, offset, limit, y in fills:
             n_rows, cols = w.shape
-            rows = np.asarray(ids, np.int64) * stride + offset
+            ids = np.asarray(ids, np.int64)
+            rows = np.where(ids < limit, ids, 0) * stride + offset
             if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
                 raise ModelFileError(
                     f"tensor {w.name!r} has {n_rows} rows but row {int(rows.max())} was asked for: "
@@ -614,12 +635,15 @@ class WebGPUBackend:
                 kernel, params, [*weights, x.buf, outs[0].buf, norm_w or x.buf, *extra], groups
             )
 
-    def embedding(self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0) -> GpuTensor:
+    def embedding(
+        self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0, id_limit: int | None = None
+    ) -> GpuTensor:
+        limit = ID_LIMIT if id_limit is None else min(int(id_limit), ID_LIMIT)
         if w.name in self._streamed:  # its rows are copied in when the pass is submitted
             self._ids = np.asarray(ids)
             self.device.set_step(self._first_position, self._ids)
             y = self.new((len(ids), w.shape[1]))
-            self._fills.append((w, stride, offset, y))
+            self._fills.append((w, stride, offset, limit, y))
             return y
         if w.name in self._pinned:  # uploaded from the resident copy, which is then let go
             w = Tensor(w.name, w.kind, w.shape, self._pinned.pop(w.name))
@@ -635,14 +659,13 @@ class WebGPUBackend:
                 params = dict(
                     n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset), weight_kind=m.kind
                 )
-                params.update(row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset)
+                params.update(row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset, id_limit=limit)
                 self.device.dispatch(
                     "embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
                 )
             else:
-                params = dict(
-                    n_tokens=T, cols=cols, row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset
-                )
+                params = dict(n_tokens=T, cols=cols, row_base=first, rows=n, y_off=0)
+                params.update(id_mul=stride, id_add=offset, id_limit=limit)
                 self.device.dispatch(
                     "embed_f32", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))
                 )
@@ -685,7 +708,7 @@ class WebGPUBackend:
                 if op == "add":
                     lazy = self._whole(first, "linear") or self._whole(first, "norm")
                     if lazy is not None and second.lazy is not lazy:
-                        out = self._run(lazy, self._ready(second))
+                        out = self._run(lazy, self._ready(second), into=self.new(a.shape))
                         return GpuTensor(self, out.buf, a.shape, out.offset)
                 else:
                     lazy = self._whole(first, "act")
@@ -722,6 +745,40 @@ class WebGPUBackend:
 
     def softcap(self, x, cap: float):
         return self.elementwise("softcap", x, s=float(cap))
+
+    def concat(self, xs: list[GpuTensor]) -> GpuTensor:
+        xs = [self._ready(x) for x in xs]
+        y = self.new((sum(len(x) for x in xs), *xs[0].shape[1:]))
+        at = y.offset
+        for x in xs:  # copied as x * 1
+            self._elementwise("scale", x, None, 1.0, GpuTensor(self, y.buf, x.shape, at))
+            at += x.size
+        return y
+
+    def mix(self, x: GpuTensor, c: GpuTensor) -> GpuTensor:
+        x, c = self._ready(x), self._ready(c)
+        K, T, n = x.shape
+        y = self.new((c.size // (T * K), T, n))
+        params = dict(
+            n=n, n_tokens=T, n_out=y.shape[0], n_in=K, x_off=x.offset, c_off=c.offset, y_off=y.offset
+        )
+        self.device.dispatch("mix", params, [x.buf, c.buf, y.buf], grid(-(-y.size // WORKGROUP)))
+        return y
+
+    def _rows(self, variant: str, x: GpuTensor, other: GpuTensor, k: float = 0.0, ddof: int = 0) -> GpuTensor:
+        x, other = self._ready(x), self._ready(other)
+        dim = x.shape[-1]
+        y = self.new(x.shape)
+        params = dict(n_rows=x.size // dim, dim=dim, x_off=x.offset, y_off=y.offset, other_off=other.offset)
+        params.update(other_dim=other.shape[-1], k=k, ddof=ddof)
+        self.device.dispatch(f"rows+{variant}", params, [x.buf, other.buf, y.buf], grid(x.size // dim))
+        return y
+
+    def match_rms(self, x: GpuTensor, ref: GpuTensor) -> GpuTensor:
+        return self._rows("match", x, ref)
+
+    def gaussian_topk(self, x: GpuTensor, k: float, ddof: int = 0) -> GpuTensor:
+        return self._rows("topk", x, x, float(k), int(ddof))
 
     def rope_tables(self, base, n_dims, freq_scale, freq_factors) -> Buffer:
         """cos then sin [positions, n_dims / 2], computed in float64 as the CPU backend does."""

@@ -1,5 +1,5 @@
 // y = op(a, b): add, mul, a * s, silu(a), gelu_tanh(a), tanh(a / s) * s, gelu(a) (exact, erf from
-// Abramowitz & Stegun 7.1.26, error < 1.5e-7, as the CPU backend computes it). The OP_ constants are
+// Abramowitz & Stegun 7.1.26, error < 1.5e-7, as the CPU backend computes it), a - b, a + s. The OP_ constants are
 // the one table of op codes: the backend reads them from this file.
 // b is read at i % b_len (b_len = n: same shape; b_len = row length: a bias broadcast over rows).
 const OP_ADD: u32 = 0u;
@@ -9,9 +9,11 @@ const OP_SILU: u32 = 3u;
 const OP_GELU_TANH: u32 = 4u;
 const OP_SOFTCAP: u32 = 5u;
 const OP_GELU: u32 = 6u;
-const OP_SILU_MUL: u32 = 7u;  // act(a) * b: a gated MLP's activation and product in one
-const OP_GELU_TANH_MUL: u32 = 8u;
-const OP_GELU_MUL: u32 = 9u;
+const OP_SUB: u32 = 7u;
+const OP_SHIFT: u32 = 8u;
+const OP_SILU_MUL: u32 = 9u;  // act(a) * b: a gated MLP's activation and product in one (the last codes)
+const OP_GELU_TANH_MUL: u32 = 10u;
+const OP_GELU_MUL: u32 = 11u;
 struct Params { n: u32, op: u32, a_off: u32, b_off: u32, b_len: u32, y_off: u32, s: f32, pad0: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;
@@ -31,6 +33,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   switch op {
     case OP_ADD: { r = x + b[p.b_off + i % p.b_len]; }
     case OP_MUL: { r = x * b[p.b_off + i % p.b_len]; }
+    case OP_SUB: { r = x - b[p.b_off + i % p.b_len]; }
+    case OP_SHIFT: { r = x + p.s; }
     case OP_SCALE: { r = x * p.s; }
     case OP_SILU: { r = x / (1.0 + exp(-x)); }
     case OP_GELU_TANH: {

@@ -1,10 +1,11 @@
 // out[t, :] = row step.ids[t] * id_mul + id_add of an int8 table (packed four to a u32; weight_kind 2:
 // nibbles in kernels.int4's layout, runs of 64 values in 32 bytes) with
-// per-sub-block scale (and offset); rows outside [row_base, row_base + rows) belong to another chunk.
+// per-sub-block scale (and offset); rows outside [row_base, row_base + rows) belong to another chunk;
+// ids at or beyond id_limit read as id 0.
 struct Params {
   n_tokens: u32, cols: u32, sub: u32, has_offset: u32,
   row_base: u32, rows: u32, y_off: u32, id_mul: u32,
-  id_add: u32, weight_kind: u32, pad1: u32, pad2: u32,
+  id_add: u32, weight_kind: u32, id_limit: u32, pad2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: array<u32>;
@@ -19,7 +20,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   if (i >= p.n_tokens * p.cols) { return; }
   let t = i / p.cols;
   let c = i % p.cols;
-  let id = step[2u + t] * p.id_mul + p.id_add;
+  let token = select(0u, step[2u + t], step[2u + t] < p.id_limit);
+  let id = token * p.id_mul + p.id_add;
   if (id < p.row_base || id >= p.row_base + p.rows) { return; }
   let r = id - p.row_base;
   var value = 0.0;
