@@ -7,19 +7,7 @@ struct Params { n_rows: u32, dim: u32, x_off: u32, y_off: u32, has_bias: u32, ep
 @group(0) @binding(3) var<storage, read> b: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-var<workgroup> part: array<f32, 64>;
-
-fn row_sum(lid: u32, value: f32) -> f32 {
-  part[lid] = value;
-  workgroupBarrier();
-  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
-    if (lid < stride) { part[lid] += part[lid + stride]; }
-    workgroupBarrier();
-  }
-  let total = part[0];
-  workgroupBarrier();
-  return total;
-}
+#include row_sum
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -7,7 +7,7 @@ struct Params { n_rows: u32, dim: u32, x_off: u32, y_off: u32, has_weight: u32, 
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> res: array<f32>;
 
-var<workgroup> part: array<f32, 64>;
+#include row_sum
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -17,13 +17,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   let base = p.x_off + row * p.dim;
   var sum = 0.0;
   for (var j = lid; j < p.dim; j += 64u) { let v = x[base + j]; sum += v * v; }
-  part[lid] = sum;
-  workgroupBarrier();
-  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
-    if (lid < stride) { part[lid] += part[lid + stride]; }
-    workgroupBarrier();
-  }
-  let inv = 1.0 / sqrt(part[0] / f32(p.dim) + p.eps);
+  let inv = 1.0 / sqrt(row_sum(lid, sum) / f32(p.dim) + p.eps);
   for (var j = lid; j < p.dim; j += 64u) {
     var v = x[base + j] * inv;
     if (p.has_weight == 1u) { v = v * w[j]; }

@@ -7,20 +7,7 @@ struct Params { n_rows: u32, dim: u32, x_off: u32, y_off: u32, other_off: u32, o
 @group(0) @binding(2) var<storage, read> other: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
-var<workgroup> part: array<f32, 64>;
-
-// The sum of every invocation's `v` (called by the whole workgroup).
-fn total(v: f32, lid: u32) -> f32 {
-  part[lid] = v;
-  workgroupBarrier();
-  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
-    if (lid < stride) { part[lid] += part[lid + stride]; }
-    workgroupBarrier();
-  }
-  let sum = part[0];
-  workgroupBarrier();
-  return sum;
-}
+#include row_sum
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -35,15 +22,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
   var so = 0.0;
   let ob = p.other_off + row * p.other_dim;
   for (var j = lid; j < p.other_dim; j += 64u) { let v = other[ob + j]; so += v * v; }
-  let scale = sqrt(total(so, lid) / f32(p.other_dim)) / sqrt(max(total(sx, lid) / f32(p.dim), 1e-5));
+  let scale = sqrt(row_sum(lid, so) / f32(p.other_dim)) / sqrt(max(row_sum(lid, sx) / f32(p.dim), 1e-5));
   for (var j = lid; j < p.dim; j += 64u) { y[dst + j] = x[base + j] * scale; }
 #elif topk
   var s = 0.0;
   for (var j = lid; j < p.dim; j += 64u) { s += x[base + j]; }
-  let mean = total(s, lid) / f32(p.dim);
+  let mean = row_sum(lid, s) / f32(p.dim);
   var d = 0.0;
   for (var j = lid; j < p.dim; j += 64u) { let v = x[base + j] - mean; d += v * v; }
-  let cutoff = mean + p.k * sqrt(total(d, lid) / f32(p.dim - p.ddof));
+  let cutoff = mean + p.k * sqrt(row_sum(lid, d) / f32(p.dim - p.ddof));
   for (var j = lid; j < p.dim; j += 64u) { y[dst + j] = max(x[base + j] - cutoff, 0.0); }
 #endif
 }

@@ -1,0 +1,15 @@
+// Included by the kernels that reduce a row with one workgroup of 64: the sum of every
+// invocation's `value` (called by the whole workgroup, in uniform control flow).
+var<workgroup> part: array<f32, 64>;
+
+fn row_sum(lid: u32, value: f32) -> f32 {
+  part[lid] = value;
+  workgroupBarrier();
+  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
+    if (lid < stride) { part[lid] += part[lid + stride]; }
+    workgroupBarrier();
+  }
+  let total = part[0];
+  workgroupBarrier();
+  return total;
+}
