@@ -12,81 +12,10 @@ from conftest import prompt_ids
 
 from pocketlm import LlmInference, load
 from pocketlm.web import create_app, export, runtime_ready
+from pocketlm.web.replay import PackageRunner
 
 wgpu = pytest.importorskip("wgpu")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-class Replayer:
-    """What web/src/runtime.js does, in Python: buffers from the shards, dispatches in order."""
-
-    def __init__(self, package: Path):
-        self.plan = json.loads((package / "plan.json").read_text())
-        adapter = wgpu.gpu.request_adapter_sync()
-        self.device = adapter.request_device_sync(
-            required_limits={
-                "max-storage-buffer-binding-size": adapter.limits["max-storage-buffer-binding-size"]
-            }
-        )
-        usage = wgpu.BufferUsage
-        self.buffers = {}
-        for b in self.plan["buffers"]:
-            flags = (
-                usage.UNIFORM | usage.COPY_DST
-                if b["uniform"]
-                else usage.STORAGE | usage.COPY_DST | usage.COPY_SRC
-            )
-            self.buffers[b["id"]] = self.device.create_buffer(size=b["size"], usage=flags)
-            if "shard" in b:
-                with open(package / b["shard"], "rb") as f:
-                    f.seek(b["offset"])
-                    self.device.queue.write_buffer(self.buffers[b["id"]], 0, f.read(b["length"]))
-        pipelines, layouts = {}, {}
-        for name, code in self.plan["kernels"].items():
-            module = self.device.create_shader_module(code=code)
-            entries = [
-                {"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
-                for i, kind in enumerate(self.plan["bindings"][name])
-            ]
-            layouts[name] = self.device.create_bind_group_layout(entries=entries)
-            pipelines[name] = self.device.create_compute_pipeline(
-                layout=self.device.create_pipeline_layout(bind_group_layouts=[layouts[name]]),
-                compute={"module": module, "entry_point": "main"},
-            )
-        self.passes = {}
-        for name, plan_pass in self.plan["passes"].items():
-            commands = []
-            for kernel, params, ids, groups in plan_pass["dispatches"]:
-                layout = layouts[kernel]
-                entries = [
-                    {
-                        "binding": i,
-                        "resource": {"buffer": self.buffers[b], "offset": 0, "size": self.buffers[b].size},
-                    }
-                    for i, b in enumerate([params, *ids])
-                ]
-                commands.append(
-                    (pipelines[kernel], self.device.create_bind_group(layout=layout, entries=entries), groups)
-                )
-            self.passes[name] = (plan_pass["tokens"], commands, plan_pass["logits"])
-
-    def run(self, name: str, tokens: list[int], position: int) -> np.ndarray:
-        n_tokens, commands, logits = self.passes[name]
-        assert len(tokens) == n_tokens
-        step = np.array([position, len(tokens), *tokens], np.uint32)
-        self.device.queue.write_buffer(self.buffers[self.plan["step"]], 0, step)
-        encoder = self.device.create_command_encoder()
-        compute = encoder.begin_compute_pass()
-        for pipeline, group, groups in commands:
-            compute.set_pipeline(pipeline)
-            compute.set_bind_group(0, group)
-            compute.dispatch_workgroups(*groups)
-        compute.end()
-        self.device.queue.submit([encoder.finish()])
-        raw = self.device.queue.read_buffer(
-            self.buffers[logits["buffer"]], 4 * logits["offset"], 4 * logits["count"]
-        )
-        return np.frombuffer(raw, np.float32)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma4", "gemma3n"])
@@ -95,7 +24,7 @@ def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
     package = export(path, tmp_path / "web", max_tokens=96, progress=False)
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["architecture"] == kind and manifest["max_tokens"] == 96
-    replay = Replayer(package)
+    replay = PackageRunner(package)
     band = replay.passes["prefill"][0]
     ids = prompt_ids(model.config.vocab_size, 2 * band + 8)  # past gemma3's 16-token window
     expected = load(path).logits(ids)
@@ -357,7 +286,7 @@ def test_gemma3_270m_web_package_replays_to_the_native_logits(real_model, tmp_pa
     limit needs it): a prompt band of the prefill pass and two decode steps."""
     path = real_model("gemma3-270m")
     package = export(path, tmp_path / "gemma", max_tokens=64, progress=False)
-    replay = Replayer(package)
+    replay = PackageRunner(package)
     band = replay.passes["prefill"][0]
     native = load(path)
     ids = native.tokenizer.encode("The capital of France is a city that many people visit every year, " * 3)[

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -117,6 +119,20 @@ class GpuTensor:
         return self.ops.elementwise("scale", self, s=float(other))
 
     __rmul__ = __mul__
+
+
+@dataclass
+class Recording:
+    """One pass of a model, recorded as it ran: `commands` (pipeline, bind group, workgroups) to
+    replay it, `trace` (kernel, parameter block id, buffer ids, workgroups) for a web package's plan,
+    `out` the tensor it leaves its result in, `fills` the streamed table rows it reads, and the
+    device's `generation` it binds (a replaced buffer makes it stale)."""
+
+    commands: list
+    trace: list
+    out: GpuTensor
+    fills: list
+    generation: int
 
 
 class GpuLayerCache:
@@ -217,7 +233,7 @@ class WebGPUBackend:
         self.max_positions = 0
         self._first_position = 0
         self._ids = np.zeros(0, np.int64)  # the tokens of the pass being recorded
-        self._decode_plans: dict[int, tuple] = {}
+        self._decode_plans = weakref.WeakKeyDictionary()  # cache -> its recorded decode step
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -464,25 +480,31 @@ class WebGPUBackend:
             values = np.ascontiguousarray(dequantize(raw, w.kind, (len(rows), cols)), np.float32)
             self.device.device.queue.write_buffer(y.buf.gpu, 4 * y.offset, values)
 
+    def record(self, forward: Callable[[], GpuTensor]) -> Recording:
+        """Run one pass, `forward()`, and keep it as a Recording (the pass reads its position and
+        tokens from the step buffer, so it can be replayed for others). Its result is not read."""
+        device = self.device
+        device.commands, device.trace = [], []
+        try:
+            out = self._ready(forward())
+            return Recording(device.commands, device.trace, out, list(self._fills), device.generation)
+        finally:
+            device.commands = device.trace = None
+
     def decode_step(self, model, cache, token: int) -> np.ndarray:
-        """One token through the model: recorded once per cache (the pass reads its position and
-        token from the step buffer), then replayed without running the model's Python again."""
-        plan = self._decode_plans.get(id(cache))
-        if plan is None or plan[0] != self.device.generation or plan[1] is not cache:
-            self.device.commands = []
-            out = self._ready(model.forward(self, np.array([token]), cache))
-            commands, self.device.commands = self.device.commands, None
-            if len(self._decode_plans) >= 4:  # plans hold their caches: keep the latest few
-                del self._decode_plans[next(iter(self._decode_plans))]
-            self._decode_plans[id(cache)] = (self.device.generation, cache, commands, out, self._fills)
-            return self.to_host(out)[-1]
-        _, _, commands, out, fills = plan
+        """One token through the model: recorded once per cache, then replayed without running
+        the model's Python again."""
+        step = self._decode_plans.get(cache)
+        if step is None or step.generation != self.device.generation:
+            step = self.record(lambda: model.forward(self, np.array([token]), cache))
+            self._decode_plans[cache] = step
+            return self.to_host(step.out)[-1]
         self._ids = np.array([token])
         self.device.set_step(cache.offset, self._ids)
-        self.device.replay(commands)
-        self._fills = list(fills)
+        self.device.replay(step.commands)
+        self._fills = list(step.fills)
         cache.offset += 1
-        return self.to_host(out)[-1]
+        return self.to_host(step.out)[-1]
 
     def greedy_tokens(self, model, cache, token: int, limit: int) -> Iterator[int]:
         """Up to `limit` greedy tokens after `token`, each chosen on the GPU (argmax.wgsl), which also
@@ -494,8 +516,9 @@ class WebGPUBackend:
             return
         logits = self.decode_step(model, cache, token)  # on the host: records the step if needed
         token = int(np.argmax(logits)) if np.isfinite(logits).all() else -1
-        _, _, commands, out, fills = self._decode_plans[id(cache)]
-        if fills or token < 0:  # rows streamed from the file need the host between steps
+        step = self._decode_plans[cache]
+        commands, out = step.commands, step.out
+        if step.fills or token < 0:  # rows streamed from the file need the host between steps
             yield token
             for _ in range(limit - 1):
                 logits = self.decode_step(model, cache, token)
@@ -532,8 +555,8 @@ class WebGPUBackend:
 
     def dispatches_per_token(self, cache) -> int | None:
         """Dispatches of the decode step recorded for `cache` (None before its first)."""
-        plan = self._decode_plans.get(id(cache))
-        return len(plan[2]) if plan else None
+        step = self._decode_plans.get(cache)
+        return len(step.commands) if step else None
 
     # -- ops ------------------------------------------------------------------------------------
 

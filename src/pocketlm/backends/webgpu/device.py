@@ -217,17 +217,20 @@ class Device:
     def params(self, values: list) -> Buffer:
         """A uniform block of u32 / f32 fields (Python ints / floats), made once per contents."""
         key = tuple(values)
-        if key in self._params:
-            return self._params[key]
-        raw = b"".join(
-            np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values
-        )
+        if key not in self._params:
+            raw = b"".join(
+                np.float32(v).tobytes() if isinstance(v, float) else np.uint32(v).tobytes() for v in values
+            )
+            self._params[key] = self.uniform(raw)
+        return self._params[key]
+
+    def uniform(self, raw: bytes) -> Buffer:
+        """A uniform buffer holding `raw` (padded to 16 bytes)."""
         raw += b"\0" * (-len(raw) % 16)
         usage = self.wgpu.BufferUsage
         gpu = self.device.create_buffer_with_data(data=raw, usage=usage.UNIFORM | usage.COPY_DST)
         buf = Buffer(len(self.buffers), gpu, len(raw), "params", np.frombuffer(raw, np.uint8))
         self.buffers.append(buf)
-        self._params[key] = buf
         return buf
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -242,11 +245,12 @@ class Device:
             if kernel not in self._pipelines and kernel not in self._compiling:
                 self._compiling[kernel] = self._compiler.submit(self._compile, kernel)
 
-    def _compile(self, kernel: str):
-        module = self.device.create_shader_module(code=wgsl_source(kernel))
+    def _compile(self, kernel: str, code: str | None = None, bindings: tuple[str, ...] | None = None):
+        """(bind group layout, pipeline) of a kernel of wgsl/, or of `code` with `bindings` given."""
+        module = self.device.create_shader_module(code=code if code is not None else wgsl_source(kernel))
         entries = [
             {"binding": i, "visibility": self.wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
-            for i, kind in enumerate(binding_types(kernel))
+            for i, kind in enumerate(bindings if bindings is not None else binding_types(kernel))
         ]
         layout = self.device.create_bind_group_layout(entries=entries)
         pipeline = self.device.create_compute_pipeline(
@@ -255,19 +259,19 @@ class Device:
         )
         return layout, pipeline
 
-    def pipeline(self, kernel: str):
+    def pipeline(self, kernel: str, code: str | None = None, bindings: tuple[str, ...] | None = None):
+        """A kernel's compute pipeline, made once (a web package's kernels come with their `code`
+        and `bindings`)."""
         if kernel not in self._pipelines:
             future = self._compiling.pop(kernel, None)
-            layout, pipeline = future.result() if future is not None else self._compile(kernel)
+            layout, pipeline = (
+                future.result() if future is not None else self._compile(kernel, code, bindings)
+            )
             self._layouts[kernel], self._pipelines[kernel] = layout, pipeline
         return self._pipelines[kernel]
 
-    def dispatch(
-        self, kernel: str, params: dict, buffers: list[Buffer], groups: tuple[int, int, int]
-    ) -> None:
-        """Run `kernel` with its `struct Params` fields by name (see pack_params) over `buffers`."""
-        pipeline = self.pipeline(kernel)
-        bound = [self.params(pack_params(kernel, params)), *buffers]
+    def bind(self, kernel: str, bound: list[Buffer]):
+        """The bind group of `bound` (parameter block first) for a kernel, made once."""
         key = (kernel, *(b.id for b in bound))
         group = self._bind_groups.get(key)
         if group is None:
@@ -277,6 +281,15 @@ class Device:
             ]
             group = self.device.create_bind_group(layout=self._layouts[kernel], entries=entries)
             self._bind_groups[key] = group
+        return group
+
+    def dispatch(
+        self, kernel: str, params: dict, buffers: list[Buffer], groups: tuple[int, int, int]
+    ) -> None:
+        """Run `kernel` with its `struct Params` fields by name (see pack_params) over `buffers`."""
+        pipeline = self.pipeline(kernel)
+        bound = [self.params(pack_params(kernel, params)), *buffers]
+        group = self.bind(kernel, bound)
         if self._pass is None:
             self._encoder = self.device.create_command_encoder()
             self._pass = self._encoder.begin_compute_pass()

@@ -1,0 +1,72 @@
+"""A web package run the way the browser runtime (`web/src/runtime.js`) runs it, in Python, on a
+wgpu device: every buffer of the plan created and filled from the shards, each kernel compiled from
+the plan's WGSL with the plan's bind group layout, and a pass replayed by `Device.replay` (as the
+backend replays its own recorded decode step) with its position and tokens in the step buffer,
+the logits read back. The package's other reader is runtime.js; the tests check both against the
+native backends."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..backends.webgpu.device import Device
+from ..errors import InvalidOptionError
+
+
+class PackageRunner:
+    """`run(pass_name, tokens, position) -> logits` of the last token; `passes[name][0]` is how
+    many tokens a pass takes."""
+
+    def __init__(self, package: str | os.PathLike):
+        from . import FORMAT
+
+        package = Path(package)
+        plan = json.loads((package / "plan.json").read_text())
+        if plan.get("format") != FORMAT:
+            raise InvalidOptionError(
+                f"{package} holds a plan of format {plan.get('format')}; this version reads {FORMAT}: export it again"
+            )
+        self.device = device = Device()
+        if device.step.size < 4 * plan["step_capacity"]:
+            device.step = device.buffer(4 * plan["step_capacity"], "step")
+        self.buffers = {}
+        for b in plan["buffers"]:
+            data = None
+            if "shard" in b:
+                with open(package / b["shard"], "rb") as f:
+                    f.seek(b["offset"])
+                    data = f.read(b["length"])
+            if b["id"] == plan["step"]:
+                self.buffers[b["id"]] = device.step
+            elif b["uniform"]:
+                self.buffers[b["id"]] = device.uniform(data)
+            else:
+                values = np.frombuffer(data, np.uint8) if data is not None else None
+                self.buffers[b["id"]] = device.buffer(b["size"], "package", values)
+        for name, code in plan["kernels"].items():
+            device.pipeline(name, code, tuple(plan["bindings"][name]))
+        self.passes = {}
+        for name, recorded in plan["passes"].items():
+            commands = [
+                (
+                    device.pipeline(kernel),
+                    device.bind(kernel, [self.buffers[i] for i in (params, *ids)]),
+                    tuple(groups),
+                )
+                for kernel, params, ids, groups in recorded["dispatches"]
+            ]
+            self.passes[name] = (recorded["tokens"], commands, recorded["logits"])
+
+    def run(self, name: str, tokens: list[int], position: int) -> np.ndarray:
+        """The logits after pass `name` over `tokens` (exactly as many as it takes) at `position`."""
+        n_tokens, commands, logits = self.passes[name]
+        if len(tokens) != n_tokens:
+            raise ValueError(f"the {name} pass takes {n_tokens} tokens, not {len(tokens)}")
+        self.device.set_step(position, np.asarray(tokens))
+        self.device.replay(commands)
+        out = self.buffers[logits["buffer"]]
+        return self.device.finish(out, 4 * logits["offset"], 4 * logits["count"]).view(np.float32)
