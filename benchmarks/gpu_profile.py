@@ -51,7 +51,7 @@ def main() -> None:
     decode_step(lm, cache, 7)
     print(f"first decode step (records the plan): {1e3 * (time.perf_counter() - t0):.1f} ms")
     step = median_ms(lambda: decode_step(lm, cache, 7), 30)
-    recorded = lm.ops._decode_plans[cache]
+    recorded = lm.step.recordings[cache]
     commands, out = recorded.commands, recorded.out
     print(f"replayed decode step: {step:.2f} ms ({1e3 / step:.0f} tok/s), {len(commands)} dispatches")
 

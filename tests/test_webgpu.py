@@ -523,7 +523,7 @@ def test_a_decode_step_is_six_dispatches_a_layer(tiny, kind):
     cache = lm.make_cache(128)
     prefill(lm, cache, prompt_ids(model.config.vocab_size, 20))
     decode_step(lm, cache, 5)
-    assert lm.ops.dispatches_per_token(cache) == 6 * model.config.num_hidden_layers + 2
+    assert lm.step.dispatches(cache) == 6 * model.config.num_hidden_layers + 2
 
 
 def test_one_token_through_a_large_matrix_uses_more_rows_a_workgroup(gpu):

@@ -131,7 +131,7 @@ def run_bench(
         if i % 16 == 0:
             say(f"decode {i}/{gen_tokens}")
     decode_seconds = time.perf_counter() - start
-    count = getattr(lm.ops, "dispatches_per_token", None)
+    count = getattr(lm.step, "dispatches", None)
     return BenchResult(
         model=str(lm.path.name),
         file_mb=lm.file.size / 1e6,

@@ -74,6 +74,7 @@ class LoadedModel:
                 key, None
             )  # built into the tokenizer; as Python objects they are tens of MB
         self.ops = make_backend(backend, self.model, self.file.architecture, **backend_options)
+        self.step = self.ops.capture(self.model.forward)  # one decode step (the GPU replays it)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).
         streamed = getattr(self.model, "streamed", frozenset())
@@ -148,7 +149,8 @@ def prefill(lm: LoadedModel, cache: KVCache, ids: list[int]) -> np.ndarray:
 
 
 def decode_step(lm: LoadedModel, cache: KVCache, token: int) -> np.ndarray:
-    return lm.ops.decode_step(lm.model, cache, token)
+    """The logits after one more token (through the backend's captured step)."""
+    return lm.ops.to_host(lm.step(np.array([token], np.int64), cache))[-1]
 
 
 @dataclass
@@ -243,7 +245,7 @@ def greedy_tokens(lm: LoadedModel, cache: KVCache, token: int, limit: int) -> It
     last is read back)."""
     own = getattr(lm.ops, "greedy_tokens", None)
     if own is not None:
-        for chosen in own(lm.model, cache, token, limit):
+        for chosen in own(lm.step, cache, token, limit):
             if chosen < 0:
                 _check_finite(lm, None)
             yield chosen

@@ -14,6 +14,7 @@ cannot run is refused with one line naming what is missing, never by the backend
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -57,9 +58,13 @@ class Backend(Protocol):
         """Whatever a backend does once at load so that the first prompt pays nothing extra
         (the CPU runs one token: kernels loaded from their cache, q/k/v rows stacked)."""
 
-    def decode_step(self, model, cache, token: int) -> np.ndarray:
-        """The logits [vocab] after one more token at `cache.offset` (a backend may replay a
-        recorded pass instead of running the model's Python)."""
+    def capture(
+        self, forward: Callable[[Any, np.ndarray, Any], Activation]
+    ) -> Callable[[np.ndarray, Any], Activation]:
+        """`forward(ops, ids, cache)` (a model's pass, advancing cache.offset) as a step called
+        `step(ids, cache)`: a backend may record the pass once and replay it for later tokens
+        without running the model's Python (the GPU's, like CUDA graphs or mx.compile), or run it
+        each time (the CPU's). The engine's decode steps go through it."""
 
     # -- ops -------------------------------------------------------------------------------------
 

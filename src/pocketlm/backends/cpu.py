@@ -13,6 +13,7 @@ matrices are used in place. Embedding lookups dequantize only the rows they read
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -129,9 +130,9 @@ class CpuBackend:
         if self.fast:
             model.forward(self, np.zeros(1, np.int64), make_cache(1))
 
-    def decode_step(self, model, cache, token: int) -> np.ndarray:
-        """The logits after one more token (the webgpu backend replays a recorded pass instead)."""
-        return model.forward(self, np.array([token], np.int64), cache)[-1]
+    def capture(self, forward):
+        """The step as it is: the model's Python runs each time (the webgpu backend records it)."""
+        return functools.partial(forward, self)
 
     def pin(self, name: str, data: np.ndarray) -> None:
         """Read tensor `name`'s bytes from `data` (a resident copy) instead of the file."""

@@ -135,6 +135,38 @@ class Recording:
     generation: int
 
 
+class CapturedStep:
+    """A model's pass over one token, recorded for each cache at its first call and replayed after:
+    the pass reads its position and token from the step buffer, so the model's Python runs once a
+    cache (longer passes run as they are). `step(ids, cache)` leaves the logits on the GPU."""
+
+    def __init__(self, ops: WebGPUBackend, forward):
+        self.ops, self.forward = ops, forward
+        self.recordings = weakref.WeakKeyDictionary()  # cache -> Recording
+
+    def __call__(self, ids: np.ndarray, cache) -> GpuTensor:
+        ops, device = self.ops, self.ops.device
+        ids = np.asarray(ids, np.int64)
+        if len(ids) != 1:
+            return ops._ready(self.forward(ops, ids, cache))
+        recorded = self.recordings.get(cache)
+        if recorded is None or recorded.generation != device.generation:
+            recorded = ops.record(lambda: self.forward(ops, ids, cache))
+            self.recordings[cache] = recorded
+            return recorded.out
+        ops._ids = ids
+        device.set_step(cache.offset, ids)
+        device.replay(recorded.commands)
+        ops._fills = list(recorded.fills)
+        cache.offset += 1
+        return recorded.out
+
+    def dispatches(self, cache) -> int | None:
+        """Dispatches of the step recorded for `cache` (None before its first)."""
+        recorded = self.recordings.get(cache)
+        return len(recorded.commands) if recorded else None
+
+
 class GpuLayerCache:
     """Keys and values of every position of one layer, in device memory."""
 
@@ -233,7 +265,6 @@ class WebGPUBackend:
         self.max_positions = 0
         self._first_position = 0
         self._ids = np.zeros(0, np.int64)  # the tokens of the pass being recorded
-        self._decode_plans = weakref.WeakKeyDictionary()  # cache -> its recorded decode step
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -491,38 +522,30 @@ class WebGPUBackend:
         finally:
             device.commands = device.trace = None
 
-    def decode_step(self, model, cache, token: int) -> np.ndarray:
-        """One token through the model: recorded once per cache, then replayed without running
-        the model's Python again."""
-        step = self._decode_plans.get(cache)
-        if step is None or step.generation != self.device.generation:
-            step = self.record(lambda: model.forward(self, np.array([token]), cache))
-            self._decode_plans[cache] = step
-            return self.to_host(step.out)[-1]
-        self._ids = np.array([token])
-        self.device.set_step(cache.offset, self._ids)
-        self.device.replay(step.commands)
-        self._fills = list(step.fills)
-        cache.offset += 1
-        return self.to_host(step.out)[-1]
+    def capture(self, forward) -> CapturedStep:
+        """`forward(ops, ids, cache)` over one token, recorded per cache and replayed after."""
+        return CapturedStep(self, forward)
 
-    def greedy_tokens(self, model, cache, token: int, limit: int) -> Iterator[int]:
+    def greedy_tokens(self, step: CapturedStep, cache, token: int, limit: int) -> Iterator[int]:
         """Up to `limit` greedy tokens after `token`, each chosen on the GPU (argmax.wgsl), which also
         feeds it to the next step there: step N + 1 is encoded and submitted before step N's token is
         read back, so the host's work overlaps the GPU's. A token is in the cache once the next one is
-        asked for, so a reader that stops leaves the cache as decode_step would (the step run ahead
+        asked for, so a reader that stops leaves the cache as `step` would (the step run ahead
         is overwritten later). -1 stands for a step whose logits were not all finite."""
         if limit <= 0:
             return
-        logits = self.decode_step(model, cache, token)  # on the host: records the step if needed
-        token = int(np.argmax(logits)) if np.isfinite(logits).all() else -1
-        step = self._decode_plans[cache]
-        commands, out = step.commands, step.out
-        if step.fills or token < 0:  # rows streamed from the file need the host between steps
+
+        def on_host(token: int) -> int:
+            logits = self.to_host(step(np.array([token]), cache))[-1]
+            return int(np.argmax(logits)) if np.isfinite(logits).all() else -1
+
+        token = on_host(token)  # records the step if needed
+        recorded = step.recordings[cache]
+        commands, out = recorded.commands, recorded.out
+        if recorded.fills or token < 0:  # rows streamed from the file need the host between steps
             yield token
             for _ in range(limit - 1):
-                logits = self.decode_step(model, cache, token)
-                token = int(np.argmax(logits)) if np.isfinite(logits).all() else -1
+                token = on_host(token)
                 yield token
             return
         if self._argmax_out is None:
@@ -552,11 +575,6 @@ class WebGPUBackend:
             value, bad = self.device.read(self._readbacks[pending % 2], 8).view(np.uint32)
             pending = ahead
             yield -1 if bad else int(value)
-
-    def dispatches_per_token(self, cache) -> int | None:
-        """Dispatches of the decode step recorded for `cache` (None before its first)."""
-        step = self._decode_plans.get(cache)
-        return len(step.commands) if step else None
 
     # -- ops ------------------------------------------------------------------------------------
 
