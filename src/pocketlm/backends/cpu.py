@@ -97,11 +97,9 @@ class CpuBackend:
         resident copy when `prepare` was given `copy_out`, else the file's mapped bytes.
 
         The copy is anonymous memory, which numpy asks the kernel to back with huge pages; the
-        file's mapping goes through 4 KB pages. Reading Gemma 3's 178 MB output matrix once a
-        token took 13.3 ms from the mapping and 6.3 ms from the copy (measured on the
-        development machine; on a fresh boot the mapping had read at 6.9 ms, its page cache
-        evidently in larger pieces then). The copy is made chunk by chunk, its file pages let
-        go as it goes, so memory holds one of the two."""
+        file's mapping goes through 4 KB pages, which a matrix read whole every token (Gemma 3's
+        178 MB output matrix) reads at about half the speed (`benchmarks/RESULTS.md`). The copy is
+        made chunk by chunk, its file pages let go as it goes, so memory holds one of the two."""
         if self._copy_out is None:
             return w.data
         if w.name not in self._pinned:

@@ -190,8 +190,10 @@ class GpuLayerCache:
         return fetched
 
     def copy(self) -> GpuLayerCache:
+        """The same positions in buffers of its own (a KVCache copy marks it shared again)."""
         twin = object.__new__(GpuLayerCache)
-        twin.__dict__.update(self.__dict__)
+        twin.ops, twin.capacity, twin.window = self.ops, self.capacity, self.window
+        twin.k_shape, twin.v_shape = self.k_shape, self.v_shape
         twin.keys = self.ops.device.buffer(self.keys.size, "cache")
         twin.values = self.ops.device.buffer(self.values.size, "cache")
         self.ops.device.copy(self.keys, twin.keys)
