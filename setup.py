@@ -1,4 +1,4 @@
-"""The package build bundles the browser runtime (web/src + its npm dependencies) into
+"""The package build bundles the browser runtime (browser/src + its npm dependencies) into
 src/pocketlm/web/static/worker.js, so that `pocketlm web` works from an installed wheel. Needs
 Node.js and npm on the build machine; without them the wheel is built without the runtime, with a
 warning, and `pocketlm web` says so."""
@@ -17,13 +17,13 @@ WORKER = ROOT / "src" / "pocketlm" / "web" / "static" / "worker.js"
 
 class BuildWithBrowserRuntime(build_py):
     def run(self):
-        sources = ROOT / "web" / "package.json"
+        sources = ROOT / "browser" / "package.json"
         if sources.exists() and shutil.which("npm"):
             stale = not WORKER.exists() or any(
-                f.stat().st_mtime > WORKER.stat().st_mtime for f in (ROOT / "web" / "src").glob("*.js")
+                f.stat().st_mtime > WORKER.stat().st_mtime for f in (ROOT / "browser" / "src").glob("*.js")
             )
             if stale:
-                npm = {"cwd": ROOT / "web", "check": True}
+                npm = {"cwd": ROOT / "browser", "check": True}
                 subprocess.run(["npm", "ci", "--silent", "--no-audit", "--no-fund"], **npm)
                 subprocess.run(["npm", "run", "--silent", "build"], **npm)
         elif not WORKER.exists():

@@ -9,7 +9,7 @@ from pocketlm.errors import InvalidOptionError
 from pocketlm.sampling import make_sampler, mulberry32
 
 LOGITS = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-# node -e 'import("./web/src/runtime.js").then(({mulberry32}) => { const r = mulberry32(42);
+# node -e 'import("./browser/src/runtime.js").then(({mulberry32}) => { const r = mulberry32(42);
 #   console.log([r(), r(), r()].map((x) => Math.round(x * 2 ** 32))) })'
 MULBERRY32_42 = [2581720956, 1925393290, 3661312704]
 
@@ -36,7 +36,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_the_generator_is_mulberry32_as_the_browser_runtime_has_it():
-    """The first draws of web/src/runtime.js's mulberry32(42) (printed by Node)."""
+    """The first draws of browser/src/runtime.js's mulberry32(42) (printed by Node)."""
     random = mulberry32(42)
     assert [round(random() * 2**32) for _ in range(3)] == MULBERRY32_42
 

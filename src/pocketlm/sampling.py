@@ -2,7 +2,7 @@
 
 Temperature 0 is greedy (argmax). Otherwise: scale by 1/temperature, keep the `top_k` best
 (0 keeps all), keep the smallest set whose probability reaches `top_p`, draw with a seeded RNG.
-The browser runtime (`web/src/runtime.js`, `makeSampler`) does the same arithmetic in the same
+The browser runtime (`browser/src/runtime.js`, `makeSampler`) does the same arithmetic in the same
 order with the same RNG (mulberry32), so a seed gives the same text in Python and in the page.
 """
 

@@ -1,4 +1,4 @@
-"""A web package run the way the browser runtime (`web/src/runtime.js`) runs it, in Python, on a
+"""A web package run the way the browser runtime (`browser/src/runtime.js`) runs it, in Python, on a
 wgpu device: every buffer of the plan created and filled from the shards, each kernel compiled from
 the plan's WGSL with the plan's bind group layout, and a pass replayed by `Device.replay` (as the
 backend replays its own recorded decode step) with its position and tokens in the step buffer,
