@@ -154,10 +154,7 @@ class CapturedStep:
             recorded = ops.record(lambda: self.forward(ops, ids, cache))
             self.recordings[cache] = recorded
             return recorded.out
-        ops._ids = ids
-        device.set_step(cache.offset, ids)
-        device.replay(recorded.commands)
-        ops._fills = list(recorded.fills)
+        ops.replay(recorded, ids, cache.offset)
         cache.offset += 1
         return recorded.out
 
@@ -524,6 +521,14 @@ class WebGPUBackend:
         finally:
             device.commands = device.trace = None
 
+    def replay(self, recorded: Recording, ids: np.ndarray, position: int) -> None:
+        """Encode a recorded pass again over tokens `ids` at `position` (the streamed rows it reads
+        are copied in when it is submitted)."""
+        self._ids = np.asarray(ids)
+        self.device.set_step(position, self._ids)
+        self.device.replay(recorded.commands)
+        self._fills = list(recorded.fills)
+
     def capture(self, forward) -> CapturedStep:
         """`forward(ops, ids, cache)` over one token, recorded per cache and replayed after."""
         return CapturedStep(self, forward)
@@ -555,10 +560,10 @@ class WebGPUBackend:
             self._readbacks = [self.device.readback_buffer(16) for _ in range(2)]
 
         def submit(k: int, first: bool) -> int:
-            if first:  # later steps read the position and token the previous step's argmax left
-                self._ids = np.array([token])
-                self.device.set_step(cache.offset, self._ids)
-            self.device.replay(commands)
+            if first:
+                self.replay(recorded, np.array([token]), cache.offset)
+            else:  # later steps read the position and token the previous step's argmax left
+                self.device.replay(commands)
             params = dict(n=out.size, l_off=out.offset)
             self.device.dispatch("argmax", params, [out.buf, self.device.step, self._argmax_out], (1, 1, 1))
             self.device.submit([(self._argmax_out, 0, self._readbacks[k % 2], 8)], write_step=first)
@@ -751,8 +756,7 @@ class WebGPUBackend:
                 if op == "add":
                     lazy = self._whole(first, "linear") or self._whole(first, "norm")
                     if lazy is not None and second.lazy is not lazy:
-                        out = self._run(lazy, self._ready(second), into=self.new(a.shape))
-                        return GpuTensor(self, out.buf, a.shape, out.offset)
+                        return self._run(lazy, self._ready(second), into=self.new(a.shape))
                 else:
                     lazy = self._whole(first, "act")
                     if lazy is not None and second.lazy is not lazy:
