@@ -42,13 +42,25 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from . import isa as isas
+from .ir import (
+    F32,
+    I8,
+    I32,
+    I64,
+    const,
+    counted_loop,
+    declare,
+    fmul,
+    horizontal_sum,
+    indices,
+    load,
+    splat,
+    vec,
+)
 
 BLOCK = 32  # activation values per scale
 Q5_0_BYTES = 22  # a Q5_0 block: f16 scale, 32 fifth bits, 16 bytes of nibbles
 Q8_0_BYTES = 34  # a Q8_0 block: f16 scale, 32 int8 values
-
-_I8, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-
 
 ISA = isas.PATH  # the path this process's kernels are built with
 
@@ -93,38 +105,17 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 # -- LLVM IR ---------------------------------------------------------------------------------
 
 
-def _vec(t, n):
-    return ir.VectorType(t, n)
-
-
-def _splat(t, n, value):
-    return ir.Constant(_vec(t, n), [value] * n)
-
-
-def _indices(values):
-    return ir.Constant(_vec(_I32, len(values)), list(values))
-
-
-def _load(builder, data, index, typ, align=1):
-    """Load a `typ` at element `index` of a numba array's data pointer."""
-    return builder.load(builder.bitcast(builder.gep(data, [index]), typ.as_pointer()), align=align)
-
-
-def _declare(builder, name, result, operands):
-    return builder.module.declare_intrinsic(name, (), ir.FunctionType(result, operands))
-
-
 def _chunks(builder, v, size):
     """A vector cut into consecutive vectors of `size` elements."""
     n = v.type.count
-    return [builder.shuffle_vector(v, v, _indices(range(k, k + size))) for k in range(0, n, size)]
+    return [builder.shuffle_vector(v, v, indices(range(k, k + size))) for k in range(0, n, size)]
 
 
 def _joined(builder, parts):
     """The inverse of `_chunks`."""
     while len(parts) > 1:
         parts = [
-            builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
+            builder.shuffle_vector(a, b, indices(range(2 * a.type.count)))
             for a, b in zip(parts[::2], parts[1::2])
         ]
     return parts[0]
@@ -133,14 +124,14 @@ def _joined(builder, parts):
 def _dot4_avx2(builder, acc, a, b, signed):
     """<8 x i32> acc + sums of 4 of <32 x i8> a x b: vpmaddubsw (unsigned a x signed b, pairs
     to int16; no saturation for |a| <= 128 with |b| <= 127, or a <= 31), vpmaddwd by ones."""
-    t8, t16 = _vec(_I8, 32), _vec(ir.IntType(16), 16)
+    t8, t16 = vec(I8, 32), vec(ir.IntType(16), 16)
     if signed:  # |a| x (b with a's sign): the same products, a now unsigned
-        sign = _declare(builder, "llvm.x86.avx2.psign.b", t8, [t8, t8])
+        sign = declare(builder, "llvm.x86.avx2.psign.b", t8, [t8, t8])
         a, b = builder.call(sign, [a, a]), builder.call(sign, [b, a])
-    pairs = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.ub.sw", t16, [t8, t8]), [a, b])
+    pairs = builder.call(declare(builder, "llvm.x86.avx2.pmadd.ub.sw", t16, [t8, t8]), [a, b])
     quads = builder.call(
-        _declare(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8), [t16, t16]),
-        [pairs, _splat(ir.IntType(16), 16, 1)],
+        declare(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [t16, t16]),
+        [pairs, splat(ir.IntType(16), 16, 1)],
     )
     return builder.add(acc, quads)
 
@@ -150,14 +141,14 @@ def _dot4_chunk(builder, isa, acc, a, b, signed):
     if isa == "avx2":
         return _dot4_avx2(builder, acc, a, b, signed)
     if isa == "avxvnni":  # declared with the <8 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
-        t = _vec(_I32, 8)
+        t = vec(I32, 8)
         return builder.call(
-            _declare(builder, "llvm.x86.avx512.vpdpbusd.256", t, [t, t, t]),
+            declare(builder, "llvm.x86.avx512.vpdpbusd.256", t, [t, t, t]),
             [acc, builder.bitcast(a, t), builder.bitcast(b, t)],
         )
-    t, t8 = _vec(_I32, 4), _vec(_I8, 16)  # ARM: usdot (unsigned x signed), sdot (signed x signed)
+    t, t8 = vec(I32, 4), vec(I8, 16)  # ARM: usdot (unsigned x signed), sdot (signed x signed)
     name = "llvm.aarch64.neon.sdot.v4i32.v16i8" if isa == "dotprod" else "llvm.aarch64.neon.usdot.v4i32.v16i8"
-    return builder.call(_declare(builder, name, t, [t, t8, t8]), [acc, a, b])
+    return builder.call(declare(builder, name, t, [t, t8, t8]), [acc, a, b])
 
 
 _CHUNK_BYTES = {"avx2": 32, "avxvnni": 32, "dotprod": 16, "i8mm": 16}
@@ -168,9 +159,9 @@ def _dot4(builder, isa, acc, a, b, signed=False):
     unsigned (or signed, for the paths in isa.SIGNED_WEIGHTS), b the signed activations."""
     assert not signed or isa in isas.SIGNED_WEIGHTS or isa == "portable"
     if isa == "avx512vnni":  # declared with the <16 x i32> operands of LLVM <= 21; LLVM 22 upgrades them
-        t = _vec(_I32, 16)
+        t = vec(I32, 16)
         return builder.call(
-            _declare(builder, "llvm.x86.avx512.vpdpbusd.512", t, [t, t, t]),
+            declare(builder, "llvm.x86.avx512.vpdpbusd.512", t, [t, t, t]),
             [acc, builder.bitcast(a, t), builder.bitcast(b, t)],
         )
     if isa in _CHUNK_BYTES:
@@ -178,60 +169,19 @@ def _dot4(builder, isa, acc, a, b, signed=False):
         parts = zip(_chunks(builder, acc, size // 4), _chunks(builder, a, size), _chunks(builder, b, size))
         return _joined(builder, [_dot4_chunk(builder, isa, *part, signed) for part in parts])
     widen = builder.sext if signed else builder.zext
-    products = builder.mul(widen(a, _vec(_I32, 64)), builder.sext(b, _vec(_I32, 64)))
-    part = [builder.shuffle_vector(products, products, _indices(range(k, 64, 4))) for k in range(4)]
+    products = builder.mul(widen(a, vec(I32, 64)), builder.sext(b, vec(I32, 64)))
+    part = [builder.shuffle_vector(products, products, indices(range(k, 64, 4))) for k in range(4)]
     return builder.add(acc, builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3])))
-
-
-def _horizontal_sum(builder, v, n):
-    while n > 1:
-        n //= 2
-        low = builder.shuffle_vector(v, v, _indices(range(n)))
-        high = builder.shuffle_vector(v, v, _indices(range(n, 2 * n)))
-        v = builder.fadd(low, high, flags=("fast",))
-    return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
 def _pad(builder, v, n):
     """The n-element vector v followed by n zeros."""
-    return builder.shuffle_vector(v, ir.Constant(v.type, None), _indices(range(2 * n)))
+    return builder.shuffle_vector(v, ir.Constant(v.type, None), indices(range(2 * n)))
 
 
 def _spread(builder, v, n, lanes):
     """<n x float> -> <n * lanes x float>, each value repeated over `lanes` lanes."""
-    return builder.shuffle_vector(v, v, _indices([i for i in range(n) for _ in range(lanes)]))
-
-
-def _fmul(builder, a, b):
-    return builder.fmul(a, b, flags=("fast",))
-
-
-def _const(value):
-    return ir.Constant(_I64, value)
-
-
-def _counted_loop(builder, count, initial, body):
-    """for i in range(count): values = body(builder, i, values); returns the final values
-    (LLVM values, one phi each)."""
-    entry = builder.block
-    head, block, done = (builder.function.append_basic_block(f"intdot.{n}") for n in ("head", "body", "done"))
-    builder.branch(head)
-    builder.position_at_end(head)
-    i = builder.phi(_I64)
-    i.add_incoming(ir.Constant(_I64, 0), entry)
-    phis = []
-    for value in initial:
-        phis.append(builder.phi(value.type))
-        phis[-1].add_incoming(value, entry)
-    builder.cbranch(builder.icmp_unsigned("<", i, count), block, done)
-    builder.position_at_end(block)
-    updated = body(builder, i, phis)
-    i.add_incoming(builder.add(i, ir.Constant(_I64, 1)), builder.block)
-    for phi, value in zip(phis, updated):
-        phi.add_incoming(value, builder.block)
-    builder.branch(head)
-    builder.position_at_end(done)
-    return phis
+    return builder.shuffle_vector(v, v, indices([i for i in range(n) for _ in range(lanes)]))
 
 
 def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True, offsets=None):
@@ -246,38 +196,38 @@ def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True, off
 
     def accumulate(builder, acc, start, width):
         values, scales = step(builder, start, width)
-        x = _load(builder, xq, start, _vec(_I8, width))
-        init = ir.Constant(_vec(_I32, width // 4), None)
+        x = load(builder, xq, start, vec(I8, width))
+        init = ir.Constant(vec(I32, width // 4), None)
         if bias:
-            sums = _load(builder, xq4, builder.udiv(start, _const(4)), _vec(_I32, width // 4))
-            init = builder.mul(sums, _splat(_I32, width // 4, -bias))
+            sums = load(builder, xq4, builder.udiv(start, const(4)), vec(I32, width // 4))
+            init = builder.mul(sums, splat(I32, width // 4, -bias))
         if width == 32:
             values, x, init, scales = (
                 _pad(builder, v, n) for v, n in ((values, 32), (x, 32), (init, 8), (scales, 8))
             )
-        lanes = builder.sitofp(_dot4(builder, isa, init, values, x, signed), _vec(_F32, 16))
-        return builder.fadd(acc, _fmul(builder, lanes, scales), flags=("fast",))
+        lanes = builder.sitofp(_dot4(builder, isa, init, values, x, signed), vec(F32, 16))
+        return builder.fadd(acc, fmul(builder, lanes, scales), flags=("fast",))
 
     def offset_terms(builder, acc, start):
-        block = builder.udiv(start, _const(BLOCK))
-        terms = _fmul(
+        block = builder.udiv(start, const(BLOCK))
+        terms = fmul(
             builder,
-            _load(builder, offsets[0], block, _vec(_F32, 2), 4),
-            _load(builder, offsets[1], block, _vec(_F32, 2), 4),
+            load(builder, offsets[0], block, vec(F32, 2), 4),
+            load(builder, offsets[1], block, vec(F32, 2), 4),
         )
         return builder.fadd(acc, terms, flags=("fast",))
 
     def full_step(builder, i, accs):
-        start = builder.mul(i, _const(64))
+        start = builder.mul(i, const(64))
         updated = [accumulate(builder, accs[0], start, 64)]
         return updated + [offset_terms(builder, accs[1], start)] if offsets else updated
 
-    initial = [ir.Constant(_vec(_F32, 16), None)] + ([ir.Constant(_vec(_F32, 2), None)] if offsets else [])
-    accs = _counted_loop(builder, builder.udiv(n_values, _const(64)), initial, full_step)
-    extra = _horizontal_sum(builder, accs[1], 2) if offsets else None
+    initial = [ir.Constant(vec(F32, 16), None)] + ([ir.Constant(vec(F32, 2), None)] if offsets else [])
+    accs = counted_loop(builder, builder.udiv(n_values, const(64)), initial, full_step)
+    extra = horizontal_sum(builder, accs[1], 2) if offsets else None
     acc = accs[0]
     if tail:
-        tail_start = builder.mul(builder.udiv(n_values, _const(64)), _const(64))
+        tail_start = builder.mul(builder.udiv(n_values, const(64)), const(64))
         before = builder.block
         with builder.if_then(builder.icmp_unsigned("<", tail_start, n_values)):
             with_tail = accumulate(builder, acc, tail_start, 32)
@@ -286,7 +236,7 @@ def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True, off
         total.add_incoming(acc, before)
         total.add_incoming(with_tail, tail_end)
         acc = total
-    result = _horizontal_sum(builder, acc, 16)
+    result = horizontal_sum(builder, acc, 16)
     return builder.fadd(result, extra, flags=("fast",)) if offsets else result
 
 
@@ -294,16 +244,16 @@ def _lane_scales(builder, weight_scales, xd, start, width, sub):
     """Scales of the lanes of a step: weight scales <width/sub x float> (one per sub values) times
     the activation scales (pointer `xd`) of their blocks of 32, each over the sub/4 lanes of its values."""
     n_weight, n_x = width // sub, width // BLOCK
-    x_scales = _load(builder, xd, builder.udiv(start, _const(BLOCK)), _vec(_F32, n_x), 4)
+    x_scales = load(builder, xd, builder.udiv(start, const(BLOCK)), vec(F32, n_x), 4)
     x_scales = _spread(builder, x_scales, n_x, n_weight // n_x)
-    return _spread(builder, _fmul(builder, weight_scales, x_scales), n_weight, sub // 4)
+    return _spread(builder, fmul(builder, weight_scales, x_scales), n_weight, sub // 4)
 
 
 def _nibble_values(builder, packed, n):
     """<n x i8> bytes -> <2n x i8>: their low nibbles, then their high ones."""
-    low = builder.and_(packed, _splat(_I8, n, 15))
-    high = builder.lshr(packed, _splat(_I8, n, 4))
-    return builder.shuffle_vector(low, high, _indices(range(2 * n)))
+    low = builder.and_(packed, splat(I8, n, 15))
+    high = builder.lshr(packed, splat(I8, n, 4))
+    return builder.shuffle_vector(low, high, indices(range(2 * n)))
 
 
 # Each layout's dot product as IR over data pointers: (builder, isa, row, scale, offset, xq, xd,
@@ -314,8 +264,8 @@ def _nibble_values(builder, packed, n):
 
 def _nibble_dot_ir(builder, isa, row, scale, offset, xq, xd, x_sums, xq4, n_values):
     def step(builder, start, width):  # run start / 64: 32 bytes, low nibbles then high ones
-        nibbles = _load(builder, row, builder.udiv(start, _const(2)), _vec(_I8, 32))
-        weight_scales = _load(builder, scale, builder.udiv(start, _const(BLOCK)), _vec(_F32, 2), 4)
+        nibbles = load(builder, row, builder.udiv(start, const(2)), vec(I8, 32))
+        weight_scales = load(builder, scale, builder.udiv(start, const(BLOCK)), vec(F32, 2), 4)
         return _nibble_values(builder, nibbles, 32), _lane_scales(
             builder, weight_scales, xd, start, 64, BLOCK
         )
@@ -330,12 +280,10 @@ def _int8_dot_ir(sub: int):
         signed = _signed(isa, 128)
 
         def step(builder, start, width):  # int8 values (+ 128 as unsigned bytes), a scale per sub
-            values = _load(builder, row, start, _vec(_I8, width))
+            values = load(builder, row, start, vec(I8, width))
             if not signed:
-                values = builder.xor(values, _splat(_I8, width, 0x80))
-            weight_scales = _load(
-                builder, scale, builder.udiv(start, _const(sub)), _vec(_F32, width // sub), 4
-            )
+                values = builder.xor(values, splat(I8, width, 0x80))
+            weight_scales = load(builder, scale, builder.udiv(start, const(sub)), vec(F32, width // sub), 4)
             return values, _lane_scales(builder, weight_scales, xd, start, width, sub)
 
         return _row_dot(builder, isa, n_values, xq, xq4, 0 if signed else 128, signed, step)
@@ -358,16 +306,16 @@ def _blocks_dot_ir(block_bytes: int, bias: int, block_values):
         signed = _signed(isa, bias)
 
         def step(builder, start, width):
-            values, scales = [], ir.Constant(_vec(_F32, width // BLOCK), None)
+            values, scales = [], ir.Constant(vec(F32, width // BLOCK), None)
             for k in range(width // BLOCK):
                 offset = builder.mul(
-                    builder.add(builder.udiv(start, _const(BLOCK)), _const(k)), _const(block_bytes)
+                    builder.add(builder.udiv(start, const(BLOCK)), const(k)), const(block_bytes)
                 )
                 values.append(block_values(builder, row, offset, signed))
-                d = builder.fpext(_load(builder, row, offset, ir.HalfType()), _F32)
-                scales = builder.insert_element(scales, d, ir.Constant(_I32, k))
+                d = builder.fpext(load(builder, row, offset, ir.HalfType()), F32)
+                scales = builder.insert_element(scales, d, ir.Constant(I32, k))
             if width == 64:
-                values = [builder.shuffle_vector(values[0], values[1], _indices(range(64)))]
+                values = [builder.shuffle_vector(values[0], values[1], indices(range(64)))]
             return values[0], _lane_scales(builder, scales, xd, start, width, BLOCK)
 
         return _row_dot(builder, isa, n_values, xq, xq4, 0 if signed else bias, signed, step)
@@ -378,19 +326,17 @@ def _blocks_dot_ir(block_bytes: int, bias: int, block_values):
 def _q5_0_values(builder, data, offset, signed):
     """The 32 values of a Q5_0 block + 16 (0..31): nibbles 0..15 low, 16..31 high, fifth bits
     from a 32-bit mask."""
-    nibbles = _load(builder, data, builder.add(offset, _const(6)), _vec(_I8, 16))
-    fifth = builder.bitcast(
-        _load(builder, data, builder.add(offset, _const(2)), _I32), _vec(ir.IntType(1), 32)
-    )
-    fifth = builder.shl(builder.zext(fifth, _vec(_I8, 32)), _splat(_I8, 32, 4))
+    nibbles = load(builder, data, builder.add(offset, const(6)), vec(I8, 16))
+    fifth = builder.bitcast(load(builder, data, builder.add(offset, const(2)), I32), vec(ir.IntType(1), 32))
+    fifth = builder.shl(builder.zext(fifth, vec(I8, 32)), splat(I8, 32, 4))
     return builder.or_(_nibble_values(builder, nibbles, 16), fifth)
 
 
 def _q8_0_values(builder, data, offset, signed):
     """The 32 int8 values of a Q8_0 block: + 128 as unsigned bytes (the sign bit flipped), or
     as they are with `signed`."""
-    values = _load(builder, data, builder.add(offset, _const(2)), _vec(_I8, 32))
-    return values if signed else builder.xor(values, _splat(_I8, 32, 0x80))
+    values = load(builder, data, builder.add(offset, const(2)), vec(I8, 32))
+    return values if signed else builder.xor(values, splat(I8, 32, 0x80))
 
 
 # name -> (IR builder, bytes of the row per `per` values)
@@ -407,9 +353,9 @@ def assembly(isa: str, triple: str, cpu: str = "", features: str = "") -> str:
     """The five dot products of a path compiled for a target as assembly (to check paths this
     machine cannot run: `assembly("i8mm", "aarch64-unknown-linux-gnu", features="+neon,+i8mm")`)."""
     module = ir.Module(name=f"intdot_{isa}")
-    pointers = [t.as_pointer() for t in (_I8, _F32, _F32, _I8, _F32, _F32, _I32)]
+    pointers = [t.as_pointer() for t in (I8, F32, F32, I8, F32, F32, I32)]
     for name, (build, _, _) in LAYOUTS.items():
-        function = ir.Function(module, ir.FunctionType(_F32, [*pointers, _I64]), name=name)
+        function = ir.Function(module, ir.FunctionType(F32, [*pointers, I64]), name=name)
         builder = ir.IRBuilder(function.append_basic_block("entry"))
         builder.ret(build(builder, isa, *function.args))
     llvm.initialize_all_targets()
@@ -444,8 +390,8 @@ def _codegen(isa, name, fields):
             zip(fields, (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)))
         )
         pointers = [arrays[f].data if f in arrays else None for f in _FIELDS]
-        n = builder.mul(builder.extract_value(arrays["row"].shape, 0), _const(per))
-        return build(builder, isa, *pointers, builder.udiv(n, _const(row_bytes)))
+        n = builder.mul(builder.extract_value(arrays["row"].shape, 0), const(per))
+        return build(builder, isa, *pointers, builder.udiv(n, const(row_bytes)))
 
     return codegen
 
