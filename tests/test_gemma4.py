@@ -33,7 +33,7 @@ def test_the_tiny_config_has_two_head_sizes_shared_kv_double_wide_ffns_and_parti
     factors = t["rope_freqs.weight"].dequantize()
     assert list(factors[:4]) == [1.0] * 4 and np.all(factors[4:] == np.float32(1e30))  # 8 of 32 dims turn
     assert m["gemma4.attention.sliding_window"] == 16 and m["gemma4.final_logit_softcapping"] == 30.0
-    lm = load(gguf)
+    lm = load(gguf, kv_cache="f32")  # transformers' keys and values are float32
     cache = lm.make_cache(64)
     assert [type(c) for c in cache.layers] == [LayerCache] * 4 + [SharedLayerCache] * 4
     assert [c.source for c in cache.layers[4:]] == [2, 2, 2, 3]  # the last earlier layer of each kind

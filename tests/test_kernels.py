@@ -376,6 +376,62 @@ def test_attention_kernels_equal_the_numpy_path(n_heads, n_kv, S, T, window, sof
     assert np.abs(fast - exact).max() <= 1.5 * np.abs(numpy32 - exact).max() + 1e-6
 
 
+@pytest.mark.parametrize(
+    "n_heads, n_kv, S, T, head_dim, value_dim",
+    [
+        (9, 3, 620, 1, 64, 64),  # SmolLM2's shapes
+        (4, 1, 301, 2, 256, 256),  # Gemma 3's: wide heads, keys not a multiple of 8
+        (8, 2, 77, 3, 80, 40),  # Phi-2's head width: value runs of 32 and a last vector of 8
+    ],
+)
+def test_attention_kernels_read_a_float16_cache_as_the_values_it_rounds_to(
+    n_heads, n_kv, S, T, head_dim, value_dim
+):
+    """The decode kernels on float16 keys and values (the cpu backend's default cache) give what
+    the numpy path gives on those values widened to float32, as closely as on a float32 cache."""
+    from pocketlm.backends.cpu import CpuBackend
+
+    rng = np.random.default_rng(15)
+    q = rng.standard_normal((T, n_heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((S, n_kv, head_dim)).astype(np.float16)
+    v = rng.standard_normal((S, n_kv, value_dim)).astype(np.float16)
+    k_pos, q_pos = np.arange(S, dtype=np.int64), np.arange(S - T, S, dtype=np.int64)
+    fast = CpuBackend(fast=True).attention(q, k, v, q_pos, k_pos, 0.125)
+    widened = (k.astype(np.float32), v.astype(np.float32))
+    on_float32 = CpuBackend(fast=True).attention(q, *widened, q_pos, k_pos, 0.125)
+    exact = CpuBackend(fast=False).attention(
+        q.astype(np.float64), *(a.astype(np.float64) for a in widened), q_pos, k_pos, 0.125
+    )
+    assert fast.dtype == np.float32
+    assert np.abs(fast - exact).max() <= 1.5 * np.abs(on_float32 - exact).max() + 1e-6
+
+
+def test_attention_of_heads_the_decode_kernels_cannot_take_runs_on_the_general_path():
+    """Heads whose width is not a multiple of 8 (tiny test configs) still attend, on a float16 cache too."""
+    from pocketlm.backends.cpu import CpuBackend
+
+    rng = np.random.default_rng(16)
+    q = rng.standard_normal((1, 4, 12)).astype(np.float32)
+    k, v = (rng.standard_normal((40, 2, 12)).astype(np.float16) for _ in range(2))
+    args = (np.array([39]), np.arange(40), 0.3)
+    fast = CpuBackend(fast=True).attention(q, k, v, *args)
+    reference = CpuBackend(fast=False).attention(q, k.astype(np.float32), v.astype(np.float32), *args)
+    np.testing.assert_allclose(fast, reference, atol=1e-6)
+
+
+def test_cpu_kv_cache_holds_float16_by_default_and_float32_on_request():
+    from pocketlm.backends.cpu import CpuBackend
+
+    half = CpuBackend().layer_cache(100, 2, 64, 64, None)
+    full = CpuBackend(kv_cache="f32").layer_cache(100, 2, 64, 64, None)
+    reference = CpuBackend(fast=False).layer_cache(100, 2, 64, 64, None)
+    assert half.keys.dtype == half.values.dtype == np.float16
+    assert full.keys.dtype == reference.keys.dtype == np.float32
+    assert half.nbytes * 2 == full.nbytes
+    with pytest.raises(InvalidOptionError, match="kv_cache 'f8'"):
+        CpuBackend(kv_cache="f8")
+
+
 def test_vectorisable_exp_is_within_float32_rounding_of_exp():
     from numba import njit
 

@@ -256,7 +256,7 @@ def test_a_sum_fused_into_a_pending_norm_leaves_the_norm_for_its_other_readers(g
 def test_tiny_models_match_the_cpu_backend(tiny, gpu, kind):
     model, _, path = tiny(kind)
     ids = prompt_ids(model.config.vocab_size, 64)
-    cpu, webgpu = load(path), load(path, backend="webgpu")
+    cpu, webgpu = load(path, kv_cache="f32"), load(path, backend="webgpu")  # the GPU's cache is float32
     assert np.abs(webgpu.logits(ids) - cpu.logits(ids)).max() <= 1e-3
     assert greedy(webgpu, ids, 32) == greedy(cpu, ids, 32)
 
@@ -276,7 +276,7 @@ def test_sessions_and_clones_run_on_the_gpu(tiny, gpu):
     texts = []
     for backend in ("cpu", "webgpu"):
         session = LlmInference(
-            path, backend=backend, temperature=0.0, max_tokens=96, use_chat_template=False
+            path, backend=backend, temperature=0.0, max_tokens=96, use_chat_template=False, kv_cache="f32"
         ).create_session()
         session.add_query_chunk("the river and the")
         first = session.generate_response(max_new_tokens=6)
@@ -306,7 +306,7 @@ def test_models_needing_ops_the_backend_lacks_are_refused_naming_them(tiny, monk
 def test_gemma3_270m_matches_the_cpu_backend_with_its_embedding_split_by_rows(real_model, gpu):
     """Its 262144 x 640 embedding (168 MB as int8) exceeds lavapipe's 128 MB binding limit."""
     path = real_model("gemma3-270m")
-    cpu, webgpu = load(path), load(path, backend="webgpu")
+    cpu, webgpu = load(path, kv_cache="f32"), load(path, backend="webgpu")  # the GPU's cache is float32
     if webgpu.ops.device.max_binding < 262144 * 640:
         assert len(webgpu.ops.matrix(webgpu.file.tensors["token_embd.weight"]).chunks) > 1
     ids = cpu.tokenizer.encode("The capital of France is")
@@ -600,7 +600,7 @@ def test_the_per_layer_table_is_streamed_to_the_gpu_not_uploaded(tiny, kind):
         streamed, in_ram = load(path, backend="webgpu"), load(path, backend="webgpu", ple_in_ram=True)
     except UnsupportedError as e:
         pytest.skip(str(e))
-    cpu = load(path)
+    cpu = load(path, kv_cache="f32")
     assert streamed.streamed == {PER_LAYER_TABLE} and not in_ram.streamed
     ids = prompt_ids(model.config.vocab_size, 12)
     for lm in (streamed, in_ram):

@@ -46,12 +46,16 @@ class GenerationOptions:
 
 
 def load(
-    model: str | os.PathLike | None = None, backend: str = "cpu", ple_in_ram: bool = False
+    model: str | os.PathLike | None = None,
+    backend: str = "cpu",
+    ple_in_ram: bool = False,
+    kv_cache: str = "f16",
 ) -> LoadedModel:
     """Open a model file (path or short name; None for the default) for low-level use:
     `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill.
-    `ple_in_ram` loads Gemma 3n's per-layer embeddings into memory instead of reading them per token."""
-    return LoadedModel(runnable_model(model), backend=backend, ple_in_ram=ple_in_ram)
+    `ple_in_ram` loads Gemma 3n's per-layer embeddings into memory instead of reading them per token;
+    `kv_cache` ("f16" or "f32") is what the cpu backend's KV cache holds."""
+    return LoadedModel(runnable_model(model), backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache)
 
 
 class LlmInference:
@@ -72,9 +76,10 @@ class LlmInference:
         random_seed: int = GenerationOptions.random_seed,
         use_chat_template: bool | None = None,
         backend: str = "cpu",
+        kv_cache: str = "f16",
     ):
         self.options = GenerationOptions(max_tokens, top_k, top_p, temperature, random_seed).validated()
-        self.model = load(model, backend)
+        self.model = load(model, backend, kv_cache=kv_cache)
         self.tokenizer = self.model.tokenizer
         if use_chat_template is None:
             use_chat_template = bool(self.tokenizer.chat_template)

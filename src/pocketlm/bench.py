@@ -110,13 +110,14 @@ def run_bench(
     on_progress: Callable[[str], None] | None = None,
     prompt_ids: list[int] | None = None,
     ple_in_ram: bool = False,
+    kv_cache: str = "f16",
 ) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
     from .engine import greedy_tokens, prefill
 
     say = on_progress or (lambda message: None)
     start = time.perf_counter()
-    lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram)
+    lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache)
     load_seconds = time.perf_counter() - start
     ids = prompt_ids if prompt_ids is not None else bench_prompt(lm.tokenizer, prompt_tokens)
     cache = lm.make_cache(prompt_tokens + gen_tokens)

@@ -36,6 +36,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="cpu: numba kernels (default); reference: plain numpy, float32 weights; "
         "webgpu: WGSL kernels on the GPU through wgpu-py (the webgpu extra)",
     )
+    p.add_argument(
+        "--kv-cache",
+        default="f16",
+        choices=("f16", "f32"),
+        help="what the cpu backend's KV cache holds: f16 (default: half the memory, faster decode) or f32",
+    )
 
 
 def _add_address(p: argparse.ArgumentParser, port: int) -> None:
@@ -91,6 +97,7 @@ def _open(args, model: str | None):
         random_seed=args.seed,
         use_chat_template=False if args.raw else None,
         backend=args.backend,
+        kv_cache=args.kv_cache,
     )
 
 
@@ -235,7 +242,7 @@ def cmd_perplexity(args) -> None:
         text = Path(text_file).read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidOptionError(f"{text_file}: cannot read ({e.strerror})") from None
-    lm = load(_resolve(model), args.backend)
+    lm = load(_resolve(model), args.backend, kv_cache=args.kv_cache)
     ppl, count = perplexity(
         lm, text, args.ctx, on_chunk=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr)
     )
@@ -297,7 +304,13 @@ def cmd_bench(args) -> None:
         else (lambda message: print(f"\r[bench] {message:<30}", end="", file=sys.stderr, flush=True))
     )
     r = run_bench(
-        path, args.prompt_tokens, args.gen_tokens, args.backend, progress, ple_in_ram=args.ple_in_ram
+        path,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.backend,
+        progress,
+        ple_in_ram=args.ple_in_ram,
+        kv_cache=args.kv_cache,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))

@@ -30,11 +30,13 @@ BACKENDS = ("cpu", "reference", "webgpu")
 
 def make_backend(name: str, model, architecture: str, **options) -> Backend:
     """The backend `name` for `model`; a model that needs ops the backend lacks is refused in one
-    line before the backend is even opened."""
+    line before the backend is even opened. `kv_cache` is the cpu backend's (the GPU's cache
+    holds float32)."""
+    kv_cache = options.pop("kv_cache", "f16")
     if name == "webgpu":
         from .backends.webgpu import WebGPUBackend as kind
     else:
-        kind, options = CpuBackend, {"fast": name == "cpu"}
+        kind, options = CpuBackend, {"fast": name == "cpu", "kv_cache": kv_cache}
     missing = missing_capabilities(model, kind)
     if missing:
         raise UnsupportedError(
@@ -48,10 +50,16 @@ class LoadedModel:
     """A model file opened for inference: weights mapped, tokenizer built, backend chosen."""
 
     def __init__(
-        self, path: str | os.PathLike, backend: str = "cpu", ple_in_ram: bool = False, **backend_options
+        self,
+        path: str | os.PathLike,
+        backend: str = "cpu",
+        ple_in_ram: bool = False,
+        kv_cache: str = "f16",
+        **backend_options,
     ):
         """`ple_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's
-        per-layer embeddings) into memory instead, for comparison."""
+        per-layer embeddings) into memory instead, for comparison. `kv_cache` ("f16", "f32"):
+        what the cpu backend's KV cache holds (the reference and webgpu backends hold float32)."""
         if backend not in BACKENDS:
             raise InvalidOptionError(
                 f"backend {backend!r} is not available (available: {', '.join(BACKENDS)})"
@@ -73,7 +81,9 @@ class LoadedModel:
             self.file.metadata.pop(
                 key, None
             )  # built into the tokenizer; as Python objects they are tens of MB
-        self.ops = make_backend(backend, self.model, self.file.architecture, **backend_options)
+        self.ops = make_backend(
+            backend, self.model, self.file.architecture, kv_cache=kv_cache, **backend_options
+        )
         self.step = self.ops.capture(self.model.forward)  # one decode step (the GPU replays it)
         # Repack weights now, not in the first prefill; the repacked copy is what runs, so each
         # tensor's file pages are let go as soon as it is done (peak memory holds one copy).

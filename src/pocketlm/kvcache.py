@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import numpy as np
 
+KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}  # what a layer's keys and values may be stored as
+
 
 class LayerCache:
     shared = False  # set by KVCache when a SharedLayerCache reads this layer's `last`
 
-    def __init__(self, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window: int | None):
+    def __init__(
+        self, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window: int | None, dtype=np.float32
+    ):
+        """`dtype`: what keys and values are stored as (float32, or float16: half the memory and
+        the bytes decode reads, values rounded to 11 significant bits)."""
         self.window = window
         self.capacity = min(capacity, window) if window else capacity
-        self.keys = np.zeros((self.capacity, n_kv_heads, k_dim), np.float32)
-        self.values = np.zeros((self.capacity, n_kv_heads, v_dim), np.float32)
+        self.keys = np.zeros((self.capacity, n_kv_heads, k_dim), dtype)
+        self.values = np.zeros((self.capacity, n_kv_heads, v_dim), dtype)
         self.positions = np.full(self.capacity, -1, np.int64)  # -1: empty slot
 
     def update_and_fetch(self, k: np.ndarray, v: np.ndarray, start: int):
@@ -45,7 +51,9 @@ class LayerCache:
             self.keys[slot], self.values[slot], self.positions[slot] = k[0], v[0], start
             return self.keys, self.values, self.positions
         # Several: earlier entries still in the window, then the new ones (all of them, since the
-        # first new queries may need new keys that the ring cannot keep).
+        # first new queries may need new keys that the ring cannot keep), rounded as the ring keeps
+        # them (so that a prompt gives the same in one piece as in several).
+        k, v = k.astype(self.keys.dtype, copy=False), v.astype(self.values.dtype, copy=False)
         old = (self.positions >= 0) & (self.positions < start)
         keys = np.concatenate([self.keys[old], k])
         values = np.concatenate([self.values[old], v])

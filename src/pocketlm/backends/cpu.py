@@ -18,14 +18,15 @@ import math
 
 import numpy as np
 
-from ..errors import ModelFileError
+from ..errors import InvalidOptionError, ModelFileError
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import activations, blocks, int4, int8, isa
+from ..kernels import attention as attention_kernels
 from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
-from ..kvcache import LayerCache
+from ..kvcache import KV_CACHE_TYPES, LayerCache
 from .base import ALL_CAPABILITIES
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
@@ -43,6 +44,12 @@ def _mismatch(w: Tensor, what: str) -> ModelFileError:
     )
 
 
+def _cache_array(a: np.ndarray) -> np.ndarray:
+    """Keys or values for the decode kernels: float32, or float16 as its bits (uint16)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
 def _check_width(x: np.ndarray, w: Tensor) -> None:
     if len(w.shape) != 2 or x.shape[-1] != w.shape[-1]:
         raise _mismatch(w, f"multiplies vectors of {x.shape[-1]} values")
@@ -51,13 +58,17 @@ def _check_width(x: np.ndarray, w: Tensor) -> None:
 class CpuBackend:
     """The op set (`backends.base.Backend`) in numpy and numba: every capability."""
 
-    layer_cache = LayerCache  # the KV cache of one layer, as models make it
     capabilities = ALL_CAPABILITIES
 
-    def __init__(self, fast: bool = True):
+    def __init__(self, fast: bool = True, kv_cache: str = "f16"):
+        """`fast`: the numba kernels (else numpy only: the reference); `kv_cache` "f16" or "f32",
+        what the fast backend's KV cache holds (the reference's holds float32)."""
         if fast:
             isa.check()
+        if kv_cache not in KV_CACHE_TYPES:
+            raise InvalidOptionError(f"kv_cache {kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
         self.fast = fast
+        self.kv_dtype = KV_CACHE_TYPES[kv_cache] if fast else np.float32
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
         self._packed: dict[str, Packed] = {}
@@ -65,6 +76,10 @@ class CpuBackend:
         self._stacked: dict[tuple[str, ...], tuple | None] = {}
         self._rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._on_packed = self._copy_out = None
+
+    def layer_cache(self, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window: int | None):
+        """The KV cache of one layer, as models make it."""
+        return LayerCache(capacity, n_kv_heads, k_dim, v_dim, window, self.kv_dtype)
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -397,13 +412,13 @@ class CpuBackend:
                 f"{k.shape[-1]} wide: the file's head counts do not fit its tensors"
             )
         group = n_heads // n_kv
-        if T <= DECODE_ATTENTION_MAX_T and self.fast:
+        if T <= DECODE_ATTENTION_MAX_T and self.fast and attention_kernels.fits(q.shape[-1], v.shape[-1]):
             out = np.empty((T, n_heads, v.shape[-1]), np.float32)
             slopes = np.zeros(0, np.float32) if alibi is None else alibi
             attend(
                 np.ascontiguousarray(q),
-                np.ascontiguousarray(k),
-                np.ascontiguousarray(v),
+                _cache_array(k),
+                _cache_array(v),
                 q_pos,
                 k_pos,
                 np.float32(scale),
@@ -413,6 +428,8 @@ class CpuBackend:
                 out,
             )
             return out.reshape(T, -1)
+        if k.dtype == np.float16:  # a float16 cache: BLAS multiplies float32
+            k, v = k.astype(np.float32), v.astype(np.float32)
         # batched matmuls per kv head (BLAS), the query heads of a group stacked along rows
         qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_kv, group * T, -1)
         scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S)
