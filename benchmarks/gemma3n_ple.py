@@ -92,7 +92,7 @@ def main() -> None:
         table = lm.file.tensors["per_layer_token_embd.weight"]
         print(
             f"file {path.stat().st_size / 1e6:.0f} MB, per-layer table {table.nbytes / 1e6:.0f} MB "
-            f"({table.shape[0]} x {table.shape[1]}, {table.kind.name})"
+            f"({table.shape[0]} x {table.shape[1]}, {table.type.name})"
         )
         del lm
         runs = {"streamed": [], "in RAM": []}

@@ -63,8 +63,8 @@ def tensors(c: dict) -> list[tuple[str, tuple[int, ...]]]:
         ("per_layer_proj_norm.weight", (per_layer,)),
         ("output_norm.weight", (d,)),
     ]
-    for i, kind in enumerate(c["layer_types"]):
-        hd = c["head_dim"] if kind == "sliding_attention" else c["global_head_dim"]
+    for i, layer_type in enumerate(c["layer_types"]):
+        hd = c["head_dim"] if layer_type == "sliding_attention" else c["global_head_dim"]
         q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
         ffn = c["intermediate_size"] * (2 if i >= first_shared else 1)
         p = f"blk.{i}"
@@ -109,7 +109,7 @@ def build(path: Path, quant: str) -> None:
     writer.add("tokenizer.ggml.token_type", np.array([6] * 256 + [5] * (len(vocab) - 256), np.int32))
     writer.add("tokenizer.ggml.add_bos_token", False)
     rng = np.random.default_rng(0)
-    kind = GGMLType[quant.upper()]
+    tensor_type = GGMLType[quant.upper()]
     for name, shape in tensors(E2B):
         if len(shape) == 1:  # norms near 1, output scales near 1
             values = (1 + 0.05 * rng.standard_normal(shape)).astype(np.float32)
@@ -120,7 +120,7 @@ def build(path: Path, quant: str) -> None:
                 lambda v=values: v.view(np.uint8),
             )
         else:
-            writer.add_tensor(name, kind, shape, lambda s=shape: random_tensor(kind, s, rng))
+            writer.add_tensor(name, tensor_type, shape, lambda s=shape: random_tensor(tensor_type, s, rng))
     factors = np.array([1.0] * 64 + [1e30] * 192, np.float32)
     writer.add_tensor("rope_freqs.weight", GGMLType.F32, factors.shape, lambda: factors.view(np.uint8))
     writer.write(path)

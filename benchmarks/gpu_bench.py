@@ -60,27 +60,29 @@ def skeleton(models: list[str], out: Path) -> None:
                 for k, v in f.metadata.items()
                 if k != "general.alignment"
             },
-            "tensors": [[t.name, int(t.kind), list(t.shape)] for t in f.tensors.values()],
+            "tensors": [[t.name, int(t.type), list(t.shape)] for t in f.tensors.values()],
         }
         target = out / f"{path.stem}.skeleton.json.gz"
         target.write_bytes(gzip.compress(json.dumps(doc).encode()))
         print(f"{target} ({target.stat().st_size / 1e6:.1f} MB)")
 
 
-def random_tensor(kind: GGMLType, shape, rng) -> np.ndarray:
+def random_tensor(tensor_type: GGMLType, shape, rng) -> np.ndarray:
     """Random bytes of a tensor, with finite, small float16 scale fields."""
     n = int(np.prod(shape))
-    if kind in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+    if tensor_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         values = (rng.standard_normal(n) * 0.02).astype(np.float32)
-        if kind == GGMLType.F32:
+        if tensor_type == GGMLType.F32:
             return values.view(np.uint8)
-        if kind == GGMLType.F16:
+        if tensor_type == GGMLType.F16:
             return values.astype(np.float16).view(np.uint8)
         return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-    block_size, type_size = BLOCK_LAYOUT[kind]
+    block_size, type_size = BLOCK_LAYOUT[tensor_type]
     blocks = rng.integers(0, 256, (n // block_size, type_size), dtype=np.uint8)
     with_min = (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
-    offsets = [type_size - 2] if kind == GGMLType.Q6_K else ([0, 2] if kind in with_min else [0])
+    offsets = (
+        [type_size - 2] if tensor_type == GGMLType.Q6_K else ([0, 2] if tensor_type in with_min else [0])
+    )
     for at in offsets:
         blocks[:, at : at + 2] = rng.uniform(-0.01, 0.01, (len(blocks), 1)).astype("<f2").view(np.uint8)
     return blocks.reshape(-1)
@@ -97,10 +99,13 @@ def build(skeletons: list[str], out: Path) -> None:
             if isinstance(value, np.ndarray):
                 value = value.tolist()
             writer.add(key, value, *[ValueType(t) if t is not None else None for t in types])
-        for name, kind, shape in doc["tensors"]:
-            kind = GGMLType(kind)
+        for name, tensor_type, shape in doc["tensors"]:
+            tensor_type = GGMLType(tensor_type)
             writer.add_tensor(
-                name, kind, tuple(shape), lambda kind=kind, shape=shape: random_tensor(kind, shape, rng)
+                name,
+                tensor_type,
+                tuple(shape),
+                lambda tensor_type=tensor_type, shape=shape: random_tensor(tensor_type, shape, rng),
             )
         target = out / doc["file"]
         writer.write(target)

@@ -30,22 +30,22 @@ CASES = [
 DRAM_BYTES = 96 << 20  # the large size: about this many bytes of weights
 
 
-def random_matrix(kind: GGMLType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+def random_matrix(tensor_type: GGMLType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    block_size, block_bytes = BLOCK_LAYOUT[kind]
-    if kind == GGMLType.Q6_K:  # random bytes, the f16 scale (last) finite
+    block_size, block_bytes = BLOCK_LAYOUT[tensor_type]
+    if tensor_type == GGMLType.Q6_K:  # random bytes, the f16 scale (last) finite
         data = rng.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
         data[:, -2:] = rng.uniform(-0.01, 0.01, (len(data), 1)).astype("<f2").view(np.uint8)
         return data.reshape(rows, -1)
     values = rng.standard_normal((rows * cols // block_size, block_size))
-    return quantize(values.astype(np.float32), kind).reshape(rows, -1)
+    return quantize(values.astype(np.float32), tensor_type).reshape(rows, -1)
 
 
-def weight(kind: GGMLType, rows: int, cols: int):
-    data = random_matrix(kind, rows, cols)
-    if blocks.fits(kind, (rows, cols)):
-        return blocks.wrap(data, kind, (rows, cols))
-    return (int4 if int4.fits(kind, (rows, cols)) else int8).repack(data, kind, (rows, cols))
+def weight(tensor_type: GGMLType, rows: int, cols: int):
+    data = random_matrix(tensor_type, rows, cols)
+    if blocks.fits(tensor_type, (rows, cols)):
+        return blocks.wrap(data, tensor_type, (rows, cols))
+    return (int4 if int4.fits(tensor_type, (rows, cols)) else int8).repack(data, tensor_type, (rows, cols))
 
 
 def timed(w, x, calls: int) -> float:
@@ -63,9 +63,9 @@ def main() -> None:
         f"kernel path: {getattr(intdot, 'ISA', None) or ('VNNI512' if getattr(intdot, 'VNNI512', False) else 'portable')}"
     )
     print(f"{'layout':<14}{'shape':>14}{'MB':>8}{'us':>10}{'GB/s':>8}{'Gw/s':>8}")
-    for name, kind, rows, cols in CASES:
+    for name, tensor_type, rows, cols in CASES:
         for stacked in (1, max(1, DRAM_BYTES // (rows * cols))):
-            w = weight(kind, rows * stacked, cols)
+            w = weight(tensor_type, rows * stacked, cols)
             x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
             seconds = timed(w, x, 400 if stacked == 1 else 20)
             shape = f"{rows * stacked}x{cols}"

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-KINDS = ("error", "loaded", "traceback", "crash", "hang")
+OUTCOMES = ("error", "loaded", "traceback", "crash", "hang")
 EXTREMES = (0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1)
 MEMORY_LIMIT = 8 << 30  # bytes of address space for the worker
 
@@ -37,19 +37,19 @@ MEMORY_LIMIT = 8 << 30  # bytes of address space for the worker
 def mutate(data: bytes, header: int, rng: random.Random) -> tuple[str, bytes]:
     """One mutated copy of the file's bytes and what was done."""
     raw = bytearray(data)
-    kind = rng.choice(("flip", "flip", "extreme", "extreme", "truncate", "nan"))
-    if kind == "flip":
+    mutation = rng.choice(("flip", "flip", "extreme", "extreme", "truncate", "nan"))
+    if mutation == "flip":
         n = rng.choice((1, 2, 4, 16))
         for _ in range(n):
             raw[rng.randrange(header)] = rng.randrange(256)
         return f"flip {n} header bytes", bytes(raw)
-    if kind == "extreme":
+    if mutation == "extreme":
         width = rng.choice((4, 8))
         at = rng.randrange(0, max(header - width, 1)) // width * width
         value = rng.choice(EXTREMES) % (1 << (8 * width))
         raw[at : at + width] = value.to_bytes(width, "little")
         return f"u{8 * width} {value} at {at}", bytes(raw)
-    if kind == "truncate":
+    if mutation == "truncate":
         cut = rng.randrange(len(raw))
         return f"truncate at {cut}", bytes(raw[:cut])
     at = rng.randrange(header, max(len(raw) - 2, header + 1))
@@ -120,7 +120,7 @@ class Worker:
 
 
 def fuzz(path: str | os.PathLike, cases: int, seed: int = 0, timeout: float = 30.0, progress=None) -> dict:
-    """Run `cases` mutations of the file; returns counts per kind and examples of the bad kinds."""
+    """Run `cases` mutations of the file; returns counts per outcome and examples of the bad outcomes."""
     from pocketlm.formats.gguf import GGUFFile
 
     data = Path(path).read_bytes()
@@ -136,15 +136,15 @@ def fuzz(path: str | os.PathLike, cases: int, seed: int = 0, timeout: float = 30
                 what, mutated = mutate(data, header, rng)
                 with open(case_path, "wb") as f:
                     f.write(mutated)
-                kind, detail = worker.classify(case_path, timeout)
-                counts[kind] += 1
-                if kind in ("traceback", "crash", "hang") and len(examples[kind]) < 20:
-                    examples[kind].append(f"case {i} ({what}): {detail}")
+                outcome, detail = worker.classify(case_path, timeout)
+                counts[outcome] += 1
+                if outcome in ("traceback", "crash", "hang") and len(examples[outcome]) < 20:
+                    examples[outcome].append(f"case {i} ({what}): {detail}")
                 if progress:
                     progress(i + 1, counts)
         finally:
             worker.close()
-    return {"cases": cases, "counts": {k: counts[k] for k in KINDS}, "examples": dict(examples)}
+    return {"cases": cases, "counts": {k: counts[k] for k in OUTCOMES}, "examples": dict(examples)}
 
 
 def main() -> None:
@@ -161,7 +161,7 @@ def main() -> None:
     def progress(done, counts):
         if done % 100 == 0 or done == args.cases:
             print(
-                f"{done}/{args.cases} " + " ".join(f"{k} {counts[k]}" for k in KINDS),
+                f"{done}/{args.cases} " + " ".join(f"{k} {counts[k]}" for k in OUTCOMES),
                 file=sys.stderr,
                 flush=True,
             )
@@ -171,8 +171,8 @@ def main() -> None:
         f"{result['cases']} cases in {time.monotonic() - start:.0f} s: "
         + ", ".join(f"{k} {v}" for k, v in result["counts"].items())
     )
-    for kind, lines in result["examples"].items():
-        print(f"\n{kind}:")
+    for outcome, lines in result["examples"].items():
+        print(f"\n{outcome}:")
         for line in lines:
             print(f"  {line}")
     sys.exit(1 if any(result["counts"][k] for k in ("traceback", "crash", "hang")) else 0)

@@ -176,7 +176,7 @@ _GEMMA4 = dict(
     bos_token_id=2,
 )
 
-# kind -> (transformers model class, config class, config values, tokenizer)
+# arch -> (transformers model class, config class, config values, tokenizer)
 TINY = {
     "llama": (
         "LlamaForCausalLM",
@@ -316,13 +316,13 @@ TINY = {
 }
 
 
-def build_tiny(kind: str, folder: Path, **overrides):
-    """Save a tiny random checkpoint of `kind` (a TINY key) in `folder`; returns the model.
+def build_tiny(arch: str, folder: Path, **overrides):
+    """Save a tiny random checkpoint of `arch` (a TINY key) in `folder`; returns the model.
     `overrides` replace config values."""
     import torch
     import transformers
 
-    model_class, config_class, values, tokenizer = TINY[kind]
+    model_class, config_class, values, tokenizer = TINY[arch]
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     vocab = _byte_level_tokenizer(folder) if tokenizer == "bpe" else _sentencepiece_tokenizer(folder)
@@ -337,16 +337,16 @@ def build_tiny(kind: str, folder: Path, **overrides):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """(kind, **config overrides) -> (transformers model, checkpoint folder, f32 GGUF path)."""
+    """(arch, **config overrides) -> (transformers model, checkpoint folder, f32 GGUF path)."""
     from pocketlm.convert import ConversionConfig, convert
 
     cache = {}
 
-    def get(kind: str, **overrides):
-        key = (kind, tuple(sorted(overrides.items())))
+    def get(arch: str, **overrides):
+        key = (arch, tuple(sorted(overrides.items())))
         if key not in cache:
-            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
-            model = build_tiny(kind, folder / "hf", **overrides)
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model = build_tiny(arch, folder / "hf", **overrides)
             gguf = convert(folder / "hf", folder / "f32.gguf", ConversionConfig(quant="f32"), progress=False)
             cache[key] = (model, folder / "hf", gguf)
         return cache[key]
@@ -362,19 +362,21 @@ def real_model():
     return lambda name: resolve_model(name, auto_pull=True)
 
 
-def random_blocks(kind, n_blocks: int, seed: int = 0) -> np.ndarray:
+def random_blocks(tensor_type, n_blocks: int, seed: int = 0) -> np.ndarray:
     """Random block bytes whose float16 scale fields are finite (random bits could be NaN)."""
     from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, quantize
 
     rng = np.random.default_rng(seed)
-    block_size, type_size = BLOCK_LAYOUT[kind]
+    block_size, type_size = BLOCK_LAYOUT[tensor_type]
     blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
-    if kind in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+    if tensor_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         values = rng.standard_normal(n_blocks * block_size).astype(np.float32)
-        return quantize(values.reshape(n_blocks, block_size), kind)
+        return quantize(values.reshape(n_blocks, block_size), tensor_type)
     scales = rng.uniform(-2, 2, (n_blocks, 2)).astype("<f2").view(np.uint8)
     with_min = (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
-    offsets = [type_size - 2] if kind == GGMLType.Q6_K else ([0, 2] if kind in with_min else [0])
+    offsets = (
+        [type_size - 2] if tensor_type == GGMLType.Q6_K else ([0, 2] if tensor_type in with_min else [0])
+    )
     for i, at in enumerate(offsets):
         blocks[:, at : at + 2] = scales[:, 2 * i : 2 * i + 2]
     return blocks
@@ -410,7 +412,7 @@ def train_briefly(model, ids: list[int], steps: int = 300, seq: int = 64, seed: 
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory):
-    """kind -> (checkpoint folder, passage token ids): the tiny model trained on the passage."""
+    """arch -> (checkpoint folder, passage token ids): the tiny model trained on the passage."""
     import torch
     import transformers
 
@@ -419,11 +421,11 @@ def trained_tiny(tmp_path_factory):
 
     cache = {}
 
-    def get(kind: str):
-        if kind not in cache:
-            folder = tmp_path_factory.mktemp(f"trained-{kind}") / "hf"
-            model_class, config_class, values, _ = TINY[kind]
-            build_tiny(kind, folder)  # the tokenizer files and config
+    def get(arch: str):
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"trained-{arch}") / "hf"
+            model_class, config_class, values, _ = TINY[arch]
+            build_tiny(arch, folder)  # the tokenizer files and config
             torch.manual_seed(0)
             model = getattr(transformers, model_class)(transformers.AutoConfig.from_pretrained(folder))
             gguf = convert(folder, folder.parent / "tok.gguf", ConversionConfig(quant="f32"), progress=False)
@@ -432,8 +434,8 @@ def trained_tiny(tmp_path_factory):
             )
             train_briefly(model, ids)
             model.save_pretrained(folder)
-            cache[kind] = (folder, ids)
-        return cache[kind]
+            cache[arch] = (folder, ids)
+        return cache[arch]
 
     return get
 
@@ -464,7 +466,7 @@ def write_split(src: Path, folder: Path, stem: str, parts: int) -> list[Path]:
         writer.add("split.tensors.count", len(names), ValueType.INT32)
         for name in chunk:
             t = f.tensors[name]
-            writer.add_tensor(name, t.kind, t.shape, lambda t=t: np.asarray(t.data))
+            writer.add_tensor(name, t.type, t.shape, lambda t=t: np.asarray(t.data))
         paths.append(folder / f"{stem}-{i + 1:05d}-of-{parts:05d}.gguf")
         writer.write(paths[-1])
     return paths

@@ -226,7 +226,7 @@ def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
 
 
 @pytest.mark.parametrize(
-    "kind",
+    "arch",
     [
         "gemma",
         "gemma2",
@@ -241,9 +241,9 @@ def test_pull_of_an_unknown_name_lists_the_known_ones(capsys):
         "gemma4",
     ],
 )
-def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tiny, tmp_path, kind):
-    _, folder, _ = tiny(kind)
-    out = tmp_path / f"{kind}.gguf"
+def test_convert_and_run_from_the_command_line_for_each_architecture(capsys, tiny, tmp_path, arch):
+    _, folder, _ = tiny(arch)
+    out = tmp_path / f"{arch}.gguf"
     assert run_cli(capsys, "convert", str(folder), str(out), "--quant", "q8_0", "--quiet")[0] == 0
     code, text, _ = run_cli(
         capsys, "run", str(out), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0"

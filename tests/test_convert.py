@@ -34,11 +34,11 @@ def test_mixed_bits_give_each_component_its_type(tiny, tmp_path):
     _, folder, _ = tiny("llama")
     config = ConversionConfig(quant="f16", attention_bits=8, ffn_bits=4, embedding_bits=8)
     f = GGUFFile(convert(folder, tmp_path / "m.gguf", config, progress=False))
-    kinds = {name: t.kind for name, t in f.tensors.items()}
-    assert kinds["blk.0.attn_q.weight"] == kinds["blk.0.attn_output.weight"] == GGMLType.Q8_0
-    assert kinds["blk.0.ffn_up.weight"] == kinds["blk.0.ffn_down.weight"] == GGMLType.Q4_0
-    assert kinds["token_embd.weight"] == kinds["output.weight"] == GGMLType.Q8_0
-    assert kinds["blk.0.attn_norm.weight"] == GGMLType.F32
+    types = {name: t.type for name, t in f.tensors.items()}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.attn_output.weight"] == GGMLType.Q8_0
+    assert types["blk.0.ffn_up.weight"] == types["blk.0.ffn_down.weight"] == GGMLType.Q4_0
+    assert types["token_embd.weight"] == types["output.weight"] == GGMLType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == GGMLType.F32
     assert (
         ConversionConfig(quant="q4_1", ffn_bits=4).tensor_type("blk.0.ffn_up.weight", (64, 64))
         == GGMLType.Q4_1
@@ -79,7 +79,7 @@ def test_gguf_requantization_keeps_metadata_and_runs(real_model, tmp_path):
     src = GGUFFile(real_model("smollm2-135m"))
     out = convert(src.path, tmp_path / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
     f = GGUFFile(out)
-    assert {t.kind for t in f.tensors.values()} == {GGMLType.Q8_0, GGMLType.F32}
+    assert {t.type for t in f.tensors.values()} == {GGMLType.Q8_0, GGMLType.F32}
     for key, value in src.metadata.items():
         if key != "general.file_type":
             assert f.value_types[key] == src.value_types[key]
@@ -107,11 +107,11 @@ def test_interrupted_conversion_leaves_no_file(tiny, tmp_path, monkeypatch, erro
     calls = {"n": 0}
     real_quantize = conv.quantize
 
-    def quantize_then_fail(x, kind):
+    def quantize_then_fail(x, tensor_type):
         calls["n"] += 1
         if calls["n"] == 5:
             raise error()
-        return real_quantize(x, kind)
+        return real_quantize(x, tensor_type)
 
     monkeypatch.setattr(conv, "quantize", quantize_then_fail)
     with pytest.raises(error):
@@ -129,7 +129,7 @@ def test_malicious_chat_template_is_stopped_by_the_sandbox(tiny):
 # llama.cpp runs every architecture we write except falcon-rw (ALiBi) and Phi with q/k LayerNorm
 # (Phi-2 has none; llama.cpp's phi2 has no tensors for them): it refuses those files.
 # Gemma 3n has its own test below: llama.cpp's loader wants the released models' shapes.
-LLAMA_CPP_KINDS = [k for k in TINY if k not in ("falcon-rw", "phi-qk-norm", "gemma3n")]
+LLAMA_CPP_ARCHS = [k for k in TINY if k not in ("falcon-rw", "phi-qk-norm", "gemma3n")]
 
 
 def llama_cpp_model(path):
@@ -146,13 +146,13 @@ def llama_cpp_model(path):
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("kind", LLAMA_CPP_KINDS)
+@pytest.mark.parametrize("arch", LLAMA_CPP_ARCHS)
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_0"])
-def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, kind, quant):
+def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, arch, quant):
     pytest.importorskip("llama_cpp")
     # llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim, as in
     # the released models) and ignores pocketlm's key for other values.
-    model, folder, _ = tiny(kind, **({"query_pre_attn_scalar": 32} if kind == "gemma3" else {}))
+    model, folder, _ = tiny(arch, **({"query_pre_attn_scalar": 32} if arch == "gemma3" else {}))
     path = convert(folder, tmp_path / f"{quant}.gguf", ConversionConfig(quant=quant), progress=False)
     llm = llama_cpp_model(path)
     ids = prompt_ids(model.config.vocab_size, 48, seed=4)
@@ -162,7 +162,7 @@ def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, kind, qu
     out = llm.create_completion("The sea", max_tokens=8, temperature=0.0)
     assert out["choices"][0]["text"] is not None
     if quant == "f32":  # the same arithmetic up to ggml's float16 GELU table
-        assert np.abs(ours - theirs).max() < F32_TOLERANCE.get(kind, 1e-3), np.abs(ours - theirs).max()
+        assert np.abs(ours - theirs).max() < F32_TOLERANCE.get(arch, 1e-3), np.abs(ours - theirs).max()
     else:  # llama.cpp rounds activations to 8 bits for quantized weights: close, not equal
         assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.9
 
@@ -203,13 +203,13 @@ def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(t
     assert np.mean(ours.argmax(1) == theirs.argmax(1)) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["gemma3n", "llama"])
-def test_large_tensors_converted_by_bands_of_rows_give_the_same_file(tiny, tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("arch", ["gemma3n", "llama"])
+def test_large_tensors_converted_by_bands_of_rows_give_the_same_file(tiny, tmp_path, monkeypatch, arch):
     """Gemma 3n's per-layer table (2-2.4 B values in the released models) must not be held whole
     as float32: above CHUNK_VALUES a tensor is read from the mapped safetensors and quantized a band
     of rows at a time. With a tiny threshold every matrix goes that way; the bytes are the same."""
     conversion = importlib.import_module("pocketlm.convert")  # the module: pocketlm.convert is the function
-    _, folder, _ = tiny(kind)
+    _, folder, _ = tiny(arch)
     whole = convert(folder, tmp_path / "whole.gguf", ConversionConfig(quant="q8_0"), progress=False)
     monkeypatch.setattr(conversion, "CHUNK_VALUES", 1000)
     banded = convert(folder, tmp_path / "banded.gguf", ConversionConfig(quant="q8_0"), progress=False)

@@ -44,7 +44,7 @@ def test_round_trip_metadata_and_tensors(tmp_path):
     assert f.value_types["llama.block_count"] == (ValueType.UINT32, None)
     assert f.value_types["tokenizer.ggml.scores"] == (ValueType.ARRAY, ValueType.FLOAT32)
     np.testing.assert_array_equal(f.tensors["vec"].dequantize(), np.arange(5))
-    assert f.tensors["mat"].shape == (3, 64) and f.tensors["mat"].kind == GGMLType.Q8_0
+    assert f.tensors["mat"].shape == (3, 64) and f.tensors["mat"].type == GGMLType.Q8_0
     np.testing.assert_allclose(f.tensors["mat"].dequantize(), x, atol=np.abs(x).max() / 127)
 
 

@@ -19,26 +19,26 @@ from pocketlm.kernels import blocks, int4, int8, intdot, isa
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
 
-def weight(kind, rows, blocks_per_row, seed=0):
-    block_size, _ = BLOCK_LAYOUT[kind]
-    data = random_blocks(kind, rows * blocks_per_row, seed).reshape(rows, -1)
+def weight(tensor_type, rows, blocks_per_row, seed=0):
+    block_size, _ = BLOCK_LAYOUT[tensor_type]
+    data = random_blocks(tensor_type, rows * blocks_per_row, seed).reshape(rows, -1)
     shape = (rows, blocks_per_row * block_size)
-    return data, shape, dequantize(data, kind, shape)
+    return data, shape, dequantize(data, tensor_type, shape)
 
 
-@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
+@pytest.mark.parametrize("tensor_type", QUANTIZED, ids=lambda k: k.name)
 @pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (130, 2)])
-def test_repacked_weights_dequantize_to_the_reference(kind, rows, blocks_per_row):
-    data, shape, expected = weight(kind, rows, blocks_per_row)
-    np.testing.assert_array_equal(int8.dequantize(int8.repack(data, kind, shape)), expected)
+def test_repacked_weights_dequantize_to_the_reference(tensor_type, rows, blocks_per_row):
+    data, shape, expected = weight(tensor_type, rows, blocks_per_row)
+    np.testing.assert_array_equal(int8.dequantize(int8.repack(data, tensor_type, shape)), expected)
 
 
-@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
+@pytest.mark.parametrize("tensor_type", QUANTIZED, ids=lambda k: k.name)
 @pytest.mark.parametrize("rows, blocks_per_row", [(1, 1), (37, 3), (130, 2)])
-def test_matvec_equals_reference_product(kind, rows, blocks_per_row):
-    data, shape, expected = weight(kind, rows, blocks_per_row, seed=1)
+def test_matvec_equals_reference_product(tensor_type, rows, blocks_per_row):
+    data, shape, expected = weight(tensor_type, rows, blocks_per_row, seed=1)
     x = np.random.default_rng(2).standard_normal(shape[1]).astype(np.float32)
-    w = int8.repack(data, kind, shape)
+    w = int8.repack(data, tensor_type, shape)
     scaled = int8.dequantize(int8.Int8Weight(w.q, w.scale, np.zeros_like(w.offset), w.sub))
     offsets = np.repeat(w.offset, w.sub, axis=1) if w.offset.shape[1] else np.zeros_like(scaled)
     np.testing.assert_array_equal(scaled + offsets, expected)
@@ -78,13 +78,13 @@ def test_activation_quantization_rounds_each_block_of_32_to_int8_within_half_a_s
         intdot.quantize(np.zeros(48, np.float32))
 
 
-@pytest.mark.parametrize("kind", QUANTIZED, ids=lambda k: k.name)
-def test_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
+@pytest.mark.parametrize("tensor_type", QUANTIZED, ids=lambda k: k.name)
+def test_matmul_equals_reference_product_across_tiles(tensor_type, monkeypatch):
     monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)  # several tiles and a ragged last one
-    data, shape, expected = weight(kind, 45, 2, seed=3)
+    data, shape, expected = weight(tensor_type, 45, 2, seed=3)
     x = np.random.default_rng(4).standard_normal((7, shape[1])).astype(np.float32)
     np.testing.assert_allclose(
-        int8.matmul(int8.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3
+        int8.matmul(int8.repack(data, tensor_type, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3
     )
 
 
@@ -103,35 +103,35 @@ def test_rms_norm_kernel_equals_the_numpy_formula():
 FOUR_BIT = list(int4.TYPES)
 
 
-@pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
+@pytest.mark.parametrize("tensor_type", FOUR_BIT, ids=lambda k: k.name)
 @pytest.mark.parametrize("rows, runs_per_row", [(1, 1), (37, 3), (130, 4)])
-def test_nibble_repacking_dequantizes_to_the_reference(kind, rows, runs_per_row):
-    block_size, _ = BLOCK_LAYOUT[kind]
-    data, shape, expected = weight(kind, rows, max(1, runs_per_row * 64 // block_size))
-    np.testing.assert_array_equal(int4.dequantize(int4.repack(data, kind, shape)), expected)
+def test_nibble_repacking_dequantizes_to_the_reference(tensor_type, rows, runs_per_row):
+    block_size, _ = BLOCK_LAYOUT[tensor_type]
+    data, shape, expected = weight(tensor_type, rows, max(1, runs_per_row * 64 // block_size))
+    np.testing.assert_array_equal(int4.dequantize(int4.repack(data, tensor_type, shape)), expected)
 
 
-@pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
+@pytest.mark.parametrize("tensor_type", FOUR_BIT, ids=lambda k: k.name)
 @pytest.mark.parametrize("rows, runs_per_row", [(1, 1), (37, 3), (130, 4), (2000, 10)])
-def test_nibble_matvec_equals_reference_product(kind, rows, runs_per_row):
-    block_size, _ = BLOCK_LAYOUT[kind]
-    data, shape, expected = weight(kind, rows, max(1, runs_per_row * 64 // block_size), seed=5)
+def test_nibble_matvec_equals_reference_product(tensor_type, rows, runs_per_row):
+    block_size, _ = BLOCK_LAYOUT[tensor_type]
+    data, shape, expected = weight(tensor_type, rows, max(1, runs_per_row * 64 // block_size), seed=5)
     x = np.random.default_rng(6).standard_normal(shape[1]).astype(np.float32)
-    w = int4.repack(data, kind, shape)
+    w = int4.repack(data, tensor_type, shape)
     scaled = int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset)))
     offsets = np.repeat(w.offset, 32, axis=1)
     np.testing.assert_array_equal(scaled + offsets, expected)
     assert_close_to_integer_product(int4.matvec(w, x), scaled, x, offsets)
 
 
-@pytest.mark.parametrize("kind", FOUR_BIT, ids=lambda k: k.name)
-def test_nibble_matmul_equals_reference_product_across_tiles(kind, monkeypatch):
+@pytest.mark.parametrize("tensor_type", FOUR_BIT, ids=lambda k: k.name)
+def test_nibble_matmul_equals_reference_product_across_tiles(tensor_type, monkeypatch):
     monkeypatch.setattr(int8, "PREFILL_TILE_ROWS", 16)
-    block_size, _ = BLOCK_LAYOUT[kind]
-    data, shape, expected = weight(kind, 45, max(1, 128 // block_size), seed=7)
+    block_size, _ = BLOCK_LAYOUT[tensor_type]
+    data, shape, expected = weight(tensor_type, 45, max(1, 128 // block_size), seed=7)
     x = np.random.default_rng(8).standard_normal((7, shape[1])).astype(np.float32)
     np.testing.assert_allclose(
-        int4.matmul(int4.repack(data, kind, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3
+        int4.matmul(int4.repack(data, tensor_type, shape), x), x @ expected.T, rtol=1e-4, atol=1e-3
     )
 
 
@@ -221,24 +221,30 @@ def test_integer_dot_products_of_each_instruction_set_equal_the_reference(path):
     x = np.random.default_rng(26).standard_normal(288).astype(np.float32)  # 9 blocks: a last half step
     x[5] = 40.0  # a block whose largest value rounds to 127 exactly
     xq, xd, x_sums, xq4 = intdot.quantize(x)
-    for kind in (GGMLType.Q4_0, GGMLType.Q4_1):
-        data, shape, expected = weight(kind, 9, 8, seed=27)
-        w, out = int4.repack(data, kind, shape), np.empty(9, np.float32)
+    for tensor_type in (GGMLType.Q4_0, GGMLType.Q4_1):
+        data, shape, expected = weight(tensor_type, 9, 8, seed=27)
+        w, out = int4.repack(data, tensor_type, shape), np.empty(9, np.float32)
         nibble_rows(w.packed, w.scale, w.offset, xq[:256], xd[:8], x_sums[:8], out)
         offsets = np.repeat(w.offset, 32, axis=1)
         scaled = int4.dequantize(int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset)))
         assert_close_to_integer_product(out, scaled, x[:256], offsets)
-    for kind in (GGMLType.Q5_0, GGMLType.Q8_0):
-        data, shape, expected = weight(kind, 9, 9, seed=28)
-        if kind == GGMLType.Q8_0:  # the largest products: -128 and 127 weights against 127 activations
+    for tensor_type in (GGMLType.Q5_0, GGMLType.Q8_0):
+        data, shape, expected = weight(tensor_type, 9, 9, seed=28)
+        if tensor_type == GGMLType.Q8_0:  # the largest products: -128 and 127 weights against 127 activations
             data.reshape(9, 9, 34)[0, :, 2:] = np.array([-128, 127] * 16, np.int8).view(np.uint8)
-            expected = dequantize(data, kind, shape)
-        block_rows(blocks.wrap(data, kind, shape).blocks, kind == GGMLType.Q5_0, xq, xd, xq4, out)
+            expected = dequantize(data, tensor_type, shape)
+        block_rows(
+            blocks.wrap(data, tensor_type, shape).blocks, tensor_type == GGMLType.Q5_0, xq, xd, xq4, out
+        )
         assert_close_to_integer_product(out, expected, x)
-    for kind, n_blocks in ((GGMLType.Q5_0, 9), (GGMLType.Q6_K, 1), (GGMLType.Q8_0, 9)):  # 32, 16, 32 a scale
-        data, shape, expected = weight(kind, 9, n_blocks, seed=30)
-        w = int8.repack(data, kind, shape)
-        if kind == GGMLType.Q8_0:
+    for tensor_type, n_blocks in (
+        (GGMLType.Q5_0, 9),
+        (GGMLType.Q6_K, 1),
+        (GGMLType.Q8_0, 9),
+    ):  # 32, 16, 32 a scale
+        data, shape, expected = weight(tensor_type, 9, n_blocks, seed=30)
+        w = int8.repack(data, tensor_type, shape)
+        if tensor_type == GGMLType.Q8_0:
             w.q[0] = np.array([-128, 127] * (shape[1] // 2), np.int8)
             expected = int8.dequantize(w)
         int8_rows(w.q, w.scale, w.sub, xq[: shape[1]], xd[: shape[1] // 32], xq4[: shape[1] // 4], out)
@@ -496,7 +502,7 @@ def test_the_engine_reads_q8_0_matrices_from_a_resident_copy_of_their_bytes(tiny
 
     _, folder, _ = tiny("llama")
     lm = load(convert(folder, tmp_path / "q8_0.gguf", ConversionConfig(quant="q8_0"), progress=False))
-    matrices = [t for t in lm.file.tensors.values() if t.kind == GGMLType.Q8_0 and len(t.shape) == 2]
+    matrices = [t for t in lm.file.tensors.values() if t.type == GGMLType.Q8_0 and len(t.shape) == 2]
     assert matrices
     for t in matrices:
         blocks = lm.ops.packed(t).blocks

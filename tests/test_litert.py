@@ -128,19 +128,19 @@ def mutations(data: bytes, rng: random.Random, n: int):
     headers, tables and offsets) and in the last bytes."""
     for _ in range(n):
         raw = bytearray(data)
-        kind = rng.choice(("truncate", "flip", "flip", "u32", "zero"))
+        mutation = rng.choice(("truncate", "flip", "flip", "u32", "zero"))
         head = min(len(raw), 4096)
-        if kind == "truncate":
-            yield kind, bytes(raw[: rng.randrange(len(raw))])
+        if mutation == "truncate":
+            yield mutation, bytes(raw[: rng.randrange(len(raw))])
             continue
         at = rng.randrange(head) if rng.random() < 0.8 else rng.randrange(len(raw))
-        if kind == "flip":
+        if mutation == "flip":
             raw[at] ^= 1 << rng.randrange(8)
-        elif kind == "u32":
+        elif mutation == "u32":
             raw[at : at + 4] = rng.choice((0, 1, 0x7FFFFFFF, 0xFFFFFFFF, len(raw))).to_bytes(4, "little")
         else:
             raw[at : at + 64] = bytes(len(raw[at : at + 64]))
-        yield kind, bytes(raw[: len(data)])
+        yield mutation, bytes(raw[: len(data)])
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -149,14 +149,14 @@ def test_damaged_copies_give_one_line_errors_never_a_traceback(name, tmp_path):
     rng = random.Random(name)
     path = tmp_path / name
     outcomes = {"read": 0, "refused": 0}
-    for kind, mutated in mutations(data, rng, 150):
+    for mutation, mutated in mutations(data, rng, 150):
         path.write_bytes(mutated)
         try:
             describe(path)
             outcomes["read"] += 1
         except ModelFileError as e:
             message = str(e)
-            assert "\n" not in message and message.startswith(str(path)), (kind, message)
+            assert "\n" not in message and message.startswith(str(path)), (mutation, message)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0  # damage is noticed (not everything reads as fine)
 

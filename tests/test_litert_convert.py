@@ -133,9 +133,10 @@ def test_converted_weights_equal_the_tflite_weights_with_llamas_q_k_rows_interle
 
 
 @pytest.mark.parametrize(
-    "sample, kind", [("tiny_mlp_int8_channelwise.tflite", "Q8_0"), ("tiny_mlp_int4_block32.tflite", "Q4_0")]
+    "sample, type_name",
+    [("tiny_mlp_int8_channelwise.tflite", "Q8_0"), ("tiny_mlp_int4_block32.tflite", "Q4_0")],
 )
-def test_int8_per_channel_and_int4_block32_weights_are_repacked_without_requantizing(sample, kind):
+def test_int8_per_channel_and_int4_block32_weights_are_repacked_without_requantizing(sample, type_name):
     model = open_tflite(SAMPLES / sample)
     weights = [t for t in model.weights() if t.type in ("INT8", "INT4") and len(t.shape) == 2]
     assert weights
@@ -143,11 +144,11 @@ def test_int8_per_channel_and_int4_block32_weights_are_repacked_without_requanti
         rows = np.random.default_rng(0).permutation(t.shape[0])
         for order in (None, rows):
             got = _exact_blocks(model, t, order)
-            assert got is not None and got[0].name == kind
+            assert got is not None and got[0].name == type_name
             ours = dequantize(got[1], got[0], t.shape)
             expected = model.dequantize(t)
             expected = expected[order] if order is not None else expected
-            if kind == "Q4_0":  # float16 block scales, 4-bit values: the very same numbers
+            if type_name == "Q4_0":  # float16 block scales, 4-bit values: the very same numbers
                 assert np.array_equal(ours, expected)
             else:  # the channel's float32 scale stored as float16
                 assert np.allclose(ours, expected, rtol=2**-11, atol=0)
@@ -240,14 +241,14 @@ def test_damaged_copies_convert_or_fail_in_one_line_never_a_traceback(tmp_path):
     data = LITERTLM.read_bytes()
     rng = random.Random(7)
     outcomes = {"converted": 0, "refused": 0}
-    for kind, mutated in mutations(data, rng, 40):
+    for mutation, mutated in mutations(data, rng, 40):
         path = tmp_path / "damaged.litertlm"
         path.write_bytes(mutated)
         try:
             convert(path, tmp_path / "out.gguf", progress=False)
             outcomes["converted"] += 1
         except PocketLMError as e:
-            assert "\n" not in str(e), (kind, str(e))
+            assert "\n" not in str(e), (mutation, str(e))
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0
 
@@ -303,8 +304,8 @@ def test_the_cli_convert_keeps_int8_unless_asked_to_requantize(tmp_path):
             text=True,
         )
         assert result.returncode == 0, result.stderr
-    assert GGUFFile(kept).tensors["blk.0.ffn_down.weight"].kind.name == "Q8_0"  # 32 inputs: whole blocks
-    assert GGUFFile(f32).tensors["blk.0.ffn_down.weight"].kind.name == "F32"
+    assert GGUFFile(kept).tensors["blk.0.ffn_down.weight"].type.name == "Q8_0"  # 32 inputs: whole blocks
+    assert GGUFFile(f32).tensors["blk.0.ffn_down.weight"].type.name == "F32"
     assert ConversionConfig().keep_source_bits
 
 
@@ -373,7 +374,7 @@ def test_int4_per_channel_weights_become_q4_0_blocks_holding_the_same_numbers():
     model = TFLiteModel(Path("x"), 3, None, [], [], [], 0, 0)
     assert np.array_equal(model.dequantize(t), values * scales[:, None])  # the reader's own reading
     rows = np.array([3, 1, 0, 2, 5, 4])
-    kind, blocks = _exact_blocks(model, t, rows)
+    tensor_type, blocks = _exact_blocks(model, t, rows)
     half_scales = scales.astype(np.float16).astype(np.float32)[:, None]
-    assert kind.name == "Q4_0"
-    assert np.array_equal(dequantize(blocks, kind, t.shape), (values * half_scales)[rows])
+    assert tensor_type.name == "Q4_0"
+    assert np.array_equal(dequantize(blocks, tensor_type, t.shape), (values * half_scales)[rows])

@@ -34,7 +34,7 @@ def rewritten(src, dst, shapes=None, metadata=None, drop=(), extra=None):
     tensors = {name: t for name, t in f.tensors.items() if name not in drop}
     tensors.update({name: f.tensors[source] for name, source in (extra or {}).items()})
     for name, t in tensors.items():
-        w.add_tensor(name, t.kind, (shapes or {}).get(name, t.shape), lambda t=t: t.data)
+        w.add_tensor(name, t.type, (shapes or {}).get(name, t.shape), lambda t=t: t.data)
     w.write(dst)
     return dst
 

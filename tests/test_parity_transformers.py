@@ -120,10 +120,14 @@ def test_quantized_file_equals_transformers_on_the_same_quantized_weights(tiny, 
     with torch.no_grad():
         for p in rounded.parameters():
             if p.ndim == 2:  # rows that do not fill whole blocks are stored as float16 (the policy's rule)
-                kind = (
+                tensor_type = (
                     ggml_type(quant) if p.shape[-1] % BLOCK_LAYOUT[ggml_type(quant)][0] == 0 else GGMLType.F16
                 )
-                p.copy_(torch.from_numpy(dequantize(quantize(p.numpy(), kind), kind, tuple(p.shape))))
+                p.copy_(
+                    torch.from_numpy(
+                        dequantize(quantize(p.numpy(), tensor_type), tensor_type, tuple(p.shape))
+                    )
+                )
     ids = prompt_ids(model.config.vocab_size, 64, seed=3)
     with torch.no_grad():
         expected = rounded(torch.tensor([ids])).logits[0].numpy()

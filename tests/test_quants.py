@@ -13,14 +13,14 @@ from pocketlm.formats.quants import BLOCK_LAYOUT, QUANTIZABLE, GGMLType, dequant
 rng = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize("kind", list(GGMLType), ids=lambda k: k.name)
-def test_dequantize_equals_gguf_py_on_random_blocks(kind):
-    block_size, _ = BLOCK_LAYOUT[kind]
+@pytest.mark.parametrize("tensor_type", list(GGMLType), ids=lambda k: k.name)
+def test_dequantize_equals_gguf_py_on_random_blocks(tensor_type):
+    block_size, _ = BLOCK_LAYOUT[tensor_type]
     n_rows, blocks_per_row = 3, 5 if block_size > 1 else 96  # odd shapes: rows of several blocks
-    blocks = random_blocks(kind, n_rows * blocks_per_row)
+    blocks = random_blocks(tensor_type, n_rows * blocks_per_row)
     data = blocks.reshape(n_rows, -1)
-    ours = dequantize(data, kind, (n_rows, blocks_per_row * block_size))
-    theirs = gq.dequantize(data, gguf.GGMLQuantizationType(int(kind)))
+    ours = dequantize(data, tensor_type, (n_rows, blocks_per_row * block_size))
+    theirs = gq.dequantize(data, gguf.GGMLQuantizationType(int(tensor_type)))
     np.testing.assert_array_equal(ours, theirs)
 
 
@@ -50,23 +50,25 @@ ROUND_TRIP_BOUND = {
 }
 
 
-@pytest.mark.parametrize("kind", QUANTIZABLE, ids=lambda k: k.name)
-def test_round_trip_error_is_within_half_a_step(kind):
-    block_size, _ = BLOCK_LAYOUT[kind]
+@pytest.mark.parametrize("tensor_type", QUANTIZABLE, ids=lambda k: k.name)
+def test_round_trip_error_is_within_half_a_step(tensor_type):
+    block_size, _ = BLOCK_LAYOUT[tensor_type]
     x = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 10, (64, 1))).astype(np.float32)
-    y = dequantize(quantize(x, kind), kind, x.shape)
+    y = dequantize(quantize(x, tensor_type), tensor_type, x.shape)
     blocks = np.abs(x).reshape(-1, max(block_size, 32)).max(axis=1, keepdims=True)
     err = np.abs(x - y).reshape(blocks.shape[0], -1) / blocks
-    assert err.max() <= ROUND_TRIP_BOUND[kind]
+    assert err.max() <= ROUND_TRIP_BOUND[tensor_type]
 
 
 @pytest.mark.parametrize(
-    "kind", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.BF16]
+    "tensor_type", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.BF16]
 )
-def test_quantize_bytes_equal_gguf_py(kind):
+def test_quantize_bytes_equal_gguf_py(tensor_type):
     x = rng.standard_normal((8, 128)).astype(np.float32)
     x[0, :32] = 0.0  # an all-zero block must not divide by zero
-    np.testing.assert_array_equal(quantize(x, kind), gq.quantize(x, gguf.GGMLQuantizationType(int(kind))))
+    np.testing.assert_array_equal(
+        quantize(x, tensor_type), gq.quantize(x, gguf.GGMLQuantizationType(int(tensor_type)))
+    )
 
 
 def test_quantize_rejects_rows_that_do_not_fill_blocks():

@@ -23,9 +23,9 @@ SCHEMAS = json.loads(
 SAMPLING = [dict(temperature=0.0), dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_k=20, top_p=0.9)]
 
 
-def long_context(tiny, kind: str):
+def long_context(tiny, arch: str):
     """A tiny model whose context holds a tool listing in its 400-640-token vocabulary."""
-    return tiny(kind, max_position_embeddings=2048)[2]
+    return tiny(arch, max_position_embeddings=2048)[2]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def llama(tiny):
     return LlmInference(long_context(tiny, "llama"), max_tokens=1024, temperature=0.0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])  # byte-level BPE and SentencePiece vocabularies
-def test_token_bytes_join_to_the_decoded_text(tiny, kind):
-    tok = LlmInference(long_context(tiny, kind)).tokenizer
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # byte-level BPE and SentencePiece vocabularies
+def test_token_bytes_join_to_the_decoded_text(tiny, arch):
+    tok = LlmInference(long_context(tiny, arch)).tokenizer
     text = 'Grammar engines see bytes: ünïcödé, 12.5 % and "quotes"\n\ttabs.'
     ids = tok.encode(text, add_bos=False)
     table = tok.token_bytes()
@@ -45,9 +45,9 @@ def test_token_bytes_join_to_the_decoded_text(tiny, kind):
 
 
 @pytest.mark.parametrize("sampling", SAMPLING, ids=["greedy", "t1", "topk-topp"])
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_json_schema_output_validates_on_a_random_model(tiny, kind, sampling):
-    llm = LlmInference(long_context(tiny, kind), max_tokens=1024, **sampling)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_json_schema_output_validates_on_a_random_model(tiny, arch, sampling):
+    llm = LlmInference(long_context(tiny, arch), max_tokens=1024, **sampling)
     for case in SCHEMAS[:12]:
         text = llm.generate_response(case["prompt"], max_new_tokens=300, response_format=case["schema"])
         jsonschema.validate(json.loads(text), case["schema"])
@@ -258,9 +258,9 @@ BOUNDED_TOOLS = [
 
 
 @pytest.mark.parametrize("sampling", SAMPLING[:2], ids=["greedy", "t1"])
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_required_tool_calls_name_a_tool_and_fit_its_parameters(tiny, kind, sampling):
-    llm = LlmInference(long_context(tiny, kind), max_tokens=1024, **sampling)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_required_tool_calls_name_a_tool_and_fit_its_parameters(tiny, arch, sampling):
+    llm = LlmInference(long_context(tiny, arch), max_tokens=1024, **sampling)
     reply = llm.chat(
         [{"role": "user", "content": "Wake me at 7"}],
         tools=BOUNDED_TOOLS,

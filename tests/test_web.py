@@ -18,12 +18,12 @@ wgpu = pytest.importorskip("wgpu")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma4", "gemma3n"])
-def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, kind):
-    model, _, path = tiny(kind)
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma4", "gemma3n"])
+def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, arch):
+    model, _, path = tiny(arch)
     package = export(path, tmp_path / "web", max_tokens=96, progress=False)
     manifest = json.loads((package / "manifest.json").read_text())
-    assert manifest["architecture"] == kind and manifest["max_tokens"] == 96
+    assert manifest["architecture"] == arch and manifest["max_tokens"] == 96
     replay = PackageRunner(package)
     band = replay.passes["prefill"][0]
     ids = prompt_ids(model.config.vocab_size, 2 * band + 8)  # past gemma3's 16-token window
@@ -168,11 +168,11 @@ def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("kind", ["gemma4", "gemma3n"])
-def test_a_tiny_edge_gemma_package_in_chromium_writes_the_native_text(tiny, tmp_path, kind):
+@pytest.mark.parametrize("arch", ["gemma4", "gemma3n"])
+def test_a_tiny_edge_gemma_package_in_chromium_writes_the_native_text(tiny, tmp_path, arch):
     """Gemma 4 and Gemma 3n in the browser: per-layer inputs, KV sharing, two head sizes, partial
     RoPE (Gemma 4); AltUp streams, LAuReL, activation sparsity (Gemma 3n)."""
-    _, _, path = tiny(kind)
+    _, _, path = tiny(arch)
     expected = (
         LlmInference(path, temperature=0.0, max_tokens=96)
         .create_session()
@@ -183,7 +183,7 @@ def test_a_tiny_edge_gemma_package_in_chromium_writes_the_native_text(tiny, tmp_
     def reply(page):
         return page.evaluate("() => window.pocketlm.generate('the river', {temperature: 0, maxNewTokens: 8})")
 
-    assert in_chromium(package, reply, f"web-tiny-{kind}.png")["text"] == expected
+    assert in_chromium(package, reply, f"web-tiny-{arch}.png")["text"] == expected
 
 
 @pytest.mark.browser
@@ -209,13 +209,13 @@ def test_smollm2_in_chromium_writes_the_native_backends_text(smol_package, real_
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])  # byte-level BPE and SentencePiece vocabularies
-def test_json_schema_output_in_chromium_validates(tiny, tmp_path, kind):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # byte-level BPE and SentencePiece vocabularies
+def test_json_schema_output_in_chromium_validates(tiny, tmp_path, arch):
     """XGrammar's WebAssembly build masks the logits in the page; a random model's valid JSON is the
     grammar's doing. Greedy and sampled, then plain text again in the same conversation."""
     import jsonschema
 
-    _, _, path = tiny(kind, max_position_embeddings=1024)
+    _, _, path = tiny(arch, max_position_embeddings=1024)
     package = export(path, tmp_path / "web", max_tokens=1024, progress=False)
     schema = {
         "type": "object",
@@ -247,7 +247,7 @@ def test_json_schema_output_in_chromium_validates(tiny, tmp_path, kind):
         )
         return results
 
-    greedy, sampled, free = in_chromium(package, run, f"web-json-{kind}.png")
+    greedy, sampled, free = in_chromium(package, run, f"web-json-{arch}.png")
     for result in (greedy, sampled):
         jsonschema.validate(json.loads(result["text"]), schema)
         assert len(result["ids"]) < 200

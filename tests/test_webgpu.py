@@ -44,21 +44,23 @@ QUANTIZED = [
 ]
 
 
-def weight(kind, rows: int, cols: int, seed: int = 0, name: str = "w") -> Tensor:
-    block_size, type_size = BLOCK_LAYOUT[kind]
-    blocks = random_blocks(kind, rows * cols // block_size, seed)
-    return Tensor(f"{name}-{kind.name}-{rows}x{cols}-{seed}", kind, (rows, cols), blocks.reshape(-1))
+def weight(tensor_type, rows: int, cols: int, seed: int = 0, name: str = "w") -> Tensor:
+    block_size, type_size = BLOCK_LAYOUT[tensor_type]
+    blocks = random_blocks(tensor_type, rows * cols // block_size, seed)
+    return Tensor(
+        f"{name}-{tensor_type.name}-{rows}x{cols}-{seed}", tensor_type, (rows, cols), blocks.reshape(-1)
+    )
 
 
 def run(gpu, t):
     return gpu.to_host(t)
 
 
-@pytest.mark.parametrize("kind", [GGMLType.F32, GGMLType.F16, *QUANTIZED])
+@pytest.mark.parametrize("tensor_type", [GGMLType.F32, GGMLType.F16, *QUANTIZED])
 @pytest.mark.parametrize("T", [1, 3, 11])
-def test_linear_matches_the_numpy_reference(gpu, kind, T):
-    cols = 256 if kind in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) else 96
-    w = weight(kind, 37, cols, seed=T)  # an odd number of rows: a partly filled workgroup
+def test_linear_matches_the_numpy_reference(gpu, tensor_type, T):
+    cols = 256 if tensor_type in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K) else 96
+    w = weight(tensor_type, 37, cols, seed=T)  # an odd number of rows: a partly filled workgroup
     x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
     expected = REFERENCE.linear(x, w)
     ours = run(gpu, gpu.linear(gpu.upload(x), w))
@@ -78,9 +80,9 @@ def test_linear_splits_matrices_beyond_the_binding_limit(gpu, monkeypatch):
     np.testing.assert_array_equal(run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids))
 
 
-@pytest.mark.parametrize("kind", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
-def test_embedding_rows_match_the_numpy_reference(gpu, kind):
-    w = weight(kind, 50, 256, name="emb")
+@pytest.mark.parametrize("tensor_type", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
+def test_embedding_rows_match_the_numpy_reference(gpu, tensor_type):
+    w = weight(tensor_type, 50, 256, name="emb")
     ids = np.array([3, 0, 49, 3, 17])
     np.testing.assert_allclose(
         run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
@@ -252,9 +254,9 @@ def test_a_sum_fused_into_a_pending_norm_leaves_the_norm_for_its_other_readers(g
 # -- whole models -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", list(TINY))
-def test_tiny_models_match_the_cpu_backend(tiny, gpu, kind):
-    model, _, path = tiny(kind)
+@pytest.mark.parametrize("arch", list(TINY))
+def test_tiny_models_match_the_cpu_backend(tiny, gpu, arch):
+    model, _, path = tiny(arch)
     ids = prompt_ids(model.config.vocab_size, 64)
     cpu, webgpu = load(path, kv_cache="f32"), load(path, backend="webgpu")  # the GPU's cache is float32
     assert np.abs(webgpu.logits(ids) - cpu.logits(ids)).max() <= 1e-3
@@ -412,21 +414,21 @@ def _vector(name: str, n: int, seed: int) -> Tensor:
     return f32_tensor(name, np.random.default_rng(seed).standard_normal(n) + 1.0)
 
 
-@pytest.mark.parametrize("kind", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
+@pytest.mark.parametrize("tensor_type", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
 @pytest.mark.parametrize("T", [1, 5])
-def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, kind, T):
+def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, tensor_type, T):
     """RMSNorm read on the way by q/k/v stacked as one matrix (odd row counts), biases in the epilogue."""
     cols = 256
-    ws = [weight(kind, rows, cols, seed=i, name=f"stack{T}") for i, rows in enumerate((37, 12, 12))]
-    biases = [_vector(f"b{i}-{kind.name}-{T}", w.shape[0], i) for i, w in enumerate(ws)]
-    norm = _vector(f"n-{kind.name}-{T}", cols, 9)
+    ws = [weight(tensor_type, rows, cols, seed=i, name=f"stack{T}") for i, rows in enumerate((37, 12, 12))]
+    biases = [_vector(f"b{i}-{tensor_type.name}-{T}", w.shape[0], i) for i, w in enumerate(ws)]
+    norm = _vector(f"n-{tensor_type.name}-{T}", cols, 9)
     x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
     normed = REFERENCE.rms_norm(x, norm, 1e-6)
     gpu.device.trace = []
     outs = gpu.linears(gpu.rms_norm(gpu.upload(x), norm, 1e-6), ws, biases)
     kernels = [d[0] for d in gpu.device.trace]
     gpu.device.trace = None
-    variant = {GGMLType.F32: "f32", GGMLType.Q4_1: "int4"}.get(kind, "int8")
+    variant = {GGMLType.F32: "f32", GGMLType.Q4_1: "int4"}.get(tensor_type, "int8")
     assert kernels == [f"linear+{variant}+norm" + ("+one" if T == 1 and variant != "f32" else "")]
     for out, w, b in zip(outs, ws, biases):
         expected = REFERENCE.linear(normed, w, b)
@@ -507,15 +509,15 @@ def test_qk_norms_and_rope_applied_by_the_cache_write_and_the_attention_kernel(g
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_a_decode_step_is_six_dispatches_a_layer(tiny, kind):
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_decode_step_is_six_dispatches_a_layer(tiny, arch):
     """The fused decode step: the embedding; per layer norm + q/k/v, (q/k norms and) RoPE + cache
     write, split attention, its merge + output projection + residual, norm + gate/up, activation +
     down + residual; the final norm with the output matrix."""
     from pocketlm.backends.webgpu import WebGPUBackend  # noqa: F401 (skips with the module fixture)
     from pocketlm.engine import decode_step, prefill
 
-    model, _, path = tiny(kind)
+    model, _, path = tiny(arch)
     try:
         lm = load(path, backend="webgpu")
     except UnsupportedError as e:
@@ -565,17 +567,17 @@ def cache_tensors(gpu, cache):
     return GpuTensor(gpu, cache.keys, cache.k_shape), GpuTensor(gpu, cache.values, cache.v_shape)
 
 
-@pytest.mark.parametrize("kind", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K])
+@pytest.mark.parametrize("tensor_type", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K])
 @pytest.mark.parametrize("T", [1, 5, 11])
-def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, kind, T):
+def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, tensor_type, T):
     """Q4_0 / Q4_1 / Q4_K matrices are uploaded as nibbles (half the bytes of the int8 repacking) and
     multiplied as such by each path: one token, a few, the tiled product of many."""
     from pocketlm.backends.webgpu.backend import NIBBLES
 
-    cols = 256 if kind == GGMLType.Q4_K else 128
-    w = weight(kind, 37, cols, seed=40 + T, name="nibbles")
+    cols = 256 if tensor_type == GGMLType.Q4_K else 128
+    w = weight(tensor_type, 37, cols, seed=40 + T, name="nibbles")
     m = gpu.matrix(w)
-    assert m.kind == NIBBLES and m.chunks[0][2][0].size == 37 * cols // 2
+    assert m.storage == NIBBLES and m.chunks[0][2][0].size == 37 * cols // 2
     x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
     expected = REFERENCE.linear(x, w)
     ours = run(gpu, gpu.linear(gpu.upload(x), w))
@@ -587,15 +589,15 @@ def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, kind, T):
     )
 
 
-@pytest.mark.parametrize("kind", ["gemma4", "gemma3n"])
-def test_the_per_layer_table_is_streamed_to_the_gpu_not_uploaded(tiny, kind):
+@pytest.mark.parametrize("arch", ["gemma4", "gemma3n"])
+def test_the_per_layer_table_is_streamed_to_the_gpu_not_uploaded(tiny, arch):
     """Rows of the per-layer table are read from the file per pass (as on the CPU); with
     ple_in_ram it is uploaded whole instead; both give the CPU backend's logits (Gemma 3n's
     table lacks the last ids, which read its row 0)."""
     from pocketlm.engine import decode_step, prefill
     from pocketlm.models.gemma3n import PER_LAYER_TABLE
 
-    model, _, path = tiny(kind)
+    model, _, path = tiny(arch)
     try:
         streamed, in_ram = load(path, backend="webgpu"), load(path, backend="webgpu", ple_in_ram=True)
     except UnsupportedError as e:

@@ -383,7 +383,7 @@ def cmd_show(args) -> None:
     name = args.model or DEFAULT_MODEL
     path = Path(name) if Path(name).is_file() else find_local(name)
     m = describe(path, name if not Path(name).is_file() else None)
-    mix = ", ".join(f"{kind} {nbytes / 1e6:.1f} MB" for kind, nbytes in m.type_mix.items())
+    mix = ", ".join(f"{type_name} {nbytes / 1e6:.1f} MB" for type_name, nbytes in m.type_mix.items())
     rows = [
         ("name", m.name),
         ("file", str(m.path)),

@@ -64,9 +64,9 @@ def _tflite_tensors(model, prefix: str = "") -> list[_Tensor]:
 
 
 def _load(path: str | os.PathLike) -> _Model:
-    kind = file_format(path)
+    fmt = file_format(path)
     metadata: dict[str, Any] = {}
-    if kind == "gguf":
+    if fmt == "gguf":
         from .formats.gguf import GGUFFile
         from .formats.quants import BLOCK_LAYOUT
 
@@ -75,22 +75,22 @@ def _load(path: str | os.PathLike) -> _Model:
         tensors = [
             _Tensor(
                 t.name,
-                _GGUF_FLOATS.get(t.kind.name, t.kind.name),
+                _GGUF_FLOATS.get(t.type.name, t.type.name),
                 t.shape,
                 "none"
-                if t.kind.name in _GGUF_FLOATS
-                else f"{t.kind.name} blocks of {BLOCK_LAYOUT[t.kind][0]}",
+                if t.type.name in _GGUF_FLOATS
+                else f"{t.type.name} blocks of {BLOCK_LAYOUT[t.type][0]}",
                 t.data,
                 lambda t=t: t.dequantize().astype(np.float32),
             )
             for t in f.tensors.values()
         ]
-        return _Model(kind, metadata, [], tensors)
-    if kind == "tflite":
+        return _Model(fmt, metadata, [], tensors)
+    if fmt == "tflite":
         from .formats.tflite import open_tflite
 
-        return _Model(kind, metadata, ["TFLite model"], _tflite_tensors(open_tflite(path)))
-    if kind == "litertlm":
+        return _Model(fmt, metadata, ["TFLite model"], _tflite_tensors(open_tflite(path)))
+    if fmt == "litertlm":
         from .formats.litertlm import open_litertlm
 
         f = open_litertlm(path)
@@ -107,7 +107,7 @@ def _load(path: str | os.PathLike) -> _Model:
             if s.tflite:
                 prefix = f"{s.items.get('model_type', s.index)}:" if len(models) > 1 else ""
                 tensors += _tflite_tensors(s.tflite, prefix)
-        return _Model(kind, metadata, parts, tensors)
+        return _Model(fmt, metadata, parts, tensors)
     from .formats.task import open_task
 
     t = open_task(path)

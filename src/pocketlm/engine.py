@@ -34,16 +34,16 @@ def make_backend(name: str, model, architecture: str, **options) -> Backend:
     holds float32)."""
     kv_cache = options.pop("kv_cache", "f16")
     if name == "webgpu":
-        from .backends.webgpu import WebGPUBackend as kind
+        from .backends.webgpu import WebGPUBackend as backend_class
     else:
-        kind, options = CpuBackend, {"fast": name == "cpu", "kv_cache": kv_cache}
-    missing = missing_capabilities(model, kind)
+        backend_class, options = CpuBackend, {"fast": name == "cpu", "kv_cache": kv_cache}
+    missing = missing_capabilities(model, backend_class)
     if missing:
         raise UnsupportedError(
             f"the {name} backend cannot run this {architecture} model: it has no "
             f"{', '.join(sorted(missing))} (use --backend cpu)"
         )
-    return kind(**options)
+    return backend_class(**options)
 
 
 class LoadedModel:

@@ -48,10 +48,10 @@ def _is_task(path) -> bool:
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    kind = file_format(path)
-    if kind == "gguf":
+    fmt = file_format(path)
+    if fmt == "gguf":
         return _gguf(path)
-    if kind == "litertlm":
+    if fmt == "litertlm":
         from .formats.litertlm import open_litertlm
 
         f = open_litertlm(path)
@@ -76,7 +76,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 for s in f.sections
             ],
         }
-    if kind == "task":
+    if fmt == "task":
         from .formats.task import open_task
 
         t = open_task(path)
@@ -156,7 +156,7 @@ def _gguf(path) -> dict[str, Any]:
 
     f = GGUFFile(path)
     tensors = [
-        {"name": t.name, "type": t.kind.name, "shape": list(t.shape), "bytes": t.nbytes}
+        {"name": t.name, "type": t.type.name, "shape": list(t.shape), "bytes": t.nbytes}
         for t in f.tensors.values()
     ]
     return {
@@ -199,8 +199,8 @@ def short_text(value: Any, width: int = 100) -> str:
 def render(d: dict[str, Any]) -> str:
     lines: list[str] = []
     out = lines.append
-    kind = d["format"]
-    if kind == "gguf":
+    fmt = d["format"]
+    if fmt == "gguf":
         parts = f", {d['parts']} parts" if d["parts"] > 1 else ""
         out(f"{d['file']}  (GGUF v{d['version']}, {_mb(d['size'])}{parts}, {len(d['tensors'])} tensors)\n")
         out("metadata:")
@@ -208,7 +208,7 @@ def render(d: dict[str, Any]) -> str:
             out(f"  {key:<48} {short_text(repr(value) if isinstance(value, str) else value)}")
         _tensor_table(d, out, quantization=False)
         out(f"  {d['parameters'] / 1e6:.1f}M parameters")
-    elif kind == "litertlm":
+    elif fmt == "litertlm":
         out(f"{d['file']}  (.litertlm v{d['version']}, {_mb(d['size'])}, {len(d['sections'])} sections)\n")
         out("system metadata:")
         for key, value in d["system_metadata"].items():
@@ -221,7 +221,7 @@ def render(d: dict[str, Any]) -> str:
             if items:
                 out(f"  {items}")
             _payload(s, out)
-    elif kind == "task":
+    elif fmt == "task":
         out(f"{d['file']}  (.task bundle, {_mb(d['size'])}, {len(d['entries'])} entries)")
         for e in d["entries"]:
             out(f"\nentry {e['name']}  at byte {e['begin']} ({_mb(e['size'])})")
@@ -262,7 +262,7 @@ def _tensor_table(d: dict, out, quantization: bool, indent: str = "") -> None:
         q = f" {t['quantization']:<22}" if quantization else ""
         out(f"{indent}{name:<48} {t['type']:<8} {str(t['shape']):<20}{q} {t['bytes']:>12,}")
     out(f"{indent}totals per type:")
-    for kind, total in d["totals"].items():
-        out(f"{indent}  {kind:<8} {total['tensors']:>5} tensors {total['bytes'] / 1e6:>10.2f} MB")
+    for type_name, total in d["totals"].items():
+        out(f"{indent}  {type_name:<8} {total['tensors']:>5} tensors {total['bytes'] / 1e6:>10.2f} MB")
     count, size = len(d["tensors"]), sum(t["bytes"] for t in d["tensors"])
     out(f"{indent}  {'all':<8} {count:>5} tensors {size / 1e6:>10.2f} MB")

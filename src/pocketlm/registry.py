@@ -271,7 +271,7 @@ def describe(path: str | os.PathLike, name: str | None = None) -> ModelCard:
     f = GGUFFile(path)
     mix: dict[str, int] = {}
     for t in f.tensors.values():
-        mix[t.kind.name] = mix.get(t.kind.name, 0) + t.nbytes
+        mix[t.type.name] = mix.get(t.type.name, 0) + t.nbytes
     file_type = f.metadata.get("general.file_type")
     quantization = FILE_TYPE_NAMES.get(file_type) if isinstance(file_type, int) else None
     if quantization is None and mix:

@@ -57,12 +57,12 @@ def _engine():
 class Grammar:
     """A compiled constraint: llguidance's grammar text and what it was made from."""
 
-    def __init__(self, text: str, kind: str, schema: dict | None = None, json_output: bool = False):
-        self.text, self.kind, self.schema = text, kind, schema
+    def __init__(self, text: str, response_type: str, schema: dict | None = None, json_output: bool = False):
+        self.text, self.response_type, self.schema = text, response_type, schema
         self.json_output = json_output  # the whole output is JSON (numbers get a digit cap)
 
     def __repr__(self) -> str:
-        return f"Grammar({self.kind})"
+        return f"Grammar({self.response_type})"
 
 
 def _schema_of(value: Any) -> dict:
@@ -91,17 +91,18 @@ def compile_format(response_format: Any) -> Grammar | None:
             f"response_format must be a dict such as {{'type': 'json_object'}}, "
             f"got {type(response_format).__name__}"
         )
-    kind = response_format.get("type")
-    if kind not in FORMAT_TYPES and (
-        isinstance(kind, list) or kind in SCHEMA_TYPES or SCHEMA_KEYS & set(response_format)
+    response_type = response_format.get("type")
+    if response_type not in FORMAT_TYPES and (
+        isinstance(response_type, list) or response_type in SCHEMA_TYPES or SCHEMA_KEYS & set(response_format)
     ):
-        kind, response_format = "json_schema", {"json_schema": {"schema": response_format}}  # a bare schema
+        response_type = "json_schema"
+        response_format = {"json_schema": {"schema": response_format}}  # a bare schema
     llg = _engine()
-    if kind == "text":
+    if response_type == "text":
         return None
-    if kind == "json_object":
+    if response_type == "json_object":
         schema = {"type": "object"}
-    elif kind == "json_schema":
+    elif response_type == "json_schema":
         spec = response_format.get("json_schema", response_format.get("schema"))
         if isinstance(spec, dict) and ("schema" in spec or set(spec) <= {"name", "strict", "description"}):
             spec = spec.get("schema")  # OpenAI's wrapper: {"name", "schema", "strict"}
@@ -111,13 +112,13 @@ def compile_format(response_format: Any) -> Grammar | None:
                 "'json_schema': {'name': ..., 'schema': {...}}}"
             )
         schema = _schema_of(spec)
-    elif kind == "regex":
+    elif response_type == "regex":
         regex = response_format.get("regex")
         if not isinstance(regex, str) or not regex:
             raise InvalidOptionError("response_format regex needs a non-empty string 'regex'")
         _check_size(regex, "regex")
         return Grammar(llg.LLMatcher.grammar_from_regex(regex), "regex")
-    elif kind == "grammar":
+    elif response_type == "grammar":
         text, syntax = response_format.get("grammar"), response_format.get("syntax", "lark")
         if not isinstance(text, str) or not text.strip():
             raise InvalidOptionError("response_format grammar needs a non-empty string 'grammar'")
@@ -135,12 +136,12 @@ def compile_format(response_format: Any) -> Grammar | None:
     else:
         raise InvalidOptionError(
             f"response_format type must be one of {', '.join(FORMAT_TYPES)} "
-            f"(or the dict be a JSON schema); got {kind!r}"
+            f"(or the dict be a JSON schema); got {response_type!r}"
         )
-    return json_grammar(schema, "json_object" if kind == "json_object" else "json_schema")
+    return json_grammar(schema, "json_object" if response_type == "json_object" else "json_schema")
 
 
-def json_grammar(schema: dict, kind: str = "json_schema") -> Grammar:
+def json_grammar(schema: dict, response_type: str = "json_schema") -> Grammar:
     llg = _engine()
     try:
         text = json.dumps(schema)
@@ -153,7 +154,7 @@ def json_grammar(schema: dict, kind: str = "json_schema") -> Grammar:
         grammar = llg.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
     except ValueError as e:
         raise InvalidOptionError(f"the JSON schema is not valid: {_one_line(e)}") from None
-    return Grammar(grammar, kind, schema if isinstance(schema, dict) else None, json_output=True)
+    return Grammar(grammar, response_type, schema if isinstance(schema, dict) else None, json_output=True)
 
 
 def _check_size(text: str, what: str) -> None:
@@ -200,7 +201,9 @@ def check(grammar: Grammar, vocabulary: Vocabulary) -> None:
     grammar that does not parse, a limit exceeded)."""
     error = _engine().LLMatcher.validate_grammar(grammar.text, vocabulary.engine)
     if error:
-        raise InvalidOptionError(f"the {grammar.kind.replace('_', ' ')} cannot be used: {_one_line(error)}")
+        raise InvalidOptionError(
+            f"the {grammar.response_type.replace('_', ' ')} cannot be used: {_one_line(error)}"
+        )
 
 
 class Constraint:

@@ -206,14 +206,14 @@ class GGUFTokenizer:
                 raise ModelFileError(f"{source}: tokenizer metadata {key!r} is missing")
             return metadata[key]
 
-        kind = need("tokenizer.ggml.model")
+        model = need("tokenizer.ggml.model")
         tokens = list(need("tokenizer.ggml.tokens"))
         types = np.asarray(metadata.get("tokenizer.ggml.token_type", np.full(len(tokens), NORMAL)))
-        if kind == "gpt2":
+        if model == "gpt2":
             self._tok = _build_bpe(
                 tokens, need("tokenizer.ggml.merges"), metadata.get("tokenizer.ggml.pre", "default")
             )
-        elif kind == "llama":
+        elif model == "llama":
             scores = np.asarray(
                 metadata.get("tokenizer.ggml.scores", -np.arange(len(tokens), dtype=np.float32))
             )
@@ -221,7 +221,7 @@ class GGUFTokenizer:
                 tokens, scores, types, bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
             )
         else:
-            raise UnsupportedError(f"{source}: tokenizer model {kind!r} is not supported (gpt2, llama)")
+            raise UnsupportedError(f"{source}: tokenizer model {model!r} is not supported (gpt2, llama)")
         self._tok.add_tokens(
             [
                 AddedToken(tokens[i], special=False, normalized=False)
@@ -233,14 +233,14 @@ class GGUFTokenizer:
         )
         # Token strings are not kept on the Python side (Gemma's 262k take 23 MB): `token(i)`.
         self.vocab_size = len(tokens)
-        self.kind = kind
+        self.model = model  # "gpt2" (byte-level BPE) or "llama" (SentencePiece): tokenizer.ggml.model
         self._types = types.astype(np.int8)  # for token_bytes(); 1 byte a token
         self.control_ids = frozenset(int(i) for i in np.nonzero(types == CONTROL)[0])
         self.bos_id = metadata.get("tokenizer.ggml.bos_token_id")
         self.eos_id = metadata.get("tokenizer.ggml.eos_token_id")
         self.bos_token = tokens[self.bos_id] if self.bos_id is not None else None
         self.eos_token = tokens[self.eos_id] if self.eos_id is not None else None
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", model == "llama"))
         self.chat_template = metadata.get("tokenizer.chat_template")
         if not isinstance(self.chat_template, (str, type(None))):
             raise ModelFileError(
@@ -261,18 +261,18 @@ class GGUFTokenizer:
         symbols mapped back to bytes, SentencePiece's `▁` as a space and `<0xAB>` as that byte.
         Control tokens are `b"\\xff" + name` (never text: a grammar reaches them only by name)."""
         out = []
-        byte_level = self.kind == "gpt2"
+        byte_level = self.model == "gpt2"
         table = _byte_decoder() if byte_level else None
         for i in range(self.vocab_size):
             name = self._tok.id_to_token(i) or ""
-            kind = int(self._types[i])
-            if kind == CONTROL:
+            token_type = int(self._types[i])
+            if token_type == CONTROL:
                 out.append(b"\xff" + name.encode("utf-8", "replace"))
-            elif kind == TokenType.BYTE and len(name) == 6 and name.startswith("<0x"):
+            elif token_type == TokenType.BYTE and len(name) == 6 and name.startswith("<0x"):
                 out.append(bytes([int(name[3:5], 16)]))
-            elif kind == USER_DEFINED and byte_level:
+            elif token_type == USER_DEFINED and byte_level:
                 out.append(name.encode("utf-8", "replace"))  # llama.cpp stores them as text, not byte symbols
-            elif kind in (UNKNOWN, UNUSED):
+            elif token_type in (UNKNOWN, UNUSED):
                 out.append(b"")  # never produced as text
             elif byte_level:
                 out.append(bytes(table.get(c, 0x3F) for c in name))

@@ -85,7 +85,7 @@ class CpuBackend:
 
     def dense(self, w: Tensor) -> np.ndarray:
         """The float32 values of a weight: float32 tensors in place, others dequantized once."""
-        if w.kind == GGMLType.F32:
+        if w.type == GGMLType.F32:
             return w.data.view("<f4").reshape(w.shape)
         if w.name not in self._dequantized:
             self._dequantized[w.name] = w.dequantize()
@@ -95,16 +95,16 @@ class CpuBackend:
         """A quantized matrix as the kernels read it (made once): Q8_0 and Q5_0 blocks as the
         file lays them out, nibbles for the 4-bit types, int8 for the others; None for float
         matrices."""
-        if not self.fast or w.kind in _FLOAT or len(w.shape) != 2:
+        if not self.fast or w.type in _FLOAT or len(w.shape) != 2:
             return None
         if w.name not in self._packed:
-            if w.kind == GGMLType.Q8_0:
-                self._packed[w.name] = blocks.wrap(self._resident(w), w.kind, w.shape)
-            elif blocks.fits(w.kind, w.shape):  # Q5_0: most are stacked (copied) at first use
-                self._packed[w.name] = blocks.wrap(w.data, w.kind, w.shape)
+            if w.type == GGMLType.Q8_0:
+                self._packed[w.name] = blocks.wrap(self._resident(w), w.type, w.shape)
+            elif blocks.fits(w.type, w.shape):  # Q5_0: most are stacked (copied) at first use
+                self._packed[w.name] = blocks.wrap(w.data, w.type, w.shape)
             else:
-                kernels = int4 if int4.fits(w.kind, w.shape) else int8
-                self._packed[w.name] = kernels.repack(w.data, w.kind, w.shape)
+                kernels = int4 if int4.fits(w.type, w.shape) else int8
+                self._packed[w.name] = kernels.repack(w.data, w.type, w.shape)
         return self._packed[w.name]
 
     def _resident(self, w: Tensor) -> np.ndarray:
@@ -226,7 +226,7 @@ class CpuBackend:
             )
         row_bytes = w.nbytes // n_rows
         rows = self._pinned.get(w.name, w.data).reshape(n_rows, row_bytes)[np.asarray(ids)]
-        return dequantize(rows, w.kind, (len(ids), dim))
+        return dequantize(rows, w.type, (len(ids), dim))
 
     # -- normalisation and activations ----------------------------------------------------------
 

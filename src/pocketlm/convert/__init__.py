@@ -72,15 +72,16 @@ def convert(
 CHUNK_VALUES = 1 << 26  # tensors larger than this (256 MB as float32) are read and quantized by rows
 
 
-def _quantized(load, kind: GGMLType, shape: tuple[int, ...] = ()):
-    """The tensor's bytes in `kind`; a loader with `rows(start, stop)` and a large tensor are
+def _quantized(load, tensor_type: GGMLType, shape: tuple[int, ...] = ()):
+    """The tensor's bytes in `tensor_type`; a loader with `rows(start, stop)` and a large tensor are
     converted a band of rows at a time (Gemma 3n's per-layer table is billions of values)."""
     size = int(np.prod(shape)) if shape else 0
     if size <= CHUNK_VALUES or not hasattr(load, "rows"):
-        return lambda: quantize(load(), kind)
+        return lambda: quantize(load(), tensor_type)
     band = max(1, CHUNK_VALUES // int(np.prod(shape[1:])))
     return lambda: (
-        quantize(load.rows(start, min(start + band, shape[0])), kind) for start in range(0, shape[0], band)
+        quantize(load.rows(start, min(start + band, shape[0])), tensor_type)
+        for start in range(0, shape[0], band)
     )
 
 
@@ -101,8 +102,8 @@ def _from_checkpoint(ckpt: HFCheckpoint, config: ConversionConfig) -> GGUFWriter
             continue
         if gguf_name == "token_embd.weight":
             vocab_size = shape[0]
-        kind = config.tensor_type(gguf_name, shape)
-        writer.add_tensor(gguf_name, kind, shape, _quantized(load, kind, shape))
+        tensor_type = config.tensor_type(gguf_name, shape)
+        writer.add_tensor(gguf_name, tensor_type, shape, _quantized(load, tensor_type, shape))
     if vocab_size is None:
         raise ModelFileError(f"{ckpt.folder}: checkpoint has no token embedding")
     for key, (value, vtype, item_type) in tokenizer_metadata(ckpt, vocab_size).items():
@@ -134,9 +135,9 @@ def _from_gguf(src: GGUFFile, config: ConversionConfig) -> GGUFWriter:
             writer.add(key, value, *src.value_types[key])
     writer.add("general.file_type", config.file_type)
     for t in src.tensors.values():
-        kind = config.tensor_type(t.name, t.shape)
-        if kind == t.kind:
-            writer.add_tensor(t.name, kind, t.shape, lambda t=t: np.asarray(t.data))
+        tensor_type = config.tensor_type(t.name, t.shape)
+        if tensor_type == t.type:
+            writer.add_tensor(t.name, tensor_type, t.shape, lambda t=t: np.asarray(t.data))
         else:
-            writer.add_tensor(t.name, kind, t.shape, _quantized(t.dequantize, kind))
+            writer.add_tensor(t.name, tensor_type, t.shape, _quantized(t.dequantize, tensor_type))
     return writer

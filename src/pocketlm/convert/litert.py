@@ -275,10 +275,10 @@ class _Graph:
                 todo.extend(next_tensors(k))
         return sorted(found), sorted(passed)
 
-    def scalar_consts(self, ks: list[int], kind: str) -> list[float]:
+    def scalar_consts(self, ks: list[int], op_name: str) -> list[float]:
         out = []
         for k in ks:
-            if self.ops[k].op == kind:
+            if self.ops[k].op == op_name:
                 for t in self.ops[k].inputs:
                     if self.const(t) and math.prod(self.tensors[t].shape) == 1:
                         out.append(float(self.value(t).ravel()[0]))
@@ -800,20 +800,20 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
         shape = t.shape
         exact = _exact_blocks(model, t, rows) if keep_bits else None
         if exact is not None:
-            kind, blocks = exact
-            counts[f"{t.type} kept as {kind.name}"] += 1
-            writer.add_tensor(name, kind, shape, lambda b=blocks: b)
+            tensor_type, blocks = exact
+            counts[f"{t.type} kept as {tensor_type.name}"] += 1
+            writer.add_tensor(name, tensor_type, shape, lambda b=blocks: b)
             return
-        kind = config.tensor_type(name, shape)
-        counts[f"{t.type} -> {kind.name}"] += 1
+        tensor_type = config.tensor_type(name, shape)
+        counts[f"{t.type} -> {tensor_type.name}"] += 1
 
-        def load(t=t, rows=rows, kind=kind):
+        def load(t=t, rows=rows, tensor_type=tensor_type):
             x = model.dequantize(t).astype(np.float32)
             if rows is not None:
                 x = x[rows]
-            return quantize(x, kind)
+            return quantize(x, tensor_type)
 
-        writer.add_tensor(name, kind, shape, load)
+        writer.add_tensor(name, tensor_type, shape, load)
 
     add("token_embd.weight", d.embedding)
     for i, layer in enumerate(d.layers):
@@ -837,8 +837,8 @@ def _writer(path: Path, config: ConversionConfig, keep_bits: bool, verbose: bool
     for key, (value, vtype, item_type) in vocab.items():
         writer.add(key, value, vtype, item_type)
     kept = {
-        kind: sum(n for what, n in counts.items() if what.endswith(f"kept as {kind}"))
-        for kind in ("Q8_0", "Q4_0")
+        type_name: sum(n for what, n in counts.items() if what.endswith(f"kept as {type_name}"))
+        for type_name in ("Q8_0", "Q4_0")
     }
     # llama.cpp's file type names the bits most matrices have (7: mostly Q8_0, 2: mostly Q4_0)
     file_type = config.file_type if not any(kept.values()) else (7 if kept["Q8_0"] >= kept["Q4_0"] else 2)

@@ -51,14 +51,14 @@ class ConversionConfig:
         back to float16 (as llama.cpp does)."""
         if len(shape) < 2 or name.endswith("norm.weight") or self.quant == "f32":
             return GGMLType.F32
-        kind = GGMLType[self.quant.upper()]
+        tensor_type = GGMLType[self.quant.upper()]
         for component, pattern in _COMPONENTS.items():
             bits = getattr(self, f"{component}_bits")
             if bits and pattern.search(name):
-                kind = self._bits_type(bits)
-        if shape[-1] % BLOCK_LAYOUT[kind][0]:
+                tensor_type = self._bits_type(bits)
+        if shape[-1] % BLOCK_LAYOUT[tensor_type][0]:
             return GGMLType.F16
-        return kind
+        return tensor_type
 
     @property
     def file_type(self) -> int:

@@ -102,11 +102,11 @@ class Table:
             )
         return self.at + offset
 
-    def scalar(self, i: int, kind: str, default=0):
-        fmt = _SCALARS[kind]
+    def scalar(self, i: int, scalar_type: str, default=0):
+        fmt = _SCALARS[scalar_type]
         at = self._field(i, fmt.size)
         value = default if at is None else self.fb.read(fmt, at, f"{self.what} field {i}")
-        return bool(value) if kind == "bool" else value
+        return bool(value) if scalar_type == "bool" else value
 
     def _target(self, i: int) -> int | None:
         at = self._field(i, 4)

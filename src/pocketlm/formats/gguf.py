@@ -87,7 +87,7 @@ class Tensor:
     """One tensor of a GGUF file; `data` is a uint8 view into the mmap, `shape` in numpy order."""
 
     name: str
-    kind: GGMLType
+    type: GGMLType
     shape: tuple[int, ...]
     data: np.ndarray
 
@@ -100,31 +100,31 @@ class Tensor:
         return math.prod(self.shape)
 
     def dequantize(self) -> np.ndarray:
-        return dequantize(self.data, self.kind, self.shape)
+        return dequantize(self.data, self.type, self.shape)
 
     def part(self, j: int) -> Tensor:
         """Slice `j` along the first axis (a matrix of a stacked [n, rows, cols] tensor), still
         a view into the file."""
         size = self.nbytes // self.shape[0]
-        return Tensor(f"{self.name}[{j}]", self.kind, self.shape[1:], self.data[j * size : (j + 1) * size])
+        return Tensor(f"{self.name}[{j}]", self.type, self.shape[1:], self.data[j * size : (j + 1) * size])
 
     def regrouped(self, n_rows: int) -> Tensor:
         """The same bytes read as a matrix of `n_rows` rows (each whole blocks), under the same name:
         Gemma's per-layer table [vocab, layers * width] as [vocab * layers, width]."""
         cols = self.n_elements // n_rows
-        if n_rows * cols != self.n_elements or cols % BLOCK_LAYOUT[self.kind][0]:
+        if n_rows * cols != self.n_elements or cols % BLOCK_LAYOUT[self.type][0]:
             raise ModelFileError(
-                f"tensor {self.name!r} ({self.kind.name} {list(self.shape)}) cannot be read as {n_rows} rows "
-                f"of whole {BLOCK_LAYOUT[self.kind][0]}-value blocks"
+                f"tensor {self.name!r} ({self.type.name} {list(self.shape)}) cannot be read as {n_rows} rows "
+                f"of whole {BLOCK_LAYOUT[self.type][0]}-value blocks"
             )
-        return Tensor(self.name, self.kind, (n_rows, cols), self.data)
+        return Tensor(self.name, self.type, (n_rows, cols), self.data)
 
     def rows(self, start: int, stop: int) -> Tensor:
         """Rows start..stop of a matrix (or elements of a vector), still a view into the file."""
         size = self.nbytes // self.shape[0]
         return Tensor(
             f"{self.name}[{start}:{stop}]",
-            self.kind,
+            self.type,
             (stop - start, *self.shape[1:]),
             self.data[start * size : stop * size],
         )
@@ -280,19 +280,19 @@ class GGUFFile:
             raise cur.fail(f"tensor {name!r} has dimensions {dims}")
         type_id = cur.u32()
         try:
-            kind = ggml_type(type_id)
+            tensor_type = ggml_type(type_id)
         except Exception as e:
             raise ModelFileError(f"{self.path}: tensor {name!r}: {e}") from None
-        return name, kind, tuple(reversed(dims)), cur.u64()
+        return name, tensor_type, tuple(reversed(dims)), cur.u64()
 
     def _map_tensors(self, infos, buf, data_start: int, alignment: int) -> None:
         data_size = len(buf) - data_start
-        for name, kind, shape, offset in infos:
+        for name, tensor_type, shape, offset in infos:
             try:
-                nbytes = tensor_nbytes(kind, math.prod(shape))  # Python ints: no 64-bit wrap-around
+                nbytes = tensor_nbytes(tensor_type, math.prod(shape))  # Python ints: no 64-bit wrap-around
             except Exception as e:
                 raise ModelFileError(f"{self.path}: tensor {name!r}: {e}") from None
-            if shape[-1] % BLOCK_LAYOUT[kind][0]:
+            if shape[-1] % BLOCK_LAYOUT[tensor_type][0]:
                 raise ModelFileError(f"{self.path}: tensor {name!r} rows do not fill whole blocks")
             if offset % alignment or offset + nbytes > data_size:
                 raise ModelFileError(
@@ -303,7 +303,7 @@ class GGUFFile:
                 raise ModelFileError(f"{self.path}: tensor {name!r} appears twice")
             start = data_start + offset
             data = np.frombuffer(buf, np.uint8, nbytes, start)
-            self.tensors[name] = Tensor(name, kind, shape, data)
+            self.tensors[name] = Tensor(name, tensor_type, shape, data)
 
     def _join_split_parts(self) -> None:
         count = self.metadata.get("split.count")
@@ -453,7 +453,7 @@ def _pack_value(value: Any, vtype: ValueType, item_type: ValueType | None = None
 @dataclass
 class _PendingTensor:
     name: str
-    kind: GGMLType
+    type: GGMLType
     shape: tuple[int, ...]
     produce: Callable[[], Any]  # the packed bytes (uint8) when written, whole or as an iterable of parts
     nbytes: int
@@ -478,10 +478,10 @@ class GGUFWriter:
         self.metadata[key] = (value, vtype or _value_type(value), item_type)
 
     def add_tensor(
-        self, name: str, kind: GGMLType, shape: tuple[int, ...], produce: Callable[[], np.ndarray]
+        self, name: str, tensor_type: GGMLType, shape: tuple[int, ...], produce: Callable[[], np.ndarray]
     ) -> None:
-        nbytes = tensor_nbytes(kind, int(np.prod(shape)))
-        self.tensors.append(_PendingTensor(name, kind, tuple(shape), produce, nbytes))
+        nbytes = tensor_nbytes(tensor_type, int(np.prod(shape)))
+        self.tensors.append(_PendingTensor(name, tensor_type, tuple(shape), produce, nbytes))
 
     def _header(self) -> bytes:
         parts = [MAGIC, struct.pack("<IQQ", 3, len(self.tensors), len(self.metadata))]
@@ -494,7 +494,7 @@ class GGUFWriter:
             dims = list(reversed(t.shape))
             parts += [
                 _pack_string(t.name),
-                struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.kind, offset),
+                struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.type, offset),
             ]
             offset += -(-t.nbytes // self.alignment) * self.alignment
         return b"".join(parts)

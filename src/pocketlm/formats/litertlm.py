@@ -42,7 +42,7 @@ SECTION_TYPES = {
     10: "TtsMetadataProto",
     11: "AsrMetadataProto",
 }
-# VData union member -> the scalar kind of its single field (a StringValue holds a string)
+# VData union member -> the scalar type of its single field (a StringValue holds a string)
 _VDATA = {
     1: "u8",
     2: "i8",
@@ -93,14 +93,14 @@ def _key_values(entries: list[Table], fb: FlatBuffer) -> dict[str, Any]:
     out = {}
     for e in entries:
         key = e.string(0, "a metadata key") or ""
-        kind = _VDATA.get(e.scalar(1, "u8"))
+        scalar_type = _VDATA.get(e.scalar(1, "u8"))
         value = e.table(2, f"the value of {key!r}")
-        if kind is None or value is None:
+        if scalar_type is None or value is None:
             out[key] = None
-        elif kind == "str":
+        elif scalar_type == "str":
             out[key] = value.string(0, f"the value of {key!r}")
         else:
-            out[key] = value.scalar(0, kind)
+            out[key] = value.scalar(0, scalar_type)
     return out
 
 
@@ -122,14 +122,16 @@ def open_litertlm(path: str | os.PathLike) -> LiteRTLMFile:
     sections_table = root.table(1, "the section metadata")
     sections = []
     for i, s in enumerate(sections_table.tables(0, "sections") if sections_table else []):
-        begin, end, kind = s.scalar(1, "u64"), s.scalar(2, "u64"), s.scalar(3, "u8")
+        begin, end, section_type = s.scalar(1, "u64"), s.scalar(2, "u64"), s.scalar(3, "u8")
         if not header_end <= begin <= end <= len(buf):
             raise ModelFileError(
                 f"{path}: section {i} spans bytes {begin}..{end}, outside the file's data ({header_end}..{len(buf)})"
             )
-        kind_name = SECTION_TYPES.get(kind, f"unknown ({kind})")
+        section_name = SECTION_TYPES.get(section_type, f"unknown ({section_type})")
         sections.append(
-            Section(i, kind_name, begin, end, _key_values(s.tables(0, "section items"), fb), buf[begin:end])
+            Section(
+                i, section_name, begin, end, _key_values(s.tables(0, "section items"), fb), buf[begin:end]
+            )
         )
     ordered = sorted(sections, key=lambda s: (s.begin, s.end))
     for before, after in zip(ordered, ordered[1:]):  # shared bytes would be decoded again and again
@@ -234,8 +236,8 @@ def message_class(name: str):
 
     def message(msg_name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
         m = proto.message_type.add(name=msg_name)
-        for field_name, number, kind, label, type_name in fields:
-            f = m.field.add(name=field_name, number=number, type=kind, label=label)
+        for field_name, number, field_type, label, type_name in fields:
+            f = m.field.add(name=field_name, number=number, type=field_type, label=label)
             if type_name:
                 f.type_name = type_name
 

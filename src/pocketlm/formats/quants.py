@@ -58,11 +58,11 @@ def ggml_type(value: int | str) -> GGMLType:
         raise UnsupportedError(f"tensor type {value!r} is not supported (supported: {known})") from None
 
 
-def tensor_nbytes(kind: GGMLType, n_elements: int) -> int:
-    block_size, type_size = BLOCK_LAYOUT[kind]
+def tensor_nbytes(tensor_type: GGMLType, n_elements: int) -> int:
+    block_size, type_size = BLOCK_LAYOUT[tensor_type]
     if n_elements % block_size:
         raise UnsupportedError(
-            f"{kind.name} needs a multiple of {block_size} elements per row, got {n_elements}"
+            f"{tensor_type.name} needs a multiple of {block_size} elements per row, got {n_elements}"
         )
     return n_elements // block_size * type_size
 
@@ -269,21 +269,21 @@ _QUANTIZE = {
 QUANTIZABLE = tuple(_QUANTIZE)
 
 
-def decompose(data: np.ndarray, kind: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def decompose(data: np.ndarray, tensor_type: GGMLType) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Raw bytes of a quantized tensor -> (q int8 [n_blocks, block_size], scale f32
     [n_blocks, n_sub], offset f32 [n_blocks, n_sub] or None): each run of block_size / n_sub
     values is scale * q + offset."""
-    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])
-    return _DECOMPOSE[kind](blocks)
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[tensor_type][1])
+    return _DECOMPOSE[tensor_type](blocks)
 
 
-def dequantize(data: np.ndarray, kind: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
+def dequantize(data: np.ndarray, tensor_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes of a tensor -> float32 array of `shape` (numpy order, last axis = row)."""
-    if kind in _FLOAT_TYPES:
-        return _FLOAT_TYPES[kind](
-            np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])
+    if tensor_type in _FLOAT_TYPES:
+        return _FLOAT_TYPES[tensor_type](
+            np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[tensor_type][1])
         ).reshape(shape)
-    q, scale, offset = decompose(data, kind)
+    q, scale, offset = decompose(data, tensor_type)
     n, n_sub = scale.shape
     values = q.reshape(n, n_sub, -1).astype(np.float32) * scale[:, :, None]
     if offset is not None:
@@ -291,13 +291,13 @@ def dequantize(data: np.ndarray, kind: GGMLType, shape: tuple[int, ...]) -> np.n
     return values.reshape(shape)
 
 
-def quantize(x: np.ndarray, kind: GGMLType) -> np.ndarray:
+def quantize(x: np.ndarray, tensor_type: GGMLType) -> np.ndarray:
     """float32 array whose last axis is a multiple of the block size -> uint8 [..., row bytes]."""
-    if kind not in _QUANTIZE:
-        raise UnsupportedError(f"pocketlm cannot write {kind.name} tensors")
-    block_size, type_size = BLOCK_LAYOUT[kind]
+    if tensor_type not in _QUANTIZE:
+        raise UnsupportedError(f"pocketlm cannot write {tensor_type.name} tensors")
+    block_size, type_size = BLOCK_LAYOUT[tensor_type]
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[-1] % block_size:
-        raise UnsupportedError(f"{kind.name} needs rows that are a multiple of {block_size}")
-    packed = _QUANTIZE[kind](x.reshape(-1, block_size))
+        raise UnsupportedError(f"{tensor_type.name} needs rows that are a multiple of {block_size}")
+    packed = _QUANTIZE[tensor_type](x.reshape(-1, block_size))
     return packed.reshape(*x.shape[:-1], x.shape[-1] // block_size * type_size)

@@ -292,7 +292,7 @@ def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview], codes
         type_id = t.scalar(1, "i8")
         if type_id not in TENSOR_TYPES:
             raise fb.fail(t.at, f"tensor {name!r} has unknown type {type_id}")
-        kind, bits = TENSOR_TYPES[type_id]
+        type_name, bits = TENSOR_TYPES[type_id]
         shape = tuple(int(d) for d in t.array(0, "i4", f"the shape of {name!r}"))
         if len(shape) > 8 or any(d < 0 for d in shape):
             raise fb.fail(t.at, f"tensor {name!r} has shape {list(shape)}")
@@ -304,11 +304,11 @@ def _subgraph(fb: FlatBuffer, g: Table, j: int, buffers: list[memoryview], codes
         if len(data) and bits and len(data) != expected:
             raise fb.fail(
                 t.at,
-                f"tensor {name!r} ({kind} {list(shape)}) needs {expected} bytes, its buffer has {len(data)}",
+                f"tensor {name!r} ({type_name} {list(shape)}) needs {expected} bytes, its buffer has {len(data)}",
             )
         quant = _quantization(t.table(4, f"the quantization of {name!r}"), name, shape, fb)
         view = np.frombuffer(data, np.uint8) if len(data) else None
-        tensors.append(TFLiteTensor(name, kind, shape, buffer, quant, len(data), view, j))
+        tensors.append(TFLiteTensor(name, type_name, shape, buffer, quant, len(data), view, j))
     inputs = [int(i) for i in g.array(1, "i4", f"subgraph {j} inputs")]
     outputs = [int(i) for i in g.array(2, "i4", f"subgraph {j} outputs")]
     if any(not 0 <= i < len(tensors) for i in inputs + outputs):

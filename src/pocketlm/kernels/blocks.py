@@ -41,12 +41,12 @@ assert BLOCK_LAYOUT[GGMLType.Q8_0] == (BLOCK, Q8_0_BYTES) and BLOCK_LAYOUT[GGMLT
 @dataclass
 class BlockWeight:
     blocks: np.ndarray  # uint8 [rows, cols / 32 * block bytes], the file's bytes (mapped, or a copy)
-    kind: GGMLType
+    type: GGMLType
     in_place: bool = True  # its bytes are one tensor's blocks from the file (False: stacked)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.blocks.shape[0], self.blocks.shape[1] // BLOCK_LAYOUT[self.kind][1] * BLOCK
+        return self.blocks.shape[0], self.blocks.shape[1] // BLOCK_LAYOUT[self.type][1] * BLOCK
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +54,7 @@ class BlockWeight:
 
     @property
     def _q5(self) -> bool:
-        return self.kind == GGMLType.Q5_0
+        return self.type == GGMLType.Q5_0
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         out = np.empty(self.blocks.shape[0], np.float32)
@@ -79,28 +79,29 @@ class BlockWeight:
 
     def rows(self, first: int, end: int) -> BlockWeight:
         """Rows first..end, a view."""
-        return BlockWeight(self.blocks[first:end], self.kind, self.in_place)
+        return BlockWeight(self.blocks[first:end], self.type, self.in_place)
 
     @staticmethod
     def stack(parts: list[BlockWeight]) -> BlockWeight | None:
         """One matrix of the parts' rows (same type and width): a copy of their blocks, or None."""
-        if len({(p.kind, p.shape[1]) for p in parts}) != 1:
+        if len({(p.type, p.shape[1]) for p in parts}) != 1:
             return None
-        return BlockWeight(np.concatenate([p.blocks for p in parts]), parts[0].kind, in_place=False)
+        return BlockWeight(np.concatenate([p.blocks for p in parts]), parts[0].type, in_place=False)
 
 
-def fits(kind, shape: tuple[int, ...]) -> bool:
+def fits(tensor_type, shape: tuple[int, ...]) -> bool:
     """Whether a GGUF tensor is a matrix of a type read here."""
-    return kind in TYPES and len(shape) == 2
+    return tensor_type in TYPES and len(shape) == 2
 
 
-def wrap(data: np.ndarray, kind: GGMLType, shape: tuple[int, ...]) -> BlockWeight:
+def wrap(data: np.ndarray, tensor_type: GGMLType, shape: tuple[int, ...]) -> BlockWeight:
     """A Q8_0 or Q5_0 tensor's bytes [rows, cols / 32 * block bytes] (a view; nothing is copied)."""
-    if not fits(kind, shape):
-        raise ValueError(f"{kind.name} {shape}: not a Q8_0 or Q5_0 matrix")
+    if not fits(tensor_type, shape):
+        raise ValueError(f"{tensor_type.name} {shape}: not a Q8_0 or Q5_0 matrix")
     rows, cols = shape
     return BlockWeight(
-        np.asarray(data).view(np.uint8).reshape(rows, cols // BLOCK * BLOCK_LAYOUT[kind][1]), kind
+        np.asarray(data).view(np.uint8).reshape(rows, cols // BLOCK * BLOCK_LAYOUT[tensor_type][1]),
+        tensor_type,
     )
 
 

@@ -67,17 +67,17 @@ class Int4Weight:
         )
 
 
-def fits(kind, shape: tuple[int, ...]) -> bool:
+def fits(tensor_type, shape: tuple[int, ...]) -> bool:
     """Whether a GGUF tensor can be held as nibbles: a 4-bit type, a matrix of whole runs."""
-    return kind in TYPES and len(shape) == 2 and shape[1] % RUN == 0
+    return tensor_type in TYPES and len(shape) == 2 and shape[1] % RUN == 0
 
 
-def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int4Weight:
+def repack(data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> Int4Weight:
     """A Q4_0 / Q4_1 / Q4_K tensor [rows, cols] (cols a multiple of 64) -> Int4Weight."""
-    if not fits(kind, shape):
-        raise ValueError(f"{kind.name} {shape} cannot be held as nibbles")
+    if not fits(tensor_type, shape):
+        raise ValueError(f"{tensor_type.name} {shape} cannot be held as nibbles")
     rows, cols = shape
-    q, scale, offset = decompose(data, kind)
+    q, scale, offset = decompose(data, tensor_type)
     scale = np.ascontiguousarray(scale.reshape(rows, cols // SUB), dtype=np.float32)
     offset = (
         np.zeros_like(scale)

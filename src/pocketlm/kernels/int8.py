@@ -62,21 +62,21 @@ class Int8Weight:
         )
 
 
-def repack(data: np.ndarray, kind, shape: tuple[int, ...]) -> Int8Weight:
+def repack(data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> Int8Weight:
     """A quantized GGUF tensor [rows, cols] -> Int8Weight."""
     rows, cols = shape
-    if kind == GGMLType.Q5_0:  # Gemma 3's commonest type: numba, 0.26 -> 0.03 s for its 63 M values
-        blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[kind][1])
+    if tensor_type == GGMLType.Q5_0:  # Gemma 3's commonest type: numba, 0.26 -> 0.03 s for its 63 M values
+        blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[tensor_type][1])
         q, scale, offset = np.empty((len(blocks), 32), np.int8), np.empty(len(blocks), np.float32), None
         _unpack_q5_0(blocks, q, scale)
     else:
-        q, scale, offset = decompose(data, kind)
+        q, scale, offset = decompose(data, tensor_type)
     scale = np.ascontiguousarray(scale.reshape(rows, -1), dtype=np.float32)
     offset = (
         np.zeros((rows, 0), np.float32) if offset is None else np.ascontiguousarray(offset.reshape(rows, -1))
     )
     if cols // scale.shape[1] not in (16, 32):  # the decode kernels' two layouts (kernels.intdot)
-        raise ValueError(f"{kind.name}: {cols // scale.shape[1]} values a scale, not 16 or 32")
+        raise ValueError(f"{tensor_type.name}: {cols // scale.shape[1]} values a scale, not 16 or 32")
     return Int8Weight(np.ascontiguousarray(q.reshape(rows, cols)), scale, offset, cols // scale.shape[1])
 
 

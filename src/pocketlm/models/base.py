@@ -325,12 +325,12 @@ class MLP:
 class Norm:
     """RMSNorm or LayerNorm (with its bias when the file has one), by weight name."""
 
-    def __init__(self, w: Weights, name: str, kind: str, eps: float):
+    def __init__(self, w: Weights, name: str, norm_type: str, eps: float):
         self.weight, self.bias = w(f"{name}.weight"), w.optional(f"{name}.bias")
-        self.kind, self.eps = kind, eps
+        self.norm_type, self.eps = norm_type, eps  # "rms" or "layer"
 
     def __call__(self, ops, x: np.ndarray) -> np.ndarray:
-        if self.kind == "layer":
+        if self.norm_type == "layer":
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return ops.rms_norm(x, self.weight, self.eps)
 
@@ -338,7 +338,7 @@ class Norm:
 class CausalLM:
     """The contract the engine relies on: `make_cache`, `forward`, `vocab_size`, `args`.
 
-    Subclasses name their layer class (`block`) and norm kind, or build `layers` themselves
+    Subclasses name their layer class (`block`) and `norm_type`, or build `layers` themselves
     after `init_io`; embedding scale and final soft-capping are set where an architecture has them.
     """
 
@@ -348,22 +348,22 @@ class CausalLM:
     embed_scale: float | None = None
     final_softcap: float | None = None
     block: type | None = None  # the layer class, built as block(w, i, args)
-    norm_kind = "rms"
+    norm_type = "rms"
 
     def __init__(self, args: DecoderArgs, w: Weights):
         self.args = args
-        self.init_io(w, self.norm_kind, args.norm_eps)
+        self.init_io(w, self.norm_type, args.norm_eps)
         self.layers = [self.block(w, i, args) for i in range(args.n_layers)]
         alibi = any(getattr(layer.attention.spec, "alibi", None) is not None for layer in self.layers)
         self.requires = (
             self.requires
-            | ({LAYER_NORM} if self.norm_kind == "layer" else set())
+            | ({LAYER_NORM} if self.norm_type == "layer" else set())
             | ({ALIBI} if alibi else set())
         )
 
-    def init_io(self, w: Weights, norm_kind: str, eps: float) -> None:
+    def init_io(self, w: Weights, norm_type: str, eps: float) -> None:
         self.token_embd = w("token_embd.weight")
-        self.output_norm = Norm(w, "output_norm", norm_kind, eps)
+        self.output_norm = Norm(w, "output_norm", norm_type, eps)
         output = w.optional("output.weight")
         self.output = output if output is not None else self.token_embd  # tied when absent
         self.output_bias = w.optional("output.bias")

@@ -56,7 +56,7 @@ class TransformerBlock:
 
 class Model(CausalLM):
     block = TransformerBlock
-    norm_kind = "layer"
+    norm_type = "layer"
     requires = frozenset({EXACT_GELU})
 
 

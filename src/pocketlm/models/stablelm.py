@@ -35,7 +35,7 @@ class TransformerBlock:
 
 class Model(CausalLM):
     block = TransformerBlock
-    norm_kind = "layer"
+    norm_type = "layer"
 
 
 ARGS = LayerNormArgs

@@ -44,13 +44,21 @@ class RequestError(Exception):
         message: str,
         param: str | None = None,
         code: str | None = None,
-        kind: str = "invalid_request_error",
+        error_type: str = "invalid_request_error",
     ):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.error_type = error_type  # the OpenAI error's "type"
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
         return JSONResponse(body, status_code=self.status)
 
 
@@ -74,8 +82,8 @@ def _number(body: dict, name: str, default, low, high, integer: bool = False):
         value = int(value)  # JSON's 31.0 is the integer 31 (as JSON Schema counts it)
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise RequestError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}", param=name)
+        expected = "an integer" if integer else "a number"
+        raise RequestError(400, f"'{name}' must be {expected} in [{low}, {high}], got {value!r}", param=name)
     return value
 
 
@@ -219,7 +227,7 @@ class OpenAIServer:
             raise RequestError(
                 401,
                 "invalid or missing API key (Authorization: Bearer ...)",
-                kind="authentication_error",
+                error_type="authentication_error",
                 code="invalid_api_key",
             )
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
@@ -272,15 +280,15 @@ class OpenAIServer:
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=1.0)
+                    event, value = await asyncio.wait_for(job.events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
-                if kind == "error":
+                if event == "error":
                     raise RequestError(400 if isinstance(value, PocketLMError) else 500, str(value))
-                yield kind, value
-                if kind == "done":
+                yield event, value
+                if event == "done":
                     return
         finally:
             job.cancelled.set()
@@ -328,7 +336,7 @@ class OpenAIServer:
         self, request: Request, job: Job, params: Params, chat: bool, plan: ToolPlan | None = None
     ) -> Response:
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        kind = "chat.completion" if chat else "text_completion"
+        object_type = "chat.completion" if chat else "text_completion"
         if params.stream:
             return StreamingResponse(
                 self._stream(request, job, params, ident, chat, plan),
@@ -357,7 +365,7 @@ class OpenAIServer:
         return JSONResponse(
             {
                 "id": ident,
-                "object": kind,
+                "object": object_type,
                 "created": int(time.time()),
                 "model": self.model_id,
                 "choices": [choice],
@@ -366,12 +374,12 @@ class OpenAIServer:
         )
 
     async def _stream(self, request, job, params, ident, chat, plan=None) -> AsyncIterator[str]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
+        object_type = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list, **extra) -> str:
             data = {
                 "id": ident,
-                "object": kind,
+                "object": object_type,
                 "created": int(time.time()),
                 "model": self.model_id,
                 "choices": choices,
@@ -389,10 +397,10 @@ class OpenAIServer:
             yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         held = []  # with tools, the reply is read whole before it is sent: text or tool calls
         try:
-            async for kind_, value in self._events(job, request):
-                if kind_ == "text" and plan is not None:
+            async for event_name, value in self._events(job, request):
+                if event_name == "text" and plan is not None:
                     held.append(value)
-                elif kind_ == "text":
+                elif event_name == "text":
                     yield event([choice(value)])
                 else:
                     finish = value["finish_reason"]
@@ -405,12 +413,14 @@ class OpenAIServer:
                     if params.include_usage:
                         yield event([], usage=_usage(value))
         except RequestError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.error_type}})}\n\n"
         yield "data: [DONE]\n\n"
 
     async def models(self, request: Request) -> Response:
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return RequestError(401, "invalid or missing API key", kind="authentication_error").response()
+            return RequestError(
+                401, "invalid or missing API key", error_type="authentication_error"
+            ).response()
         return JSONResponse(
             {
                 "object": "list",
@@ -480,7 +490,7 @@ def create_app(
             except Exception as e:  # a bug of ours: a well-formed 500, the traceback in the server's log only
                 log.exception("%s %s failed", request.method, request.url.path)
                 return RequestError(
-                    500, f"internal error ({type(e).__name__})", kind="server_error"
+                    500, f"internal error ({type(e).__name__})", error_type="server_error"
                 ).response()
 
         return endpoint

@@ -133,7 +133,7 @@ def _schemas() -> dict:
         "usage": _ref("Usage"),
     }
 
-    def completion(kind: str, field: str, schema: dict) -> dict:
+    def completion(object_type: str, field: str, schema: dict) -> dict:
         """A chat or text completion: its one choice carries `field` (message or text)."""
         choice = {
             "type": "object",
@@ -145,7 +145,7 @@ def _schemas() -> dict:
             "required": ["id", "object", "created", "model", "choices", "usage"],
             "properties": {
                 **common,
-                "object": {"const": kind},
+                "object": {"const": object_type},
                 "choices": {"type": "array", "items": choice},
             },
         }

@@ -32,8 +32,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+    def emit(self, event: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (event, value))
 
 
 class StopFilter:

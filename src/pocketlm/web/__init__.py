@@ -95,7 +95,7 @@ def export(
     tok = lm.tokenizer
     (tmp / "tokenizer.json").write_text(tok.to_json())
     tokens = ["" if i in tok.control_ids else (tok.token(i) or "") for i in range(tok.vocab_size)]
-    vocab_type = "byte_level" if tok.kind == "gpt2" else "byte_fallback"  # how XGrammar decodes the strings
+    vocab_type = "byte_level" if tok.model == "gpt2" else "byte_fallback"  # how XGrammar decodes the strings
     # Tokens that never belong in compact JSON but XGrammar's strings admit: raw control characters,
     # and bytes no UTF-8 text holds (C0, C1, F5-FF: web-xgrammar 0.1.27 reads F5-F7 as the lead of a
     # 4-byte character, so a sampled string came out as invalid UTF-8). The tokens whose bytes start

@@ -44,13 +44,14 @@ _GATED = {"silu": 2, "gelu_tanh": 3, "gelu": 4}  # the linear kernel's x_mode fo
 
 
 class _Lazy:
-    """A tensor's computation, described but not yet dispatched: `kind` and what it reads
-    (`args`); `out` is the tensor it will fill. Shared by the views of that tensor."""
+    """A tensor's computation, described but not yet dispatched: which one (`computation`: "norm",
+    "linear", "act", "gated", "merge" or "rope") and what it reads (`args`); `out` is the tensor it
+    will fill. Shared by the views of that tensor."""
 
-    __slots__ = ("kind", "out", "args", "done")
+    __slots__ = ("computation", "out", "args", "done")
 
-    def __init__(self, kind: str, out: GpuTensor, **args):
-        self.kind, self.out, self.args, self.done = kind, out, args, False
+    def __init__(self, computation: str, out: GpuTensor, **args):
+        self.computation, self.out, self.args, self.done = computation, out, args, False
 
 
 def _ops() -> dict[str, int]:
@@ -210,33 +211,37 @@ _INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged"
 def _held(w: Tensor) -> int:
     """How a matrix is held on the GPU: float types as FLOAT32, 4-bit types of whole 64-value runs
     as NIBBLES (4 bits still), every other block type repacked to INT8."""
-    if w.kind in _FLOAT:
+    if w.type in _FLOAT:
         return FLOAT32
-    return NIBBLES if int4.fits(w.kind, w.shape) else INT8
+    return NIBBLES if int4.fits(w.type, w.shape) else INT8
 
 
 class _Matrix:
     """An uploaded weight matrix: row chunks of (first row, rows, buffers [values, scale, offset] or
     [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's.
-    `kind`: FLOAT32, INT8 (one byte a value, `kernels.int8`'s repacking) or NIBBLES (4-bit types kept
+    `storage`: FLOAT32, INT8 (one byte a value, `kernels.int8`'s repacking) or NIBBLES (4-bit types kept
     in 4 bits, `kernels.int4`'s layout: runs of 64 values in 32 bytes, value j and 32 + j in byte j)."""
 
-    def __init__(self, shape, chunks, kind: int, sub: int = 0, has_offset: bool = False, row0: int = 0):
-        self.shape, self.chunks, self.kind, self.sub, self.has_offset = shape, chunks, kind, sub, has_offset
-        self.row0 = row0
+    def __init__(self, shape, chunks, storage: int, sub: int = 0, has_offset: bool = False, row0: int = 0):
+        self.shape, self.chunks, self.storage = shape, chunks, storage
+        self.sub, self.has_offset, self.row0 = sub, has_offset, row0
 
     @property
     def quantized(self) -> bool:
-        return self.kind != FLOAT32
+        return self.storage != FLOAT32
 
     @property
     def row_bytes(self) -> list[int]:
         """Bytes a row in each buffer (0: a shared placeholder)."""
         cols = self.shape[1]
-        if self.kind == FLOAT32:
+        if self.storage == FLOAT32:
             return [4 * cols]
         n_sub = cols // self.sub
-        return [cols // 2 if self.kind == NIBBLES else cols, 4 * n_sub, 4 * n_sub if self.has_offset else 0]
+        return [
+            cols // 2 if self.storage == NIBBLES else cols,
+            4 * n_sub,
+            4 * n_sub if self.has_offset else 0,
+        ]
 
 
 class WebGPUBackend:
@@ -305,8 +310,8 @@ class WebGPUBackend:
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:
             rows, cols = w.shape
-            kind = _held(w)
-            if kind == FLOAT32:
+            storage = _held(w)
+            if storage == FLOAT32:
                 values = np.ascontiguousarray(w.dequantize(), np.float32)
                 per_chunk = max(1, self.device.max_binding // (4 * cols))
                 chunks = [
@@ -324,13 +329,13 @@ class WebGPUBackend:
                     )
                     for r in range(0, rows, per_chunk)
                 ]
-                self._matrices[w.name] = _Matrix(w.shape, chunks, kind)
+                self._matrices[w.name] = _Matrix(w.shape, chunks, storage)
             else:
-                if kind == NIBBLES:
-                    nib = int4.repack(w.data, w.kind, w.shape)
+                if storage == NIBBLES:
+                    nib = int4.repack(w.data, w.type, w.shape)
                     values, scale, offset, sub = nib.packed, nib.scale, nib.offset, int4.SUB
                 else:
-                    packed = int8.repack(w.data, w.kind, w.shape)
+                    packed = int8.repack(w.data, w.type, w.shape)
                     values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
                 per_chunk = max(1, self.device.max_binding // values.shape[1])
                 chunks = []
@@ -340,7 +345,7 @@ class WebGPUBackend:
                     o = offset[part] if offset.shape[1] else np.zeros(1, np.float32)
                     bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, sc, o)]
                     chunks.append((r, len(q), bufs))
-                self._matrices[w.name] = _Matrix(w.shape, chunks, kind, sub, offset.shape[1] > 0)
+                self._matrices[w.name] = _Matrix(w.shape, chunks, storage, sub, offset.shape[1] > 0)
         return self._matrices[w.name]
 
     def vector(self, w: Tensor | np.ndarray, name: str | None = None) -> Buffer:
@@ -370,12 +375,12 @@ class WebGPUBackend:
     def _stack(self, parts: list[_Matrix], weights: list[Tensor]) -> _Matrix | None:
         first = parts[0]
         rows, cols = sum(m.shape[0] for m in parts), first.shape[1]
-        layout = (first.kind, cols, first.sub, first.has_offset)
+        layout = (first.storage, cols, first.sub, first.has_offset)
         if (
             len(parts) < 2
             or len({id(m) for m in parts}) < len(parts)
             or any(
-                (m.kind, m.shape[1], m.sub, m.has_offset) != layout or len(m.chunks) > 1 or m.row0
+                (m.storage, m.shape[1], m.sub, m.has_offset) != layout or len(m.chunks) > 1 or m.row0
                 for m in parts
             )
         ):
@@ -393,11 +398,11 @@ class WebGPUBackend:
             if self.keep:
                 data = np.concatenate([np.ascontiguousarray(b.data).view(np.uint8).ravel() for b in olds])
             stacked.append(self.device.concatenate(olds, [m.shape[0] * row_bytes for m in parts], data))
-        whole = _Matrix((rows, cols), [(0, rows, stacked)], first.kind, first.sub, first.has_offset)
+        whole = _Matrix((rows, cols), [(0, rows, stacked)], first.storage, first.sub, first.has_offset)
         start = 0
         for w, m in zip(weights, parts):
             self._matrices[w.name] = _Matrix(
-                m.shape, [(0, m.shape[0], stacked)], m.kind, m.sub, m.has_offset, row0=start
+                m.shape, [(0, m.shape[0], stacked)], m.storage, m.sub, m.has_offset, row0=start
             )
             start += m.shape[0]
         return whole
@@ -415,9 +420,9 @@ class WebGPUBackend:
     def new(self, shape) -> GpuTensor:
         return GpuTensor(self, self.device.scratch(math.prod(shape)), shape)
 
-    def _lazy(self, kind: str, shape, **args) -> GpuTensor:
+    def _lazy(self, computation: str, shape, **args) -> GpuTensor:
         y = self.new(shape)
-        y.lazy = _Lazy(kind, y, **args)
+        y.lazy = _Lazy(computation, y, **args)
         return y
 
     def _ready(self, x):
@@ -427,10 +432,10 @@ class WebGPUBackend:
         return x
 
     @staticmethod
-    def _whole(x, kind: str) -> _Lazy | None:
-        """x's pending computation of `kind`, when x is all of what it computes."""
+    def _whole(x, computation: str) -> _Lazy | None:
+        """x's pending `computation`, when x is all of what it computes."""
         lazy = getattr(x, "lazy", None)
-        if lazy is None or lazy.done or lazy.kind != kind:
+        if lazy is None or lazy.done or lazy.computation != computation:
             return None
         out = lazy.out
         return lazy if (x.buf is out.buf and x.offset == out.offset and x.size == out.size) else None
@@ -445,15 +450,15 @@ class WebGPUBackend:
         if into is None:
             lazy.done = True
         a, out = lazy.args, into if into is not None else lazy.out
-        if lazy.kind == "norm":
+        if lazy.computation == "norm":
             self._rms_norm(a["x"], a["w"], a["eps"], out, residual)
-        elif lazy.kind == "linear":
+        elif lazy.computation == "linear":
             self._linear(a["input"], a["matrix"], a["bias"], [out], residual)
-        elif lazy.kind == "act":
+        elif lazy.computation == "act":
             self._elementwise(a["op"], a["x"], None, 0.0, out)
-        elif lazy.kind == "gated":
+        elif lazy.computation == "gated":
             self._elementwise(f"{a['op']}_mul", a["gate"], a["up"], 0.0, out)
-        elif lazy.kind == "merge":
+        elif lazy.computation == "merge":
             T, heads = a["parts"].shape[:2]
             params = dict(n_heads=heads, head_dim=a["dim"], n_splits=a["splits"], y_off=out.offset)
             self.device.dispatch("attention_merge", params, [a["parts"].buf, out.buf], (heads, T, 1))
@@ -507,7 +512,7 @@ class WebGPUBackend:
                     "the file's vocabulary and table disagree"
                 )
             raw = w.data.reshape(n_rows, w.nbytes // n_rows)[rows]
-            values = np.ascontiguousarray(dequantize(raw, w.kind, (len(rows), cols)), np.float32)
+            values = np.ascontiguousarray(dequantize(raw, w.type, (len(rows), cols)), np.float32)
             self.device.device.queue.write_buffer(y.buf.gpu, 4 * y.offset, values)
 
     def record(self, forward: Callable[[], GpuTensor]) -> Recording:
@@ -660,9 +665,11 @@ class WebGPUBackend:
         base.update(res_off=residual.offset if residual is not None else 0)
         extra = [bias or x.buf, residual.buf if residual is not None else x.buf]
         tiled = T > FUSE_TOKENS and source["x_mode"] == 0  # many tokens: the tiled kernel
-        kernel = "matmul+" + _VARIANT[m.kind]
+        kernel = "matmul+" + _VARIANT[m.storage]
         if not tiled:
-            kernel = f"linear+{_VARIANT[m.kind]}+{_INPUT[source['x_mode']]}" + ("+one" if one_token else "")
+            kernel = f"linear+{_VARIANT[m.storage]}+{_INPUT[source['x_mode']]}" + (
+                "+one" if one_token else ""
+            )
         for first, n, bufs in m.chunks:
             params = dict(base, rows=n, row_base=first)
             weights = bufs if m.quantized else [bufs[0]] * 3
@@ -694,7 +701,7 @@ class WebGPUBackend:
             self._fills.append((w, stride, offset, limit, y))
             return y
         if w.name in self._pinned:  # uploaded from the resident copy, which is then let go
-            w = Tensor(w.name, w.kind, w.shape, self._pinned.pop(w.name))
+            w = Tensor(w.name, w.type, w.shape, self._pinned.pop(w.name))
         m = self.matrix(w)
         if m.row0:
             raise UnsupportedError(f"{w.name} is read as rows of a stacked matrix, not as a table")
@@ -705,7 +712,7 @@ class WebGPUBackend:
         for first, n, bufs in m.chunks:
             if m.quantized:
                 params = dict(
-                    n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset), weight_kind=m.kind
+                    n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset), weight_kind=m.storage
                 )
                 params.update(row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset, id_limit=limit)
                 self.device.dispatch(

@@ -100,7 +100,8 @@ def pack_params(kernel: str, values: dict) -> list:
     if unknown or missing:
         raise ValueError(f"kernel {kernel}: unknown parameters {sorted(unknown)}, unset {missing}")
     return [
-        float(values.get(name, 0)) if kind == "f32" else int(values.get(name, 0)) for name, kind in fields
+        float(values.get(name, 0)) if field_type == "f32" else int(values.get(name, 0))
+        for name, field_type in fields
     ]
 
 
@@ -127,8 +128,8 @@ def binding_types(kernel: str) -> tuple[str, ...]:
     kernel, in order: its bind group layout, written out rather than derived from what the code uses,
     so that a variant which leaves a buffer unread still takes the same buffers."""
     found = {
-        int(n): _BINDING_TYPE[kind.replace(" ", "").split(",")[-1]]
-        for n, kind in _BINDING.findall(wgsl_source(kernel))
+        int(n): _BINDING_TYPE[binding_type.replace(" ", "").split(",")[-1]]
+        for n, binding_type in _BINDING.findall(wgsl_source(kernel))
     }
     if sorted(found) != list(range(len(found))):
         raise ValueError(f"kernel {kernel}: bindings {sorted(found)} are not 0..n-1")
@@ -249,8 +250,8 @@ class Device:
         """(bind group layout, pipeline) of a kernel of wgsl/, or of `code` with `bindings` given."""
         module = self.device.create_shader_module(code=code if code is not None else wgsl_source(kernel))
         entries = [
-            {"binding": i, "visibility": self.wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}}
-            for i, kind in enumerate(bindings if bindings is not None else binding_types(kernel))
+            {"binding": i, "visibility": self.wgpu.ShaderStage.COMPUTE, "buffer": {"type": binding_type}}
+            for i, binding_type in enumerate(bindings if bindings is not None else binding_types(kernel))
         ]
         layout = self.device.create_bind_group_layout(entries=entries)
         pipeline = self.device.create_compute_pipeline(

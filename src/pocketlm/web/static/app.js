@@ -3,9 +3,9 @@ const $ = (id) => document.getElementById(id);
 const worker = new Worker("worker.js", { type: "module" });
 const pending = [];  // resolvers of generate() calls, in order
 
-function add(kind, text) {
+function add(role, text) {
   const div = document.createElement("div");
-  div.className = `message ${kind}`;
+  div.className = `message ${role}`;
   div.textContent = text;
   $("log").append(div);
   return div;
