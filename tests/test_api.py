@@ -150,3 +150,19 @@ def test_low_level_logits_have_one_row_per_token(tiny):
     assert logits.shape == (3, lm.model.vocab_size) and logits.dtype == np.float32
     with pytest.raises(InvalidOptionError, match="token ids"):
         lm.logits([1, 10**6])
+
+
+def test_a_cleared_cache_prefills_like_a_fresh_one(tiny):
+    """What the web export does between its recorded passes: the same cache, every position forgotten."""
+    from conftest import prompt_ids
+
+    from pocketlm.engine import prefill
+
+    model, _, gguf = tiny("gemma3")
+    lm = load(gguf)
+    ids = prompt_ids(model.config.vocab_size, 64, seed=8)
+    used = lm.make_cache(64)
+    prefill(lm, used, ids[:50])
+    used.clear()
+    assert used.offset == 0 and all((layer.positions == -1).all() for layer in used.layers)
+    np.testing.assert_array_equal(prefill(lm, used, ids[50:]), prefill(lm, lm.make_cache(64), ids[50:]))

@@ -110,6 +110,13 @@ class KVCache:
     def __getitem__(self, i: int) -> LayerCache:
         return self.layers[i]
 
+    def clear(self) -> None:
+        """Forget every position; the buffers stay (a recorded GPU pass keeps reading them)."""
+        self.offset = 0
+        for layer in self.layers:
+            if isinstance(layer, LayerCache):
+                layer.positions.fill(-1)
+
     def copy(self) -> KVCache:
         clone = KVCache([layer.copy() for layer in self.layers], self.max_tokens)
         clone.offset = self.offset

@@ -64,7 +64,7 @@ def export(
     for name, n_tokens in (("prefill", PREFILL_TOKENS), ("decode", 1)):
         if n_tokens > max_tokens:
             continue
-        cache.offset = 0
+        cache.clear()
         zeros = np.zeros(n_tokens, np.int64)
         recorded = lm.ops.record(lambda: lm.model.forward(lm.ops, zeros, cache))  # noqa: B023 (run at once)
         logits = recorded.out
