@@ -158,7 +158,7 @@ def test_converted_files_load_and_generate_in_llama_cpp(tiny, tmp_path, arch, qu
     ids = prompt_ids(model.config.vocab_size, 48, seed=4)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])  # a copy: the completion below reuses the buffer
-    ours = load(path).logits(ids)
+    ours = load(path, kv_cache="f32").logits(ids)  # llama.cpp runs here with a float32 cache too
     out = llm.create_completion("The sea", max_tokens=8, temperature=0.0)
     assert out["choices"][0]["text"] is not None
     if quant == "f32":  # the same arithmetic up to ggml's float16 GELU table
@@ -192,9 +192,9 @@ def test_gemma3n_files_run_in_llama_cpp_which_differs_only_in_its_sparsity_std(t
     ids = prompt_ids(640, 48, seed=4)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
-    as_transformers = load(path).logits(ids)
+    as_transformers = load(path, kv_cache="f32").logits(ids)
     monkeypatch.setattr(Block, "std_ddof", 1)
-    ours = load(path).logits(ids)
+    ours = load(path, kv_cache="f32").logits(ids)
     print(
         f"\ngemma3n vs llama.cpp: max |d| {np.abs(ours - theirs).max():.3f} with llama.cpp's std, "
         f"{np.abs(as_transformers - theirs).max():.3f} with transformers'"

@@ -383,15 +383,17 @@ def test_attention_kernels_equal_the_numpy_path(n_heads, n_kv, S, T, window, sof
 
 
 @pytest.mark.parametrize(
-    "n_heads, n_kv, S, T, head_dim, value_dim",
+    "n_heads, n_kv, S, T, head_dim, value_dim, window, softcap, alibi",
     [
-        (9, 3, 620, 1, 64, 64),  # SmolLM2's shapes
-        (4, 1, 301, 2, 256, 256),  # Gemma 3's: wide heads, keys not a multiple of 8
-        (8, 2, 77, 3, 80, 40),  # Phi-2's head width: value runs of 32 and a last vector of 8
+        (9, 3, 620, 1, 64, 64, 0, 0.0, False),  # SmolLM2's shapes
+        (4, 1, 301, 2, 256, 256, 0, 0.0, False),  # Gemma 3's: wide heads, keys not a multiple of 8
+        (8, 2, 77, 3, 80, 40, 0, 0.0, False),  # Phi-2's head width: value runs of 32 and a last vector of 8
+        (4, 2, 520, 1, 64, 64, 0, 0.0, False),  # 16 chunks of 40 keys: the last three empty
+        (4, 1, 700, 2, 64, 64, 512, 30.0, True),  # a window shorter than the keys, soft-capping, ALiBi
     ],
 )
 def test_attention_kernels_read_a_float16_cache_as_the_values_it_rounds_to(
-    n_heads, n_kv, S, T, head_dim, value_dim
+    n_heads, n_kv, S, T, head_dim, value_dim, window, softcap, alibi
 ):
     """The decode kernels on float16 keys and values (the cpu backend's default cache) give what
     the numpy path gives on those values widened to float32, as closely as on a float32 cache."""
@@ -402,11 +404,15 @@ def test_attention_kernels_read_a_float16_cache_as_the_values_it_rounds_to(
     k = rng.standard_normal((S, n_kv, head_dim)).astype(np.float16)
     v = rng.standard_normal((S, n_kv, value_dim)).astype(np.float16)
     k_pos, q_pos = np.arange(S, dtype=np.int64), np.arange(S - T, S, dtype=np.int64)
-    fast = CpuBackend(fast=True).attention(q, k, v, q_pos, k_pos, 0.125)
+    k_pos[S // 3 : S // 3 + 5] = -1  # empty ring slots are masked
+    slopes = rng.random(n_heads).astype(np.float32) if alibi else None
+    options = (0.125, window or None, softcap or None)
+    fast = CpuBackend(fast=True).attention(q, k, v, q_pos, k_pos, *options, slopes)
     widened = (k.astype(np.float32), v.astype(np.float32))
-    on_float32 = CpuBackend(fast=True).attention(q, *widened, q_pos, k_pos, 0.125)
+    on_float32 = CpuBackend(fast=True).attention(q, *widened, q_pos, k_pos, *options, slopes)
+    wide = (a.astype(np.float64) for a in (q, *widened))
     exact = CpuBackend(fast=False).attention(
-        q.astype(np.float64), *(a.astype(np.float64) for a in widened), q_pos, k_pos, 0.125
+        *wide, q_pos, k_pos, *options, None if slopes is None else slopes.astype(np.float64)
     )
     assert fast.dtype == np.float32
     assert np.abs(fast - exact).max() <= 1.5 * np.abs(on_float32 - exact).max() + 1e-6

@@ -79,6 +79,7 @@ def test_float16_kv_cache_moves_logits_by_under_half_a_percent_of_their_scale(ti
     for token in prompt_ids(model.config.vocab_size, 8, seed=5):
         assert close(*steps)
         steps = [decode_step(lm, cache, token) for lm, cache in zip((half, full), caches)]
+    assert close(*steps)
 
 
 def test_gemma3_test_config_slides_its_window_inside_the_prompt(tiny):

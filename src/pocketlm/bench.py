@@ -69,6 +69,7 @@ class BenchResult:
     params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
     streamed_bytes: int = 0
     dispatches_per_token: int | None = None  # GPU kernel dispatches of one decode step (webgpu)
+    kv_cache: str = "f32"  # what the KV cache holds: "f16" on the cpu backend by default
 
 
 def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -150,4 +151,5 @@ def run_bench(
         params_streamed=sum(t.n_elements for t in lm.file.tensors.values() if t.name in lm.streamed),
         params_resident=sum(t.n_elements for t in lm.file.tensors.values() if t.name not in lm.streamed),
         dispatches_per_token=count(cache) if count else None,
+        kv_cache=kv_cache if backend == "cpu" else "f32",
     )

@@ -28,6 +28,7 @@ def _resolve(model: str | None):
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     from .engine import BACKENDS
+    from .kvcache import KV_CACHE_TYPES
 
     p.add_argument(
         "--backend",
@@ -39,7 +40,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache",
         default="f16",
-        choices=("f16", "f32"),
+        choices=tuple(KV_CACHE_TYPES),
         help="what the cpu backend's KV cache holds: f16 (default: half the memory, faster decode) or f32",
     )
 
@@ -318,7 +319,7 @@ def cmd_bench(args) -> None:
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     rows = [
         ("model", f"{r.model} ({r.file_mb:.1f} MB)"),
-        ("backend", r.backend),
+        ("backend", f"{r.backend} (KV cache {r.kv_cache})"),
         (
             "weights in memory",
             f"{r.weight_bytes / 1e6:.0f} MB"

@@ -19,7 +19,7 @@ from .backends.base import Backend, missing_capabilities
 from .backends.cpu import CpuBackend
 from .errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedError
 from .formats.gguf import GGUFFile
-from .kvcache import KVCache
+from .kvcache import KVCache, cache_dtype
 from .models import build_model
 from .sampling import Sampler, greedy
 from .structured import Constraint, Vocabulary
@@ -33,6 +33,7 @@ def make_backend(name: str, model, architecture: str, **options) -> Backend:
     line before the backend is even opened. `kv_cache` is the cpu backend's (the GPU's cache
     holds float32)."""
     kv_cache = options.pop("kv_cache", "f16")
+    cache_dtype(kv_cache)  # checked for every backend, though only the cpu one stores float16
     if name == "webgpu":
         from .backends.webgpu import WebGPUBackend as backend_class
     else:

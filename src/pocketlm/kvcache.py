@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidOptionError
+
 KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}  # what a layer's keys and values may be stored as
+
+
+def cache_dtype(kv_cache: str):
+    """The numpy type of a KV cache named "f16" or "f32"; anything else is a one-line error."""
+    if kv_cache not in KV_CACHE_TYPES:
+        raise InvalidOptionError(f"kv_cache {kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+    return KV_CACHE_TYPES[kv_cache]
 
 
 class LayerCache:
@@ -16,7 +25,8 @@ class LayerCache:
         self, capacity: int, n_kv_heads: int, k_dim: int, v_dim: int, window: int | None, dtype=np.float32
     ):
         """`dtype`: what keys and values are stored as (float32, or float16: half the memory and
-        the bytes decode reads, values rounded to 11 significant bits)."""
+        the bytes decode reads, values rounded to 11 significant bits; beyond +-65504, as in
+        llama.cpp's float16 cache, they become infinite and the attention output NaN)."""
         self.window = window
         self.capacity = min(capacity, window) if window else capacity
         self.keys = np.zeros((self.capacity, n_kv_heads, k_dim), dtype)

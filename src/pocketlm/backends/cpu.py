@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from ..errors import InvalidOptionError, ModelFileError
+from ..errors import ModelFileError
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
 from ..kernels import activations, blocks, int4, int8, isa
@@ -26,7 +26,7 @@ from ..kernels import attention as attention_kernels
 from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
-from ..kvcache import KV_CACHE_TYPES, LayerCache
+from ..kvcache import LayerCache, cache_dtype
 from .base import ALL_CAPABILITIES
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
@@ -65,10 +65,9 @@ class CpuBackend:
         what the fast backend's KV cache holds (the reference's holds float32)."""
         if fast:
             isa.check()
-        if kv_cache not in KV_CACHE_TYPES:
-            raise InvalidOptionError(f"kv_cache {kv_cache!r} is not one of {', '.join(KV_CACHE_TYPES)}")
         self.fast = fast
-        self.kv_dtype = KV_CACHE_TYPES[kv_cache] if fast else np.float32
+        dtype = cache_dtype(kv_cache)
+        self.kv_dtype = dtype if fast else np.float32
         self.name = "cpu" if fast else "reference"
         self._dequantized: dict[str, np.ndarray] = {}
         self._packed: dict[str, Packed] = {}

@@ -186,8 +186,12 @@ def _add_weighted_values_ir(
         count = builder.select(builder.icmp_unsigned("<", rest, const(KEY_BLOCK)), rest, const(KEY_BLOCK))
         block_start = builder.add(v_off, builder.mul(first, v_stride))
         with builder.if_then(builder.icmp_unsigned("<", builder.add(b, const(1)), n_blocks)):
-            size = builder.mul(const(KEY_BLOCK), v_stride)
-            _prefetch(builder, v, builder.add(block_start, size), size, half)
+            after = builder.sub(rest, const(KEY_BLOCK))  # keys after this block: > 0 here
+            rows = builder.select(
+                builder.icmp_unsigned("<", after, const(KEY_BLOCK)), after, const(KEY_BLOCK)
+            )
+            next_start = builder.add(block_start, builder.mul(const(KEY_BLOCK), v_stride))
+            _prefetch(builder, v, next_start, builder.mul(rows, v_stride), half)
 
         data, start = _block(builder, half, v, block_start, builder.mul(count, v_stride), scratch)
 
