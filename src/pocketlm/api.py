@@ -20,7 +20,7 @@ import numpy as np
 
 from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
 from .errors import InvalidOptionError
-from .kvcache import KVCache
+from .kvcache import DEFAULT_KV_CACHE, KVCache
 from .registry import runnable_model
 from .sampling import make_sampler, validate
 from .structured import Constraint, Grammar, compile_format
@@ -49,7 +49,7 @@ def load(
     model: str | os.PathLike | None = None,
     backend: str = "cpu",
     ple_in_ram: bool = False,
-    kv_cache: str = "f16",
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> LoadedModel:
     """Open a model file (path or short name; None for the default) for low-level use:
     `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill.
@@ -76,7 +76,7 @@ class LlmInference:
         random_seed: int = GenerationOptions.random_seed,
         use_chat_template: bool | None = None,
         backend: str = "cpu",
-        kv_cache: str = "f16",
+        kv_cache: str = DEFAULT_KV_CACHE,
     ):
         self.options = GenerationOptions(max_tokens, top_k, top_p, temperature, random_seed).validated()
         self.model = load(model, backend, kv_cache=kv_cache)

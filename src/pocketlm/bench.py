@@ -15,6 +15,7 @@ import numpy as np
 
 from .engine import LoadedModel
 from .errors import ContextLengthError
+from .kvcache import DEFAULT_KV_CACHE
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -69,7 +70,7 @@ class BenchResult:
     params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
     streamed_bytes: int = 0
     dispatches_per_token: int | None = None  # GPU kernel dispatches of one decode step (webgpu)
-    kv_cache: str = "f32"  # what the KV cache holds: "f16" on the cpu backend by default
+    kv_cache: str = "f32"  # what the KV cache held (the cpu backend: DEFAULT_KV_CACHE unless asked)
 
 
 def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -111,7 +112,7 @@ def run_bench(
     on_progress: Callable[[str], None] | None = None,
     prompt_ids: list[int] | None = None,
     ple_in_ram: bool = False,
-    kv_cache: str = "f16",
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
     from .engine import greedy_tokens, prefill

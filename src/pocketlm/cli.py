@@ -28,7 +28,7 @@ def _resolve(model: str | None):
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     from .engine import BACKENDS
-    from .kvcache import KV_CACHE_TYPES
+    from .kvcache import DEFAULT_KV_CACHE, KV_CACHE_TYPES
 
     p.add_argument(
         "--backend",
@@ -39,7 +39,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--kv-cache",
-        default="f16",
+        default=DEFAULT_KV_CACHE,
         choices=tuple(KV_CACHE_TYPES),
         help="what the cpu backend's KV cache holds: f16 (default: half the memory, faster decode) or f32",
     )

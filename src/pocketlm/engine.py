@@ -19,7 +19,7 @@ from .backends.base import Backend, missing_capabilities
 from .backends.cpu import CpuBackend
 from .errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedError
 from .formats.gguf import GGUFFile
-from .kvcache import KVCache, cache_dtype
+from .kvcache import DEFAULT_KV_CACHE, KVCache, cache_dtype
 from .models import build_model
 from .sampling import Sampler, greedy
 from .structured import Constraint, Vocabulary
@@ -32,7 +32,7 @@ def make_backend(name: str, model, architecture: str, **options) -> Backend:
     """The backend `name` for `model`; a model that needs ops the backend lacks is refused in one
     line before the backend is even opened. `kv_cache` is the cpu backend's (the GPU's cache
     holds float32)."""
-    kv_cache = options.pop("kv_cache", "f16")
+    kv_cache = options.pop("kv_cache", DEFAULT_KV_CACHE)
     cache_dtype(kv_cache)  # checked for every backend, though only the cpu one stores float16
     if name == "webgpu":
         from .backends.webgpu import WebGPUBackend as backend_class
@@ -55,7 +55,7 @@ class LoadedModel:
         path: str | os.PathLike,
         backend: str = "cpu",
         ple_in_ram: bool = False,
-        kv_cache: str = "f16",
+        kv_cache: str = DEFAULT_KV_CACHE,
         **backend_options,
     ):
         """`ple_in_ram` copies the tables a model reads row by row from the file (Gemma 3n's

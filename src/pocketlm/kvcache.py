@@ -9,6 +9,7 @@ import numpy as np
 from .errors import InvalidOptionError
 
 KV_CACHE_TYPES = {"f16": np.float16, "f32": np.float32}  # what a layer's keys and values may be stored as
+DEFAULT_KV_CACHE = "f16"  # the cpu backend's (as llama.cpp's); the reference and webgpu backends keep float32
 
 
 def cache_dtype(kv_cache: str):

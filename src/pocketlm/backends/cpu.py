@@ -26,7 +26,7 @@ from ..kernels import attention as attention_kernels
 from ..kernels.attention import attend, softmax_scores
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
-from ..kvcache import LayerCache, cache_dtype
+from ..kvcache import DEFAULT_KV_CACHE, LayerCache, cache_dtype
 from .base import ALL_CAPABILITIES
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
@@ -60,7 +60,7 @@ class CpuBackend:
 
     capabilities = ALL_CAPABILITIES
 
-    def __init__(self, fast: bool = True, kv_cache: str = "f16"):
+    def __init__(self, fast: bool = True, kv_cache: str = DEFAULT_KV_CACHE):
         """`fast`: the numba kernels (else numpy only: the reference); `kv_cache` "f16" or "f32",
         what the fast backend's KV cache holds (the reference's holds float32)."""
         if fast:
