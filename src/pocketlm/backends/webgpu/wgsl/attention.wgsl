@@ -4,7 +4,9 @@
 // (normed and rotated on the way where q_norm / n_dims say: heads.wgsl), then the split's keys
 // [split * chunk, (split + 1) * chunk) in tiles of 64 with an online softmax: a thread per key for
 // the scores, then threads over (key lane, 4 output dimensions) for the values (head_dim a multiple
-// of 4, at most 512: Gemma 4's full layers).
+// of 4, at most 512: Gemma 4's full layers). The loops that read memory take four reads an iteration
+// into independent sums, so that they are in flight together, and the tile's maximum and sum are
+// reduced by halving: a single-query tile is latency, not bandwidth.
 // One split: y is the output [T, Hq, D]. Several (decode: more workgroups than heads): y holds each
 // split's unnormalised sums, maximum and denominator [T, Hq, n_splits, D + 2], which
 // attention_merge combines.
@@ -29,6 +31,7 @@ struct Params {
 
 var<workgroup> scores: array<f32, 64>;
 var<workgroup> weights: array<f32, 64>;
+var<workgroup> totals: array<f32, 64>;
 var<workgroup> qs: array<vec4<f32>, 128>;
 var<workgroup> sums: array<vec4<f32>, 64>;
 
@@ -64,32 +67,54 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var s = -3.0e38;
     if (j <= hi) {
       let kb = j * kv_stride + kvh * d4;
-      var dot_qk = 0.0;
-      for (var i = 0u; i < d4; i++) { dot_qk += dot(qs[i], k[kb + i]); }
-      s = dot_qk * p.scale;
+      // four independent sums: the four loads of an iteration are in flight together
+      var d = vec4<f32>(0.0);
+      var i = 0u;
+      for (; i + 4u <= d4; i += 4u) {
+        d += vec4<f32>(dot(qs[i], k[kb + i]), dot(qs[i + 1u], k[kb + i + 1u]),
+                       dot(qs[i + 2u], k[kb + i + 2u]), dot(qs[i + 3u], k[kb + i + 3u]));
+      }
+      for (; i < d4; i++) { d.x += dot(qs[i], k[kb + i]); }
+      s = ((d.x + d.y) + (d.z + d.w)) * p.scale;
       if (p.has_softcap == 1u) { s = tanh(s / p.softcap) * p.softcap; }
       if (p.has_alibi == 1u) { s += slopes[h] * f32(j); }
     }
+    // the tile's maximum and sum of exponentials by halving (6 steps, not 64 reads in a row)
     scores[lid] = s;
     workgroupBarrier();
+    for (var half = 32u; half > 0u; half = half >> 1u) {
+      if (lid < half) { scores[lid] = max(scores[lid], scores[lid + half]); }
+      workgroupBarrier();
+    }
     let n = min(64u, hi + 1u - start);
-    var tile_max = -3.0e38;
-    for (var i = 0u; i < n; i++) { tile_max = max(tile_max, scores[i]); }
-    let new_m = max(m, tile_max);
+    let new_m = max(m, scores[0]);
     let corr = exp(m - new_m);
     var w = 0.0;
     if (lid < n) { w = exp(s - new_m); }
     weights[lid] = w;
+    totals[lid] = w;
     workgroupBarrier();
-    var tile_l = 0.0;
-    for (var i = 0u; i < n; i++) { tile_l += weights[i]; }
+    for (var half = 32u; half > 0u; half = half >> 1u) {
+      if (lid < half) { totals[lid] += totals[lid + half]; }
+      workgroupBarrier();
+    }
+    let tile_l = totals[0];
     l = l * corr + tile_l;
     acc[0] = acc[0] * corr;
     acc[1] = acc[1] * corr;
     if (d4 <= 64u) {
-      if (kl < lanes) {
-        for (var i = kl; i < n; i += lanes) {
-          acc[0] += weights[i] * v[(start + i) * kv_stride + kvh * d4 + dim4];
+      if (kl < lanes) {  // four keys an iteration, their loads in flight together
+        let vb = kvh * d4 + dim4;
+        var i = kl;
+        for (; i + 3u * lanes < n; i += 4u * lanes) {
+          let a = v[(start + i) * kv_stride + vb];
+          let b = v[(start + i + lanes) * kv_stride + vb];
+          let c = v[(start + i + 2u * lanes) * kv_stride + vb];
+          let e = v[(start + i + 3u * lanes) * kv_stride + vb];
+          acc[0] += (weights[i] * a + weights[i + lanes] * b) + (weights[i + 2u * lanes] * c + weights[i + 3u * lanes] * e);
+        }
+        for (; i < n; i += lanes) {
+          acc[0] += weights[i] * v[(start + i) * kv_stride + vb];
         }
       }
     } else {
