@@ -63,38 +63,48 @@ fn gelu_erf(v: f32) -> f32 {
 #endif
 
 #if merged
-// value c of the attention output from split partials (one token): head c / m_dim, each split's
-// sums times its weight exp(m_s - m) / l from `mw` (filled by merge_weights)
-fn merged(c: u32) -> f32 {
+// values c .. c + 3 of the attention output from split partials (one token; c a multiple of 4, as
+// m_dim is): head c / m_dim, each split's sums times its weight exp(m_s - m) / l from `mw` (filled
+// by merge_weights); the four values of a split are read together
+fn merged4(c: u32) -> vec4<f32> {
   let size = p.m_dim + 2u;
   let h = c / p.m_dim;
   let base = p.x_off + h * p.m_splits * size + c % p.m_dim;
-  var sum = 0.0;
+  var sum = vec4<f32>(0.0);
   for (var s = 0u; s < p.m_splits; s++) {
     let w = mw[h * p.m_splits + s];
-    if (w > 0.0) { sum += x[base + s * size] * w; }
+    let i = base + s * size;
+    if (w > 0.0) { sum += vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]) * w; }
   }
   return sum;
 }
 
-// mw[h * m_splits + s]: split s's share of head h, one thread a head (cols / m_dim heads)
+// mw[h * m_splits + s]: split s's share of head h. Every (head, split)'s maximum and sum are read
+// at once, a thread each (into `part`, free until the product), then one thread a head weighs them.
 fn merge_weights(lid: u32) {
   let size = p.m_dim + 2u;
-  for (var h = lid; h < p.cols / p.m_dim; h += 64u) {
-    let base = p.x_off + h * p.m_splits * size + p.m_dim;
+  let heads = p.cols / p.m_dim;
+  for (var i = lid; i < heads * p.m_splits; i += 64u) {
+    let at = p.x_off + i * size + p.m_dim;
+    part[i] = x[at];
+    part[256u + i] = x[at + 1u];
+  }
+  workgroupBarrier();
+  for (var h = lid; h < heads; h += 64u) {
+    let first = h * p.m_splits;
     var m = -3.0e38;
     for (var s = 0u; s < p.m_splits; s++) {
-      if (x[base + s * size + 1u] > 0.0) { m = max(m, x[base + s * size]); }
+      if (part[256u + first + s] > 0.0) { m = max(m, part[first + s]); }
     }
     var l = 0.0;
     for (var s = 0u; s < p.m_splits; s++) {
-      let ls = x[base + s * size + 1u];
+      let ls = part[256u + first + s];
       var e = 0.0;
-      if (ls > 0.0) { e = exp(x[base + s * size] - m); }
-      mw[h * p.m_splits + s] = e;
+      if (ls > 0.0) { e = exp(part[first + s] - m); }
+      mw[first + s] = e;
       l += ls * e;
     }
-    for (var s = 0u; s < p.m_splits; s++) { mw[h * p.m_splits + s] = mw[h * p.m_splits + s] / l; }
+    for (var s = 0u; s < p.m_splits; s++) { mw[first + s] = mw[first + s] / l; }
   }
 }
 #endif
@@ -116,7 +126,7 @@ fn x_at(t: u32, tile: u32, c: u32) -> f32 {
   }
   return gelu_erf(v) * u;
 #elif merged
-  return merged(c);
+  return merged4(c - c % 4u)[c % 4u];
 #else
   return v;
 #endif
@@ -124,6 +134,9 @@ fn x_at(t: u32, tile: u32, c: u32) -> f32 {
 
 // x'[t, c .. c + 4]
 fn x4(t: u32, tile: u32, c: u32) -> vec4<f32> {
+#if merged
+  if (c % 4u == 0u && c + 3u < p.cols) { return merged4(c); }
+#endif
 #if plain
   if (c + 3u < p.cols) {
     let i = p.x_off + t * p.x_stride + c;
