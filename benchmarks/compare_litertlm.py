@@ -71,14 +71,14 @@ def _with_total(result: dict) -> dict:
     return result
 
 
-def pocketlm(path: str, prefill: int, decode: int) -> dict:
+def pocketlm(path: str, prefill: int, decode: int, kv_cache: str) -> dict:
     code = (
         "import json, sys; from pocketlm.bench import run_bench; r = run_bench(sys.argv[1], int(sys.argv[2]), "
-        "int(sys.argv[3])); print(json.dumps({k: getattr(r, k) for k in ('load_seconds', 'ttft_seconds', "
-        "'prefill_tokens_per_second', 'decode_tokens_per_second', 'peak_rss_mb')}))"
+        "int(sys.argv[3]), kv_cache=sys.argv[4]); print(json.dumps({k: getattr(r, k) for k in ('load_seconds', "
+        "'ttft_seconds', 'prefill_tokens_per_second', 'decode_tokens_per_second', 'peak_rss_mb')}))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, path, str(prefill), str(decode)],
+        [sys.executable, "-c", code, path, str(prefill), str(decode), kv_cache],
         capture_output=True,
         text=True,
         env=child_env(),
@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--kv-cache", default="f32", choices=("f16", "f32"), help="pocketlm's KV cache (default f32)"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -111,13 +114,13 @@ def main() -> None:
     print(f"CPU: {machine()}; pocketlm kernels: {isa.PATH}")
     gguf = args.gguf or str(runnable_model(args.litertlm))  # converted once, as `pocketlm run` does
     cache_dir = tempfile.mkdtemp(prefix="litert-lm-cache-")
-    pocketlm(gguf, 16, 4)  # the numba cache and the page cache, warmed
+    pocketlm(gguf, 16, 4, args.kv_cache)  # the numba cache and the page cache, warmed
     litert(args.litert_python, args.litertlm, 16, 4, cache_dir)  # LiteRT-LM's weight cache, warmed
     runs = {"LiteRT-LM": [], "pocketlm": []}
     for r in range(args.rounds):
         for peer in ("LiteRT-LM", "pocketlm") if r % 2 == 0 else ("pocketlm", "LiteRT-LM"):
             if peer == "pocketlm":
-                result = pocketlm(gguf, args.prompt_tokens, args.gen_tokens)
+                result = pocketlm(gguf, args.prompt_tokens, args.gen_tokens, args.kv_cache)
             else:
                 result = litert(
                     args.litert_python, args.litertlm, args.prompt_tokens, args.gen_tokens, cache_dir

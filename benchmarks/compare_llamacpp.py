@@ -3,7 +3,8 @@
 Each round runs llama.cpp (llama-cpp-python, the `llamacpp` extra) and pocketlm, alternating,
 each in a fresh process on the same prompt token ids, with 2 threads: prefill of the prompt in
 one pass, then greedy decode. Medians over the rounds are printed with the ratio
-pocketlm / llama.cpp (higher is better for speeds, lower for memory and time).
+pocketlm / llama.cpp (higher is better for speeds, lower for memory and time). pocketlm runs with
+a float16 KV cache, as llama.cpp's default one (`--kv-cache f32`: pocketlm's own default).
 
     python benchmarks/compare_llamacpp.py smollm2-135m gemma3-270m --rounds 3
     python benchmarks/compare_llamacpp.py --isa avx2     # pocketlm's kernels forced to one path
@@ -29,6 +30,7 @@ import numpy as np
 ORIGINAL_ENV = dict(os.environ)
 NO_REPACK = False  # --no-repack
 ISA = None  # --isa: POCKETLM_CPU_ISA for pocketlm's children
+KV_CACHE = "f16"  # --kv-cache: pocketlm's, as llama.cpp's own cache (float16) unless asked
 
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
@@ -74,7 +76,7 @@ def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
 def pocketlm_child(path: str, ids: list[int], gen_tokens: int) -> dict:
     from pocketlm.bench import run_bench
 
-    result = run_bench(path, len(ids), gen_tokens, prompt_ids=ids)
+    result = run_bench(path, len(ids), gen_tokens, prompt_ids=ids, kv_cache=os.environ["COMPARE_KV_CACHE"])
     return {
         k: getattr(result, k)
         for k in (
@@ -96,6 +98,7 @@ def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
         env["POCKETLM_CPU_ISA"] = ISA
     if NO_REPACK:
         env["COMPARE_LLAMACPP_NO_REPACK"] = "1"
+    env["COMPARE_KV_CACHE"] = KV_CACHE
     cmd = [sys.executable, __file__, "--child", peer, path, ids_file, str(gen_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -222,9 +225,15 @@ def main() -> None:
         help="load llama.cpp without its repacked weight buffers (they segfault on AMX machines "
         "with llama-cpp-python 0.3.36)",
     )
+    parser.add_argument(
+        "--kv-cache",
+        default="f16",
+        choices=("f16", "f32"),
+        help="pocketlm's KV cache (default f16: llama.cpp's own cache is float16)",
+    )
     args = parser.parse_args()
-    global NO_REPACK, ISA
-    NO_REPACK, ISA = args.no_repack, args.isa
+    global NO_REPACK, ISA, KV_CACHE
+    NO_REPACK, ISA, KV_CACHE = args.no_repack, args.isa, args.kv_cache
     if ISA:
         os.environ["POCKETLM_CPU_ISA"] = ISA
     from pocketlm.kernels import isa

@@ -276,7 +276,19 @@ def test_matformer_slice_and_ple_bench_from_the_command_line(capsys, tiny, tmp_p
 def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_path):
     pytest.importorskip("wgpu")
     _, folder, path = tiny("gemma3")
-    cpu = run_cli(capsys, "run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0")
+    cpu = run_cli(  # the GPU's KV cache holds float32
+        capsys,
+        "run",
+        str(path),
+        "The sea",
+        "--raw",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--kv-cache",
+        "f32",
+    )
     gpu = run_cli(
         capsys,
         "run",

@@ -1,8 +1,8 @@
 """Our engine against transformers (the reference implementation) on tiny random checkpoints
 converted by our converter: logits over a 64-token prompt and 32 greedy steps.
 
-transformers keeps keys and values in float32, so the comparisons with it run on a float32 KV
-cache (`kv_cache="f32"`); the default float16 cache is held to the float32 one below."""
+transformers keeps keys and values in float32, so the comparisons with it name the float32 KV cache
+(`kv_cache="f32"`, the default); the float16 one (`kv_cache="f16"`) is held to it below."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_float16_kv_cache_moves_logits_by_under_half_a_percent_of_their_scale(ti
     at 1 of 64 positions of qwen3)."""
     model, _, gguf = tiny(arch)
     ids = prompt_ids(model.config.vocab_size, 64, seed=4)
-    half, full = load(gguf), load(gguf, kv_cache="f32")
+    half, full = load(gguf, kv_cache="f16"), load(gguf, kv_cache="f32")
     assert half.make_cache(8)[0].keys.dtype == np.float16
 
     def close(a, b):

@@ -27,7 +27,7 @@ def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, arch):
     replay = PackageRunner(package)
     band = replay.passes["prefill"][0]
     ids = prompt_ids(model.config.vocab_size, 2 * band + 8)  # past gemma3's 16-token window
-    expected = load(path).logits(ids)
+    expected = load(path, kv_cache="f32").logits(ids)  # the package's GPU cache holds float32
     # the prompt in two bands of the prefill pass, then token by token with the decode pass
     assert np.abs(replay.run("prefill", ids[:band], 0) - expected[band - 1]).max() <= 1e-3
     assert np.abs(replay.run("prefill", ids[band : 2 * band], band) - expected[2 * band - 1]).max() <= 1e-3
@@ -149,7 +149,7 @@ def test_a_seed_samples_the_same_text_in_chromium_as_in_python(tiny, tmp_path):
 @pytest.mark.browser
 def test_chat_turns_in_chromium_follow_the_native_chat_template(tiny, tmp_path):
     _, _, path = tiny("gemma3")
-    native = LlmInference(path, temperature=0.0, max_tokens=96).create_session()
+    native = LlmInference(path, temperature=0.0, max_tokens=96, kv_cache="f32").create_session()
     expected = native.chat("the river and the sea", max_new_tokens=8)
     package = export(path, tmp_path / "web", max_tokens=96, progress=False)
 
@@ -174,7 +174,7 @@ def test_a_tiny_edge_gemma_package_in_chromium_writes_the_native_text(tiny, tmp_
     RoPE (Gemma 4); AltUp streams, LAuReL, activation sparsity (Gemma 3n)."""
     _, _, path = tiny(arch)
     expected = (
-        LlmInference(path, temperature=0.0, max_tokens=96)
+        LlmInference(path, temperature=0.0, max_tokens=96, kv_cache="f32")
         .create_session()
         .chat("the river", max_new_tokens=8)
     )
@@ -288,7 +288,7 @@ def test_gemma3_270m_web_package_replays_to_the_native_logits(real_model, tmp_pa
     package = export(path, tmp_path / "gemma", max_tokens=64, progress=False)
     replay = PackageRunner(package)
     band = replay.passes["prefill"][0]
-    native = load(path)
+    native = load(path, kv_cache="f32")
     ids = native.tokenizer.encode("The capital of France is a city that many people visit every year, " * 3)[
         : band + 2
     ]

@@ -70,7 +70,7 @@ class BenchResult:
     params_streamed: int = 0  # parameters left in the file and read per token (Gemma 3n's PLE)
     streamed_bytes: int = 0
     dispatches_per_token: int | None = None  # GPU kernel dispatches of one decode step (webgpu)
-    kv_cache: str = "f32"  # what the KV cache held (the cpu backend: DEFAULT_KV_CACHE unless asked)
+    kv_cache: str = "f32"  # what the KV cache held
 
 
 def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
