@@ -276,32 +276,9 @@ def test_matformer_slice_and_ple_bench_from_the_command_line(capsys, tiny, tmp_p
 def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_path):
     pytest.importorskip("wgpu")
     _, folder, path = tiny("gemma3")
-    cpu = run_cli(  # the GPU's KV cache holds float32
-        capsys,
-        "run",
-        str(path),
-        "The sea",
-        "--raw",
-        "--max-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--kv-cache",
-        "f32",
-    )
-    gpu = run_cli(
-        capsys,
-        "run",
-        str(path),
-        "The sea",
-        "--raw",
-        "--max-tokens",
-        "24",
-        "--temperature",
-        "0",
-        "--backend",
-        "webgpu",
-    )
+    greedy = ["run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0"]
+    cpu = run_cli(capsys, *greedy, "--kv-cache", "f32")  # float32, as the GPU's cache (the default too)
+    gpu = run_cli(capsys, *greedy, "--backend", "webgpu")
     assert cpu[0] == gpu[0] == 0 and cpu[1] == gpu[1] and cpu[1].strip()
     code, out, _ = run_cli(
         capsys,
