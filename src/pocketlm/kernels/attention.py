@@ -28,12 +28,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .ir import F32, FAST, I16, I32, const, counted_loop, fadd, indices, load, store, vec
+from .memory import PREFETCH, prefetch
 from .vecmath import exp_nonpositive, tanh
 
 WORK_ITEMS = 16  # (token, chunk of keys) items to spread over the threads, at least
 MIN_CHUNK = 32  # keys
 LANES = 8  # floats a vector (AVX2; AVX-512 and NEON machines run the same IR, split or joined)
 VALUE_RUN = 4  # vectors of value dimensions summed at once
+AHEAD = 4  # keys prefetched ahead by the float32 kernel
 KEY_BLOCK = 16  # keys a run of value dimensions goes over before the next head takes them
 
 
@@ -404,6 +406,74 @@ def _attend_chunks(
         )
 
 
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _attend_rows(
+    q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, ahead, part_max, part_sum, part_out
+):
+    """The float32 cache's kernel, one dot product per (key, head): each (token, chunk of keys)
+    item, for every head, the scores over the chunk's keys, their maximum and sum of exponentials,
+    and the exponential-weighted sum of values (not yet divided). An item reads its keys' rows of
+    the cache whole, all kv heads, front to back, prefetching `ahead` keys ahead (0: none;
+    kernels.memory.PREFETCH).
+
+    Rows are read through flat views with unsigned offsets (see kernels.memory): with 2-D
+    views made in the loop LLVM vectorised across the group instead of along the rows."""
+    T, n_heads, D = q.shape
+    S, n_kv, Dv = v.shape
+    group = n_heads // n_kv
+    size = -(-S // n_chunks)
+    qf, kf, vf = q.reshape(-1), k.reshape(-1), v.reshape(-1)
+    for item in prange(T * n_chunks):
+        t, c = item // n_chunks, item % n_chunks
+        first, end = c * size, min(S, (c + 1) * size)
+        n = max(end - first, 0)
+        scores = np.empty((n_heads, n), np.float32)
+        best = np.full(n_heads, -np.inf, np.float32)
+        for i in range(n):
+            s = first + i
+            if ahead > 0 and s + ahead < end:
+                for d in range(0, n_kv * D, 16):
+                    prefetch(kf, (s + ahead) * n_kv * D + d)
+                for d in range(0, n_kv * Dv, 16):
+                    prefetch(vf, (s + ahead) * n_kv * Dv + d)
+            visible = _visible(q_pos[t], k_pos[s], window)
+            for h in range(n_heads):
+                q_base, k_base = (t * n_heads + h) * D, (s * n_kv + h // group) * D
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += qf[np.uint64(q_base + d)] * kf[np.uint64(k_base + d)]
+                acc *= scale
+                if softcap > 0:
+                    acc = tanh(acc / softcap) * softcap
+                if alibi.shape[0] > 0:
+                    acc += alibi[h] * np.float32(k_pos[s])
+                if not visible:
+                    acc = -np.inf
+                scores[h, i] = acc
+                best[h] = max(best[h], acc)
+        for h in range(n_heads):
+            part_max[item, h] = best[h]
+            total = np.float32(0.0)
+            if best[h] != -np.inf:  # else nothing is visible in this chunk
+                for i in range(n):
+                    e = exp_nonpositive(scores[h, i] - best[h])  # 0 for masked keys (-inf)
+                    scores[h, i] = e
+                    total += e
+            else:
+                for i in range(n):
+                    scores[h, i] = 0.0
+            part_sum[item, h] = total
+        out_flat = part_out[item].reshape(-1)
+        out_flat[:] = 0.0
+        for i in range(n):
+            for h in range(n_heads):
+                p = scores[h, i]
+                if p != 0.0:
+                    v_base = ((first + i) * n_kv + h // group) * Dv
+                    for d in range(Dv):
+                        out_flat[np.uint64(h * Dv + d)] += p * vf[np.uint64(v_base + d)]
+
+
 @njit(cache=True, error_model="numpy")
 def _merge(part_max, part_sum, part_out, n_chunks, out):
     T, n_heads, Dv = out.shape
@@ -433,17 +503,53 @@ def _merge(part_max, part_sum, part_out, n_chunks, out):
 def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
     """q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] (float32, or float16 bits as uint16) ->
     out [T, Hq, Dv]; window/softcap 0 = off, alibi [Hq] or empty; D and Dv multiples of 8
-    (`fits`). Every query must see at least one key (its own)."""
+    (`fits`). Every query must see at least one key (its own).
+
+    A float16 cache goes through the IR loops; a float32 one through `_attend_rows`: the IR loops
+    read it from DRAM no faster (measured on the EPYC) and their other summation order turned a
+    greedy real-model reply into a repetition loop, so the float32 path keeps its numbers."""
     T, n_heads, _ = q.shape
     S, _, Dv = v.shape
     n_chunks = chunks_for(T, S)
     part_max = np.empty((T * n_chunks, n_heads), np.float32)
     part_sum = np.empty((T * n_chunks, n_heads), np.float32)
     part_out = np.empty((T * n_chunks, n_heads, Dv), np.float32)
-    scores = np.empty((T * n_chunks, n_heads * chunk_size(S, n_chunks)), np.float32)
-    _attend_chunks(
-        q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks, part_max, part_sum, part_out, scores
-    )
+    if k.dtype == np.float32:
+        ahead = AHEAD if PREFETCH else 0
+        _attend_rows(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            scale,
+            window,
+            softcap,
+            alibi,
+            n_chunks,
+            ahead,
+            part_max,
+            part_sum,
+            part_out,
+        )
+    else:
+        scores = np.empty((T * n_chunks, n_heads * chunk_size(S, n_chunks)), np.float32)
+        _attend_chunks(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            scale,
+            window,
+            softcap,
+            alibi,
+            n_chunks,
+            part_max,
+            part_sum,
+            part_out,
+            scores,
+        )
     _merge(part_max, part_sum, part_out, n_chunks, out)
 
 
