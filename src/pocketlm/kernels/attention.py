@@ -514,42 +514,12 @@ def attend(q, k, v, q_pos, k_pos, scale, window, softcap, alibi, out):
     part_max = np.empty((T * n_chunks, n_heads), np.float32)
     part_sum = np.empty((T * n_chunks, n_heads), np.float32)
     part_out = np.empty((T * n_chunks, n_heads, Dv), np.float32)
+    common = (q, k, v, q_pos, k_pos, scale, window, softcap, alibi, n_chunks)
     if k.dtype == np.float32:
-        ahead = AHEAD if PREFETCH else 0
-        _attend_rows(
-            q,
-            k,
-            v,
-            q_pos,
-            k_pos,
-            scale,
-            window,
-            softcap,
-            alibi,
-            n_chunks,
-            ahead,
-            part_max,
-            part_sum,
-            part_out,
-        )
+        _attend_rows(*common, AHEAD if PREFETCH else 0, part_max, part_sum, part_out)
     else:
         scores = np.empty((T * n_chunks, n_heads * chunk_size(S, n_chunks)), np.float32)
-        _attend_chunks(
-            q,
-            k,
-            v,
-            q_pos,
-            k_pos,
-            scale,
-            window,
-            softcap,
-            alibi,
-            n_chunks,
-            part_max,
-            part_sum,
-            part_out,
-            scores,
-        )
+        _attend_chunks(*common, part_max, part_sum, part_out, scores)
     _merge(part_max, part_sum, part_out, n_chunks, out)
 
 
