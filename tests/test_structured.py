@@ -14,7 +14,14 @@ import pytest
 
 from pocketlm import LlmInference
 from pocketlm.errors import InvalidOptionError, PocketLMError
-from pocketlm.structured import MAX_DIGITS, Constraint, compile_format, json_grammar
+from pocketlm.structured import (
+    CLOSING_PER_LEVEL,
+    CLOSING_TOKENS,
+    MAX_DIGITS,
+    Constraint,
+    compile_format,
+    json_grammar,
+)
 from pocketlm.tools import Reply, ToolPlan, function_schema, plain_messages
 
 SCHEMAS = json.loads(
@@ -120,6 +127,65 @@ def test_numbers_stop_after_sixteen_digits(llama):
     masked = constraint.mask(logits)
     assert not np.isfinite(masked[vocabulary.starts_with_digit]).any()
     assert np.isfinite(masked[tok.encode("}", add_bos=False)[0]])
+
+
+# Strings, keys and arrays without bounds: a random model never ends them by itself.
+UNBOUNDED = [
+    {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 99}},
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "tags"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"type": "object", "properties": {"note": {"type": "string"}}}},
+]
+
+
+@pytest.mark.parametrize("sampling", SAMPLING, ids=["greedy", "t1", "topk-topp"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_json_closes_within_its_token_budget_where_the_schema_sets_no_bounds(tiny, arch, sampling):
+    llm = LlmInference(long_context(tiny, arch), max_tokens=1024, **sampling)
+    for budget in (24, 48, 96):
+        for schema in UNBOUNDED:
+            text = llm.generate_response("x", max_new_tokens=budget, response_format=schema)
+            jsonschema.validate(json.loads(text), schema)
+            assert llm.last_stats.generated_tokens <= budget
+            assert llm.last_stats.finish_reason == "stop", (budget, schema, text)
+
+
+def test_json_closes_within_the_context_that_is_left(tiny):
+    llm = LlmInference(long_context(tiny, "llama"), max_tokens=96, temperature=1.0, top_k=0)
+    text = llm.generate_response("x", response_format=UNBOUNDED[1])
+    jsonschema.validate(json.loads(text), UNBOUNDED[1])
+    assert llm.last_stats.finish_reason == "stop"
+
+
+def test_the_closing_reserve_ends_the_open_string_and_only_then(llama):
+    """Far from the end of the budget every token the grammar allows stays; within the reserve, in
+    a string, only tokens that end it; after it, only tokens that close the object."""
+    vocabulary = llama.model.grammar_vocabulary
+    constraint = Constraint(vocabulary, json_grammar(UNBOUNDED[0]))
+    tok = llama.tokenizer
+    logits = np.zeros(vocabulary.size, np.float32)
+    for token in tok.encode('{"ab', add_bos=False):
+        constraint.accept(token)
+    free = np.isfinite(constraint.mask(logits, 100))
+    assert free.sum() > vocabulary.starts_with_quote.sum()
+    assert np.isfinite(constraint.mask(logits, CLOSING_TOKENS + 1 + CLOSING_PER_LEVEL)).sum() == free.sum()
+    closing = np.isfinite(constraint.mask(logits, CLOSING_TOKENS + CLOSING_PER_LEVEL))
+    assert closing.any() and not closing[~vocabulary.starts_with_quote].any()
+    for token in tok.encode('": 7', add_bos=False):
+        constraint.accept(token)
+    closing = np.isfinite(constraint.mask(logits, 5))
+    assert closing.any() and not closing[~vocabulary.closes_container].any()
+
+
+def test_regexes_are_not_cut_short_by_the_closing_reserve(llama):
+    vocabulary = llama.model.grammar_vocabulary
+    constraint = Constraint(vocabulary, compile_format({"type": "regex", "regex": "[a-z]+"}))
+    logits = np.zeros(vocabulary.size, np.float32)
+    assert (np.isfinite(constraint.mask(logits, 1)) == constraint.allowed()).all()
 
 
 @pytest.mark.parametrize(

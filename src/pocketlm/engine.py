@@ -237,10 +237,10 @@ def _sampled(lm, cache, logits, sampler, constraint, limit: int) -> Iterator[int
     """The token after the prompt, then one after each decode step, each computed only when the
     next is asked for. Greedy and unconstrained on a backend that chooses tokens itself
     (`greedy_tokens`), the steps after the first are chained there."""
-    while True:
+    for sampled in range(limit):
         _check_finite(lm, logits)
-        if constraint is not None:
-            logits = constraint.mask(logits)
+        if constraint is not None:  # told how many tokens the reply may still have, to close in time
+            logits = constraint.mask(logits, min(limit - sampled, cache.max_tokens - cache.offset))
         token = sampler(logits)
         yield token
         if sampler is greedy and constraint is None:

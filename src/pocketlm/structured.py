@@ -28,6 +28,10 @@ from .errors import InvalidOptionError, PocketLMError, UnsupportedError
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SPEC_CHARS = 1 << 20
 MAX_DIGITS = 16
+# The last tokens of a reply's budget steer it to a close (see Constraint): at least CLOSING_TOKENS,
+# plus CLOSING_PER_LEVEL for each open object or array, at most three quarters of the budget.
+CLOSING_TOKENS = 16
+CLOSING_PER_LEVEL = 4
 FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 SCHEMA_KEYS = {
@@ -179,6 +183,10 @@ class Vocabulary:
         self.size = n_vocab
         self.token_bytes = tokens
         self.starts_with_digit = np.array([t[:1].isdigit() for t in tokens], bool)
+        first = np.array([t[0] if t else -1 for t in tokens], np.int16)
+        self.starts_with_quote = first == ord('"')
+        self.closes_container = (first == ord("}")) | (first == ord("]"))
+        self.opens_container = (first == ord("{")) | (first == ord("["))
 
         class Wrapped:  # what llguidance.TokenizerWrapper reads
             eos_token_id = min(tokenizer.stop_ids) if tokenizer.stop_ids else None
@@ -212,7 +220,16 @@ class Constraint:
     JSON numbers get at most MAX_DIGITS digits before and after the point (as llama.cpp's JSON
     grammars do; a double holds about 16): a JSON grammar alone allows `1.000...` without end, and
     small models, greedy, write it until the token budget is gone, leaving no JSON at all. The cap
-    yields whenever a digit is the only thing the grammar allows."""
+    yields whenever a digit is the only thing the grammar allows.
+
+    A reply must also close within its token budget: a sampled reply (or a small model's greedy one)
+    can write a string until the budget is gone, leaving JSON that does not parse. When `mask` is
+    told that few tokens `remain` (the closing reserve: CLOSING_TOKENS plus CLOSING_PER_LEVEL per
+    open object or array, at most three quarters of the budget), it keeps, among the tokens the
+    grammar allows, those that move towards the end of a JSON text: a token that ends the open
+    string, else one that closes an object or array, else one that opens none. Where none of these
+    is allowed (a required key, a string's minimum length) the grammar's choice stands. Regexes and
+    grammars are left alone: where their output may end, it is valid when the budget runs out."""
 
     def __init__(self, vocabulary: Vocabulary, grammar: Grammar):
         llg = _engine()
@@ -225,6 +242,8 @@ class Constraint:
         self._json = grammar.json_output
         self._in_string = self._escaped = False
         self._digits = 0  # digits at the end of the output, outside strings
+        self._depth = 0  # objects and arrays open, outside strings
+        self._budget: int | None = None  # `remain` at the first masked step
 
     def _raise_if_error(self) -> None:
         if self._matcher.is_error():
@@ -241,8 +260,9 @@ class Constraint:
         self._raise_if_error()
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little", count=self.n_vocab).view(bool)
 
-    def mask(self, logits: np.ndarray) -> np.ndarray:
-        """`logits` with every token the grammar forbids at -inf (a new array)."""
+    def mask(self, logits: np.ndarray, remain: int | None = None) -> np.ndarray:
+        """`logits` with every token the grammar forbids at -inf (a new array). `remain`: how many
+        tokens the reply may still have, this one included (None: no limit)."""
         allowed = self.allowed()
         if len(logits) != self.n_vocab:
             raise InvalidOptionError(
@@ -254,7 +274,28 @@ class Constraint:
             capped = allowed & ~self.vocabulary.starts_with_digit
             if capped.any():
                 allowed = capped
+        if remain is not None:
+            if self._budget is None:
+                self._budget = remain
+            reserve = min(CLOSING_TOKENS + CLOSING_PER_LEVEL * self._depth, self._budget * 3 // 4)
+            if remain <= reserve:
+                allowed = self._closing(allowed)
         return np.where(allowed, logits, -np.inf).astype(logits.dtype, copy=False)
+
+    def _closing(self, allowed: np.ndarray) -> np.ndarray:
+        """Of the `allowed` tokens, those that bring the output nearest to its end."""
+        v = self.vocabulary
+        if not self._json:
+            preferences = []
+        elif self._in_string:
+            preferences = [] if self._escaped else [v.starts_with_quote]
+        else:
+            preferences = [v.closes_container, ~v.opens_container]
+        for preferred in preferences:
+            kept = allowed & preferred
+            if kept.any():
+                return kept
+        return allowed
 
     def accept(self, token: int) -> None:
         self._matcher.consume_token(int(token))
@@ -278,3 +319,7 @@ class Constraint:
                 self._digits += 1
             else:
                 self._digits = 0
+                if byte in b"{[":
+                    self._depth += 1
+                elif byte in b"}]":
+                    self._depth = max(self._depth - 1, 0)
