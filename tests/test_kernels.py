@@ -14,7 +14,7 @@ from conftest import random_blocks
 
 from pocketlm.errors import InvalidOptionError
 from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
-from pocketlm.kernels import blocks, int4, int8, intdot, isa
+from pocketlm.kernels import attention, blocks, int4, int8, intdot, isa
 
 QUANTIZED = [k for k in GGMLType if k not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16)]
 
@@ -395,7 +395,7 @@ def test_attention_kernels_equal_the_numpy_path(n_heads, n_kv, S, T, window, sof
 def test_attention_kernels_read_a_float16_cache_as_the_values_it_rounds_to(
     n_heads, n_kv, S, T, head_dim, value_dim, window, softcap, alibi
 ):
-    """The decode kernels on float16 keys and values (the cpu backend's default cache) give what
+    """The decode kernels on float16 keys and values (`kv_cache="f16"`) give what
     the numpy path gives on those values widened to float32, as closely as on a float32 cache."""
     from pocketlm.backends.cpu import CpuBackend
 
@@ -429,6 +429,28 @@ def test_attention_of_heads_the_decode_kernels_cannot_take_runs_on_the_general_p
     fast = CpuBackend(fast=True).attention(q, k, v, *args)
     reference = CpuBackend(fast=False).attention(q, k.astype(np.float32), v.astype(np.float32), *args)
     np.testing.assert_allclose(fast, reference, atol=1e-6)
+
+
+# target triple, CPU, features, the instructions that widen float16 and multiply-add
+ATTENTION_TARGETS = {
+    "avx2": ("x86_64-unknown-linux-gnu", "haswell", "", "vcvtph2ps", "vfmadd"),
+    "avx512": ("x86_64-unknown-linux-gnu", "icelake-server", "", "vcvtph2ps", "vfmadd"),
+    "neon": ("aarch64-unknown-linux-gnu", "", "+neon", "fcvtl", "fmla"),
+}
+
+
+@pytest.mark.parametrize("target", list(ATTENTION_TARGETS))
+def test_decode_attention_loops_compile_to_vector_multiply_adds_on_each_target(target):
+    """The attention loops are plain vector IR: compiled for x86 and ARM, both multiply-add in
+    vector registers, and on a float16 cache widen 8 values with the target's instruction."""
+    triple, cpu, features, widen, fma = ATTENTION_TARGETS[target]
+    for half in (False, True):
+        code = attention.assembly(half, triple, cpu, features)
+        functions = re.split(r"\n(?=\w+:)", code)
+        for name in ("key_scores", "add_weighted_values"):
+            body = next(f for f in functions if f.startswith(name + ":"))
+            assert re.search(rf"\b{fma}", body), f"{target} {name}: no {fma}"
+            assert bool(re.search(rf"\b{widen}", body)) == half, f"{target} {name} half={half}"
 
 
 def test_cpu_kv_cache_holds_float32_by_default_and_float16_on_request():

@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .ir import F32, FAST, I16, I32, const, counted_loop, fadd, indices, load, store, vec
+from .ir import F32, FAST, I16, I32, I64, const, counted_loop, emit_assembly, fadd, indices, load, store, vec
 from .memory import PREFETCH, prefetch
 from .vecmath import exp_nonpositive, tanh
 
@@ -257,6 +257,23 @@ def _add_weighted_values_ir(
         return []
 
     counted_loop(builder, n_blocks, [], block)
+
+
+def assembly(half: bool, triple: str, cpu: str = "", features: str = "") -> str:
+    """Both loops over a float16 (`half`) or float32 cache compiled for a target as assembly (to
+    check the targets this machine cannot run: `assembly(True, "aarch64-unknown-linux-gnu")`)."""
+    module = ir.Module(name="attention")
+    cache = (I16 if half else F32).as_pointer()
+    for name, build, kinds in (  # f: float32 data, c: the cache, i: an integer
+        ("key_scores", _key_scores_ir, "ficiiiiiifiif"),
+        ("add_weighted_values", _add_weighted_values_ir, "fiiciiiiiifiif"),
+    ):
+        arguments = [cache if k == "c" else F32.as_pointer() if k == "f" else I64 for k in kinds]
+        function = ir.Function(module, ir.FunctionType(ir.VoidType(), arguments), name=name)
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        build(builder, half, *function.args)
+        builder.ret_void()
+    return emit_assembly(module, triple, cpu, features)
 
 
 # -- numba intrinsics ---------------------------------------------------------------------------

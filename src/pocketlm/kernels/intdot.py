@@ -35,7 +35,6 @@ parity with transformers, 1e-3, would no longer hold: tried, 0.07-0.1 off over 6
 
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -50,6 +49,7 @@ from .ir import (
     const,
     counted_loop,
     declare,
+    emit_assembly,
     fmul,
     horizontal_sum,
     indices,
@@ -358,12 +358,7 @@ def assembly(isa: str, triple: str, cpu: str = "", features: str = "") -> str:
         function = ir.Function(module, ir.FunctionType(F32, [*pointers, I64]), name=name)
         builder = ir.IRBuilder(function.append_basic_block("entry"))
         builder.ret(build(builder, isa, *function.args))
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
-    parsed = llvm.parse_assembly(str(module))
-    parsed.verify()
-    return machine.emit_assembly(parsed)
+    return emit_assembly(module, triple, cpu, features)
 
 
 # -- numba intrinsics ---------------------------------------------------------------------------

@@ -80,3 +80,16 @@ def horizontal_sum(builder, v, n):
         high = builder.shuffle_vector(v, v, indices(range(n, 2 * n)))
         v = fadd(builder, low, high)
     return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def emit_assembly(module: ir.Module, triple: str, cpu: str = "", features: str = "") -> str:
+    """`module` compiled for a target (`"aarch64-unknown-linux-gnu"`, features `"+neon,+dotprod"`)
+    as assembly: how tests check the paths this machine cannot run."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
+    parsed = llvm.parse_assembly(str(module))
+    parsed.verify()
+    return machine.emit_assembly(parsed)
