@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
-        "--kv-cache", default="f32", choices=("f16", "f32"), help="pocketlm's KV cache (default f32)"
+        "--kv-cache", default="f16", choices=("f16", "f32"), help="pocketlm's KV cache (default f16)"
     )
     args = parser.parse_args()
     import tempfile

@@ -3,8 +3,8 @@
 Each round runs llama.cpp (llama-cpp-python, the `llamacpp` extra) and pocketlm, alternating,
 each in a fresh process on the same prompt token ids, with 2 threads: prefill of the prompt in
 one pass, then greedy decode. Medians over the rounds are printed with the ratio
-pocketlm / llama.cpp (higher is better for speeds, lower for memory and time). pocketlm runs with
-a float16 KV cache, as llama.cpp's default one (`--kv-cache f32`: pocketlm's own default).
+pocketlm / llama.cpp (higher is better for speeds, lower for memory and time). Both keep a
+float16 KV cache, their default (`--kv-cache f32` for pocketlm's float32 one).
 
     python benchmarks/compare_llamacpp.py smollm2-135m gemma3-270m --rounds 3
     python benchmarks/compare_llamacpp.py --isa avx2     # pocketlm's kernels forced to one path
@@ -30,7 +30,7 @@ import numpy as np
 ORIGINAL_ENV = dict(os.environ)
 NO_REPACK = False  # --no-repack
 ISA = None  # --isa: POCKETLM_CPU_ISA for pocketlm's children
-KV_CACHE = "f16"  # --kv-cache: pocketlm's, as llama.cpp's own cache (float16) unless asked
+KV_CACHE = "f16"  # --kv-cache: pocketlm's, float16 as llama.cpp's own cache unless asked
 
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:

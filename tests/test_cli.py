@@ -277,7 +277,7 @@ def test_webgpu_backend_and_web_package_from_the_command_line(capsys, tiny, tmp_
     pytest.importorskip("wgpu")
     _, folder, path = tiny("gemma3")
     greedy = ["run", str(path), "The sea", "--raw", "--max-tokens", "24", "--temperature", "0"]
-    cpu = run_cli(capsys, *greedy, "--kv-cache", "f32")  # float32, as the GPU's cache (the default too)
+    cpu = run_cli(capsys, *greedy, "--kv-cache", "f32")  # float32, as the GPU's cache
     gpu = run_cli(capsys, *greedy, "--backend", "webgpu")
     assert cpu[0] == gpu[0] == 0 and cpu[1] == gpu[1] and cpu[1].strip()
     code, out, _ = run_cli(

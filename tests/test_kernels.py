@@ -453,11 +453,11 @@ def test_decode_attention_loops_compile_to_vector_multiply_adds_on_each_target(t
             assert bool(re.search(rf"\b{widen}", body)) == half, f"{target} {name} half={half}"
 
 
-def test_cpu_kv_cache_holds_float32_by_default_and_float16_on_request():
+def test_cpu_kv_cache_holds_float16_by_default_and_float32_on_request():
     from pocketlm.backends.cpu import CpuBackend
 
-    half = CpuBackend(kv_cache="f16").layer_cache(100, 2, 64, 64, None)
-    full = CpuBackend().layer_cache(100, 2, 64, 64, None)
+    half = CpuBackend().layer_cache(100, 2, 64, 64, None)
+    full = CpuBackend(kv_cache="f32").layer_cache(100, 2, 64, 64, None)
     reference = CpuBackend(fast=False).layer_cache(100, 2, 64, 64, None)
     assert half.keys.dtype == half.values.dtype == np.float16
     assert full.keys.dtype == reference.keys.dtype == np.float32

@@ -2,7 +2,7 @@
 converted by our converter: logits over a 64-token prompt and 32 greedy steps.
 
 transformers keeps keys and values in float32, so the comparisons with it name the float32 KV cache
-(`kv_cache="f32"`, the default); the float16 one (`kv_cache="f16"`) is held to it below."""
+(`kv_cache="f32"`); the float16 one (the default, `kv_cache="f16"`) is held to it below."""
 
 from __future__ import annotations
 

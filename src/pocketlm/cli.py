@@ -41,7 +41,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         "--kv-cache",
         default=DEFAULT_KV_CACHE,
         choices=tuple(KV_CACHE_TYPES),
-        help="what the cpu backend's KV cache holds: f32 (default) or f16 (half the memory, faster decode)",
+        help="what the cpu backend's KV cache holds: f16 (default: half the memory, faster decode) or f32",
     )
 
 
