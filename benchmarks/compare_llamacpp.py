@@ -8,6 +8,7 @@ float16 KV cache, their default (`--kv-cache f32` for pocketlm's float32 one).
 
     python benchmarks/compare_llamacpp.py smollm2-135m gemma3-270m --rounds 3
     python benchmarks/compare_llamacpp.py --isa avx2     # pocketlm's kernels forced to one path
+    python benchmarks/compare_llamacpp.py --isa avx2 --llama-python /tmp/avx2/bin/python  # vs llama.cpp's AVX2
 
 The first lines name the CPU (model and the ISA flags that matter) and pocketlm's kernel path.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,12 +33,11 @@ ORIGINAL_ENV = dict(os.environ)
 NO_REPACK = False  # --no-repack
 ISA = None  # --isa: POCKETLM_CPU_ISA for pocketlm's children
 KV_CACHE = "f16"  # --kv-cache: pocketlm's, float16 as llama.cpp's own cache unless asked
+LLAMA_PYTHON = sys.executable  # --llama-python: the interpreter whose llama-cpp-python runs llama.cpp
 
 
 def llama_cpp_child(path: str, ids: list[int], gen_tokens: int) -> dict:
-    from llamacpp_peer import open_llama
-
-    from pocketlm.bench import peak_rss_mb
+    from llamacpp_peer import open_llama, peak_rss_mb  # not pocketlm's: its import weighs 80 MB
 
     start = time.perf_counter()
     llm = open_llama(
@@ -99,7 +100,8 @@ def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
     if NO_REPACK:
         env["COMPARE_LLAMACPP_NO_REPACK"] = "1"
     env["COMPARE_KV_CACHE"] = KV_CACHE
-    cmd = [sys.executable, __file__, "--child", peer, path, ids_file, str(gen_tokens)]
+    python = LLAMA_PYTHON if peer == "llama.cpp" else sys.executable
+    cmd = [python, __file__, "--child", peer, path, ids_file, str(gen_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -116,6 +118,15 @@ def machine() -> str:
                 flags = set(value.split())
     wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
     return f"{model}; flags: {' '.join(f for f in wanted if f in flags)}"
+
+
+def llama_build() -> str:
+    """llama-cpp-python's version and the instruction sets its llama.cpp was built with."""
+    code = "import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_print_system_info().decode())"
+    out = subprocess.run([LLAMA_PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout
+    version, _, info = out.strip().partition(" ")
+    built = " ".join(re.findall(r"(\w+) = 1", info))
+    return f"llama-cpp-python {version} ({LLAMA_PYTHON}); built with: {built}"
 
 
 def memory_bandwidth_gbs() -> float:
@@ -231,15 +242,22 @@ def main() -> None:
         choices=("f16", "f32"),
         help="pocketlm's KV cache (default f16: llama.cpp's own cache is float16)",
     )
+    parser.add_argument(
+        "--llama-python",
+        default=sys.executable,
+        help="the Python whose llama-cpp-python runs llama.cpp (e.g. a venv with an AVX2-only build, "
+        "to time pocketlm's --isa avx2 on an AVX-512 machine against llama.cpp's AVX2 code)",
+    )
     args = parser.parse_args()
-    global NO_REPACK, ISA, KV_CACHE
-    NO_REPACK, ISA, KV_CACHE = args.no_repack, args.isa, args.kv_cache
+    global NO_REPACK, ISA, KV_CACHE, LLAMA_PYTHON
+    NO_REPACK, ISA, KV_CACHE, LLAMA_PYTHON = args.no_repack, args.isa, args.kv_cache, args.llama_python
     if ISA:
         os.environ["POCKETLM_CPU_ISA"] = ISA
     from pocketlm.kernels import isa
 
     isa.check()
     print(f"CPU: {machine()}; pocketlm kernels: {isa.PATH}")
+    print(llama_build())
     bandwidth = memory_bandwidth_gbs()
     print(f"memory bandwidth, 2 threads: {bandwidth:.1f} GB/s", file=sys.stderr)
     results = [compare(m, args.rounds, args.prompt_tokens, args.gen_tokens, bandwidth) for m in args.models]

@@ -6,6 +6,13 @@ from __future__ import annotations
 import os
 
 
+def peak_rss_mb() -> float:
+    """The peer process's peak resident memory (VmHWM), read without importing pocketlm: its numba
+    and LLVM would add about 80 MB to the peer's figure."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def open_llama(path: str | os.PathLike, repack: bool = True, **options):
     """`llama_cpp.Llama(path, **options)`; `repack=False` loads it without its repacked weight
     buffers (llama-cpp-python 0.3.36 segfaults in them on Xeons with AMX, on the released models'
