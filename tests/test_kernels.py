@@ -6,6 +6,8 @@ quantized, to float rounding, and the quantization itself against its half-step 
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 
 import numpy as np
@@ -539,3 +541,16 @@ def test_the_engine_reads_q8_0_matrices_from_a_resident_copy_of_their_bytes(tiny
     assert lm.ops.weight_bytes == sum(
         p.nbytes for p in [*lm.ops._packed.values(), *lm.ops._dequantized.values()]
     )
+
+
+def test_importing_pocketlm_shortens_the_idle_spin_of_openmp_and_openblas_threads_unless_set():
+    """Both are read when their libraries load, so pocketlm sets them before it imports numpy;
+    a value the user set is kept."""
+    import subprocess
+    import sys
+
+    code = "import os, pocketlm; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True)
+    assert run(env=env, check=True).stdout.split() == ["4", "20000"]
+    assert run(env=env | {"OPENBLAS_THREAD_TIMEOUT": "28"}, check=True).stdout.split() == ["28", "20000"]

@@ -83,11 +83,15 @@ class CpuBackend:
     # -- weights --------------------------------------------------------------------------------
 
     def dense(self, w: Tensor) -> np.ndarray:
-        """The float32 values of a weight: float32 tensors in place, others dequantized once."""
-        if w.type == GGMLType.F32:
+        """The float32 values of a weight: float32 matrices in place, others dequantized once.
+        Vectors (norm weights, biases) are copied out of the file: read in place, each would map
+        the pages around it, which in a file cached in large folios are megabytes of the
+        neighbouring matrices' bytes (measured: SmolLM2's whole 62 MB of repacked matrices came
+        back into resident memory after their pages were let go)."""
+        if w.type == GGMLType.F32 and len(w.shape) > 1:
             return w.data.view("<f4").reshape(w.shape)
         if w.name not in self._dequantized:
-            self._dequantized[w.name] = w.dequantize()
+            self._dequantized[w.name] = np.array(w.dequantize(), np.float32)  # a copy, never a view
         return self._dequantized[w.name]
 
     def packed(self, w: Tensor) -> Packed | None:
@@ -125,6 +129,10 @@ class CpuBackend:
         `on_packed(tensor)` is called after each that was copied (not those kept as the file
         lays them out), `copy_out(tensor)` makes the resident copy of those (`_resident`)."""
         self._on_packed, self._copy_out = on_packed, copy_out
+        tensors = list(tensors)
+        for w in tensors:  # vectors first: reading one maps its neighbours, let go below
+            if len(w.shape) == 1:
+                self.dense(w)
         for w in tensors:
             packed = self.packed(w)
             if packed is not None and on_packed and not getattr(packed, "in_place", False):
