@@ -8,9 +8,10 @@ import os
 # cost decode a third). Read when OpenMP starts, so it is set before anything can start it.
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 # OpenBLAS's idle threads, in turn, spin 2^28 cycles (about 0.1 s) after each product: through a
-# prefill they take the cores from numba's threads between its matmuls. Its shortest spin (2^4
-# cycles): SmolLM2 prefill +25-29%, medians of 6 alternating runs (benchmarks/RESULTS.md). Read
-# when numpy loads OpenBLAS: without effect if numpy came first.
+# prefill they take the cores from numba's threads between its matmuls, and after it the first
+# decode steps (52-128 ms instead of 16-20). Its shortest spin (2^4 cycles): SmolLM2 prefill
+# +25-29%, medians of 6 alternating runs (benchmarks/RESULTS.md). Read when numpy loads
+# OpenBLAS: without effect if numpy came first.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
