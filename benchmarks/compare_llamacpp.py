@@ -25,6 +25,11 @@ import sys
 import tempfile
 import time
 
+if sys.argv[1:3] == ["--child", "pocketlm"]:
+    # before numpy, as the CLI and `import pocketlm` do: pocketlm sets OpenBLAS's thread spin, which
+    # OpenBLAS reads when numpy loads it (the llama.cpp child must not import pocketlm: see its RSS)
+    import pocketlm  # noqa: F401
+
 import numpy as np
 
 # The environment as given, before pocketlm (imported below) adds its own thread settings:
