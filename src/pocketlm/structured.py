@@ -182,8 +182,8 @@ class Vocabulary:
         tokens += [b""] * (n_vocab - len(tokens))  # embedding rows beyond the vocabulary: never text
         self.size = n_vocab
         self.token_bytes = tokens
-        self.starts_with_digit = np.array([t[:1].isdigit() for t in tokens], bool)
-        first = np.array([t[0] if t else -1 for t in tokens], np.int16)
+        first = np.array([t[0] if t else -1 for t in tokens], np.int16)  # each token's first byte
+        self.starts_with_digit = (first >= ord("0")) & (first <= ord("9"))
         self.starts_with_quote = first == ord('"')
         self.closes_container = (first == ord("}")) | (first == ord("]"))
         self.opens_container = (first == ord("{")) | (first == ord("["))
