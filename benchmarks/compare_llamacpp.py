@@ -102,6 +102,8 @@ def run_child(peer: str, path: str, ids_file: str, gen_tokens: int) -> dict:
     )
     if ISA and peer == "pocketlm":
         env["POCKETLM_CPU_ISA"] = ISA
+        if ISA in ("avx2", "avxvnni"):  # BLAS (attention, float products) without AVX-512 too
+            env["OPENBLAS_CORETYPE"] = "Haswell"
     if NO_REPACK:
         env["COMPARE_LLAMACPP_NO_REPACK"] = "1"
     env["COMPARE_KV_CACHE"] = KV_CACHE
@@ -233,7 +235,8 @@ def main() -> None:
     parser.add_argument(
         "--isa",
         help="force pocketlm's kernel path (POCKETLM_CPU_ISA: avx512vnni, avxvnni, avx2, "
-        "i8mm, dotprod, portable); default: the best this CPU runs",
+        "i8mm, dotprod, portable; avx2 and avxvnni also keep numpy's OpenBLAS to its Haswell "
+        "kernels, OPENBLAS_CORETYPE); default: the best this CPU runs",
     )
     parser.add_argument(
         "--no-repack",
