@@ -22,6 +22,7 @@ from pocketlm import (
     convert,
     load,
 )
+from pocketlm.bench import bench_prompt
 from pocketlm.formats.gguf import GGUFFile
 from pocketlm.formats.quants import GGMLType
 
@@ -84,8 +85,15 @@ def test_gguf_requantization_keeps_metadata_and_runs(real_model, tmp_path):
         if key != "general.file_type":
             assert f.value_types[key] == src.value_types[key]
             assert np.array_equal(np.asarray(f.metadata[key]), np.asarray(value)), key
-    llm = LlmInference(out, temperature=0.0, max_tokens=128)
-    assert "Paris" in llm.generate_response("What is the capital of France?")
+    # The requantized model predicts as the source does (teacher-forced over real text), and generates.
+    # (A greedy answer is no check: asked for France's capital, this 135M model's first token is a near
+    # tie between "The" and "L'", which the 8-bit rounding of either file's weights or a prompt's
+    # activations tips either way.)
+    source, requantized = load(src.path), load(out)
+    ids = bench_prompt(source.tokenizer, 256)
+    assert np.mean(source.logits(ids).argmax(1) == requantized.logits(ids).argmax(1)) >= 0.9
+    llm = LlmInference(out, temperature=0.0, max_tokens=64)
+    assert llm.generate_response("What is the capital of France?").strip()
 
 
 def test_unknown_model_type_lists_the_supported_ones(tiny, tmp_path):

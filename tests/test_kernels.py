@@ -54,10 +54,10 @@ def quantized(x):
 
 
 def assert_close_to_integer_product(ours, scaled, x, offsets=None):
-    """The weights' scaled parts meet the quantized x, their offsets the exact x; to float
-    rounding (1e-6 of the size of the terms summed)."""
+    """The weights (scaled parts and offsets) meet x as quantized; to float rounding (1e-6 of the
+    size of the terms summed)."""
     offsets = np.zeros_like(scaled) if offsets is None else offsets
-    reference = scaled.astype(np.float64) @ quantized(x) + offsets.astype(np.float64) @ x
+    reference = (scaled.astype(np.float64) + offsets.astype(np.float64)) @ quantized(x)
     size = (np.abs(scaled).sum(axis=1) + np.abs(offsets).sum(axis=1)) * np.abs(x).max()
     assert np.all(np.abs(ours - reference) <= 1e-6 * size + 1e-6)
 
@@ -72,9 +72,7 @@ def test_activation_quantization_rounds_each_block_of_32_to_int8_within_half_a_s
     assert q.dtype == np.int8 and d.shape == sums.shape == (40,) and sums4.shape == (320,)
     assert list(np.abs(qb).max(axis=1)) == [0] + [127] * 39  # the largest value of a block is +-127
     assert np.all(np.abs(qb * d[:, None].astype(np.float64) - blocks) <= d[:, None] * (0.5 + 1e-6))
-    np.testing.assert_allclose(
-        sums, blocks.sum(axis=1), rtol=1e-5, atol=1e-5 * np.abs(blocks).sum(axis=1).max()
-    )
+    np.testing.assert_allclose(sums, qb.sum(axis=1) * d, rtol=1e-6)  # the sums as rounded
     np.testing.assert_array_equal(sums4, q.reshape(-1, 4).astype(np.int64).sum(axis=1))
     with pytest.raises(ValueError, match="whole blocks"):
         intdot.quantize(np.zeros(48, np.float32))
@@ -554,3 +552,118 @@ def test_importing_pocketlm_shortens_the_idle_spin_of_openmp_and_openblas_thread
     run = functools.partial(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True)
     assert run(env=env, check=True).stdout.split() == ["4", "20000"]
     assert run(env=env | {"OPENBLAS_THREAD_TIMEOUT": "28"}, check=True).stdout.split() == ["28", "20000"]
+
+
+# -- prompt products in integers (kernels.intgemm) ------------------------------------------------
+
+
+def kernel_weight(tensor_type, data, shape):
+    """A quantized matrix held as the cpu backend holds it (`CpuBackend.packed`)."""
+    if blocks.fits(tensor_type, shape):
+        return blocks.wrap(data, tensor_type, shape)
+    if int4.fits(tensor_type, shape):
+        return int4.repack(data, tensor_type, shape)
+    return int8.repack(data, tensor_type, shape)
+
+
+def scaled_and_offsets(w):
+    """A kernel weight's scaled integer parts and its offsets, as float matrices."""
+    if isinstance(w, blocks.BlockWeight):
+        return w.dequantize(), None
+    if isinstance(w, int4.Int4Weight):
+        plain = int4.Int4Weight(w.packed, w.scale, np.zeros_like(w.offset))
+        return int4.dequantize(plain), np.repeat(w.offset, 32, axis=1)
+    plain = int8.Int8Weight(w.q, w.scale, np.zeros_like(w.offset), w.sub)
+    return int8.dequantize(plain), np.repeat(w.offset, w.sub, axis=1) if w.offset.shape[1] else None
+
+
+def check_prompt_products():
+    """`intgemm.matmul` on this process's path, for every quantized type as the backend holds it:
+    each token's row equals the weights' scaled parts times that token quantized as decode
+    quantizes it, plus the offsets times the exact token (to float rounding). 13 tokens (not a
+    whole number of the micro-kernel's tokens) and 70 or 40 rows (not whole panels)."""
+    from pocketlm.kernels import intgemm
+
+    rng = np.random.default_rng(40)
+    for tensor_type in QUANTIZED:
+        block_size, _ = BLOCK_LAYOUT[tensor_type]
+        rows, n_blocks = (40, 1) if block_size == 256 else (70, 4)
+        data, shape, _ = weight(tensor_type, rows, n_blocks, seed=41)
+        if tensor_type == GGMLType.Q8_0:  # the largest products: -128 and 127 weights
+            data.reshape(rows, n_blocks, 34)[0, :, 2:] = np.array([-128, 127] * 16, np.int8).view(np.uint8)
+        w = kernel_weight(tensor_type, data, shape)
+        assert intgemm.supports(w), tensor_type.name
+        x = (rng.standard_normal((13, shape[1])) * rng.uniform(0.1, 30, (13, 1))).astype(np.float32)
+        x[2, :32] = 0.0  # a block of zeros
+        x[3, 5] = 200.0  # a block whose largest value rounds to 127 exactly
+        y = intgemm.matmul(w, x)
+        assert y.shape == (13, rows) and y.flags.c_contiguous, tensor_type.name
+        scaled, offsets = scaled_and_offsets(w)
+        for t in range(13):
+            assert_close_to_integer_product(y[t], scaled, x[t], offsets)
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avxvnni", "avx2"])
+def test_prompt_products_in_integers_of_each_x86_path_equal_the_integer_reference(path):
+    """The path this process was built with is checked here; another path this CPU runs, in a
+    child process that forces it ($POCKETLM_CPU_ISA); the others are compile-tested below."""
+    import subprocess
+    import sys
+
+    from pocketlm.kernels import intgemm
+
+    if path == intgemm.ISA:
+        check_prompt_products()
+        return
+    if not isa.runs(HOST, path):
+        pytest.skip(f"this CPU cannot execute {path}: compile-tested only")
+    code = "import pocketlm, test_kernels; test_kernels.check_prompt_products(); print('ok')"
+    tests = os.path.dirname(__file__)
+    env = os.environ | {isa.ENV: path, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tests)
+    assert run.returncode == 0 and run.stdout.split()[-1:] == ["ok"], run.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "path, cpu, instruction",
+    [
+        ("avx512vnni", "icelake-server", "vpdpbusd"),
+        ("avxvnni", "alderlake", "vpdpbusd"),
+        ("avx2", "haswell", "vpmaddubsw"),
+    ],
+)
+def test_prompt_micro_kernels_compile_to_the_byte_dot_product_with_their_sums_in_registers(
+    path, cpu, instruction
+):
+    """Each x86 path's micro-kernels (runs of 16 and 32, with and without offsets) use its
+    instruction, 256-bit registers where the path has them, and never spill a vector to the stack."""
+    from pocketlm.kernels import intgemm
+
+    text = intgemm.assembly(path, "x86_64-unknown-linux-gnu", cpu)
+    functions = re.split(r"\n(?=\w+:)", text)
+    for name in intgemm.NAMES:
+        body = next(f for f in functions if f.startswith(name + ":"))
+        assert re.search(rf"\b{instruction}\b", body), f"{path} {name}: no {instruction}"
+        assert ("zmm" in body) == (path == "avx512vnni"), f"{path} {name}: register width"
+        spills = re.findall(r"vmov\w+\s+%[xyz]mm\d+, -?\d*\(%rsp\)", body)
+        assert not spills, f"{path} {name}: {len(spills)} vector spills"
+
+
+def test_the_backend_multiplies_prompts_in_integers_unless_asked_for_float32(monkeypatch):
+    """The default prefill rounds activations as decode does; "f32" keeps the exact BLAS product;
+    any other value is refused in one line."""
+    from pocketlm.backends.cpu import CpuBackend
+    from pocketlm.kernels import intgemm
+
+    data, shape, expected = weight(GGMLType.Q4_1, 64, 4, seed=42)
+    x = np.random.default_rng(43).standard_normal((9, shape[1])).astype(np.float32)
+    w = kernel_weight(GGMLType.Q4_1, data, shape)
+    integer, exact = CpuBackend(), CpuBackend(prefill="f32")
+    for backend in (integer, exact):
+        monkeypatch.setitem(backend._packed, "w", w)
+    tensor = type("T", (), {"name": "w", "shape": shape, "type": GGMLType.Q4_1})()
+    if intgemm.available():
+        np.testing.assert_array_equal(integer.linear(x, tensor), intgemm.matmul(w, x))
+    np.testing.assert_allclose(exact.linear(x, tensor), x @ expected.T, rtol=1e-4, atol=1e-3)
+    with pytest.raises(InvalidOptionError, match="prefill 'int4': choose one of int8, f32"):
+        CpuBackend(prefill="int4")

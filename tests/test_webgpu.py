@@ -308,7 +308,8 @@ def test_models_needing_ops_the_backend_lacks_are_refused_naming_them(tiny, monk
 def test_gemma3_270m_matches_the_cpu_backend_with_its_embedding_split_by_rows(real_model, gpu):
     """Its 262144 x 640 embedding (168 MB as int8) exceeds lavapipe's 128 MB binding limit."""
     path = real_model("gemma3-270m")
-    cpu, webgpu = load(path, kv_cache="f32"), load(path, backend="webgpu")  # the GPU's cache is float32
+    # the GPU's cache holds float32, and its products take float32 activations
+    cpu, webgpu = load(path, kv_cache="f32", prefill="f32"), load(path, backend="webgpu")
     if webgpu.ops.device.max_binding < 262144 * 640:
         assert len(webgpu.ops.matrix(webgpu.file.tensors["token_embd.weight"]).chunks) > 1
     ids = cpu.tokenizer.encode("The capital of France is")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.cpu import DEFAULT_PREFILL
 from .engine import GenerationStats, LoadedModel, generate_tokens, stream_text
 from .errors import InvalidOptionError
 from .kvcache import DEFAULT_KV_CACHE, KVCache
@@ -50,12 +51,16 @@ def load(
     backend: str = "cpu",
     ple_in_ram: bool = False,
     kv_cache: str = DEFAULT_KV_CACHE,
+    prefill: str = DEFAULT_PREFILL,
 ) -> LoadedModel:
     """Open a model file (path or short name; None for the default) for low-level use:
     `load(path).logits(token_ids)` returns logits [n_tokens, vocab] from one prefill.
     `ple_in_ram` loads Gemma 3n's per-layer embeddings into memory instead of reading them per token;
-    `kv_cache` ("f16" or "f32") is what the cpu backend's KV cache holds."""
-    return LoadedModel(runnable_model(model), backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache)
+    `kv_cache` ("f16" or "f32") is what the cpu backend's KV cache holds; `prefill` ("int8" or
+    "f32") how it multiplies a prompt by quantized weights (`backends.cpu.CpuBackend`)."""
+    return LoadedModel(
+        runnable_model(model), backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache, prefill=prefill
+    )
 
 
 class LlmInference:
@@ -77,9 +82,10 @@ class LlmInference:
         use_chat_template: bool | None = None,
         backend: str = "cpu",
         kv_cache: str = DEFAULT_KV_CACHE,
+        prefill: str = DEFAULT_PREFILL,
     ):
         self.options = GenerationOptions(max_tokens, top_k, top_p, temperature, random_seed).validated()
-        self.model = load(model, backend, kv_cache=kv_cache)
+        self.model = load(model, backend, kv_cache=kv_cache, prefill=prefill)
         self.tokenizer = self.model.tokenizer
         if use_chat_template is None:
             use_chat_template = bool(self.tokenizer.chat_template)

@@ -13,6 +13,7 @@ from importlib.resources import files
 
 import numpy as np
 
+from .backends.cpu import DEFAULT_PREFILL
 from .engine import LoadedModel
 from .errors import ContextLengthError
 from .kvcache import DEFAULT_KV_CACHE
@@ -71,6 +72,7 @@ class BenchResult:
     streamed_bytes: int = 0
     dispatches_per_token: int | None = None  # GPU kernel dispatches of one decode step (webgpu)
     kv_cache: str = "f32"  # what the KV cache held
+    prefill: str = "f32"  # how the prompt met quantized weights: int8 or f32 activations
 
 
 def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -113,19 +115,21 @@ def run_bench(
     prompt_ids: list[int] | None = None,
     ple_in_ram: bool = False,
     kv_cache: str = DEFAULT_KV_CACHE,
+    prefill: str = DEFAULT_PREFILL,
 ) -> BenchResult:
     """Load, prefill a prompt in one pass, decode `gen_tokens` greedily (stop tokens ignored)."""
-    from .engine import greedy_tokens, prefill
+    from .engine import greedy_tokens
+    from .engine import prefill as add_prompt
 
     say = on_progress or (lambda message: None)
     start = time.perf_counter()
-    lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache)
+    lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache, prefill=prefill)
     load_seconds = time.perf_counter() - start
     ids = prompt_ids if prompt_ids is not None else bench_prompt(lm.tokenizer, prompt_tokens)
     cache = lm.make_cache(prompt_tokens + gen_tokens)
     say(f"prefill {prompt_tokens} tokens")
     start = time.perf_counter()
-    logits = prefill(lm, cache, ids)
+    logits = add_prompt(lm, cache, ids)
     token = int(np.argmax(logits))
     ttft = time.perf_counter() - start
     start_to_first = process_age_seconds()
@@ -153,4 +157,5 @@ def run_bench(
         params_resident=sum(t.n_elements for t in lm.file.tensors.values() if t.name not in lm.streamed),
         dispatches_per_token=count(cache) if count else None,
         kv_cache=kv_cache if backend == "cpu" else "f32",
+        prefill="int8" if getattr(lm.ops, "int8_prefill", False) else "f32",
     )

@@ -27,6 +27,7 @@ def _resolve(model: str | None):
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
+    from .backends.cpu import DEFAULT_PREFILL, PREFILLS
     from .engine import BACKENDS
     from .kvcache import DEFAULT_KV_CACHE, KV_CACHE_TYPES
 
@@ -42,6 +43,13 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_KV_CACHE,
         choices=tuple(KV_CACHE_TYPES),
         help="what the cpu backend's KV cache holds: f16 (default: half the memory, faster decode) or f32",
+    )
+    p.add_argument(
+        "--prefill",
+        default=DEFAULT_PREFILL,
+        choices=PREFILLS,
+        help="how the cpu backend multiplies a prompt by quantized weights: int8 (default: activations "
+        "rounded to 8 bits as in decode and llama.cpp, the CPU's byte dot product) or f32 (exact, slower)",
     )
 
 
@@ -99,6 +107,7 @@ def _open(args, model: str | None):
         use_chat_template=False if args.raw else None,
         backend=args.backend,
         kv_cache=args.kv_cache,
+        prefill=args.prefill,
     )
 
 
@@ -243,7 +252,7 @@ def cmd_perplexity(args) -> None:
         text = Path(text_file).read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidOptionError(f"{text_file}: cannot read ({e.strerror})") from None
-    lm = load(_resolve(model), args.backend, kv_cache=args.kv_cache)
+    lm = load(_resolve(model), args.backend, kv_cache=args.kv_cache, prefill=args.prefill)
     ppl, count = perplexity(
         lm, text, args.ctx, on_chunk=lambda i, n, p: print(f"[{i}/{n}] {p:.4f}", file=sys.stderr)
     )
@@ -312,6 +321,7 @@ def cmd_bench(args) -> None:
         progress,
         ple_in_ram=args.ple_in_ram,
         kv_cache=args.kv_cache,
+        prefill=args.prefill,
     )
     if args.json:
         print(json.dumps(dataclasses.asdict(r)))
@@ -319,7 +329,7 @@ def cmd_bench(args) -> None:
     print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     rows = [
         ("model", f"{r.model} ({r.file_mb:.1f} MB)"),
-        ("backend", f"{r.backend} (KV cache {r.kv_cache})"),
+        ("backend", f"{r.backend} (KV cache {r.kv_cache}, prefill {r.prefill})"),
         (
             "weights in memory",
             f"{r.weight_bytes / 1e6:.0f} MB"

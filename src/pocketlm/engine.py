@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends.base import Backend, missing_capabilities
-from .backends.cpu import CpuBackend
+from .backends.cpu import DEFAULT_PREFILL, CpuBackend, check_prefill
 from .errors import ContextLengthError, InvalidOptionError, ModelFileError, UnsupportedError
 from .formats.gguf import GGUFFile
 from .kvcache import DEFAULT_KV_CACHE, KVCache, cache_dtype
@@ -31,13 +31,15 @@ BACKENDS = ("cpu", "reference", "webgpu")
 def make_backend(name: str, model, architecture: str, **options) -> Backend:
     """The backend `name` for `model`; a model that needs ops the backend lacks is refused in one
     line before the backend is even opened. `kv_cache` is the cpu backend's (the GPU's cache
-    holds float32)."""
+    holds float32), and so is `prefill` ("int8" or "f32": `CpuBackend`; the GPU's products are float)."""
     kv_cache = options.pop("kv_cache", DEFAULT_KV_CACHE)
     cache_dtype(kv_cache)  # checked for every backend, though only the cpu one stores float16
+    prefill = check_prefill(options.pop("prefill", DEFAULT_PREFILL))
     if name == "webgpu":
         from .backends.webgpu import WebGPUBackend as backend_class
     else:
-        backend_class, options = CpuBackend, {"fast": name == "cpu", "kv_cache": kv_cache}
+        backend_class = CpuBackend
+        options = {"fast": name == "cpu", "kv_cache": kv_cache, "prefill": prefill}
     missing = missing_capabilities(model, backend_class)
     if missing:
         raise UnsupportedError(

@@ -18,18 +18,28 @@ import math
 
 import numpy as np
 
-from ..errors import ModelFileError
+from ..errors import InvalidOptionError, ModelFileError
 from ..formats.gguf import Tensor
 from ..formats.quants import GGMLType, dequantize
-from ..kernels import activations, blocks, int4, int8, isa
+from ..kernels import activations, blocks, int4, int8, intgemm, isa
 from ..kernels import attention as attention_kernels
-from ..kernels.attention import attend, softmax_scores
+from ..kernels.attention import attend, softmax_scores, widen_f16
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
 from ..kvcache import DEFAULT_KV_CACHE, LayerCache, cache_dtype
 from .base import ALL_CAPABILITIES
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
+PROMPT_ATTENTION_CHUNK = 128  # queries a prompt's attention takes at a time (over the slots they see)
+PREFILLS = ("int8", "f32")  # how a prompt's activations meet quantized weights (`CpuBackend`)
+DEFAULT_PREFILL = "int8"
+
+
+def check_prefill(prefill: str) -> str:
+    if prefill not in PREFILLS:
+        raise InvalidOptionError(f"prefill {prefill!r}: choose one of {', '.join(PREFILLS)}")
+    return prefill
+
 
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 Packed = int8.Int8Weight | int4.Int4Weight | blocks.BlockWeight
@@ -55,17 +65,31 @@ def _check_width(x: np.ndarray, w: Tensor) -> None:
         raise _mismatch(w, f"multiplies vectors of {x.shape[-1]} values")
 
 
+def _visible_slots(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> tuple[int, int]:
+    """The first and past-the-last cache slot any of these queries can see (slots in between
+    that they cannot are masked as usual); all slots if none is visible."""
+    seen = (k_pos >= 0) & (k_pos <= q_pos.max())
+    if window:
+        seen &= k_pos > q_pos.min() - window
+    slots = np.flatnonzero(seen)
+    return (int(slots[0]), int(slots[-1]) + 1) if slots.size else (0, len(k_pos))
+
+
 class CpuBackend:
     """The op set (`backends.base.Backend`) in numpy and numba: every capability."""
 
     capabilities = ALL_CAPABILITIES
 
-    def __init__(self, fast: bool = True, kv_cache: str = DEFAULT_KV_CACHE):
+    def __init__(self, fast: bool = True, kv_cache: str = DEFAULT_KV_CACHE, prefill: str = DEFAULT_PREFILL):
         """`fast`: the numba kernels (else numpy only: the reference); `kv_cache` "f16" or "f32",
-        what the fast backend's KV cache holds (the reference's holds float32)."""
+        what the fast backend's KV cache holds (the reference's holds float32); `prefill` "int8"
+        or "f32", how the fast backend multiplies several tokens by a quantized matrix: with the
+        activations rounded to int8 blocks as for one token (`kernels.intgemm`; on CPUs without
+        its path, ARM for now, float32), or exactly in float32 (BLAS)."""
         if fast:
             isa.check()
         self.fast = fast
+        self.int8_prefill = fast and check_prefill(prefill) == "int8" and intgemm.available()
         dtype = cache_dtype(kv_cache)
         self.kv_dtype = dtype if fast else np.float32
         self.name = "cpu" if fast else "reference"
@@ -164,10 +188,8 @@ class CpuBackend:
         packed = self.packed(w)
         if packed is None:
             y = x @ self.dense(w).T
-        elif len(x) == 1:
-            y = packed.matvec(x[0])[None]
         else:
-            y = packed.matmul(x)
+            y = self._product(packed, x)
         return y + self.dense(bias) if bias is not None else y
 
     def linears(self, x: np.ndarray, weights: list[Tensor], biases: list[Tensor | None]) -> list[np.ndarray]:
@@ -180,9 +202,16 @@ class CpuBackend:
         for w in weights:
             _check_width(x, w)
         packed, ends = stacked
-        y = packed.matvec(x[0])[None] if len(x) == 1 else packed.matmul(x)
+        y = self._product(packed, x)
         parts = [y[:, first:end] for first, end in zip([0, *ends], ends)]  # (np.split: 10 us a call)
         return [p + self.dense(b) if b is not None else p for p, b in zip(parts, biases)]
+
+    def _product(self, packed: Packed, x: np.ndarray) -> np.ndarray:
+        if len(x) == 1:
+            return packed.matvec(x[0])[None]
+        if self.int8_prefill and intgemm.supports(packed):
+            return intgemm.matmul(packed, x)
+        return packed.matmul(x)
 
     def _stack(self, weights: list[Tensor]):
         """(the weights' rows in one repacked matrix, the row where each ends), made at first
@@ -418,7 +447,6 @@ class CpuBackend:
                 f"attention of {n_heads} query heads {q.shape[-1]} wide over {n_kv} key heads "
                 f"{k.shape[-1]} wide: the file's head counts do not fit its tensors"
             )
-        group = n_heads // n_kv
         if T <= DECODE_ATTENTION_MAX_T and self.fast and attention_kernels.fits(q.shape[-1], v.shape[-1]):
             out = np.empty((T, n_heads, v.shape[-1]), np.float32)
             slopes = np.zeros(0, np.float32) if alibi is None else alibi
@@ -435,8 +463,34 @@ class CpuBackend:
                 out,
             )
             return out.reshape(T, -1)
+        # Queries a chunk at a time, each over the cache slots it can see: causal attention over
+        # a prompt sees half the keys on average, and the products skip the rest.
+        low, high = _visible_slots(q_pos, k_pos, window)
+        k, v, k_pos = k[low:high], v[low:high], k_pos[low:high]
         if k.dtype == np.float16:  # a float16 cache: BLAS multiplies float32
-            k, v = k.astype(np.float32), v.astype(np.float32)
+            k, v = widen_f16(k), widen_f16(v)
+        out = np.empty((T, n_heads * v.shape[-1]), np.float32)
+        for first in range(0, T, PROMPT_ATTENTION_CHUNK):
+            end = min(T, first + PROMPT_ATTENTION_CHUNK)
+            low, high = _visible_slots(q_pos[first:end], k_pos, window)
+            out[first:end] = self._prompt_attention(
+                q[first:end],
+                k[low:high],
+                v[low:high],
+                q_pos[first:end],
+                k_pos[low:high],
+                scale,
+                window,
+                softcap,
+                alibi,
+            )
+        return out
+
+    def _prompt_attention(self, q, k, v, q_pos, k_pos, scale, window, softcap, alibi) -> np.ndarray:
+        """`attention` with BLAS products (float32 keys and values), every query over every slot given."""
+        T, n_heads, _ = q.shape
+        S, n_kv, _ = k.shape
+        group = n_heads // n_kv
         # batched matmuls per kv head (BLAS), the query heads of a group stacked along rows
         qg = q.reshape(T, n_kv, group, -1).transpose(1, 2, 0, 3).reshape(n_kv, group * T, -1)
         scores = np.matmul(qg, k.transpose(1, 2, 0)).reshape(n_kv, group, T, S)

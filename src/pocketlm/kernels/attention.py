@@ -567,3 +567,20 @@ def softmax_scores(scores, q_pos, k_pos, scale, window, softcap, alibi):
         inv = np.float32(1.0) / total
         for s in range(S):
             dst[s] *= inv
+
+
+@njit(parallel=True, cache=True)
+def _widen(src, dst):
+    for i in prange(src.shape[0]):
+        row, out = src[i], dst[i]
+        for j in range(row.size):
+            out[np.uint64(j)] = as_float(row[np.uint64(j)])
+
+
+def widen_f16(a: np.ndarray) -> np.ndarray:
+    """A float16 array as float32, converted with the CPU's instruction (numpy's own conversion
+    took 3 ns a value, a tenth of a prompt's attention)."""
+    out = np.empty(a.shape, np.float32)
+    rows = len(a) if a.ndim > 1 else 1
+    _widen(np.ascontiguousarray(a).view(np.uint16).reshape(rows, -1), out.reshape(rows, -1))
+    return out

@@ -112,9 +112,9 @@ def _matvec(q, scale, offset, sub, x, out, ahead):
     n_sub = cols // sub
     has_offset = offset.shape[1] > 0
     xq, xd, _, xq4 = quantize_activations(x)
-    x_sums = np.zeros(n_sub if has_offset else 0, np.float32)  # for the offsets: sum of x per sub-block
+    x_sums = np.zeros(n_sub if has_offset else 0, np.float32)  # for the offsets: x as rounded, per sub-block
     for j in range(cols if has_offset else 0):
-        x_sums[j // sub] += x[j]
+        x_sums[j // sub] += np.float32(xq[j]) * xd[j // 32]
     for r in prange(rows):
         prefetch_row(q, r, ahead)  # request a later row now (see kernels.memory)
         prefetch_row(scale, r, ahead)

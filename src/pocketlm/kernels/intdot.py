@@ -25,12 +25,14 @@ weights go in signed with no bias (AVX2 takes their absolute values and moves th
 the activations, `vpsignb`). `assembly` compiles a path for any target, to check the paths a
 machine cannot run.
 
-What changes numerically: the weights' scaled parts meet the activations as rounded to int8,
-an error of at most d / 2 a value (0.4% of the block's largest), as in llama.cpp. Offsets
-(Q4_1, Q4_K, ...) meet the exact float sums of the activations. Prefill multiplies exact float32
-activations with BLAS (rounding them there too would make prompt and decode agree, but the
-rounding turns float-level differences into whole steps now and then, and the quantized-file
-parity with transformers, 1e-3, would no longer hold: tried, 0.07-0.1 off over 64 positions).
+What changes numerically: the weights meet the activations as rounded to int8, an error of at
+most d / 2 a value (0.4% of the block's largest), as in llama.cpp. Offsets (Q4_1, Q4_K, ...)
+meet the sums of the rounded activations (d x the sum of q, as llama.cpp's Q8_1 blocks keep it),
+so that the whole product is the weights times the rounded activations; with the exact float
+sums the rounding error met only the scaled parts, which for these types are all of one sign
+(`kernels.intgemm` has the perplexities). A prompt's products round their activations the same
+way by default (`kernels.intgemm`); the float32 prompt (`prefill="f32"`) multiplies them exactly
+with BLAS.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ ISA = isas.PATH  # the path this process's kernels are built with
 
 @njit(fastmath=True, error_model="numpy", cache=True)
 def quantize_activations(x):
-    """x [n] float32 (n a multiple of 32) -> (q int8 [n], d float32 [n/32], the exact sums of x
-    per block float32 [n/32], the sums of q per group of 4 int32 [n/4]), x ~ q * d per block of
-    32. For numba kernels; `quantize` checks its input."""
+    """x [n] float32 (n a multiple of 32) -> (q int8 [n], d float32 [n/32], the sums of x as
+    rounded per block (d x the sum of q) float32 [n/32], the sums of q per group of 4 int32 [n/4]),
+    x ~ q * d per block of 32. For numba kernels; `quantize` checks its input."""
     n_blocks = x.size // BLOCK
     q = np.empty(x.size, np.int8)
     d = np.empty(n_blocks, np.float32)
@@ -77,16 +79,16 @@ def quantize_activations(x):
     sums4 = np.empty(x.size // 4, np.int32)
     for b in range(n_blocks):
         amax = np.float32(0.0)
-        total = np.float32(0.0)
         for j in range(BLOCK):
-            v = x[b * BLOCK + j]
-            amax = max(amax, abs(v))
-            total += v
+            amax = max(amax, abs(x[b * BLOCK + j]))
         inverse = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        total = np.int32(0)
         for j in range(BLOCK):
-            q[b * BLOCK + j] = np.int8(np.rint(x[b * BLOCK + j] * inverse))
+            value = np.int8(np.rint(x[b * BLOCK + j] * inverse))
+            q[b * BLOCK + j] = value
+            total += np.int32(value)
         d[b] = amax / np.float32(127.0)
-        sums[b] = total
+        sums[b] = d[b] * np.float32(total)
     for i in range(sums4.size):
         sums4[i] = (
             np.int32(q[4 * i]) + np.int32(q[4 * i + 1]) + np.int32(q[4 * i + 2]) + np.int32(q[4 * i + 3])
@@ -191,7 +193,7 @@ def _row_dot(builder, isa, n_values, xq, xq4, bias, signed, step, tail=True, off
     values + bias, unsigned; or with `signed` the values themselves) and a float scale for each
     group of 4 (weight scale x activation scale); a bias comes back out with the activations'
     sums of 4 (`xq4`), subtracted in the integer lanes. `offsets` (pointers to the row's float
-    offsets per 32 values and the activations' exact float sums per 32) adds their products,
+    offsets per 32 values and the rounded activations' sums per 32) adds their products,
     in the same loop."""
 
     def accumulate(builder, acc, start, width):
