@@ -392,7 +392,7 @@ class CpuBackend:
         cos, sin = self.rope_tables(positions, base, n_dims, freq_scale, freq_factors)
         if self.fast and x.dtype == np.float32:
             out = np.empty(x.shape, np.float32)
-            rope_rows(np.ascontiguousarray(x), cos[:, 0, :], sin[:, 0, :], n_dims, neox, out)
+            rope_rows(x, cos[:, 0, :], sin[:, 0, :], n_dims, neox, out)  # x may be a strided view: no copy
             return out
         out = x.copy()
         if neox:
