@@ -48,6 +48,7 @@ from .ir import (
     I8,
     I32,
     I64,
+    broadcast,
     const,
     counted_loop,
     declare,
@@ -57,6 +58,7 @@ from .ir import (
     indices,
     load,
     splat,
+    store,
     vec,
 )
 
@@ -67,32 +69,76 @@ Q8_0_BYTES = 34  # a Q8_0 block: f16 scale, 32 int8 values
 ISA = isas.PATH  # the path this process's kernels are built with
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
+def _quantize_ir(builder, row, n_values, xq, xd, xs, xq4, at, d_at, bias):
+    """Blocks of 32 floats from `row` -> int8 values q (+ bias, as bytes) at xq[at...], their
+    scales d at xd[d_at...], their sums as rounded (d x the sum of q) at xs[d_at...], and with
+    `xq4` the sums of q per group of 4 at xq4[8 d_at...]: d = max|x| / 127, q = rint(x / d). As IR:
+    numba's loop for this did not vectorise (2.5 ns a value; this takes 0.6)."""
+    t = vec(F32, BLOCK)
+
+    def block(builder, b, _):
+        values = load(builder, row, builder.mul(b, const(BLOCK)), t, 4)
+        magnitude = builder.call(declare(builder, "llvm.fabs.v32f32", t, [t]), [values])
+        amax = builder.call(declare(builder, "llvm.vector.reduce.fmax.v32f32", F32, [t]), [magnitude])
+        positive = builder.fcmp_ordered(">", amax, ir.Constant(F32, 0.0))
+        inverse = builder.select(positive, builder.fdiv(ir.Constant(F32, 127.0), amax), ir.Constant(F32, 0.0))
+        scaled = builder.fmul(values, broadcast(builder, inverse, BLOCK))  # no fast flags: IEEE rounding
+        rounded = builder.call(declare(builder, "llvm.rint.v32f32", t, [t]), [scaled])
+        q = builder.fptosi(rounded, vec(I32, BLOCK))
+        biased = builder.add(q, splat(I32, BLOCK, bias)) if bias else q
+        store(
+            builder, builder.trunc(biased, vec(I8, BLOCK)), xq, builder.add(at, builder.mul(b, const(BLOCK)))
+        )
+        d = builder.fdiv(amax, ir.Constant(F32, 127.0))
+        store(builder, d, xd, builder.add(d_at, b), 4)
+        store(builder, fmul(builder, horizontal_sum(builder, rounded, BLOCK), d), xs, builder.add(d_at, b), 4)
+        if xq4 is not None:
+            parts = [builder.shuffle_vector(q, q, indices(range(k, BLOCK, 4))) for k in range(4)]
+            quads = builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+            store(builder, quads, xq4, builder.mul(builder.add(d_at, b), const(BLOCK // 4)), 4)
+        return []
+
+    counted_loop(builder, builder.udiv(n_values, const(BLOCK)), [], block)
+
+
+def quantize_row_intrinsic(bias: int, with_quads: bool):
+    """A numba intrinsic quantize(row, xq, xd, xs, xq4, at, d_at): one vector of activations
+    (float32 [n], contiguous) quantized into the arrays at element `at` (xq) and block `d_at` (the
+    others); `bias` added to the stored values (128: unsigned bytes), xq4 written `with_quads`."""
+
+    @intrinsic
+    def quantize_row(typingctx, row, xq, xd, xs, xq4, at, d_at):
+        arrays = (row, xq, xd, xs, xq4)
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in arrays):
+            return None
+
+        def codegen(context, builder, sig, args):
+            made = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:5], args[:5])]
+            data = [builder.bitcast(a.data, t.as_pointer()) for a, t in zip(made, (F32, I8, F32, F32, I32))]
+            n_values = builder.extract_value(made[0].shape, 0)
+            quads = data[4] if with_quads else None
+            _quantize_ir(builder, data[0], n_values, data[1], data[2], data[3], quads, args[5], args[6], bias)
+            return context.get_dummy_value()
+
+        return types.void(*arrays, types.int64, types.int64), codegen
+
+    return quantize_row
+
+
+_quantize_signed = quantize_row_intrinsic(0, True)
+
+
+@njit(cache=True)
 def quantize_activations(x):
-    """x [n] float32 (n a multiple of 32) -> (q int8 [n], d float32 [n/32], the sums of x as
-    rounded per block (d x the sum of q) float32 [n/32], the sums of q per group of 4 int32 [n/4]),
-    x ~ q * d per block of 32. For numba kernels; `quantize` checks its input."""
+    """x [n] float32 (n a multiple of 32, contiguous) -> (q int8 [n], d float32 [n/32], the sums of
+    x as rounded per block (d x the sum of q) float32 [n/32], the sums of q per group of 4 int32
+    [n/4]), x ~ q * d per block of 32. For numba kernels; `quantize` checks its input."""
     n_blocks = x.size // BLOCK
     q = np.empty(x.size, np.int8)
     d = np.empty(n_blocks, np.float32)
     sums = np.empty(n_blocks, np.float32)
     sums4 = np.empty(x.size // 4, np.int32)
-    for b in range(n_blocks):
-        amax = np.float32(0.0)
-        for j in range(BLOCK):
-            amax = max(amax, abs(x[b * BLOCK + j]))
-        inverse = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        total = np.int32(0)
-        for j in range(BLOCK):
-            value = np.int8(np.rint(x[b * BLOCK + j] * inverse))
-            q[b * BLOCK + j] = value
-            total += np.int32(value)
-        d[b] = amax / np.float32(127.0)
-        sums[b] = d[b] * np.float32(total)
-    for i in range(sums4.size):
-        sums4[i] = (
-            np.int32(q[4 * i]) + np.int32(q[4 * i + 1]) + np.int32(q[4 * i + 2]) + np.int32(q[4 * i + 3])
-        )
+    _quantize_signed(x, q, d, sums, sums4, 0, 0)
     return q, d, sums, sums4
 
 

@@ -46,19 +46,19 @@ from . import isa as isas
 from .blocks import BlockWeight
 from .int4 import Int4Weight
 from .int8 import Int8Weight, q5_0_values
-from .intdot import BLOCK, Q5_0_BYTES, Q8_0_BYTES
+from .intdot import BLOCK, Q5_0_BYTES, Q8_0_BYTES, quantize_row_intrinsic
 from .ir import (
     F32,
     I8,
     I32,
     I64,
+    broadcast,
     const,
     counted_loop,
     declare,
     emit_assembly,
     fadd,
     fmul,
-    horizontal_sum,
     load,
     splat,
     store,
@@ -193,7 +193,7 @@ def _micro_kernel(
                 d = load(
                     builder, xd, builder.add(builder.mul(builder.add(token, const(t)), n_blocks), block), F32
                 )
-                scale = fmul(builder, row_scales, _splat(builder, d, lanes))
+                scale = fmul(builder, row_scales, broadcast(builder, d, lanes))
                 value = fmul(builder, builder.sitofp(integer[m][t], vec(F32, lanes)), scale)
                 if with_offsets:
                     total = load(
@@ -203,7 +203,7 @@ def _micro_kernel(
                         F32,
                     )
                     row_offsets = load(builder, offsets, at, vec(F32, lanes), 4)
-                    value = fadd(builder, value, fmul(builder, row_offsets, _splat(builder, total, lanes)))
+                    value = fadd(builder, value, fmul(builder, row_offsets, broadcast(builder, total, lanes)))
                 updated.append(fadd(builder, accs[m * nr + t], value))
         return updated
 
@@ -215,11 +215,6 @@ def _micro_kernel(
                 builder.mul(builder.add(token, const(t)), stride), builder.add(column, const(m * lanes))
             )
             store(builder, sums[m * nr + t], out, at, 4)
-
-
-def _splat(builder, value, n):
-    v = builder.insert_element(ir.Constant(vec(value.type, n), None), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(vec(I32, n), [0] * n))
 
 
 # (run length, offsets, weights) of the micro-kernels built: offsets come with runs of 32 only
@@ -416,46 +411,7 @@ def _gemm_blocks(blocks, q5, xq, xd, xs, out, tokens):
         )
 
 
-def _quantize_ir(builder, row, n_values, xq, xd, xs, at, d_at, bias):
-    """Blocks of 32 floats from `row` -> int8 values (+ bias, as bytes) at xq[at...], their
-    scales at xd[d_at...] and their float sums at xs[d_at...]: d = max|x| / 127, q = rint(x / d)
-    as `intdot.quantize_activations` rounds (numba's loop for this did not vectorise: 2.5 ns a value)."""
-    t = vec(F32, BLOCK)
-
-    def block(builder, b, _):
-        values = load(builder, row, builder.mul(b, const(BLOCK)), t, 4)
-        magnitude = builder.call(declare(builder, "llvm.fabs.v32f32", t, [t]), [values])
-        amax = builder.call(declare(builder, "llvm.vector.reduce.fmax.v32f32", F32, [t]), [magnitude])
-        positive = builder.fcmp_ordered(">", amax, ir.Constant(F32, 0.0))
-        inverse = builder.select(positive, builder.fdiv(ir.Constant(F32, 127.0), amax), ir.Constant(F32, 0.0))
-        scaled = builder.fmul(values, _splat(builder, inverse, BLOCK))  # no fast flags: as numba rounds
-        rounded = builder.call(declare(builder, "llvm.rint.v32f32", t, [t]), [scaled])
-        q = builder.add(builder.fptosi(rounded, vec(I32, BLOCK)), splat(I32, BLOCK, bias))
-        store(builder, builder.trunc(q, vec(I8, BLOCK)), xq, builder.add(at, builder.mul(b, const(BLOCK))))
-        store(builder, builder.fdiv(amax, ir.Constant(F32, 127.0)), xd, builder.add(d_at, b), 4)
-        total = fmul(
-            builder, horizontal_sum(builder, rounded, BLOCK), builder.fdiv(amax, ir.Constant(F32, 127.0))
-        )
-        store(builder, total, xs, builder.add(d_at, b), 4)
-        return []
-
-    counted_loop(builder, builder.udiv(n_values, const(BLOCK)), [], block)
-
-
-@intrinsic
-def _quantize_row(typingctx, row, xq, xd, xs, at, d_at):
-    """One token's activations (float32 [cols]) -> xq[at: at + cols], xd and xs[d_at: d_at + cols / 32]."""
-    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" for a in (row, xq, xd, xs)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4])]
-        data = [builder.bitcast(a.data, t.as_pointer()) for a, t in zip(arrays, (F32, I8, F32, F32))]
-        n_values = builder.extract_value(arrays[0].shape, 0)
-        _quantize_ir(builder, *data[:1], n_values, *data[1:], args[4], args[5], 128 if _UNSIGNED else 0)
-        return context.get_dummy_value()
-
-    return types.void(row, xq, xd, xs, types.int64, types.int64), codegen
+_quantize_row = quantize_row_intrinsic(128 if _UNSIGNED else 0, False)
 
 
 @njit(parallel=True, cache=True)
@@ -465,7 +421,7 @@ def _quantize_tokens(x, xq, xd, xs):
     token; rows past T stay."""
     tokens, cols = x.shape
     for t in prange(tokens):
-        _quantize_row(x[t], xq, xd, xs, t * cols, t * (cols // BLOCK))
+        _quantize_row(x[t], xq, xd, xs, xs, t * cols, t * (cols // BLOCK))
 
 
 Packed = Int8Weight | Int4Weight | BlockWeight

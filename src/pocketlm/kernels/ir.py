@@ -22,6 +22,12 @@ def indices(values):
     return ir.Constant(vec(I32, len(values)), list(values))
 
 
+def broadcast(builder, value, n):
+    """<n x value>: a scalar LLVM value in every lane."""
+    v = builder.insert_element(ir.Constant(vec(value.type, n), None), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(vec(I32, n), [0] * n))
+
+
 def const(value):
     return ir.Constant(I64, value)
 
