@@ -111,9 +111,10 @@ def _matvec(q, scale, offset, sub, x, out, ahead):
     rows, cols = q.shape
     n_sub = cols // sub
     has_offset = offset.shape[1] > 0
-    xq, xd, _, xq4 = quantize_activations(x)
-    x_sums = np.zeros(n_sub if has_offset else 0, np.float32)  # for the offsets: x as rounded, per sub-block
-    for j in range(cols if has_offset else 0):
+    xq, xd, block_sums, xq4 = quantize_activations(x)
+    # for the offsets: x as rounded, per sub-block (the quantizer's own sums where sub-blocks are its blocks)
+    x_sums = block_sums if sub == 32 else np.zeros(n_sub if has_offset else 0, np.float32)
+    for j in range(cols if has_offset and sub != 32 else 0):
         x_sums[j // sub] += np.float32(xq[j]) * xd[j // 32]
     for r in prange(rows):
         prefetch_row(q, r, ahead)  # request a later row now (see kernels.memory)

@@ -68,7 +68,6 @@ from .memory import load_f16
 
 # path -> (lanes a register, MR groups of rows, NR tokens) a micro-kernel step
 SHAPES = {"avx512vnni": (16, 2, 4), "avxvnni": (8, 2, 2), "avx2": (8, 1, 4)}
-PATHS = tuple(SHAPES)
 ISA = isas.PATH
 
 
