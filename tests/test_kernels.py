@@ -541,6 +541,84 @@ def test_the_engine_reads_q8_0_matrices_from_a_resident_copy_of_their_bytes(tiny
     )
 
 
+@pytest.mark.parametrize("arch, quant", [("llama", "q8_0"), ("gemma3", "q4_1"), ("gemma4", "q4_0")])
+def test_a_loaded_model_runs_prompts_and_tokens_with_only_kernels_loaded_before_its_weights(
+    tiny, tmp_path, arch, quant
+):
+    """`CpuBackend.load_kernels` (before the weights are repacked) loads every kernel a prompt and
+    a token then call: loaded later, each would page LLVM's code back in on top of the weights.
+    In a child process, whose kernels start unloaded."""
+    import subprocess
+    import sys
+
+    from pocketlm import ConversionConfig, convert
+
+    _, folder, _ = tiny(arch)
+    path = convert(folder, tmp_path / f"{quant}.gguf", ConversionConfig(quant=quant), progress=False)
+    code = """if True:
+        import importlib, pkgutil, sys
+        import numba, pocketlm
+        from pocketlm import kernels, load
+        from pocketlm.backends.cpu import CpuBackend
+        from pocketlm.engine import decode_step, prefill
+
+        def loaded():
+            modules = [importlib.import_module(f"pocketlm.kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+            return {
+                (m.__name__, name, str(signature))
+                for m in modules
+                for name, f in vars(m).items()
+                if isinstance(f, numba.core.registry.CPUDispatcher)
+                for signature in f.signatures
+            }
+
+        before_weights = []
+        original = CpuBackend.load_kernels
+        def load_kernels(self, types):
+            original(self, types)
+            before_weights.append(loaded())
+        CpuBackend.load_kernels = load_kernels
+        lm = load(sys.argv[1])
+        cache = lm.make_cache(64)
+        prefill(lm, cache, list(range(3, 40)))
+        decode_step(lm, cache, 5)
+        print(len(before_weights[0]), sorted(loaded() - before_weights[0]))
+    """
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    count, later = run.stdout.split(" ", 1)
+    assert int(count) >= 8 and later.strip() == "[]", run.stdout
+
+
+def test_the_code_pages_llvm_holds_resident_are_let_go_and_llvm_still_compiles():
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np, pocketlm
+        from numba import njit
+        from pocketlm.kernels.memory import release_code_pages
+
+        @njit
+        def twice(x):
+            return 2 * x
+
+        assert twice(np.arange(3.0)).tolist() == [0.0, 2.0, 4.0]  # LLVM at work: its pages in memory
+        first, second = release_code_pages(), release_code_pages()
+
+        @njit
+        def thrice(x):
+            return 3 * x
+
+        assert thrice(np.arange(3.0)).tolist() == [0.0, 3.0, 6.0]  # paged back in as needed
+        print(first, second)
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, second = map(int, run.stdout.split())
+    assert first > 20 << 20 and second < first // 4
+
+
 def test_importing_pocketlm_shortens_the_idle_spin_of_openmp_and_openblas_threads_unless_set():
     """Both are read when their libraries load, so pocketlm sets them before it imports numpy;
     a value the user set is kept."""

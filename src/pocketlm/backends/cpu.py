@@ -20,10 +20,11 @@ import numpy as np
 
 from ..errors import InvalidOptionError, ModelFileError
 from ..formats.gguf import Tensor
-from ..formats.quants import GGMLType, dequantize
+from ..formats.quants import BLOCK_LAYOUT, GGMLType, dequantize
 from ..kernels import activations, blocks, int4, int8, intgemm, isa
 from ..kernels import attention as attention_kernels
 from ..kernels.attention import attend, softmax_scores, widen_f16
+from ..kernels.memory import release_code_pages
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
 from ..kvcache import DEFAULT_KV_CACHE, LayerCache, cache_dtype
@@ -58,6 +59,15 @@ def _cache_array(a: np.ndarray) -> np.ndarray:
     """Keys or values for the decode kernels: float32, or float16 as its bits (uint16)."""
     a = np.ascontiguousarray(a)
     return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def _zeros(name: str, kind: GGMLType, shape: tuple[int, int], read_only: bool = False) -> Tensor:
+    """A matrix of `kind` whose blocks are all zero bytes (zero values, in every block type);
+    `read_only` as a file's mapped bytes are (numba compiles a kernel apart for those)."""
+    values, size = BLOCK_LAYOUT[kind]
+    data = np.zeros(shape[0] * shape[1] // values * size, np.uint8)
+    data.setflags(write=not read_only)
+    return Tensor(name, kind, shape, data)
 
 
 def _check_width(x: np.ndarray, w: Tensor) -> None:
@@ -154,6 +164,8 @@ class CpuBackend:
         lays them out), `copy_out(tensor)` makes the resident copy of those (`_resident`)."""
         self._on_packed, self._copy_out = on_packed, copy_out
         tensors = list(tensors)
+        if self.fast:
+            self.load_kernels({w.type for w in tensors if len(w.shape) == 2})
         for w in tensors:  # vectors first: reading one maps its neighbours, let go below
             if len(w.shape) == 1:
                 self.dense(w)
@@ -161,6 +173,45 @@ class CpuBackend:
             packed = self.packed(w)
             if packed is not None and on_packed and not getattr(packed, "in_place", False):
                 on_packed(w)
+
+    def load_kernels(self, types) -> None:
+        """Load (or compile, the first time) the numba kernels this backend calls for matrices of
+        these GGUF `types`, by running each op once on small made-up inputs, a prompt's and a
+        token's; then let go of the LLVM code that loading paged in (`memory.release_code_pages`).
+
+        `prepare` does this before the weights are resident: each kernel load pages in some 50 MB
+        of LLVM's code, and loaded in the warm-up, on top of the weights, it was the process's peak
+        memory (SmolLM2: 274 MB, of which 51 LLVM's)."""
+        probe = CpuBackend(kv_cache="f32" if self.kv_dtype == np.float32 else "f16", prefill="f32")
+        probe.int8_prefill = self.int8_prefill
+        heads, kv_heads, dim = 4, 2, 64
+        width = heads * dim
+        rng = np.random.default_rng(0)
+        norm = Tensor("probe.norm", GGMLType.F32, (width,), np.ones(width, np.float32).view(np.uint8))
+        cache = probe.layer_cache(16, kv_heads, dim, dim, None)
+        start = 0
+        for T in (DECODE_ATTENTION_MAX_T + 4, 1):  # a prompt's kernels, then a token's
+            for kind in sorted(set(types) - set(_FLOAT)):
+                # rows of a width the 4-bit kernels cannot take are held as int8 (`packed`)
+                for cols in sorted({width, width + BLOCK_LAYOUT[kind][0]}):
+                    x = rng.standard_normal((T, cols)).astype(np.float32)
+                    names = [f"probe.{kind.name}.{cols}.{i}" for i in range(3)]
+                    probe.linears(x, [_zeros(n, kind, (width, cols)) for n in names], [None] * 3)
+                    for read_only in (True, False):  # the file's mapped bytes, a resident copy
+                        name = f"probe.{kind.name}.{cols}.{read_only}"
+                        probe.linear(x, _zeros(name, kind, (width, cols), read_only))
+            x = probe.rms_norm(rng.standard_normal((T, width)).astype(np.float32), norm, 1e-6)
+            positions = np.arange(start, start + T)
+            qkv = np.concatenate([x, x[:, : 2 * kv_heads * dim]], axis=1)  # views of it, as stacked products
+            q, k, v = qkv[:, :width], qkv[:, width : width + kv_heads * dim], qkv[:, width + kv_heads * dim :]
+            q, k, v = q.reshape(T, heads, dim), k.reshape(T, kv_heads, dim), v.reshape(T, kv_heads, dim)
+            k = probe.rms_norm(k, None, 1e-6)  # a contiguous one, as q/k norms leave them
+            q, k = (probe.rope(a, positions, 1e4, dim, neox) for a, neox in ((q, False), (k, True)))
+            keys, values, key_positions = cache.update_and_fetch(k, v, start)
+            out = probe.attention(q, keys, values, positions, key_positions, dim**-0.5)
+            probe.silu(out), probe.gelu_tanh(np.zeros(activations.PARALLEL_MIN, np.float32))
+            start += T
+        release_code_pages()
 
     @staticmethod
     def to_host(x: np.ndarray) -> np.ndarray:
@@ -173,6 +224,7 @@ class CpuBackend:
         warm-up pass when it loads a model). The reference backend has nothing to warm."""
         if self.fast:
             model.forward(self, np.zeros(1, np.int64), make_cache(1))
+            release_code_pages()  # paged in by kernels `load_kernels` did not foresee, if any
 
     def capture(self, forward):
         """The step as it is: the model's Python runs each time (the webgpu backend records it)."""

@@ -14,6 +14,8 @@ cannot then prove the accesses consecutive, and it assembled the vectors byte by
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 
 import llvmlite.binding as llvm
@@ -95,3 +97,40 @@ PREFETCH = _prefetch_pays()
 def rows_ahead(row_bytes: int) -> int:
     """How many rows ahead to prefetch for rows of this many bytes (0: no prefetch)."""
     return max(1, -(-PREFETCH_BYTES // max(row_bytes, 1))) if PREFETCH else 0
+
+
+CODE_LIBRARY = "libllvmlite"  # LLVM, as llvmlite ships it (180 MB of code and tables)
+
+
+def release_code_pages(library: str = CODE_LIBRARY) -> int:
+    """Let go of the pages of LLVM's shared library that this process holds resident, and return
+    how many bytes that was (0 where there is no /proc or madvise: not Linux).
+
+    numba runs LLVM whenever it loads a kernel, even from its disk cache, and each load touches
+    some 50 MB of LLVM's code, which then stays resident though no token runs any of it. Only
+    mappings that hold nothing but the file's bytes (not writable, no private copy of a page)
+    are released; what is run again is paged back in from the file, as at start-up."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    released, spans, current = 0, [], None
+    for line in lines:
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+            current = None
+            if len(fields) > 5 and os.path.basename(fields[5]).startswith(library) and "w" not in fields[1]:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                current = {"span": (start, end - start), "rss": 0, "private": 0}
+                spans.append(current)
+        elif current is not None and fields[0] in ("Rss:", "Anonymous:"):
+            current["rss" if fields[0] == "Rss:" else "private"] = int(fields[1]) * 1024
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for span in spans:
+        if span["private"] == 0 and span["rss"] and madvise(*span["span"], mmap.MADV_DONTNEED) == 0:
+            released += span["rss"]
+    return released
