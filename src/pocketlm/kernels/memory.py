@@ -20,8 +20,11 @@ import os
 
 import llvmlite.binding as llvm
 from llvmlite import ir
-from numba import njit, types
+from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .ir import counted_loop
 
 PREFETCH_BYTES = 2048  # how far ahead of the row being read its successors are requested
 CACHE_LINE = 64
@@ -69,16 +72,61 @@ def load_f16(typingctx, array, index):
     return types.float32(array, index), codegen
 
 
-@njit(inline="always")
-def prefetch_row(matrix, r, ahead):
+@intrinsic
+def prefetch_row(typingctx, matrix, r, ahead):
     """Request every cache line of row r + ahead of a 2-D array (nothing when ahead is 0 or the
-    row is past its end)."""
-    if ahead > 0 and r + ahead < matrix.shape[0]:
-        row = matrix[r + ahead]
-        for i in range(0, row.size, max(1, CACHE_LINE // row.itemsize)):
-            prefetch(row, i)
-        if row.size:
-            prefetch(row, row.size - 1)
+    row is past its end). In IR: written in numba, the loop over the row's lines divided by the
+    array's item size at run time, twice an array and row, which made a matvec over SmolLM2's
+    576-wide rows a third slower even with its rows in cache (benchmarks/RESULTS.md)."""
+    if not (
+        isinstance(matrix, types.Array)
+        and matrix.ndim == 2
+        and isinstance(r, types.Integer)
+        and isinstance(ahead, types.Integer)
+    ):
+        return None
+    item_bytes = matrix.dtype.bitwidth // 8
+
+    def codegen(context, builder, signature, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        row, later = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
+        n_rows, n_cols = cgutils.unpack_tuple(builder, array.shape, 2)
+        row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+        target = builder.add(row, later)
+        wanted = builder.and_(
+            builder.icmp_signed(">", later, ir.Constant(i64, 0)), builder.icmp_signed("<", target, n_rows)
+        )
+        with builder.if_then(wanted):
+            start = builder.gep(
+                builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(target, row_stride)]
+            )
+            n_bytes = builder.mul(n_cols, ir.Constant(i64, item_bytes))
+            fn = builder.module.declare_intrinsic(
+                "llvm.prefetch", [start.type], ir.FunctionType(ir.VoidType(), [start.type, i32, i32, i32])
+            )
+            hint = [
+                ir.Constant(i32, 0),
+                ir.Constant(i32, 3),
+                ir.Constant(i32, 1),
+            ]  # read, keep everywhere, data
+
+            def line(builder, i, _):
+                builder.call(fn, [builder.gep(start, [builder.mul(i, ir.Constant(i64, CACHE_LINE))]), *hint])
+                return []
+
+            lines = builder.udiv(
+                builder.add(n_bytes, ir.Constant(i64, CACHE_LINE - 1)), ir.Constant(i64, CACHE_LINE)
+            )
+            counted_loop(builder, lines, [], line)
+            last = builder.gep(
+                start, [builder.sub(n_bytes, ir.Constant(i64, 1))]
+            )  # a row may end past its last line
+            with builder.if_then(builder.icmp_signed(">", n_bytes, ir.Constant(i64, 0))):
+                builder.call(fn, [last, *hint])
+        return context.get_dummy_value()
+
+    return types.void(matrix, r, ahead), codegen
 
 
 def _prefetch_pays() -> bool:
