@@ -701,10 +701,12 @@ def check_prompt_products():
             assert_close_to_integer_product(y[t], scaled, x[t], offsets)
 
 
-@pytest.mark.parametrize("path", ["avx512vnni", "avxvnni", "avx2"])
-def test_prompt_products_in_integers_of_each_x86_path_equal_the_integer_reference(path):
+@pytest.mark.parametrize("path", ["avx512vnni", "avxvnni", "avx2", "i8mm", "dotprod", "portable"])
+def test_prompt_products_in_integers_of_each_path_equal_the_integer_reference(path):
     """The path this process was built with is checked here; another path this CPU runs, in a
-    child process that forces it ($POCKETLM_CPU_ISA); the others are compile-tested below."""
+    child process that forces it ($POCKETLM_CPU_ISA); the others are compile-tested below. The
+    portable path (which any CPU runs) runs the ARM paths' panel layout and shapes with plain
+    vectors in place of `sdot`."""
     import subprocess
     import sys
 
@@ -744,6 +746,22 @@ def test_prompt_micro_kernels_compile_to_the_byte_dot_product_with_their_sums_in
         assert re.search(rf"\b{instruction}\b", body), f"{path} {name}: no {instruction}"
         assert ("zmm" in body) == (path == "avx512vnni"), f"{path} {name}: register width"
         spills = re.findall(r"vmov\w+\s+%[xyz]mm\d+, -?\d*\(%rsp\)", body)
+        assert not spills, f"{path} {name}: {len(spills)} vector spills"
+
+
+@pytest.mark.parametrize("path, features", [("dotprod", "+neon,+dotprod"), ("i8mm", "+neon,+dotprod,+i8mm")])
+def test_arm_prompt_micro_kernels_compile_to_sdot_with_their_sums_in_registers(path, features):
+    """ARM cannot run here: each micro-kernel, compiled for AArch64, multiplies with `sdot` and
+    never stores a vector register to the stack (callee-saved d8-d15 are saved on entry, by rule)."""
+    from pocketlm.kernels import intgemm
+
+    text = intgemm.assembly(path, "aarch64-unknown-linux-gnu", "", features)
+    functions = re.split(r"\n(?=\w+:)", text)
+    for name in intgemm.NAMES:
+        body = next(f for f in functions if f.startswith(name + ":"))
+        lanes, mr, nr = intgemm.SHAPES[path]
+        assert len(re.findall(r"\bsdot\b", body)) == mr * nr * (16 if name == "run16" else 32) // 4, name
+        spills = re.findall(r"\bst[rp]\s+q\d+.*\[sp", body)
         assert not spills, f"{path} {name}: {len(spills)} vector spills"
 
 
