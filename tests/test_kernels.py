@@ -10,6 +10,7 @@ import functools
 import os
 import platform
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -591,6 +592,7 @@ def test_a_loaded_model_runs_prompts_and_tokens_with_only_kernels_loaded_before_
     assert int(count) >= 8 and later.strip() == "[]", run.stdout
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
 def test_the_code_pages_llvm_holds_resident_are_let_go_and_llvm_still_compiles():
     import subprocess
     import sys
@@ -634,7 +636,9 @@ def test_a_row_prefetch_requests_each_line_without_dividing():
     def request(matrix, r, ahead):
         prefetch_row(matrix, r, ahead)
 
-    request(np.zeros((4, 100), np.float32), 0, 1)
+    matrix = np.zeros((4, 100), np.float32)
+    for r, ahead in ((0, 1), (3, 1), (0, 0), (3, -2)):  # a row past the end, none, backwards: nothing
+        request(matrix, r, ahead)
     code = request.inspect_asm(request.signatures[0])
     assert "prefetcht0" in code and not re.search(r"\bi?div[lq]?\b", code)
 
@@ -749,10 +753,15 @@ def test_prompt_micro_kernels_compile_to_the_byte_dot_product_with_their_sums_in
         assert not spills, f"{path} {name}: {len(spills)} vector spills"
 
 
-@pytest.mark.parametrize("path, features", [("dotprod", "+neon,+dotprod"), ("i8mm", "+neon,+dotprod,+i8mm")])
-def test_arm_prompt_micro_kernels_compile_to_sdot_with_their_sums_in_registers(path, features):
-    """ARM cannot run here: each micro-kernel, compiled for AArch64, multiplies with `sdot` and
-    never stores a vector register to the stack (callee-saved d8-d15 are saved on entry, by rule)."""
+@pytest.mark.parametrize(
+    "path, features, instruction", [("dotprod", "+neon,+dotprod", "sdot"), ("i8mm", "+neon,+i8mm", "usdot")]
+)
+def test_arm_prompt_micro_kernels_compile_to_their_dot_product_with_their_sums_in_registers(
+    path, features, instruction
+):
+    """ARM cannot run here: each micro-kernel, compiled for AArch64, multiplies with its path's
+    instruction (I8MM's `usdot` needs no DotProd) and never stores a vector register to the stack
+    (callee-saved d8-d15 are saved on entry, by rule)."""
     from pocketlm.kernels import intgemm
 
     text = intgemm.assembly(path, "aarch64-unknown-linux-gnu", "", features)
@@ -760,7 +769,9 @@ def test_arm_prompt_micro_kernels_compile_to_sdot_with_their_sums_in_registers(p
     for name in intgemm.NAMES:
         body = next(f for f in functions if f.startswith(name + ":"))
         lanes, mr, nr = intgemm.SHAPES[path]
-        assert len(re.findall(r"\bsdot\b", body)) == mr * nr * (16 if name == "run16" else 32) // 4, name
+        assert (
+            len(re.findall(rf"\b{instruction}\b", body)) == mr * nr * (16 if name == "run16" else 32) // 4
+        ), name
         spills = re.findall(r"\bst[rp]\s+q\d+.*\[sp", body)
         assert not spills, f"{path} {name}: {len(spills)} vector spills"
 

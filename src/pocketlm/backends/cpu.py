@@ -6,7 +6,8 @@ Q5_0 ones read as the file lays them out (`kernels.blocks`; Q8_0 from a resident
 pages when loaded by the engine, `_resident`), 4-bit types repacked once to nibbles
 (`kernels.int4`), the others to int8 (`kernels.int8`), each with per-block scales. For one
 token (decode) the kernels quantize the activations to int8 blocks and multiply integers
-(`kernels.intdot`); a prompt's products are float32 BLAS over dequantized tiles. In the
+(`kernels.intdot`); a prompt's tokens are rounded alike and multiplied by packed panels of the
+weights (`kernels.intgemm`; with `prefill="f32"`, float32 BLAS over dequantized tiles). In the
 reference mode matrices are dequantized once to float32 and multiplied with numpy. float32
 matrices are used in place. Embedding lookups dequantize only the rows they read.
 """
@@ -95,7 +96,7 @@ class CpuBackend:
         what the fast backend's KV cache holds (the reference's holds float32); `prefill` "int8"
         or "f32", how the fast backend multiplies several tokens by a quantized matrix: with the
         activations rounded to int8 blocks as for one token (`kernels.intgemm`; on CPUs without
-        its path, ARM for now, float32), or exactly in float32 (BLAS)."""
+        its path, the portable one, float32), or exactly in float32 (BLAS)."""
         if fast:
             isa.check()
         self.fast = fast
@@ -165,7 +166,7 @@ class CpuBackend:
         self._on_packed, self._copy_out = on_packed, copy_out
         tensors = list(tensors)
         if self.fast:
-            self.load_kernels({w.type for w in tensors if len(w.shape) == 2})
+            self.load_kernels({w.type for w in tensors if len(w.shape) >= 2})  # 3-D: stacked matrices
         for w in tensors:  # vectors first: reading one maps its neighbours, let go below
             if len(w.shape) == 1:
                 self.dense(w)
@@ -181,7 +182,7 @@ class CpuBackend:
 
         `prepare` does this before the weights are resident: each kernel load pages in some 50 MB
         of LLVM's code, and loaded in the warm-up, on top of the weights, it was the process's peak
-        memory (SmolLM2: 274 MB, of which 51 LLVM's)."""
+        memory (SmolLM2: 321 MB, of which 70 MB LLVM's; 255 MB since)."""
         probe = CpuBackend(kv_cache="f32" if self.kv_dtype == np.float32 else "f16", prefill="f32")
         probe.int8_prefill = self.int8_prefill
         heads, kv_heads, dim = 4, 2, 64
@@ -219,9 +220,9 @@ class CpuBackend:
         return x
 
     def warm_up(self, model, make_cache) -> None:
-        """One token through the model: the numba kernels are loaded from their cache and the
-        q/k/v and gate/up rows stacked now, not in the first prompt (llama.cpp, too, runs a
-        warm-up pass when it loads a model). The reference backend has nothing to warm."""
+        """One token through the model: the q/k/v and gate/up rows are stacked now, not in the
+        first prompt, and any kernel `load_kernels` did not foresee is loaded (llama.cpp, too, runs
+        a warm-up pass when it loads a model). The reference backend has nothing to warm."""
         if self.fast:
             model.forward(self, np.zeros(1, np.int64), make_cache(1))
             release_code_pages()  # paged in by kernels `load_kernels` did not foresee, if any

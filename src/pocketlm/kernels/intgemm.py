@@ -3,7 +3,7 @@
 A prompt's tokens are quantized as decode quantizes one token (`intdot.quantize_activations`:
 int8 per block of 32, d = max|x| / 127), so the prompt and the steps after it compute the same
 integers. The weights' integer values are laid out a panel of rows at a time, in the order the
-instruction reads them: for a group of L rows (16 for a 512-bit register, 8 for 256), 4 values of
+instruction reads them: for a group of L rows (16 for a 512-bit register, 8 for 256, 4 for 128), 4 values of
 each row side by side, then the next 4, ...
 
     panel [groups][cols/4][L][4] bytes,  scales [groups][cols/sub][L],  biases [groups][cols/sub][L]
@@ -31,10 +31,11 @@ Q2_K's offsets, per 16 values, are added with BLAS.
 
 Each thread packs a panel (a few tens of kilobytes, from the weight's own layout: Q8_0 / Q5_0
 blocks, nibbles or int8 rows) and runs every token over it while it is in its cache. On ARM the
-groups are 4 rows (128-bit NEON) and the instruction `sdot`, signed bytes times signed bytes (as on
-AVX2, no biases: every I8MM core has DotProd too); ARM cannot run here, so those kernels are
-compile-tested, and their layout is run on any machine by the portable path, whose plain LLVM
-vectors compute what `sdot` does (by default the portable path keeps float32 BLAS: `available`).
+groups are 4 rows (128-bit NEON) and the instruction `usdot` with I8MM (as `vpdpbusd`, with the
+biases), `sdot` with DotProd alone (signed times signed, no biases, as AVX2). ARM cannot run here,
+so those kernels are compile-tested, and their layout is run on any machine by the portable path,
+whose plain LLVM vectors compute what `sdot` does (by default the portable path keeps float32
+BLAS: `available`).
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ SHAPES = {
     "dotprod": (4, 2, 3),
     "portable": (4, 2, 3),
 }
-UNSIGNED_PATHS = frozenset(
-    {"avx512vnni", "avxvnni"}
-)  # vpdpbusd: activations as xq + 128, weights' sums as biases
+# vpdpbusd, usdot (I8MM): unsigned activations times signed weights, so activations go in as xq + 128
+# and the weights' sums as biases; the others (AVX2's pairs, sdot, plain vectors) take both signed
+UNSIGNED_PATHS = frozenset({"avx512vnni", "avxvnni", "i8mm"})
 ISA = isas.PATH
 
 
@@ -125,17 +126,21 @@ def _quads_avx2(builder, pairs):
 
 def _dot4(builder, path, acc, x, w):
     """acc <L x i32> + sums of 4 of x (activation bytes) times w (signed weight bytes): `vpdpbusd`
-    (x unsigned: xq + 128), ARM's `sdot` (both signed), or on the portable path plain LLVM
-    vectors (widen, multiply, add groups of 4: what `sdot` computes)."""
+    or ARM's `usdot` (x unsigned: xq + 128), `sdot` (both signed), or on the portable path plain
+    LLVM vectors (widen, multiply, add groups of 4: what `sdot` computes)."""
     lanes = acc.type.count
     t, t8 = vec(I32, lanes), vec(I8, 4 * lanes)
-    if path in UNSIGNED_PATHS:
+    if path in ("avx512vnni", "avxvnni"):
         name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
         return builder.call(
             declare(builder, name, t, [t, t, t]), [acc, builder.bitcast(x, t), builder.bitcast(w, t)]
         )
     x8, w8 = builder.bitcast(x, t8), builder.bitcast(w, t8)
-    if path in ("dotprod", "i8mm"):  # every I8MM core has DotProd; sdot takes the signed bytes as they are
+    if path == "i8mm":  # usdot: the first bytes unsigned (activations + 128), the second signed
+        return builder.call(
+            declare(builder, "llvm.aarch64.neon.usdot.v4i32.v16i8", t, [t, t8, t8]), [acc, x8, w8]
+        )
+    if path == "dotprod":  # sdot: both signed, as they are
         return builder.call(
             declare(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", t, [t, t8, t8]), [acc, w8, x8]
         )
@@ -486,8 +491,9 @@ def matmul(w: Packed, x: np.ndarray) -> np.ndarray:
         _gemm_blocks(w.blocks, w.type == GGMLType.Q5_0, xq, xd, xs, out, tokens)
     y = out.reshape(tokens, padded)[:count, :rows]
     if rest is not None:  # the offsets times the sums of x as rounded over their runs
+        values = xq if _UNSIGNED else xq.view(np.int8)  # xq + 128 as unsigned bytes, or signed
         rounded = (
-            xq.reshape(tokens, -1, BLOCK)[:count].astype(np.int32) - (128 if _UNSIGNED else 0)
+            values.reshape(tokens, -1, BLOCK)[:count].astype(np.int32) - (128 if _UNSIGNED else 0)
         ) * xd.reshape(tokens, -1, 1)[:count]
         y += rounded.reshape(count, rest.shape[1], -1).sum(axis=2, dtype=np.float32) @ rest.T
     return y if padded == rows else np.ascontiguousarray(y)

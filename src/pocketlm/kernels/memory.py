@@ -85,10 +85,10 @@ def prefetch_row(typingctx, matrix, r, ahead):
         and isinstance(ahead, types.Integer)
     ):
         return None
-    item_bytes = matrix.dtype.bitwidth // 8
 
     def codegen(context, builder, signature, args):
-        i64, i32 = ir.IntType(64), ir.IntType(32)
+        i64, i32 = ir.IntType(64), ir.IntType(32)  # intp: the kernels are built for 64-bit targets
+        item_bytes = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
         array = context.make_array(signature.args[0])(context, builder, args[0])
         row, later = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
         n_rows, n_cols = cgutils.unpack_tuple(builder, array.shape, 2)
@@ -156,8 +156,10 @@ def release_code_pages(library: str = CODE_LIBRARY) -> int:
 
     numba runs LLVM whenever it loads a kernel, even from its disk cache, and each load touches
     some 50 MB of LLVM's code, which then stays resident though no token runs any of it. Only
-    mappings that hold nothing but the file's bytes (not writable, no private copy of a page)
-    are released; what is run again is paged back in from the file, as at start-up."""
+    mappings that can hold nothing but the file's bytes are released: not writable now, never
+    writable (no `ac` flag: a relocated read-only segment was written once), no private page in
+    memory or in swap, every one of those fields read. What runs again is paged back in from the
+    file, as at start-up. (The pages stay in the system's page cache, reclaimable.)"""
     if not hasattr(mmap, "MADV_DONTNEED"):
         return 0
     try:
@@ -165,20 +167,32 @@ def release_code_pages(library: str = CODE_LIBRARY) -> int:
             lines = f.read().splitlines()
     except OSError:
         return 0
-    released, spans, current = 0, [], None
+    spans, current = [], None
     for line in lines:
-        fields = line.split()
-        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's first line
+        fields = line.split(None, 5)
+        if not fields:
+            continue
+        if "-" in fields[0] and not fields[0].endswith(
+            ":"
+        ):  # a mapping's first line (its path may hold spaces)
             current = None
-            if len(fields) > 5 and os.path.basename(fields[5]).startswith(library) and "w" not in fields[1]:
+            path = fields[5].removesuffix(" (deleted)") if len(fields) > 5 else ""
+            if os.path.basename(path).startswith(library) and "w" not in fields[1]:
                 start, end = (int(a, 16) for a in fields[0].split("-"))
-                current = {"span": (start, end - start), "rss": 0, "private": 0}
+                current = {"span": (start, end - start)}
                 spans.append(current)
-        elif current is not None and fields[0] in ("Rss:", "Anonymous:"):
-            current["rss" if fields[0] == "Rss:" else "private"] = int(fields[1]) * 1024
+        elif current is not None and fields[0] in ("Rss:", "Anonymous:", "Swap:", "VmFlags:"):
+            current[fields[0]] = fields[1:] if fields[0] == "VmFlags:" else int(fields[1]) * 1024
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
     for span in spans:
-        if span["private"] == 0 and span["rss"] and madvise(*span["span"], mmap.MADV_DONTNEED) == 0:
-            released += span["rss"]
+        if (
+            span.get("Anonymous:", 1)
+            or span.get("Swap:", 1)
+            or "ac" in " ".join(span.get("VmFlags:", ["ac"])).split()
+        ):
+            continue
+        if span.get("Rss:") and madvise(*span["span"], mmap.MADV_DONTNEED) == 0:
+            released += span["Rss:"]
     return released
