@@ -116,18 +116,25 @@ def _bench(path, *flags) -> dict:
     return json.loads(out.stdout)
 
 
-def test_streaming_the_per_layer_table_saves_its_size_in_peak_memory(ple_heavy):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak while running needs /proc (Linux)")
+def test_streaming_the_per_layer_table_keeps_its_size_out_of_the_peak_memory_of_a_run(ple_heavy):
+    """While a prompt and tokens run, the streamed table is not in memory: the peak then is lower
+    by the table's size. (The whole process's peak is lower too, but on this model, 18 MB of
+    weights besides the table, the streamed process's peak is the load's moment of loading the
+    kernels, when LLVM's code is paged in, before it is let go: `CpuBackend.load_kernels`.)"""
     table_mb = load(ple_heavy).file.tensors[PER_LAYER_TABLE].nbytes / 1e6
     assert table_mb > 200
     streamed, in_ram = _bench(ple_heavy), _bench(ple_heavy, "--ple-in-ram")
-    saving = in_ram["peak_rss_mb"] - streamed["peak_rss_mb"]
+    saving = in_ram["run_peak_rss_mb"] - streamed["run_peak_rss_mb"]
     print(
-        f"\nPLE table {table_mb:.0f} MB: peak RSS streamed {streamed['peak_rss_mb']:.0f} MB, "
-        f"in RAM {in_ram['peak_rss_mb']:.0f} MB (saving {saving:.0f} MB); decode "
+        f"\nPLE table {table_mb:.0f} MB: peak RSS while running streamed {streamed['run_peak_rss_mb']:.0f} MB, "
+        f"in RAM {in_ram['run_peak_rss_mb']:.0f} MB (saving {saving:.0f} MB); whole process "
+        f"{streamed['peak_rss_mb']:.0f} vs {in_ram['peak_rss_mb']:.0f} MB; decode "
         f"{streamed['decode_tokens_per_second']:.0f} vs {in_ram['decode_tokens_per_second']:.0f} tok/s"
     )
     assert streamed["params_streamed"] > 10 * streamed["params_resident"]
     assert saving > 0.9 * table_mb / 1.048576  # peak RSS is reported in MiB (VmHWM KiB / 1024)
+    assert streamed["peak_rss_mb"] < in_ram["peak_rss_mb"]
 
 
 # -- MatFormer ----------------------------------------------------------------------------------

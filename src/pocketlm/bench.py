@@ -61,7 +61,7 @@ class BenchResult:
     ttft_seconds: float
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the whole process's, load included
     start_to_first_token_seconds: float
     backend: str
     weight_bytes: (
@@ -73,6 +73,7 @@ class BenchResult:
     dispatches_per_token: int | None = None  # GPU kernel dispatches of one decode step (webgpu)
     kv_cache: str = "f32"  # what the KV cache held
     prefill: str = "f32"  # how the prompt met quantized weights: int8 or f32 activations
+    run_peak_rss_mb: float | None = None  # peak while prefilling and decoding, after the load (Linux)
 
 
 def bench_prompt(tokenizer, n_tokens: int) -> list[int]:
@@ -94,6 +95,17 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak (VmHWM) afresh from the current resident size, where Linux allows it
+    (`/proc/self/clear_refs`); whether it did."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def process_age_seconds() -> float:
@@ -125,6 +137,8 @@ def run_bench(
     start = time.perf_counter()
     lm = LoadedModel(path, backend=backend, ple_in_ram=ple_in_ram, kv_cache=kv_cache, prefill=prefill)
     load_seconds = time.perf_counter() - start
+    load_peak = peak_rss_mb()
+    run_peak_known = reset_peak_rss()  # what prefill and decode hold, apart from the load's transients
     ids = prompt_ids if prompt_ids is not None else bench_prompt(lm.tokenizer, prompt_tokens)
     cache = lm.make_cache(prompt_tokens + gen_tokens)
     say(f"prefill {prompt_tokens} tokens")
@@ -148,7 +162,7 @@ def run_bench(
         ttft_seconds=ttft,
         prefill_tokens_per_second=prompt_tokens / ttft,
         decode_tokens_per_second=(gen_tokens - 1) / decode_seconds if gen_tokens > 1 else 0.0,
-        peak_rss_mb=peak_rss_mb(),
+        peak_rss_mb=max(load_peak, peak_rss_mb()),
         start_to_first_token_seconds=start_to_first,
         backend=backend,
         weight_bytes=lm.ops.weight_bytes,
@@ -158,4 +172,5 @@ def run_bench(
         dispatches_per_token=count(cache) if count else None,
         kv_cache=kv_cache if backend == "cpu" else "f32",
         prefill="int8" if getattr(lm.ops, "int8_prefill", False) else "f32",
+        run_peak_rss_mb=peak_rss_mb() if run_peak_known else None,
     )

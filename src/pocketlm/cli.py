@@ -351,7 +351,11 @@ def cmd_bench(args) -> None:
         ("time to first token", f"{r.ttft_seconds:.3f} s ({r.prompt_tokens}-token prompt)"),
         ("prefill", f"{r.prefill_tokens_per_second:.1f} tok/s"),
         ("decode", f"{r.decode_tokens_per_second:.1f} tok/s ({r.generated_tokens} tokens)"),
-        ("peak RSS", f"{r.peak_rss_mb:.0f} MB"),
+        (
+            "peak RSS",
+            f"{r.peak_rss_mb:.0f} MB"
+            + (f" ({r.run_peak_rss_mb:.0f} MB while prefilling and decoding)" if r.run_peak_rss_mb else ""),
+        ),
         ("process start to first token", f"{r.start_to_first_token_seconds:.2f} s"),
     ]
     for name, value in rows:
