@@ -152,6 +152,7 @@ def run_bench(
         if i % 16 == 0:
             say(f"decode {i}/{gen_tokens}")
     decode_seconds = time.perf_counter() - start
+    run_peak = peak_rss_mb()
     count = getattr(lm.step, "dispatches", None)
     return BenchResult(
         model=str(lm.path.name),
@@ -162,7 +163,7 @@ def run_bench(
         ttft_seconds=ttft,
         prefill_tokens_per_second=prompt_tokens / ttft,
         decode_tokens_per_second=(gen_tokens - 1) / decode_seconds if gen_tokens > 1 else 0.0,
-        peak_rss_mb=max(load_peak, peak_rss_mb()),
+        peak_rss_mb=max(load_peak, run_peak),
         start_to_first_token_seconds=start_to_first,
         backend=backend,
         weight_bytes=lm.ops.weight_bytes,
@@ -172,5 +173,5 @@ def run_bench(
         dispatches_per_token=count(cache) if count else None,
         kv_cache=kv_cache if backend == "cpu" else "f32",
         prefill="int8" if getattr(lm.ops, "int8_prefill", False) else "f32",
-        run_peak_rss_mb=peak_rss_mb() if run_peak_known else None,
+        run_peak_rss_mb=run_peak if run_peak_known else None,
     )

@@ -210,7 +210,8 @@ class CpuBackend:
             q, k = (probe.rope(a, positions, 1e4, dim, neox) for a, neox in ((q, False), (k, True)))
             keys, values, key_positions = cache.update_and_fetch(k, v, start)
             out = probe.attention(q, keys, values, positions, key_positions, dim**-0.5)
-            probe.silu(out), probe.gelu_tanh(np.zeros(activations.PARALLEL_MIN, np.float32))
+            probe.silu(out)
+            probe.gelu_tanh(np.zeros(activations.PARALLEL_MIN, np.float32))  # the parallel loop
             start += T
         release_code_pages()
 

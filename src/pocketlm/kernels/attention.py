@@ -27,7 +27,22 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .ir import F32, FAST, I16, I32, I64, const, counted_loop, emit_assembly, fadd, indices, load, store, vec
+from .ir import (
+    F32,
+    FAST,
+    I16,
+    I32,
+    I64,
+    const,
+    counted_loop,
+    emit_assembly,
+    fadd,
+    indices,
+    load,
+    prefetch_line,
+    store,
+    vec,
+)
 from .memory import PREFETCH, prefetch
 from .vecmath import exp_nonpositive, tanh
 
@@ -101,14 +116,9 @@ def _prefetch(builder, data, start, count, half):
     kv heads, read apart, came from DRAM at two thirds of the speed of reading them in order)."""
     elements = 32 if half else 16  # per line
     address = builder.bitcast(builder.gep(data, [start]), ir.IntType(8).as_pointer())
-    i32 = ir.IntType(32)
-    fn = builder.module.declare_intrinsic(
-        "llvm.prefetch", [address.type], ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
-    )
 
     def line(builder, i, _):
-        at = builder.gep(address, [builder.mul(i, const(64))])
-        builder.call(fn, [at, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        prefetch_line(builder, builder.gep(address, [builder.mul(i, const(64))]))
         return []
 
     counted_loop(builder, builder.udiv(count, const(elements)), [], line)

@@ -28,6 +28,15 @@ def broadcast(builder, value, n):
     return builder.shuffle_vector(v, ir.Constant(v.type, None), ir.Constant(vec(I32, n), [0] * n))
 
 
+def prefetch_line(builder, address):
+    """Ask for the cache line holding `address` (any pointer): to read, kept in all cache levels,
+    data (`llvm.prefetch`); no effect on results."""
+    i32 = ir.IntType(32)
+    kind = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+    fn = builder.module.declare_intrinsic("llvm.prefetch", [address.type], kind)
+    builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 def const(value):
     return ir.Constant(I64, value)
 

@@ -24,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .ir import counted_loop
+from .ir import counted_loop, prefetch_line
 
 PREFETCH_BYTES = 2048  # how far ahead of the row being read its successors are requested
 CACHE_LINE = 64
@@ -39,12 +39,7 @@ def prefetch(typingctx, array, index):
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         index = context.cast(builder, args[1], signature.args[1], types.intp)
-        address = builder.gep(data, [index])
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", [address.type], fnty)
-        # read (0), keep in all cache levels (3), data cache (1)
-        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        prefetch_line(builder, builder.gep(data, [index]))
         return context.get_dummy_value()
 
     return types.void(array, index), codegen
@@ -87,7 +82,7 @@ def prefetch_row(typingctx, matrix, r, ahead):
         return None
 
     def codegen(context, builder, signature, args):
-        i64, i32 = ir.IntType(64), ir.IntType(32)  # intp: the kernels are built for 64-bit targets
+        i64 = ir.IntType(64)  # intp: the kernels are built for 64-bit targets
         item_bytes = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
         array = context.make_array(signature.args[0])(context, builder, args[0])
         row, later = (context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:]))
@@ -102,28 +97,18 @@ def prefetch_row(typingctx, matrix, r, ahead):
                 builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(target, row_stride)]
             )
             n_bytes = builder.mul(n_cols, ir.Constant(i64, item_bytes))
-            fn = builder.module.declare_intrinsic(
-                "llvm.prefetch", [start.type], ir.FunctionType(ir.VoidType(), [start.type, i32, i32, i32])
-            )
-            hint = [
-                ir.Constant(i32, 0),
-                ir.Constant(i32, 3),
-                ir.Constant(i32, 1),
-            ]  # read, keep everywhere, data
 
             def line(builder, i, _):
-                builder.call(fn, [builder.gep(start, [builder.mul(i, ir.Constant(i64, CACHE_LINE))]), *hint])
+                prefetch_line(builder, builder.gep(start, [builder.mul(i, ir.Constant(i64, CACHE_LINE))]))
                 return []
 
             lines = builder.udiv(
                 builder.add(n_bytes, ir.Constant(i64, CACHE_LINE - 1)), ir.Constant(i64, CACHE_LINE)
             )
             counted_loop(builder, lines, [], line)
-            last = builder.gep(
-                start, [builder.sub(n_bytes, ir.Constant(i64, 1))]
-            )  # a row may end past its last line
+            last = builder.gep(start, [builder.sub(n_bytes, ir.Constant(i64, 1))])  # may be past the lines
             with builder.if_then(builder.icmp_signed(">", n_bytes, ir.Constant(i64, 0))):
-                builder.call(fn, [last, *hint])
+                prefetch_line(builder, last)
         return context.get_dummy_value()
 
     return types.void(matrix, r, ahead), codegen
