@@ -393,7 +393,7 @@ def test_kernels_compiled_in_the_background_while_weights_upload_are_the_ones_di
     device = lm.ops.device
     guessed = set(device._compiling) | set(device._pipelines)
     one = {f"linear+int8+{x}+one" for x in ("norm", "gated", "merged")}
-    assert guessed == one | {"matmul+int8", "attention", "kv_write", "rms_norm", "argmax"}
+    assert guessed == one | {"matmul+int8", "attention", "attention+fresh", "kv_write", "rms_norm", "argmax"}
     compiling = dict(device._compiling)
     ids = prompt_ids(model.config.vocab_size, 3)
     cache = lm.make_cache(16)
@@ -402,7 +402,7 @@ def test_kernels_compiled_in_the_background_while_weights_upload_are_the_ones_di
     for kernel, future in compiling.items():
         if kernel in device._pipelines:
             assert device._pipelines[kernel] is future.result()[1]
-    assert {"linear+int8+norm+one", "attention"} <= set(device._pipelines)
+    assert {"linear+int8+norm+one", "attention", "attention+fresh"} <= set(device._pipelines)
     with pytest.raises(FileNotFoundError):  # a kernel that fails to compile fails where it is used
         device.precompile(["no_such_kernel"])
         device.pipeline("no_such_kernel")
@@ -511,10 +511,10 @@ def test_qk_norms_and_rope_applied_by_the_cache_write_and_the_attention_kernel(g
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_a_decode_step_is_six_dispatches_a_layer(tiny, arch):
-    """The fused decode step: the embedding; per layer norm + q/k/v, (q/k norms and) RoPE + cache
-    write, split attention, its merge + output projection + residual, norm + gate/up, activation +
-    down + residual; the final norm with the output matrix."""
+def test_a_decode_step_is_five_dispatches_a_layer(tiny, arch):
+    """The fused decode step: the embedding; per layer norm + q/k/v, split attention that writes
+    the token's key and value ((q/k norms and) RoPE on the way), its merge + output projection +
+    residual, norm + gate/up, activation + down + residual; the final norm with the output matrix."""
     from pocketlm.backends.webgpu import WebGPUBackend  # noqa: F401 (skips with the module fixture)
     from pocketlm.engine import decode_step, prefill
 
@@ -526,7 +526,34 @@ def test_a_decode_step_is_six_dispatches_a_layer(tiny, arch):
     cache = lm.make_cache(128)
     prefill(lm, cache, prompt_ids(model.config.vocab_size, 20))
     decode_step(lm, cache, 5)
-    assert lm.step.dispatches(cache) == 6 * model.config.num_hidden_layers + 2
+    assert lm.step.dispatches(cache) == 5 * model.config.num_hidden_layers + 2
+
+
+def test_gemma3_post_norms_and_their_sums_are_read_by_the_next_one_token_product(tiny, tmp_path):
+    """Gemma's post-attention and post-feed-forward norms and the residual sums after them are
+    computed by the product that reads them (+resnorm: gate/up, the next layer's q/k/v, the output
+    matrix), which also leaves the sum for the later residual: five dispatches a layer. Decode logits
+    as the reference backend's (float activations) on a Q8_0 file, whose products take that path."""
+    from pocketlm.backends.webgpu import WebGPUBackend  # noqa: F401 (skips with the module fixture)
+    from pocketlm.convert import ConversionConfig, convert
+    from pocketlm.engine import decode_step, prefill
+
+    model, hf, _ = tiny("gemma3")
+    path = convert(hf, tmp_path / "q8.gguf", ConversionConfig(quant="q8_0"), progress=False)
+    reference, webgpu = load(path, backend="reference"), load(path, backend="webgpu")
+    ids = prompt_ids(model.config.vocab_size, 60)  # decode crosses from the first 64 keys to the next
+    caches = [lm.make_cache(256) for lm in (reference, webgpu)]
+    tokens = [prefill(lm, cache, ids).argmax() for lm, cache in zip((reference, webgpu), caches)]
+    assert tokens[0] == tokens[1]
+    token = int(tokens[0])
+    for _ in range(8):
+        expected, ours = (decode_step(lm, cache, token) for lm, cache in zip((reference, webgpu), caches))
+        assert np.abs(ours - expected).max() <= 1e-3
+        token = int(expected.argmax())
+    # embedding, its scale; per layer q/k/v, attention, output projection, gate/up, down; the output
+    # matrix and the logits' soft-cap
+    assert model.config.final_logit_softcapping
+    assert webgpu.step.dispatches(caches[1]) == 5 * model.config.num_hidden_layers + 4
 
 
 def test_one_token_through_a_large_matrix_uses_more_rows_a_workgroup(gpu):

@@ -39,14 +39,15 @@ from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 _FLOAT = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 FUSE_TOKENS = 8  # norms and gated activations are fused into linear layers for at most this many tokens
 ID_LIMIT = 0xFFFFFFFF  # the embed kernels' id_limit when every id is a row
+BIG_ROWS = 8192  # one-token products of at least this many rows: 4 threads a row (16 rows a workgroup)
 MAX_SPLITS = 256  # attention over a few tokens is split into key ranges of a multiple of 64 keys
 _GATED = {"silu": 2, "gelu_tanh": 3, "gelu": 4}  # the linear kernel's x_mode for act(x) * x2
 
 
 class _Lazy:
     """A tensor's computation, described but not yet dispatched: which one (`computation`: "norm",
-    "linear", "act", "gated", "merge" or "rope") and what it reads (`args`); `out` is the tensor it
-    will fill. Shared by the views of that tensor."""
+    "linear", "act", "gated", "merge", "rope" or "resnorm": a residual plus a normed branch) and
+    what it reads (`args`); `out` is the tensor it will fill. Shared by the views of that tensor."""
 
     __slots__ = ("computation", "out", "args", "done")
 
@@ -189,6 +190,7 @@ class GpuLayerCache:
 
     def copy(self) -> GpuLayerCache:
         """The same positions in buffers of its own (a KVCache copy marks it shared again)."""
+        self.ops.flush_kv()
         twin = object.__new__(GpuLayerCache)
         twin.ops, twin.capacity, twin.window = self.ops, self.capacity, self.window
         twin.k_shape, twin.v_shape = self.k_shape, self.v_shape
@@ -205,7 +207,8 @@ class GpuLayerCache:
 
 FLOAT32, INT8, NIBBLES = 0, 1, 2  # how a matrix's values are held (the kernels' weight_kind)
 _VARIANT = {FLOAT32: "f32", INT8: "int8", NIBBLES: "int4"}  # linear / matmul kernel variant of each
-_INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged"}  # linear's, by x_mode
+# the linear kernel's input variant, by x_mode
+_INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged", 6: "resnorm"}
 
 
 def _held(w: Tensor) -> int:
@@ -260,6 +263,9 @@ class WebGPUBackend:
         self._streamed: frozenset[str] = frozenset()
         self._pinned: dict[str, np.ndarray] = {}
         self._fills: list[tuple] = []  # the streamed rows the pass being recorded reads
+        # one token's keys and values not yet written, by cache key buffer: the attention over that
+        # cache writes them (attention+fresh); anything else that needs them first flushes them
+        self._pending_kv: dict[int, tuple] = {}
         self._argmax_out: Buffer | None = None  # greedy_tokens: [token, non-finite flag]
         self._readbacks: list[Buffer] = []
         self._matrices: dict[str, _Matrix] = {}
@@ -298,10 +304,13 @@ class WebGPUBackend:
             f"linear+{v}+{x}+one" for v in sorted(layers - {"f32"}) for x in ("norm", "gated", "merged")
         ]
         kernels += [f"linear+{v}+norm+one" for v in sorted(heads - layers - {"f32"})]
+        if any(".post_" in w.name for w in tensors):  # post-norms (Gemma): their sums read on the way
+            kernels += [f"linear+{v}+resnorm+one" for v in sorted((layers | heads) - {"f32"})]
         return [
             *kernels,
             *(f"matmul+{v}" for v in sorted(layers)),
             "attention",
+            "attention+fresh",
             "kv_write",
             "rms_norm",
             "argmax",
@@ -451,7 +460,10 @@ class WebGPUBackend:
             lazy.done = True
         a, out = lazy.args, into if into is not None else lazy.out
         if lazy.computation == "norm":
-            self._rms_norm(a["x"], a["w"], a["eps"], out, residual)
+            self._rms_norm(self._ready(a["x"]), a["w"], a["eps"], out, residual)
+        elif lazy.computation == "resnorm":  # residual + norm(branch): the norm's epilogue
+            branch = a["branch"].args
+            self._rms_norm(self._ready(branch["x"]), branch["w"], branch["eps"], out, a["residual"])
         elif lazy.computation == "linear":
             self._linear(a["input"], a["matrix"], a["bias"], [out], residual)
         elif lazy.computation == "act":
@@ -476,6 +488,7 @@ class WebGPUBackend:
         if not isinstance(x, GpuTensor):
             return x
         self._ready(x)
+        self.flush_kv()
         fills, self._fills = self._fills, []
         self._fill(fills, self._ids)
         raw = self.device.finish(x.buf, 4 * x.offset, 4 * x.size)
@@ -522,6 +535,7 @@ class WebGPUBackend:
         device.commands, device.trace = [], []
         try:
             out = self._ready(forward())
+            self.flush_kv()
             return Recording(device.commands, device.trace, out, list(self._fills), device.generation)
         finally:
             device.commands = device.trace = None
@@ -605,7 +619,12 @@ class WebGPUBackend:
         if tokens <= FUSE_TOKENS:
             lazy = self._whole(x, "norm")
             if lazy is not None and lazy.args["x"].shape[-1] == cols:
-                return dict(plain, x_mode=1, x=lazy.args["x"], w=lazy.args["w"], eps=lazy.args["eps"])
+                norm = dict(plain, x_mode=1, w=lazy.args["w"], eps=lazy.args["eps"])
+                h = self._whole(lazy.args["x"], "resnorm")
+                # (not before a large matrix: each of its many workgroups would sum h again)
+                if h is not None and tokens == 1 and self._one_token(m) and m.shape[0] < BIG_ROWS:
+                    return dict(norm, x_mode=6, x=self._ready(h.args["branch"].args["x"]), resnorm=h)
+                return dict(norm, x=self._ready(lazy.args["x"]))
             lazy = self._whole(x, "gated")
             if lazy is not None:
                 gate, up = lazy.args["gate"], lazy.args["up"]
@@ -651,6 +670,12 @@ class WebGPUBackend:
     def _linear(self, source: dict, m: _Matrix, bias: Buffer | None, outs: list[GpuTensor], residual) -> None:
         """y = W x' (+ bias) (+ residual) into `outs`, one tensor per stacked matrix (at most 3)."""
         rows, cols = m.shape
+        resnorm = source.get("resnorm")
+        if resnorm is not None and (bias is not None or residual is not None):
+            # +resnorm reads the residual sum's inputs through the bias and residual bindings
+            h = self._ready(resnorm.out)
+            source = dict(source, x_mode=1, x=h, resnorm=None)
+            resnorm = None
         x = source["x"]
         T = outs[0].size // outs[0].shape[-1]
         one_token = T == 1 and self._one_token(m)
@@ -658,12 +683,26 @@ class WebGPUBackend:
         bounds += [bounds[-1]] * (3 - len(bounds))
         offsets = [o.offset for o in outs] + [0] * (3 - len(outs))
         norm_w = self.vector(source["w"]) if source["w"] is not None else None
+        rn = dict(r_off=0, h_off=0, post_off=0, has_post_w=0, eps_post=0.0)
+        extra = None
+        if resnorm is not None:  # nw: the norm's weight, then the branch norm's
+            branch = resnorm.args["branch"].args
+            weights = [w for w in (source["w"], branch["w"]) if w is not None]
+            if branch["w"] is not None:
+                name = "rn:" + "|".join(w.name for w in weights)
+                norm_w = self.vector(np.concatenate([self.dense(w).ravel() for w in weights]), name)
+            rn.update(r_off=resnorm.args["residual"].offset, h_off=resnorm.out.offset)
+            rn.update(
+                post_off=cols if source["w"] is not None else 0, has_post_w=int(branch["w"] is not None)
+            )
+            rn["eps_post"] = branch["eps"]
+            extra = [resnorm.args["residual"].buf, resnorm.out.buf]
         base = dict(cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols, w_row0=m.row0)
         base.update(has_offset=int(m.has_offset), seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
         base.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
         base.update(has_bias=int(bias is not None), has_res=int(residual is not None))
         base.update(res_off=residual.offset if residual is not None else 0)
-        extra = [bias or x.buf, residual.buf if residual is not None else x.buf]
+        extra = extra or [bias or x.buf, residual.buf if residual is not None else x.buf]
         tiled = T > FUSE_TOKENS and source["x_mode"] == 0  # many tokens: the tiled kernel
         kernel = "matmul+" + _VARIANT[m.storage]
         if not tiled:
@@ -677,18 +716,19 @@ class WebGPUBackend:
                 groups = (-(-n // 64), -(-T // 32), 1)
                 self.device.dispatch(kernel, params, [*weights, x.buf, outs[0].buf, *extra], groups)
                 continue
-            params.update(x_mode=source["x_mode"], x2_off=source["x2_off"], eps=source["eps"])
+            params.update(rn, x_mode=source["x_mode"], x2_off=source["x2_off"], eps=source["eps"])
             params.update(
-                has_norm_w=int(norm_w is not None), m_splits=source["m_splits"], m_dim=source["m_dim"]
+                has_norm_w=int(source["w"] is not None), m_splits=source["m_splits"], m_dim=source["m_dim"]
             )
-            lanes = (
-                4 if one_token and n >= 8192 else 16
-            )  # threads a row: large matrices, more rows a workgroup
+            # threads a row: large matrices, more rows a workgroup
+            lanes = 4 if one_token and n >= BIG_ROWS else 16
             params["lanes"] = lanes
             groups = grid(-(-n // (64 // lanes)))
             self.device.dispatch(
                 kernel, params, [*weights, x.buf, outs[0].buf, norm_w or x.buf, *extra], groups
             )
+        if resnorm is not None:  # the first workgroup wrote the residual sum
+            resnorm.done = True
 
     def embedding(
         self, w: Tensor, ids: np.ndarray, stride: int = 1, offset: int = 0, id_limit: int | None = None
@@ -727,7 +767,11 @@ class WebGPUBackend:
         return y
 
     def rms_norm(self, x: GpuTensor, w: Tensor | None, eps: float) -> GpuTensor:
-        return self._lazy("norm", x.shape, x=self._ready(x), w=w, eps=eps)
+        """A pending norm; of one token's pending residual sum with a normed branch (Gemma's
+        post-norms), that sum stays pending too, for the next linear layer to compute (+resnorm)."""
+        if not (self._whole(x, "resnorm") and x.size == x.shape[-1]):
+            x = self._ready(x)
+        return self._lazy("norm", x.shape, x=x, w=w, eps=eps)
 
     def _rms_norm(self, x: GpuTensor, w: Tensor | None, eps: float, y: GpuTensor, residual) -> None:
         dim = x.shape[-1]
@@ -761,7 +805,10 @@ class WebGPUBackend:
         if isinstance(b, GpuTensor) and a.size == b.size and op in ("add", "mul"):
             for first, second in ((a, b), (b, a)):
                 if op == "add":
-                    lazy = self._whole(first, "linear") or self._whole(first, "norm")
+                    lazy = self._whole(first, "norm")
+                    if lazy is not None and second.lazy is not lazy:
+                        return self._lazy("resnorm", a.shape, branch=lazy, residual=self._ready(second))
+                    lazy = self._whole(first, "linear")
                     if lazy is not None and second.lazy is not lazy:
                         return self._run(lazy, self._ready(second), into=self.new(a.shape))
                 else:
@@ -882,7 +929,11 @@ class WebGPUBackend:
             w = lazy.args["w"]
             if w is None or math.prod(w.shape) == dim:
                 return dict(
-                    src=lazy.args["x"], norm=2 if w is not None else 1, w=w, eps=lazy.args["eps"], rope=None
+                    src=self._ready(lazy.args["x"]),
+                    norm=2 if w is not None else 1,
+                    w=w,
+                    eps=lazy.args["eps"],
+                    rope=None,
                 )
         return dict(src=self._ready(x), norm=0, w=None, eps=0.0, rope=None)
 
@@ -907,13 +958,34 @@ class WebGPUBackend:
     def write_kv(self, k: GpuTensor, v: GpuTensor, keys: Buffer, values: Buffer, start: int) -> None:
         """Keys (their pending norm and RoPE applied on the way) and values (a pending norm without
         weight likewise) of T tokens into the cache at positions start..: one dispatch where both
-        are read from one buffer, else one each."""
+        are read from one buffer, else one each. One token's are left pending for the attention
+        over this cache to write (`attention`), or for `flush_kv`."""
         self._check_positions(np.array([start]))
-        T, H, k_dim = k.shape
-        v_dim = v.size // (T * H)
+        kh, vh = self._kv_heads(k, v)
+        if k.shape[0] == 1:
+            self.flush_kv(keys.id)
+            self._pending_kv[keys.id] = (k, v, kh, vh, keys, values)
+            return
+        self._write_kv(k, v, kh, vh, keys, values)
+
+    def _kv_heads(self, k: GpuTensor, v: GpuTensor) -> tuple[dict, dict]:
+        """How keys and values are read for the cache (see _head): a value norm with a weight, or
+        with another eps than the key's, is computed first."""
         kh, vh = self._head(k), self._head(v, allow_rope=False)
         if vh["norm"] == 2 or (vh["norm"] and kh["norm"] and vh["eps"] != kh["eps"]):
             vh = dict(src=self._ready(v), norm=0, w=None, eps=0.0, rope=None)
+        return kh, vh
+
+    def flush_kv(self, keys_id: int | None = None) -> None:
+        """Write the pending keys and values of one cache (of every cache: None) now."""
+        for key in [keys_id] if keys_id is not None else list(self._pending_kv):
+            pending = self._pending_kv.pop(key, None)
+            if pending is not None:
+                self._write_kv(*pending)
+
+    def _write_kv(self, k, v, kh: dict, vh: dict, keys: Buffer, values: Buffer) -> None:
+        T, H, k_dim = k.shape
+        v_dim = v.size // (T * H)
         rope = kh["rope"] or dict(tables=None, n_dims=0, neox=0, sin_off=0)
         params = dict(n_heads=H, k_dim=k_dim, v_dim=v_dim, k_off=kh["src"].offset, v_off=vh["src"].offset)
         params.update(k_norm=kh["norm"], v_norm=vh["norm"], eps=kh["eps"] if kh["norm"] else vh["eps"])
@@ -936,6 +1008,38 @@ class WebGPUBackend:
             (H, T, 1),
         )
 
+    def _fresh_kv(self, k: GpuTensor, v: GpuTensor, head: dict, T: int, alibi) -> tuple | None:
+        """The pending keys and values of the cache k / v when this attention can write them itself
+        (attention+fresh: one token, read from the query's buffer, rotated as the query is, the
+        same eps for every norm, no ALiBi); else they are written first (None)."""
+        pending = self._pending_kv.get(k.buf.id)
+        if pending is None:
+            return None
+        _, _, kh, vh, keys, values = pending
+        q_rope, k_rope = head["rope"], kh["rope"]
+        same_rope = (q_rope is None and k_rope is None) or (
+            q_rope is not None
+            and k_rope is not None
+            and q_rope["tables"] is k_rope["tables"]
+            and (q_rope["n_dims"], q_rope["neox"]) == (k_rope["n_dims"], k_rope["neox"])
+        )
+        eps = {h["eps"] for h in (head, kh, vh) if h["norm"]}
+        if (
+            T != 1
+            or alibi is not None
+            or values is not v.buf
+            or not same_rope
+            or len(eps) > 1
+            or kh["src"].buf is not head["src"].buf
+            or vh["src"].buf is not head["src"].buf
+            or kh["src"].shape[-1] != head["src"].shape[-1]
+            or vh["src"].shape[-1] != head["src"].shape[-1]
+        ):
+            self.flush_kv(k.buf.id)
+            return None
+        del self._pending_kv[k.buf.id]
+        return kh, vh, eps.pop() if eps else 0.0
+
     def attention(
         self,
         q: GpuTensor,
@@ -956,6 +1060,7 @@ class WebGPUBackend:
             )
         head = self._head(q)
         rope = head["rope"] or dict(tables=None, n_dims=0, neox=0, sin_off=0)
+        fresh = self._fresh_kv(k, v, head, T, alibi)
         capacity = k.shape[0]
         chunk, splits = capacity, 1
         if T <= FUSE_TOKENS:  # few queries: more workgroups, each over a range of keys
@@ -978,8 +1083,22 @@ class WebGPUBackend:
             else src
         )
         norm_w = self.vector(head["w"]) if head["w"] is not None else src
+        params.update(k_src=0, v_src=0, k_norm=0, v_norm=0, kw_off=0)
+        kernel = "attention"
+        if fresh is not None:
+            kernel = "attention+fresh"
+            kh, vh, eps = fresh
+            params.update(
+                k_src=kh["src"].offset, v_src=vh["src"].offset, k_norm=kh["norm"], v_norm=vh["norm"]
+            )
+            params["eps"] = eps
+            if kh["w"] is not None:  # the key norm's weight after the query's, in one buffer
+                qw = [self.dense(head["w"]).ravel()] if head["w"] is not None else []
+                name = "qk:" + "|".join(w.name for w in (head["w"], kh["w"]) if w is not None)
+                norm_w = self.vector(np.concatenate([*qw, self.dense(kh["w"]).ravel()]), name)
+                params["kw_off"] = sum(len(w) for w in qw)
         buffers = [self.device.step, src, k.buf, v.buf, out.buf, slopes, norm_w, rope["tables"] or src]
-        self.device.dispatch("attention", params, buffers, (n_heads, T, splits))
+        self.device.dispatch(kernel, params, buffers, (n_heads, T, splits))
         if splits > 1:  # merged by attention_merge, or by the linear layer that reads one token's
             y.lazy = _Lazy("merge", y, parts=out, splits=splits, dim=D)
         return y

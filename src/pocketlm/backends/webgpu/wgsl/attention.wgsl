@@ -10,18 +10,29 @@
 // One split: y is the output [T, Hq, D]. Several (decode: more workgroups than heads): y holds each
 // split's unnormalised sums, maximum and denominator [T, Hq, n_splits, D + 2], which
 // attention_merge combines.
+// +fresh (one token): the step's own key and value are written to the cache here, not by kv_write:
+// the workgroups whose split holds the token's position load them from hsrc (k_src, v_src: heads
+// [n_kv_heads, head_dim]), norm (k_norm, v_norm; k's weight at nw[kw_off..]) and rotate the key
+// as q is, store them at the position, and read them back with the rest (storageBarrier). The
+// workgroups of the query heads that share a key head store the same values.
 struct Params {
   n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32,
   q_off: u32, y_off: u32, window: u32, has_softcap: u32,
   scale: f32, softcap: f32, has_alibi: u32, q_norm: u32,
   eps: f32, n_dims: u32, neox: u32, sin_off: u32,
-  n_splits: u32, chunk: u32, pad0: u32, pad1: u32,
+  n_splits: u32, chunk: u32, k_src: u32, v_src: u32,
+  k_norm: u32, v_norm: u32, kw_off: u32, pad0: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> step: array<u32>;
 @group(0) @binding(2) var<storage, read> hsrc: array<f32>;  // q
+#if fresh
+@group(0) @binding(3) var<storage, read_write> k: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> v: array<vec4<f32>>;
+#else
 @group(0) @binding(3) var<storage, read> k: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> v: array<vec4<f32>>;
+#endif
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> slopes: array<f32>;  // ALiBi: score += slope[h] * key position
 @group(0) @binding(7) var<storage, read> nw: array<f32>;
@@ -44,13 +55,30 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   let kvh = h / (p.n_heads / p.n_kv_heads);
   let d4 = p.head_dim / 4u;  // head_dim is a multiple of 4
   let kv_stride = p.n_kv_heads * d4;
-  head_load(p.q_off + (t * p.n_heads + h) * p.head_dim, p.head_dim, p.q_norm, p.eps, lid);
+  head_load(p.q_off + (t * p.n_heads + h) * p.head_dim, p.head_dim, p.q_norm, p.eps, 0u, lid);
   for (var i = lid; i < d4; i += 64u) {
     let d = 4u * i;
     qs[i] = vec4<f32>(head_value(d, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 1u, pos, p.n_dims, p.neox, p.sin_off),
                       head_value(d + 2u, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 3u, pos, p.n_dims, p.neox, p.sin_off));
   }
   workgroupBarrier();
+#if fresh
+  if (pos >= split * p.chunk && pos < split * p.chunk + p.chunk) {
+    let at = pos * kv_stride + kvh * d4;
+    head_load(p.k_src + kvh * p.head_dim, p.head_dim, p.k_norm, p.eps, p.kw_off, lid);
+    for (var i = lid; i < d4; i += 64u) {
+      let d = 4u * i;
+      k[at + i] = vec4<f32>(head_value(d, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 1u, pos, p.n_dims, p.neox, p.sin_off),
+                            head_value(d + 2u, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 3u, pos, p.n_dims, p.neox, p.sin_off));
+    }
+    workgroupBarrier();
+    head_load(p.v_src + kvh * p.head_dim, p.head_dim, p.v_norm, p.eps, 0u, lid);
+    for (var i = lid; i < d4; i += 64u) {
+      v[at + i] = vec4<f32>(hv[4u * i], hv[4u * i + 1u], hv[4u * i + 2u], hv[4u * i + 3u]);
+    }
+  }
+  storageBarrier();
+#endif
   var lo = split * p.chunk;
   if (p.window > 0u && pos + 1u > p.window) { lo = max(lo, pos + 1u - p.window); }
   let hi = min(pos, split * p.chunk + p.chunk - 1u);  // the last key of the split

@@ -1,5 +1,5 @@
 // Included by kernels that transform one attention head on the way (kv_write, attention): its
-// values RMS-normed (norm 1; norm 2: times the weight nw), then rotated by RoPE over the first
+// values RMS-normed (norm 1; norm 2: times the weight nw from element w_off), then rotated by RoPE over the first
 // n_dims (0: none) at a position, pairing d with d + n_dims/2 (neox) or 2i with 2i + 1, with the
 // tables `cs`: cos [positions, n_dims / 2], then sin from element sin_off. The including kernel
 // declares `hsrc` (the values), `nw` and `cs`. One workgroup of 64 threads per head.
@@ -7,7 +7,7 @@ var<workgroup> hv: array<f32, 512>;
 var<workgroup> hsum: array<f32, 64>;
 
 // hv[0..dim) = the head at hsrc[base..], normed as asked (call from uniform control flow)
-fn head_load(base: u32, dim: u32, norm: u32, eps: f32, lid: u32) {
+fn head_load(base: u32, dim: u32, norm: u32, eps: f32, w_off: u32, lid: u32) {
   var sum = 0.0;
   for (var d = lid; d < dim; d += 64u) { let v = hsrc[base + d]; hv[d] = v; sum += v * v; }
   hsum[lid] = sum;
@@ -20,7 +20,7 @@ fn head_load(base: u32, dim: u32, norm: u32, eps: f32, lid: u32) {
     let inv = 1.0 / sqrt(hsum[0] / f32(dim) + eps);
     for (var d = lid; d < dim; d += 64u) {
       var v = hv[d] * inv;
-      if (norm == 2u) { v = v * nw[d]; }
+      if (norm == 2u) { v = v * nw[w_off + d]; }
       hv[d] = v;
     }
   }

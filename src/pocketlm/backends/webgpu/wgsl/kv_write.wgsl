@@ -23,12 +23,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   let t = wg.y;
   let pos = step[0] + t;
   if (wg.z + p.first == 0u) {
-    head_load(p.k_off + (t * p.n_heads + h) * p.k_dim, p.k_dim, p.k_norm, p.eps, lid);
+    head_load(p.k_off + (t * p.n_heads + h) * p.k_dim, p.k_dim, p.k_norm, p.eps, 0u, lid);
     for (var d = lid; d < p.k_dim; d += 64u) {
       keys[(pos * p.n_heads + h) * p.k_dim + d] = head_value(d, pos, p.n_dims, p.neox, p.sin_off);
     }
   } else {
-    head_load(p.v_off + (t * p.n_heads + h) * p.v_dim, p.v_dim, p.v_norm, p.eps, lid);
+    head_load(p.v_off + (t * p.n_heads + h) * p.v_dim, p.v_dim, p.v_norm, p.eps, 0u, lid);
     for (var d = lid; d < p.v_dim; d += 64u) { values[(pos * p.n_heads + h) * p.v_dim + d] = hv[d]; }
   }
 }

@@ -7,7 +7,10 @@
 // x' in variants too: +plain: x as read; +norm: RMS-normed per token (times norm weight nw where
 // has_norm_w); +gated: act(x[x_off + ...]) * x[x2_off + ...] (x_mode 2 silu, 3 gelu_tanh, 4 gelu);
 // +merged (one token): split attention's partial sums merged (x holds [heads, m_splits, m_dim + 2],
-// see attention).
+// see attention); +resnorm (one token): a residual sum with a normed branch, then normed
+// (Gemma's post-norms): h = bias[r_off + c] + x[x_off + c] / rms(x) (* nw[post_off + c] where
+// has_post_w, eps_post), x' = h / rms(h) (* nw[c] where has_norm_w); the first workgroup also
+// writes h to res[h_off ..] for the layer's later residual (bias and res read no epilogue here).
 // Several matrices stacked by rows (q/k/v, gate/up) run as one: output row R = row_base + r of
 // segment s (R in [seg_s, seg_s+1), seg_0 = 0) goes to y[y_off_s + t * (seg_s+1 - seg_s) + R - seg_s].
 // Epilogue: + bias[R] where has_bias, + res[res_off + same index] where has_res (one segment).
@@ -23,6 +26,8 @@ struct Params {
   y_off1: u32, y_off2: u32, has_bias: u32, has_res: u32,
   res_off: u32, has_norm_w: u32, lanes: u32, pad2: u32,
   m_splits: u32, m_dim: u32, pad0: u32, pad1: u32,
+  r_off: u32, h_off: u32, post_off: u32, has_post_w: u32,
+  eps_post: f32, pad3: u32, pad4: u32, pad5: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;  // int8 x 16, or float32 x 4
@@ -32,7 +37,11 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> nw: array<f32>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
+#if resnorm
+@group(0) @binding(8) var<storage, read_write> res: array<f32>;
+#else
 @group(0) @binding(8) var<storage, read> res: array<f32>;
+#endif
 
 var<workgroup> part: array<f32, 512>;  // [token, row * 16 + lane]
 var<workgroup> inv: array<f32, 8>;  // 1 / rms of each token of the tile (+norm)
@@ -127,6 +136,10 @@ fn x_at(t: u32, tile: u32, c: u32) -> f32 {
   return gelu_erf(v) * u;
 #elif merged
   return merged4(c - c % 4u)[c % 4u];
+#elif resnorm
+  var n = h_at(c) * inv[0];
+  if (p.has_norm_w == 1u) { n = n * nw[c]; }
+  return n;
 #else
   return v;
 #endif
@@ -146,13 +159,23 @@ fn x4(t: u32, tile: u32, c: u32) -> vec4<f32> {
   return vec4<f32>(x_at(t, tile, c), x_at(t, tile, c + 1u), x_at(t, tile, c + 2u), x_at(t, tile, c + 3u));
 }
 
+// this thread's share of the sum of squares of x[base .. base + cols): four loads in flight (norms)
+fn squares(base: u32, lid: u32) -> f32 {
+  var s = vec4<f32>(0.0);
+  var c = lid;
+  for (; c + 192u < p.cols; c += 256u) {
+    let v = vec4<f32>(x[base + c], x[base + c + 64u], x[base + c + 128u], x[base + c + 192u]);
+    s += v * v;
+  }
+  for (; c < p.cols; c += 64u) { let v = x[base + c]; s.x += v * v; }
+  return (s.x + s.y) + (s.z + s.w);
+}
+
 #if norm
 // inv[t] = 1 / rms of tokens first .. first + nt, over the whole workgroup
 fn token_norms(first: u32, nt: u32, lid: u32) {
   for (var t = 0u; t < nt; t++) {
-    var sum = 0.0;
-    for (var c = lid; c < p.cols; c += 64u) { let v = x[p.x_off + (first + t) * p.x_stride + c]; sum += v * v; }
-    part[t * 64u + lid] = sum;
+    part[t * 64u + lid] = squares(p.x_off + (first + t) * p.x_stride, lid);
   }
   workgroupBarrier();
   for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
@@ -162,6 +185,55 @@ fn token_norms(first: u32, nt: u32, lid: u32) {
     workgroupBarrier();
   }
   if (lid < nt) { inv[lid] = 1.0 / sqrt(part[lid * 64u] / f32(p.cols) + p.eps); }
+  workgroupBarrier();
+}
+#endif
+
+#if resnorm
+// the residual stream h at column c (inv[1]: 1 / rms of the branch)
+fn h_at(c: u32) -> f32 {
+  var b = x[p.x_off + c] * inv[1];
+  if (p.has_post_w == 1u) { b = b * nw[p.post_off + c]; }
+  return bias[p.r_off + c] + b;
+}
+
+// sum over the workgroup of each thread's v (part[0 .. 64) is free), in uniform control flow
+fn group_sum(v: f32, lid: u32) -> f32 {
+  part[lid] = v;
+  workgroupBarrier();
+  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
+    if (lid < stride) { part[lid] += part[lid + stride]; }
+    workgroupBarrier();
+  }
+  let total = part[0];
+  workgroupBarrier();
+  return total;
+}
+
+// inv[1] = 1 / rms of the branch, inv[0] = 1 / rms of h; the first workgroup writes h
+fn residual_norms(first: bool, lid: u32) {
+  let branch = group_sum(squares(p.x_off, lid), lid);
+  if (lid == 0u) { inv[1] = 1.0 / sqrt(branch / f32(p.cols) + p.eps_post); }
+  workgroupBarrier();
+  var sum = vec4<f32>(0.0);
+  var c = lid;
+  for (; c + 192u < p.cols; c += 256u) {  // four columns' reads in flight
+    let h = vec4<f32>(h_at(c), h_at(c + 64u), h_at(c + 128u), h_at(c + 192u));
+    sum += h * h;
+    if (first) {
+      res[p.h_off + c] = h.x;
+      res[p.h_off + c + 64u] = h.y;
+      res[p.h_off + c + 128u] = h.z;
+      res[p.h_off + c + 192u] = h.w;
+    }
+  }
+  for (; c < p.cols; c += 64u) {
+    let h = h_at(c);
+    sum.x += h * h;
+    if (first) { res[p.h_off + c] = h; }
+  }
+  let total = group_sum((sum.x + sum.y) + (sum.z + sum.w), lid);
+  if (lid == 0u) { inv[0] = 1.0 / sqrt(total / f32(p.cols) + p.eps); }
   workgroupBarrier();
 }
 #endif
@@ -177,7 +249,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #endif
 #if one
   let r1 = (wg.x + wg.y * nwg.x) * (64u / p.lanes) + lid / p.lanes;
-  one_token(r1, p.w_row0 + r1, lid % p.lanes, lid);
+  one_token(r1, p.w_row0 + r1, lid % p.lanes, lid, wg.x + wg.y == 0u);
 #else
   let lane = lid % 16u;
   let r = (wg.x + wg.y * nwg.x) * 4u + lid / 16u;
@@ -292,9 +364,11 @@ fn piece(w: vec4<u32>, g0: u32, j: u32) -> f32 {
 }
 
 // One token: x' into workgroup memory once, then four 16-byte weight loads in flight a thread.
-fn one_token(r: u32, wr: u32, lane: u32, lid: u32) {
+fn one_token(r: u32, wr: u32, lane: u32, lid: u32, first: bool) {
 #if norm
   token_norms(0u, 1u, lid);
+#elif resnorm
+  residual_norms(first, lid);
 #endif
   for (var c4 = lid; c4 < p.cols / 4u; c4 += 64u) { xs[c4] = x4(0u, 0u, c4 * 4u); }
   workgroupBarrier();
