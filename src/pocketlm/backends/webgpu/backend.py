@@ -292,29 +292,22 @@ class WebGPUBackend:
 
     @staticmethod
     def _likely_kernels(tensors) -> list[str]:
-        """The kernels a decoder of these matrices runs in every pass: for each weight variant of the
-        layers' matrices, the one-token products (after a norm, after the gated activation, with the
-        attention merge) and the tiled prefill; the output matrix's one-token product after the final
-        norm; the kernels every layer dispatches."""
+        """The kernels a decoder of these matrices runs in every pass, in the order a first prompt
+        needs them (they compile in that order while the weights upload): the tiled prefill of each
+        weight variant of the layers' matrices, the norm, cache write and attention, the output
+        matrix's one-token product after the final norm; then decode's one-token products (after a
+        norm, a gated activation, the attention merge, a post-norm's sum), its attention, argmax."""
 
         matrices = [w for w in tensors if len(w.shape) == 2]
         layers = {_VARIANT[_held(w)] for w in matrices if w.name.startswith("blk.")}
         heads = {_VARIANT[_held(w)] for w in matrices if not w.name.startswith("blk.")}
-        kernels = [
-            f"linear+{v}+{x}+one" for v in sorted(layers - {"f32"}) for x in ("norm", "gated", "merged")
-        ]
-        kernels += [f"linear+{v}+norm+one" for v in sorted(heads - layers - {"f32"})]
+        kernels = [f"matmul+{v}" for v in sorted(layers)] + ["rms_norm", "kv_write", "attention"]
+        kernels += [f"linear+{v}+norm+one" for v in sorted(heads - {"f32"})]
+        kernels += [f"linear+{v}+norm+one" for v in sorted(layers - heads - {"f32"})]
+        kernels += [f"linear+{v}+{x}+one" for v in sorted(layers - {"f32"}) for x in ("gated", "merged")]
         if any(".post_" in w.name for w in tensors):  # post-norms (Gemma): their sums read on the way
             kernels += [f"linear+{v}+resnorm+one" for v in sorted((layers | heads) - {"f32"})]
-        return [
-            *kernels,
-            *(f"matmul+{v}" for v in sorted(layers)),
-            "attention",
-            "attention+fresh",
-            "kv_write",
-            "rms_norm",
-            "argmax",
-        ]
+        return [*kernels, "attention+fresh", "argmax"]
 
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:

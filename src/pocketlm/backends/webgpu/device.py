@@ -36,6 +36,27 @@ class Buffer:
     size: int  # bytes
     role: str  # "weight", "cache", "scratch", "step", "data"
     data: np.ndarray | None = None  # initial contents kept for export (weights, tables)
+    filled_by: int | None = None  # readback buffers: the submission that copies into it
+
+
+def _native_calls():
+    """wgpu-native's C entry points through wgpu-py's own cffi binding, for the two things its
+    Python layer costs most on a decode step: encoding a replayed pass (a wrapper call per command,
+    several us each) and waiting for one submission (its map_sync polls until every queued
+    submission is done, so a read of step N also waits for step N + 1). None when this wgpu-py
+    has no such binding (the public calls are used instead)."""
+    try:
+        from wgpu.backends.wgpu_native._api import ffi, libf
+    except ImportError:
+        return None
+    names = (
+        "wgpuQueueSubmitForIndex",
+        "wgpuDevicePoll",
+        "wgpuComputePassEncoderSetPipeline",
+        "wgpuComputePassEncoderSetBindGroup",
+        "wgpuComputePassEncoderDispatchWorkgroups",
+    )
+    return (ffi, libf) if all(hasattr(libf, n) for n in names) else None
 
 
 _INCLUDE = re.compile(r"^#include (\w+)$", re.M)
@@ -174,6 +195,7 @@ class Device:
         self._arena_next = 0
         self._encoder = self._pass = None
         self._readback: Buffer | None = None
+        self._native = _native_calls() if hasattr(self.device, "_internal") else None
         self.step = self.buffer(4 * (STEP_HEADER + 4096), "step")
         self.step_values = np.zeros(STEP_HEADER, np.uint32)
 
@@ -308,6 +330,16 @@ class Device:
             self._encoder = self.device.create_command_encoder()
             self._pass = self._encoder.begin_compute_pass()
         compute, last = self._pass, None
+        if self._native is not None:  # the same three calls, without wgpu-py's wrappers
+            ffi, libf = self._native
+            encoder = compute._internal
+            for pipeline, group, groups in commands:
+                if pipeline is not last:
+                    libf.wgpuComputePassEncoderSetPipeline(encoder, pipeline._internal)
+                    last = pipeline
+                libf.wgpuComputePassEncoderSetBindGroup(encoder, 0, group._internal, 0, ffi.NULL)
+                libf.wgpuComputePassEncoderDispatchWorkgroups(encoder, *groups)
+            return
         for pipeline, group, groups in commands:
             if pipeline is not last:
                 compute.set_pipeline(pipeline)
@@ -351,12 +383,29 @@ class Device:
             self._pass.end()
         for src, offset, dst, nbytes in copies:
             self._encoder.copy_buffer_to_buffer(src.gpu, offset, dst.gpu, 0, nbytes)
-        self.device.queue.submit([self._encoder.finish()])
+        commands = self._encoder.finish()
+        index = None
+        if self._native is not None:
+            ffi, libf = self._native
+            queue = self.device.queue._internal
+            index = libf.wgpuQueueSubmitForIndex(
+                queue, 1, ffi.new("WGPUCommandBuffer[]", [commands._internal])
+            )
+        else:
+            self.device.queue.submit([commands])
+        for _, _, dst, _ in copies:
+            dst.filled_by = index
         self._encoder = self._pass = None
         self._arena_next = 0
 
     def read(self, readback: Buffer, nbytes: int) -> np.ndarray:
-        """The first bytes of a readback buffer, once the submission that fills it has run."""
+        """The first bytes of a readback buffer, once the submission that fills it has run (not
+        waiting for those queued after it, where the submission is known)."""
+        if readback.filled_by is not None and self._native is not None:
+            ffi, libf = self._native
+            libf.wgpuDevicePoll(
+                self.device._internal, True, ffi.new("WGPUSubmissionIndex *", readback.filled_by)
+            )
         readback.gpu.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
         data = np.frombuffer(readback.gpu.read_mapped(0, nbytes), np.uint8).copy()
         readback.gpu.unmap()

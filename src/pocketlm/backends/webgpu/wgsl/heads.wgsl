@@ -10,13 +10,13 @@ var<workgroup> hsum: array<f32, 64>;
 fn head_load(base: u32, dim: u32, norm: u32, eps: f32, w_off: u32, lid: u32) {
   var sum = 0.0;
   for (var d = lid; d < dim; d += 64u) { let v = hsrc[base + d]; hv[d] = v; sum += v * v; }
-  hsum[lid] = sum;
-  workgroupBarrier();
-  for (var s = 32u; s > 0u; s = s >> 1u) {
-    if (lid < s) { hsum[lid] += hsum[lid + s]; }
-    workgroupBarrier();
-  }
   if (norm > 0u) {
+    hsum[lid] = sum;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+      if (lid < s) { hsum[lid] += hsum[lid + s]; }
+      workgroupBarrier();
+    }
     let inv = 1.0 / sqrt(hsum[0] / f32(dim) + eps);
     for (var d = lid; d < dim; d += 64u) {
       var v = hv[d] * inv;
