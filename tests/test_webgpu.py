@@ -67,6 +67,24 @@ def test_linear_matches_the_numpy_reference(gpu, tensor_type, T):
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("cols", [1024, 1088, 3072])
+@pytest.mark.parametrize("tensor_type", [GGMLType.Q8_0, GGMLType.Q4_1])
+def test_one_token_products_of_long_rows_stage_them_in_the_wide_variant(gpu, tensor_type, cols):
+    """A one-token product stages its input in workgroup memory: up to 1024 values in the small
+    array, beyond that (to 3072) in the +wide variant's."""
+    w = weight(tensor_type, 21, cols, seed=cols)
+    x = np.random.default_rng(cols).standard_normal((1, cols)).astype(np.float32)
+    gpu.device.trace = []
+    ours = run(gpu, gpu.linear(gpu.upload(x), w))
+    kernels, gpu.device.trace = [t[0] for t in gpu.device.trace], None
+    assert kernels == [
+        f"linear+{'int8' if tensor_type == GGMLType.Q8_0 else 'int4'}+plain+one"
+        + ("+wide" if cols > 1024 else "")
+    ]
+    expected = REFERENCE.linear(x, w)
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_linear_splits_matrices_beyond_the_binding_limit(gpu, monkeypatch):
     monkeypatch.setattr(gpu.device, "max_binding", 64 * 40)  # 40 rows of 64 int8 per chunk
     w = weight(GGMLType.Q8_0, 100, 64, name="split")

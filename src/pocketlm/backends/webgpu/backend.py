@@ -299,14 +299,23 @@ class WebGPUBackend:
         norm, a gated activation, the attention merge, a post-norm's sum), its attention, argmax."""
 
         matrices = [w for w in tensors if len(w.shape) == 2]
-        layers = {_VARIANT[_held(w)] for w in matrices if w.name.startswith("blk.")}
-        heads = {_VARIANT[_held(w)] for w in matrices if not w.name.startswith("blk.")}
-        kernels = [f"matmul+{v}" for v in sorted(layers)] + ["rms_norm", "kv_write", "attention"]
-        kernels += [f"linear+{v}+norm+one" for v in sorted(heads - {"f32"})]
-        kernels += [f"linear+{v}+norm+one" for v in sorted(layers - heads - {"f32"})]
-        kernels += [f"linear+{v}+{x}+one" for v in sorted(layers - {"f32"}) for x in ("gated", "merged")]
+        small = wgsl_constants("linear", "XS")["small"]
+
+        def one_token(w: Tensor, x: str) -> str:
+            return f"linear+{_VARIANT[_held(w)]}+{x}+one" + ("+wide" if w.shape[1] > small else "")
+
+        layers = [w for w in matrices if w.name.startswith("blk.")]
+        kernels = [f"matmul+{v}" for v in sorted({_VARIANT[_held(w)] for w in layers})]
+        kernels += ["rms_norm", "kv_write", "attention"]
+        quantized = [w for w in matrices if _held(w) != FLOAT32]
+        kernels += sorted({one_token(w, "norm") for w in quantized if not w.name.startswith("blk.")})
+        inputs = {"ffn_down": "gated", "attn_output": "merged"}  # what else reads a normed input
+        roles = [
+            (w, inputs.get(w.name.split(".")[-2], "norm")) for w in quantized if w.name.startswith("blk.")
+        ]
+        kernels += sorted({one_token(w, x) for w, x in roles} - set(kernels))
         if any(".post_" in w.name for w in tensors):  # post-norms (Gemma): their sums read on the way
-            kernels += [f"linear+{v}+resnorm+one" for v in sorted((layers | heads) - {"f32"})]
+            kernels += sorted({one_token(w, "resnorm") for w, x in roles if x == "norm"})
         return [*kernels, "attention+fresh", "argmax"]
 
     def matrix(self, w: Tensor) -> _Matrix:
@@ -699,9 +708,9 @@ class WebGPUBackend:
         tiled = T > FUSE_TOKENS and source["x_mode"] == 0  # many tokens: the tiled kernel
         kernel = "matmul+" + _VARIANT[m.storage]
         if not tiled:
-            kernel = f"linear+{_VARIANT[m.storage]}+{_INPUT[source['x_mode']]}" + (
-                "+one" if one_token else ""
-            )
+            kernel = f"linear+{_VARIANT[m.storage]}+{_INPUT[source['x_mode']]}"
+            if one_token:
+                kernel += "+one" if cols <= wgsl_constants("linear", "XS")["small"] else "+one+wide"
         for first, n, bufs in m.chunks:
             params = dict(base, rows=n, row_base=first)
             weights = bufs if m.quantized else [bufs[0]] * 3

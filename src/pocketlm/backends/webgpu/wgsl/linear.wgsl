@@ -45,8 +45,15 @@ struct Params {
 
 var<workgroup> part: array<f32, 512>;  // [token, row * 16 + lane]
 var<workgroup> inv: array<f32, 8>;  // 1 / rms of each token of the tile (+norm)
+// x' of one token: at most XS_MAX values (+wide), else XS_SMALL (a smaller array, so that more
+// workgroups fit on a compute unit: the output matrix's thousands of them)
 const XS_MAX: u32 = 3072u;
-var<workgroup> xs: array<vec4<f32>, 768>;  // x' of one token (XS_MAX values)
+const XS_SMALL: u32 = 1024u;
+#if wide
+var<workgroup> xs: array<vec4<f32>, 768>;
+#else
+var<workgroup> xs: array<vec4<f32>, 256>;
+#endif
 const MW_MAX: u32 = 256u;
 var<workgroup> mw: array<f32, 256>;  // +merged: each (head, split)'s weight (heads * splits <= MW_MAX)
 
