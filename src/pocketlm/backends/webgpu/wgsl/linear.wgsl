@@ -204,22 +204,11 @@ fn h_at(c: u32) -> f32 {
   return bias[p.r_off + c] + b;
 }
 
-// sum over the workgroup of each thread's v (part[0 .. 64) is free), in uniform control flow
-fn group_sum(v: f32, lid: u32) -> f32 {
-  part[lid] = v;
-  workgroupBarrier();
-  for (var stride = 32u; stride > 0u; stride = stride >> 1u) {
-    if (lid < stride) { part[lid] += part[lid + stride]; }
-    workgroupBarrier();
-  }
-  let total = part[0];
-  workgroupBarrier();
-  return total;
-}
+#include row_sum
 
 // inv[1] = 1 / rms of the branch, inv[0] = 1 / rms of h; the first workgroup writes h
 fn residual_norms(first: bool, lid: u32) {
-  let branch = group_sum(squares(p.x_off, lid), lid);
+  let branch = row_sum(lid, squares(p.x_off, lid));
   if (lid == 0u) { inv[1] = 1.0 / sqrt(branch / f32(p.cols) + p.eps_post); }
   workgroupBarrier();
   var sum = vec4<f32>(0.0);
@@ -239,7 +228,7 @@ fn residual_norms(first: bool, lid: u32) {
     sum.x += h * h;
     if (first) { res[p.h_off + c] = h; }
   }
-  let total = group_sum((sum.x + sum.y) + (sum.z + sum.w), lid);
+  let total = row_sum(lid, (sum.x + sum.y) + (sum.z + sum.w));
   if (lid == 0u) { inv[0] = 1.0 / sqrt(total / f32(p.cols) + p.eps); }
   workgroupBarrier();
 }

@@ -7,6 +7,7 @@ struct Params { n_rows: u32, dim: u32, x_off: u32, y_off: u32, has_weight: u32, 
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> res: array<f32>;
 
+var<workgroup> part: array<f32, 64>;
 #include row_sum
 
 @compute @workgroup_size(64)

@@ -7,6 +7,7 @@ struct Params { n_rows: u32, dim: u32, x_off: u32, y_off: u32, other_off: u32, o
 @group(0) @binding(2) var<storage, read> other: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
+var<workgroup> part: array<f32, 64>;
 #include row_sum
 
 @compute @workgroup_size(64)
