@@ -574,6 +574,29 @@ def test_gemma3_post_norms_and_their_sums_are_read_by_the_next_one_token_product
     assert webgpu.step.dispatches(caches[1]) == 5 * model.config.num_hidden_layers + 4
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+def test_a_residual_sum_with_a_normed_branch_feeds_a_one_token_product(gpu, per_head):
+    """h = x + norm(b) * w_post, then W (norm(h) * w): the product computes h on the way (+resnorm)
+    and leaves it for later reads; a branch normed per head (rows narrower than h) is summed first."""
+    rng = np.random.default_rng(7)
+    x, b = (rng.standard_normal((1, 64)).astype(np.float32) for _ in range(2))
+    w_post = f32_tensor(f"post-{per_head}", rng.standard_normal(16 if per_head else 64) + 1.0)
+    w_pre = f32_tensor("pre", rng.standard_normal(64) + 1.0)
+    m = weight(GGMLType.Q8_0, 40, 64, seed=3, name="resnorm-w")
+    branch = b.reshape(1, 4, 16) if per_head else b
+    h_expected = x + REFERENCE.rms_norm(branch, w_post, 1e-6).reshape(1, 64)
+    expected = REFERENCE.linear(REFERENCE.rms_norm(h_expected, w_pre, 1e-5), m)
+    normed = gpu.rms_norm(gpu.upload(branch), w_post, 1e-6)
+    h = gpu.upload(x) + (normed.reshape(1, 64) if per_head else normed)
+    gpu.device.trace = []
+    y = gpu.linear(gpu.rms_norm(h, w_pre, 1e-5), m)
+    ours = run(gpu, y)
+    kernels, gpu.device.trace = [t[0] for t in gpu.device.trace], None
+    assert kernels == (["rms_norm", "linear+int8+norm+one"] if per_head else ["linear+int8+resnorm+one"])
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(run(gpu, h), h_expected, rtol=1e-5, atol=1e-5)
+
+
 def test_one_token_through_a_large_matrix_uses_more_rows_a_workgroup(gpu):
     """8,200 rows (an output matrix's kind of size, not a multiple of the 16 rows a workgroup)."""
     w = weight(GGMLType.Q4_K, 8200, 256, name="large")

@@ -190,7 +190,9 @@ class GpuLayerCache:
 
     def copy(self) -> GpuLayerCache:
         """The same positions in buffers of its own (a KVCache copy marks it shared again)."""
-        self.ops.flush_kv()
+        if self.ops._pending_kv:  # written, and submitted before the copy's own submission
+            self.ops.flush_kv()
+            self.ops.device.finish()
         twin = object.__new__(GpuLayerCache)
         twin.ops, twin.capacity, twin.window = self.ops, self.capacity, self.window
         twin.k_shape, twin.v_shape = self.k_shape, self.v_shape
@@ -302,6 +304,8 @@ class WebGPUBackend:
         small = wgsl_constants("linear", "XS")["small"]
 
         def one_token(w: Tensor, x: str) -> str:
+            if w.shape[1] > wgsl_constants("linear", "XS")["max"]:  # rows too long to stage
+                return f"linear+{_VARIANT[_held(w)]}+{x}"
             return f"linear+{_VARIANT[_held(w)]}+{x}+one" + ("+wide" if w.shape[1] > small else "")
 
         layers = [w for w in matrices if w.name.startswith("blk.")]
@@ -314,7 +318,9 @@ class WebGPUBackend:
             (w, inputs.get(w.name.split(".")[-2], "norm")) for w in quantized if w.name.startswith("blk.")
         ]
         kernels += sorted({one_token(w, x) for w, x in roles} - set(kernels))
-        if any(".post_" in w.name for w in tensors):  # post-norms (Gemma): their sums read on the way
+        names = [w.name for w in tensors]
+        if any(".post_" in n for n in names) and not any("altup" in n for n in names):
+            # Gemma 2 / 3's post-norms: their sums read by q/k/v and gate/up on the way
             kernels += sorted({one_token(w, "resnorm") for w, x in roles if x == "norm"})
         return [*kernels, "attention+fresh", "argmax"]
 
@@ -623,8 +629,15 @@ class WebGPUBackend:
             if lazy is not None and lazy.args["x"].shape[-1] == cols:
                 norm = dict(plain, x_mode=1, w=lazy.args["w"], eps=lazy.args["eps"])
                 h = self._whole(lazy.args["x"], "resnorm")
-                # (not before a large matrix: each of its many workgroups would sum h again)
-                if h is not None and tokens == 1 and self._one_token(m) and m.shape[0] < BIG_ROWS:
+                branch = h.args["branch"].args if h is not None else None
+                if (
+                    h is not None
+                    and tokens == 1
+                    and self._one_token(m)
+                    and m.shape[0] < BIG_ROWS  # a large matrix's many workgroups would each sum h again
+                    and branch["x"].shape[-1] == cols  # the branch normed over rows as wide as h
+                    and (branch["w"] is None or math.prod(branch["w"].shape) == cols)
+                ):
                     return dict(norm, x_mode=6, x=self._ready(h.args["branch"].args["x"]), resnorm=h)
                 return dict(norm, x=self._ready(lazy.args["x"]))
             lazy = self._whole(x, "gated")

@@ -45,10 +45,6 @@ def _native_calls():
     several us each) and waiting for one submission (its map_sync polls until every queued
     submission is done, so a read of step N also waits for step N + 1). None when this wgpu-py
     has no such binding (the public calls are used instead)."""
-    try:
-        from wgpu.backends.wgpu_native._api import ffi, libf
-    except ImportError:
-        return None
     names = (
         "wgpuQueueSubmitForIndex",
         "wgpuDevicePoll",
@@ -56,7 +52,16 @@ def _native_calls():
         "wgpuComputePassEncoderSetBindGroup",
         "wgpuComputePassEncoderDispatchWorkgroups",
     )
-    return (ffi, libf) if all(hasattr(libf, n) for n in names) else None
+    try:
+        from wgpu.backends.wgpu_native._api import ffi, libf
+
+        for c_type in ("WGPUSubmissionIndex *", "WGPUCommandBuffer[]"):
+            ffi.typeof(c_type)
+        if not all(hasattr(libf, n) for n in names):
+            return None
+    except Exception:  # another wgpu-py: its public calls
+        return None
+    return ffi, libf
 
 
 _INCLUDE = re.compile(r"^#include (\w+)$", re.M)
@@ -403,10 +408,18 @@ class Device:
         waiting for those queued after it, where the submission is known)."""
         if readback.filled_by is not None and self._native is not None:
             ffi, libf = self._native
-            libf.wgpuDevicePoll(
-                self.device._internal, True, ffi.new("WGPUSubmissionIndex *", readback.filled_by)
-            )
-        readback.gpu.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
+            device = self.device._internal
+            libf.wgpuDevicePoll(device, True, ffi.new("WGPUSubmissionIndex *", readback.filled_by))
+            # Its submission is done, so the map resolves at the next poll: polled here too, since
+            # wgpu-py's poll thread may already be blocked in a poll that waits for the whole queue.
+            promise = readback.gpu.map_async(self.wgpu.MapMode.READ, 0, nbytes)
+            for _ in range(64):
+                if getattr(promise, "_state", "") != "pending":
+                    break
+                libf.wgpuDevicePoll(device, False, ffi.NULL)
+            promise.sync_wait()
+        else:
+            readback.gpu.map_sync(self.wgpu.MapMode.READ, 0, nbytes)
         data = np.frombuffer(readback.gpu.read_mapped(0, nbytes), np.uint8).copy()
         readback.gpu.unmap()
         return data
