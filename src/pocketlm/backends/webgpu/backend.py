@@ -213,6 +213,15 @@ _VARIANT = {FLOAT32: "f32", INT8: "int8", NIBBLES: "int4"}  # linear / matmul ke
 _INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged", 6: "resnorm"}
 
 
+def _linear_kernel(variant: str, source: str, cols: int, one_token: bool) -> str:
+    """The linear kernel's variant for weights held as `variant`, input read as `source`: +one
+    stages one token's input in workgroup memory, in the +wide array beyond XS_SMALL values."""
+    kernel = f"linear+{variant}+{source}"
+    if one_token:
+        kernel += "+one" if cols <= wgsl_constants("linear", "XS")["small"] else "+one+wide"
+    return kernel
+
+
 def _held(w: Tensor) -> int:
     """How a matrix is held on the GPU: float types as FLOAT32, 4-bit types of whole 64-value runs
     as NIBBLES (4 bits still), every other block type repacked to INT8."""
@@ -301,12 +310,10 @@ class WebGPUBackend:
         norm, a gated activation, the attention merge, a post-norm's sum), its attention, argmax."""
 
         matrices = [w for w in tensors if len(w.shape) == 2]
-        small = wgsl_constants("linear", "XS")["small"]
 
         def one_token(w: Tensor, x: str) -> str:
-            if w.shape[1] > wgsl_constants("linear", "XS")["max"]:  # rows too long to stage
-                return f"linear+{_VARIANT[_held(w)]}+{x}"
-            return f"linear+{_VARIANT[_held(w)]}+{x}+one" + ("+wide" if w.shape[1] > small else "")
+            cols = w.shape[1]
+            return _linear_kernel(_VARIANT[_held(w)], x, cols, cols <= wgsl_constants("linear", "XS")["max"])
 
         layers = [w for w in matrices if w.name.startswith("blk.")]
         kernels = [f"matmul+{v}" for v in sorted({_VARIANT[_held(w)] for w in layers})]
@@ -638,7 +645,7 @@ class WebGPUBackend:
                     and branch["x"].shape[-1] == cols  # the branch normed over rows as wide as h
                     and (branch["w"] is None or math.prod(branch["w"].shape) == cols)
                 ):
-                    return dict(norm, x_mode=6, x=self._ready(h.args["branch"].args["x"]), resnorm=h)
+                    return dict(norm, x_mode=6, x=self._ready(branch["x"]), resnorm=h)
                 return dict(norm, x=self._ready(lazy.args["x"]))
             lazy = self._whole(x, "gated")
             if lazy is not None:
@@ -721,9 +728,7 @@ class WebGPUBackend:
         tiled = T > FUSE_TOKENS and source["x_mode"] == 0  # many tokens: the tiled kernel
         kernel = "matmul+" + _VARIANT[m.storage]
         if not tiled:
-            kernel = f"linear+{_VARIANT[m.storage]}+{_INPUT[source['x_mode']]}"
-            if one_token:
-                kernel += "+one" if cols <= wgsl_constants("linear", "XS")["small"] else "+one+wide"
+            kernel = _linear_kernel(_VARIANT[m.storage], _INPUT[source["x_mode"]], cols, one_token)
         for first, n, bufs in m.chunks:
             params = dict(base, rows=n, row_base=first)
             weights = bufs if m.quantized else [bufs[0]] * 3

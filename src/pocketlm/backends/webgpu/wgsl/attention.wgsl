@@ -57,20 +57,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
   let kv_stride = p.n_kv_heads * d4;
   head_load(p.q_off + (t * p.n_heads + h) * p.head_dim, p.head_dim, p.q_norm, p.eps, 0u, lid);
   for (var i = lid; i < d4; i += 64u) {
-    let d = 4u * i;
-    qs[i] = vec4<f32>(head_value(d, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 1u, pos, p.n_dims, p.neox, p.sin_off),
-                      head_value(d + 2u, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 3u, pos, p.n_dims, p.neox, p.sin_off));
+    qs[i] = head_value4(4u * i, pos, p.n_dims, p.neox, p.sin_off);
   }
   workgroupBarrier();
 #if fresh
   if (pos >= split * p.chunk && pos < split * p.chunk + p.chunk) {
     let at = pos * kv_stride + kvh * d4;
     head_load(p.k_src + kvh * p.head_dim, p.head_dim, p.k_norm, p.eps, p.kw_off, lid);
-    for (var i = lid; i < d4; i += 64u) {
-      let d = 4u * i;
-      k[at + i] = vec4<f32>(head_value(d, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 1u, pos, p.n_dims, p.neox, p.sin_off),
-                            head_value(d + 2u, pos, p.n_dims, p.neox, p.sin_off), head_value(d + 3u, pos, p.n_dims, p.neox, p.sin_off));
-    }
+    for (var i = lid; i < d4; i += 64u) { k[at + i] = head_value4(4u * i, pos, p.n_dims, p.neox, p.sin_off); }
     workgroupBarrier();
     head_load(p.v_src + kvh * p.head_dim, p.head_dim, p.v_norm, p.eps, 0u, lid);
     for (var i = lid; i < d4; i += 64u) {

@@ -43,3 +43,9 @@ fn head_value(d: u32, pos: u32, n_dims: u32, neox: u32, sin_off: u32) -> f32 {
   if (d % 2u == 0u) { return v * c - hv[d + 1u] * s; }
   return v * c + hv[d - 1u] * s;
 }
+
+// values d .. d + 3 of the loaded head, rotated for position pos
+fn head_value4(d: u32, pos: u32, n_dims: u32, neox: u32, sin_off: u32) -> vec4<f32> {
+  return vec4<f32>(head_value(d, pos, n_dims, neox, sin_off), head_value(d + 1u, pos, n_dims, neox, sin_off),
+                   head_value(d + 2u, pos, n_dims, neox, sin_off), head_value(d + 3u, pos, n_dims, neox, sin_off));
+}
