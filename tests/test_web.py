@@ -41,6 +41,60 @@ def test_the_exported_plan_replays_to_the_native_logits(tiny, tmp_path, arch):
     assert np.abs(ours - expected[2 * band :]).max() <= 1e-3
 
 
+@pytest.mark.parametrize("arch", ["gemma4", "gemma3n"])
+def test_the_per_layer_table_is_no_gpu_buffer_but_rows_in_the_package(tiny, tmp_path, arch):
+    """The table stays in the package's table files as the GGUF holds it; each pass lists the fill
+    of its rows, and no buffer of the plan is near the table's size."""
+    from pocketlm.formats.gguf import GGUFFile
+    from pocketlm.models.gemma3n import PER_LAYER_TABLE
+
+    _, _, path = tiny(arch)
+    package = export(path, tmp_path / "web", max_tokens=64, progress=False)
+    plan = json.loads((package / "plan.json").read_text())
+    table = plan["tables"][PER_LAYER_TABLE]
+    w = GGUFFile(path).tensors[PER_LAYER_TABLE]
+    stored = b"".join((package / p["file"]).read_bytes() for p in table["pieces"])
+    assert stored == np.asarray(w.data).tobytes() and table["rows"] * table["row_bytes"] == w.nbytes
+    assert max(b["size"] for b in plan["buffers"]) < w.nbytes // 2  # the f32 table is 4 bytes a value
+    for name, n_tokens in (("prefill", 16), ("decode", 1)):
+        fills = plan["passes"][name]["fills"]
+        assert fills and {f["table"] for f in fills} == {PER_LAYER_TABLE}
+        for fill in fills:
+            target = next(b for b in plan["buffers"] if b["id"] == fill["buffer"])
+            assert target["size"] >= 4 * (fill["at"] + n_tokens * table["cols"])
+
+
+def test_the_browsers_row_dequantizer_equals_numpys_for_every_type(tmp_path):
+    """tables.js (run by Node.js) against pocketlm.formats.quants.dequantize, bit for bit."""
+    import shutil
+    import subprocess
+
+    from conftest import random_blocks
+
+    from pocketlm.formats.quants import BLOCK_LAYOUT, dequantize
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed")
+    module = Path(__file__).resolve().parent.parent / "browser" / "src" / "tables.js"
+    script = (
+        f"import {{ dequantize }} from {json.dumps(module.as_uri())};\n"
+        "import { readFileSync, writeFileSync } from 'node:fs';\n"
+        "const [type, count, src, dst] = process.argv.slice(1);\n"
+        "const out = dequantize(Number(type), new Uint8Array(readFileSync(src)), new Float32Array(Number(count)));\n"
+        "writeFileSync(dst, new Uint8Array(out.buffer));\n"
+    )
+    for tensor_type, (block_size, _) in BLOCK_LAYOUT.items():
+        blocks = random_blocks(tensor_type, 16, seed=int(tensor_type))
+        (tmp_path / "in.bin").write_bytes(blocks.tobytes())
+        count = 16 * block_size
+        args = [node, "--input-type=module", "-e", script, str(int(tensor_type)), str(count)]
+        subprocess.run([*args, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True)
+        ours = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.float32)
+        expected = dequantize(blocks, tensor_type, (count,))
+        assert ours.tobytes() == expected.tobytes(), tensor_type.name
+
+
 def test_the_package_vocab_forbids_json_the_tokens_that_no_utf8_text_holds(tiny, tmp_path):
     """XGrammar (web-xgrammar 0.1.27) lets a string take byte F6 as a character's lead; the page masks
     every token with a byte no UTF-8 text has (C0, C1, F5-FF) or a raw control character."""

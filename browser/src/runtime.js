@@ -1,5 +1,7 @@
 // Runs an exported plan: creates the buffers, fills them from the shards, compiles the WGSL
-// kernels, and replays the recorded dispatches once per token. It knows no architecture.
+// kernels, and replays the recorded dispatches once per token (first copying in the rows of the
+// tables a pass reads by rows, see tables.js). It knows no architecture.
+import { RowTable } from "./tables.js";
 
 export async function openDevice() {
   if (!navigator.gpu) throw new Error("WebGPU is not available in this browser");
@@ -16,23 +18,25 @@ export async function openDevice() {
 }
 
 async function fetchCached(url, cacheName) {
-  // shards are kept in the Cache API (localhost is a secure context), so a reload reads no network
+  // shards are kept in the Cache API (localhost is a secure context), so a reload reads no network;
+  // the response read is the cache's (a table file's blob stays on disk)
   if (typeof caches !== "undefined") {
     const cache = await caches.open(cacheName);
     let response = await cache.match(url);
     if (!response) {
       response = await fetch(url);
       if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-      await cache.put(url, response.clone());
+      await cache.put(url, response);
+      response = await cache.match(url);
     }
-    return response.arrayBuffer();
+    return response;
   }
   const response = await fetch(url);
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-  return response.arrayBuffer();
+  return response;
 }
 
-const PLAN_FORMAT = 2; // web/__init__.py's FORMAT
+const PLAN_FORMAT = 3; // web/__init__.py's FORMAT
 
 export class PlanRunner {
   static async load(device, base, manifest, onProgress = () => {}) {
@@ -45,12 +49,23 @@ export class PlanRunner {
     for (const b of plan.buffers) {
       if (b.shard) (byShard.get(b.shard) || byShard.set(b.shard, []).get(b.shard)).push(b);
     }
+    const cacheName = `pocketlm-${manifest.model}-${manifest.max_tokens}`;
+    const files = byShard.size + Object.values(plan.tables).reduce((n, t) => n + t.pieces.length, 0);
     let done = 0;
     for (const [shard, entries] of byShard) {
-      onProgress(`fetching ${shard} (${done + 1}/${byShard.size})`);
-      const data = await fetchCached(base + shard, `pocketlm-${manifest.model}-${manifest.max_tokens}`);
+      onProgress(`fetching ${shard} (${done + 1}/${files})`);
+      const data = await (await fetchCached(base + shard, cacheName)).arrayBuffer();
       for (const b of entries) device.queue.writeBuffer(runner.buffers.get(b.id), 0, data, b.offset, b.length);
       done += 1;
+    }
+    for (const [name, table] of Object.entries(plan.tables)) {
+      const blobs = [];
+      for (const piece of table.pieces) {
+        onProgress(`fetching ${piece.file} (${done + 1}/${files})`);
+        blobs.push(await (await fetchCached(base + piece.file, cacheName)).blob());
+        done += 1;
+      }
+      runner.tables.set(name, new RowTable(name, table, blobs));
     }
     onProgress("compiling kernels");
     await runner.compile();
@@ -62,6 +77,7 @@ export class PlanRunner {
     this.plan = plan;
     this.manifest = manifest;
     this.buffers = new Map();
+    this.tables = new Map();
     for (const b of plan.buffers) {
       const usage = b.uniform
         ? GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST
@@ -88,7 +104,7 @@ export class PlanRunner {
         const entries = [params, ...ids].map((id, binding) => ({ binding, resource: { buffer: this.buffers.get(id) } }));
         return { pipeline, group: this.device.createBindGroup({ layout, entries }), groups };
       });
-      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits };
+      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits, fills: pass.fills };
     }
   }
 
@@ -104,11 +120,15 @@ export class PlanRunner {
     return logits;
   }
 
-  // One pass over tokens at position..: writes the step buffer, replays the pass, returns the
-  // logits of its last token.
+  // One pass over tokens at position..: writes the step buffer and the table rows it reads,
+  // replays the pass, returns the logits of its last token.
   async run(pass, tokens, position) {
     const { device, plan } = this;
     device.queue.writeBuffer(this.buffers.get(plan.step), 0, new Uint32Array([position, tokens.length, ...tokens]));
+    for (const fill of pass.fills) {
+      const rows = await this.tables.get(fill.table).read(fill, tokens);
+      device.queue.writeBuffer(this.buffers.get(fill.buffer), fill.at * 4, rows);
+    }
     const encoder = device.createCommandEncoder();
     const compute = encoder.beginComputePass();
     for (const c of pass.commands) {

@@ -98,9 +98,8 @@ class LoadedModel:
         )
         for name in streamed if ple_in_ram else ():
             self.ops.pin(name, self._copy_out(self.file.tensors[name]))
-        # tensors read from the file per token (a backend that cannot, the GPU's, uploads them whole)
-        reads_rows = getattr(self.ops, "reads_rows_from_file", True)
-        self.streamed = frozenset() if ple_in_ram or not reads_rows else frozenset(streamed)
+        # tensors read from the file per token
+        self.streamed = frozenset() if ple_in_ram else frozenset(streamed)
         self.streamed_bytes = sum(self.file.tensors[n].nbytes for n in self.streamed)
         self.architecture = self.file.architecture
         self.context_length = int(self.model.args.context_length)

@@ -7,7 +7,11 @@ The WebGPU backend records two passes of the model's own forward pass, each read
 and tokens from the step buffer: prefill (PREFILL_TOKENS tokens) and decode (one token). The plan
 lists every buffer they touch (weights, cos/sin tables, parameter blocks, KV caches, scratch) and
 each pass's dispatches in order (kernel, parameter block, buffers, workgroups), with the WGSL
-source of each kernel. The browser runtime (`static/`) knows
+source of each kernel. Tables a model reads a few rows of per token (Gemma 3n's and Gemma 4's
+per-layer inputs, gigabytes in the released models) are no GPU buffer: their rows stay as the
+GGUF file holds them in the package's `table-*.bin` files, and each pass's `fills` say which rows
+of which table go, dequantized to float32, into which buffer before the pass runs (row = token *
+stride + offset, token 0 for ids at or past the limit). The browser runtime (`static/`) knows
 no architecture: it creates the buffers, fills them from the shards, and replays the dispatches
 once per token, reading back the logits. `vocab.json` (each token's string, control tokens empty)
 is what the runtime's grammar engine reads when a reply must follow a JSON schema.
@@ -30,7 +34,7 @@ from ..errors import InvalidOptionError
 SHARD_BYTES = 256 * 1024 * 1024  # shards the browser fetches and caches one at a time
 PREFILL_TOKENS = 16  # the prefill pass takes prompts this many tokens at a time (the rest one by one)
 ALIGN = 256
-FORMAT = 2  # 2: each kernel's bind group layout written out (`bindings`)
+FORMAT = 3  # 2: each kernel's bind group layout written out (`bindings`); 3: tables read by rows
 
 
 DEFAULT_MAX_TOKENS = 1024
@@ -60,7 +64,7 @@ def export(
     cache = lm.make_cache(max_tokens)
     device = lm.ops.device
     # The prefill pass first: its scratch buffers are the larger ones, which the decode pass reuses.
-    passes = {}
+    passes, tables = {}, {}
     for name, n_tokens in (("prefill", PREFILL_TOKENS), ("decode", 1)):
         if n_tokens > max_tokens:
             continue
@@ -73,20 +77,38 @@ def export(
             "tokens": n_tokens,
             "dispatches": [[k, params, ids, list(groups)] for k, params, ids, groups in recorded.trace],
             "logits": {"buffer": logits.buf.id, "offset": logits.offset, "count": logits.size},
+            "fills": [
+                {
+                    "table": w.name,
+                    "stride": stride,
+                    "offset": offset,
+                    "limit": limit,
+                    "buffer": y.buf.id,
+                    "at": y.offset,
+                }
+                for w, stride, offset, limit, y in recorded.fills
+            ],
         }
+        tables.update({w.name: w for w, *_ in recorded.fills})
 
     used = {device.step.id} | {p["logits"]["buffer"] for p in passes.values()}
     used |= {i for p in passes.values() for _, params, ids, _ in p["dispatches"] for i in (params, *ids)}
+    used |= {f["buffer"] for p in passes.values() for f in p["fills"]}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     buffers = _write_shards(tmp, [device.buffers[i] for i in sorted(used)], progress)
+    table_files = {
+        name: _write_table(tmp, f"table-{i:03d}", name, w, progress)
+        for i, (name, w) in enumerate(sorted(tables.items()))
+    }
     kernels = sorted({d[0] for p in passes.values() for d in p["dispatches"]})
     plan = {
         "format": FORMAT,
         "kernels": {k: wgsl_source(k) for k in kernels},
         "bindings": {k: binding_types(k) for k in kernels},
         "buffers": buffers,
+        "tables": table_files,
         "passes": passes,
         "step": device.step.id,
         "step_capacity": device.step.size // 4,
@@ -120,6 +142,7 @@ def export(
         "stop_ids": sorted(int(i) for i in tok.stop_ids),
         "chat": _chat_pieces(lm),
         "shards": sorted({b["shard"] for b in buffers if "shard" in b}),
+        "table_files": [piece["file"] for t in table_files.values() for piece in t["pieces"]],
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out.exists():
@@ -128,13 +151,15 @@ def export(
     return out
 
 
+def _bytes_bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr)
+
+
 def _write_shards(folder: Path, buffers, progress: bool) -> list[dict]:
     """Buffer descriptions; initial contents (weights, tables, parameters) go into the shards."""
     described, shard, offset, handle = [], -1, SHARD_BYTES, None
     total = sum(b.data.nbytes for b in buffers if b.data is not None)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress, file=sys.stderr
-    ) as bar:
+    with _bytes_bar(total, "writing shards", progress) as bar:
         for b in buffers:
             entry = {"id": b.id, "size": b.size, "uniform": b.role == "params"}
             if b.data is not None:
@@ -154,6 +179,26 @@ def _write_shards(folder: Path, buffers, progress: bool) -> list[dict]:
     if handle:
         handle.close()
     return described
+
+
+def _write_table(folder: Path, stem: str, name: str, w, progress: bool) -> dict:
+    """A table read by rows: its bytes as the model file holds them, in files of whole rows (at most
+    SHARD_BYTES each, one row at least); returns its description for the plan."""
+    n_rows, cols = w.shape
+    row_bytes = w.nbytes // n_rows
+    per_file = max(1, SHARD_BYTES // row_bytes)
+    rows = np.asarray(w.data).reshape(n_rows, row_bytes)
+    pieces = []
+    with _bytes_bar(w.nbytes, f"writing {name}", progress) as bar:
+        for first in range(0, n_rows, per_file):
+            part = rows[first : first + per_file]
+            file = f"{stem}-{len(pieces):03d}.bin"
+            with open(folder / file, "wb") as handle:
+                for begin in range(0, len(part), 4096):  # bands of rows: the file's pages, not a copy
+                    handle.write(part[begin : begin + 4096].tobytes())
+            pieces.append({"file": file, "first_row": first, "rows": len(part)})
+            bar.update(part.nbytes)
+    return {"type": int(w.type), "rows": n_rows, "cols": cols, "row_bytes": row_bytes, "pieces": pieces}
 
 
 def _chat_pieces(lm: LoadedModel) -> dict | None:

@@ -2,8 +2,9 @@
 wgpu device: every buffer of the plan created and filled from the shards, each kernel compiled from
 the plan's WGSL with the plan's bind group layout, and a pass replayed by `Device.replay` (as the
 backend replays its own recorded decode step) with its position and tokens in the step buffer,
-the logits read back. The package's other reader is runtime.js; the tests check both against the
-native backends."""
+the logits read back; the rows of tables a pass reads (its `fills`) are read from the package's
+table files and dequantized before it runs. The package's other reader is runtime.js; the tests
+check both against the native backends."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..backends.webgpu.device import Device
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, ModelFileError
+from ..formats.quants import dequantize, ggml_type
 
 
 class PackageRunner:
@@ -49,8 +51,13 @@ class PackageRunner:
                 self.buffers[b["id"]] = device.buffer(b["size"], "package", values)
         for name, code in plan["kernels"].items():
             device.pipeline(name, code, tuple(plan["bindings"][name]))
-        self.passes = {}
+        self.tables = {
+            name: (t, [(p["first_row"], np.memmap(package / p["file"], np.uint8, "r")) for p in t["pieces"]])
+            for name, t in plan.get("tables", {}).items()
+        }
+        self.passes, self.fills = {}, {}
         for name, recorded in plan["passes"].items():
+            self.fills[name] = recorded.get("fills", [])
             commands = [
                 (
                     device.pipeline(kernel),
@@ -67,6 +74,25 @@ class PackageRunner:
         if len(tokens) != n_tokens:
             raise ValueError(f"the {name} pass takes {n_tokens} tokens, not {len(tokens)}")
         self.device.set_step(position, np.asarray(tokens))
+        for fill in self.fills[name]:
+            values = self._rows(fill, tokens)
+            self.device.device.queue.write_buffer(self.buffers[fill["buffer"]].gpu, 4 * fill["at"], values)
         self.device.replay(commands)
         out = self.buffers[logits["buffer"]]
         return self.device.finish(out, 4 * logits["offset"], 4 * logits["count"]).view(np.float32)
+
+    def _rows(self, fill: dict, tokens: list[int]) -> np.ndarray:
+        """The rows of a table that `fill` reads for `tokens`, as float32."""
+        table, pieces = self.tables[fill["table"]]
+        out = np.empty((len(tokens), table["cols"]), np.float32)
+        row_bytes = table["row_bytes"]
+        for i, token in enumerate(tokens):
+            row = (token if token < fill["limit"] else 0) * fill["stride"] + fill["offset"]
+            if not 0 <= row < table["rows"]:
+                raise ModelFileError(
+                    f"table {fill['table']!r} has {table['rows']} rows but row {row} was asked for"
+                )
+            first, data = next((first, data) for first, data in reversed(pieces) if first <= row)
+            raw = data[(row - first) * row_bytes : (row - first + 1) * row_bytes]
+            out[i] = dequantize(raw, ggml_type(table["type"]), (table["cols"],))
+        return out

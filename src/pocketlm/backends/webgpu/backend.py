@@ -268,9 +268,8 @@ class WebGPUBackend:
         self.device = Device()
         self.keep = keep_host_copies  # keep uploaded arrays (for exporting a web package)
         # Tables a model reads row by row (Gemma's per-layer inputs): their rows are gathered from
-        # the file and copied to the GPU per pass, never uploaded whole; but a web package uploads
-        # them whole, as the browser has no file to read rows from.
-        self.reads_rows_from_file = not keep_host_copies
+        # the file and copied to the GPU per pass, never uploaded whole (a web package's plan lists
+        # these fills; the browser reads the rows from the package's table files).
         self._streamed: frozenset[str] = frozenset()
         self._pinned: dict[str, np.ndarray] = {}
         self._fills: list[tuple] = []  # the streamed rows the pass being recorded reads
@@ -520,8 +519,7 @@ class WebGPUBackend:
 
     def warm_up(self, model, make_cache) -> None:
         """Notes the tables the model streams (pipelines are made as the first pass records them)."""
-        if self.reads_rows_from_file:
-            self._streamed = frozenset(getattr(model, "streamed", ())) - set(self._pinned)
+        self._streamed = frozenset(getattr(model, "streamed", ())) - set(self._pinned)
 
     def pin(self, name: str, data: np.ndarray) -> None:
         """Upload table `name` whole, from this resident copy, instead of streaming its rows."""
