@@ -31,6 +31,34 @@ def gpu():
     return ops
 
 
+def test_the_cut_cffi_preamble_parses_types_as_cffi_itself_does():
+    """Device() cuts cffi's typedef preamble to the names a parsed text holds (2 s of start-up):
+    types, sizes and function types come out as with cffi's own parser."""
+    from cffi import FFI, cparser
+
+    from pocketlm.backends.webgpu.device import _quick_cffi_types
+
+    _quick_cffi_types()
+    header = (
+        "typedef int Width; typedef struct { Width a; float b[4]; } Box; typedef Box *BoxRef;"
+        "typedef void (*Callback)(Box *, Width); typedef enum { ONE = 1, TWO } Count;"
+    )
+    names = ["Box *", "BoxRef[2]", "Width", "Callback", "Box", "Count", "int(*)(Width, BoxRef)"]
+
+    def types(ffi):
+        ffi.cdef(header)
+        return [(ffi.typeof(n).cname, ffi.sizeof(n)) for n in names]
+
+    quick = cparser.Parser._parse
+    assert quick.quick
+    got = types(FFI())
+    cparser.Parser._parse = quick.__wrapped__
+    try:
+        assert got == types(FFI())
+    finally:
+        cparser.Parser._parse = quick
+
+
 REFERENCE = CpuBackend(fast=False)
 QUANTIZED = [
     GGMLType.Q8_0,

@@ -170,8 +170,42 @@ def grid(n_groups: int) -> tuple[int, int, int]:
     return MAX_GROUPS, math.ceil(n_groups / MAX_GROUPS), 1
 
 
+def _quick_cffi_types() -> None:
+    """wgpu-py asks cffi for each C type it builds by name (`ffi.new("WGPUFoo *")`), and cffi parses
+    every such name with a preamble declaring all of the binding's ~450 typedefs: ~80 ms a type,
+    2 s of a model's start. Only the typedefs that the parsed text names can change its parse (the
+    comment in cffi's own `Parser._parse` says as much), so the preamble is cut to those. Applied once;
+    left out where cffi's parser is not the one this was written against."""
+    try:
+        from cffi import cparser
+    except ImportError:
+        return
+    parse = getattr(cparser.Parser, "_parse", None)
+    words = getattr(cparser, "_r_words", None)
+    if parse is None or words is None or getattr(parse, "quick", False):
+        return
+
+    @functools.wraps(parse)
+    def quick(self, csource):
+        declared = getattr(self, "_declarations", None)
+        if not isinstance(declared, dict):
+            return parse(self, csource)
+        named = set(words.findall(csource))
+        self._declarations = {
+            k: v for k, v in declared.items() if not k.startswith("typedef ") or k[8:] in named
+        }
+        try:
+            return parse(self, csource)
+        finally:
+            self._declarations = declared
+
+    quick.quick = True
+    cparser.Parser._parse = quick
+
+
 class Device:
     def __init__(self):
+        _quick_cffi_types()
         try:
             import wgpu
         except ImportError:
