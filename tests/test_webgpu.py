@@ -410,10 +410,12 @@ def test_a_kernel_variant_keeps_only_its_own_blocks_of_the_wgsl():
     int4_one = device.wgsl_source("linear+int4+norm+one")
     int8_tiles = device.wgsl_source("linear+int8+gated")
     assert "#" not in int4_one and "fn store(" in int4_one
-    assert "nibbles(w.x >> 4u)" in int4_one and "int8x4(w.x)" not in int4_one
+    assert "highs(w.x, hw, 0u)" in int4_one and "int8x4(w.x)" not in int4_one
     assert "fn one_token(" in int4_one and "fn one_token(" not in int8_tiles
     assert "fn token_norms(" in int4_one and "gelu_erf" not in int4_one and "merged(" not in int4_one
-    assert "int8x4(w.x)" in int8_tiles and "nibbles(w[i]" not in int8_tiles
+    assert "int8x4(w.x)" in int8_tiles and "lows(w[i]" not in int8_tiles
+    int5_one = device.wgsl_source("linear+int4+int5+norm+one")  # the fifth bits: in +int5 only
+    assert "q[row + loads + j / 4u]" in int5_one and "q[row + loads" not in int4_one
     assert "gelu_erf" in int8_tiles and "fn token_norms(" not in int8_tiles
     assert device.param_fields("linear+int4+norm+one") == device.param_fields("linear")
     assert device.binding_types("linear+f32+plain") == device.binding_types("linear+int4+merged+one")
@@ -684,6 +686,48 @@ def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, tensor_type, T):
     np.testing.assert_allclose(
         run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("tensor_type", [GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K])
+@pytest.mark.parametrize("T", [1, 5, 11])
+def test_five_bit_weights_stay_five_bits_on_the_gpu(gpu, tensor_type, T):
+    """Q5_0 / Q5_1 / Q5_K matrices of whole 128-value groups are uploaded in 5 bits a value (nibbles,
+    then their fifth bits), the 32-value types' scales and offsets as float16 (what their blocks hold),
+    and multiplied as such by each path (one token, a few, the tiled product of many), and read as a
+    table."""
+    from pocketlm.backends.webgpu.backend import NIBBLES5
+
+    cols = 256 if tensor_type == GGMLType.Q5_K else 384
+    w = weight(tensor_type, 37, cols, seed=50 + T, name="fifths")
+    m = gpu.matrix(w)
+    per_scale = 4 if tensor_type == GGMLType.Q5_K else 2  # K scales are float16 times 6-bit integers
+    assert m.storage == NIBBLES5 and m.half == (per_scale == 2)
+    assert m.row_bytes == [cols * 5 // 8, cols // 32 * per_scale, cols // 32 * per_scale]  # bytes a row
+    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
+    expected = REFERENCE.linear(x, w)
+    ours = run(gpu, gpu.linear(gpu.upload(x), w))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    ids = np.array([36, 0, 5])
+    gpu.device.set_step(0, ids)
+    np.testing.assert_allclose(
+        run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("tensor_type", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1])
+def test_scales_held_as_float16_where_the_file_holds_them_so(gpu, tensor_type):
+    """Q8_0, Q4_0 and Q4_1 keep their float16 scales (and offsets) as float16 on the GPU: a Q8_0
+    matrix takes the file's bytes, no more; its products and rows are unchanged."""
+    w = weight(tensor_type, 21, 128, seed=7, name="half")
+    m = gpu.matrix(w)
+    assert m.half and m.row_bytes[1] == 128 // 32 * 2
+    if tensor_type == GGMLType.Q8_0:
+        assert 21 * sum(m.row_bytes) == w.nbytes
+    for T in (1, 3, 20):
+        x = np.random.default_rng(T).standard_normal((T, 128)).astype(np.float32)
+        expected = REFERENCE.linear(x, w)
+        ours = run(gpu, gpu.linear(gpu.upload(x), w))
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("arch", ["gemma4", "gemma3n"])

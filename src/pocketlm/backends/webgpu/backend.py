@@ -31,7 +31,7 @@ import numpy as np
 
 from ...errors import ModelFileError, UnsupportedError
 from ...formats.gguf import Tensor
-from ...formats.quants import GGMLType, dequantize
+from ...formats.quants import GGMLType, decompose, dequantize
 from ...kernels import int4, int8
 from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
@@ -207,8 +207,10 @@ class GpuLayerCache:
         return self.keys.size + self.values.size
 
 
-FLOAT32, INT8, NIBBLES = 0, 1, 2  # how a matrix's values are held (the kernels' weight_kind)
-_VARIANT = {FLOAT32: "f32", INT8: "int8", NIBBLES: "int4"}  # linear / matmul kernel variant of each
+FLOAT32, INT8, NIBBLES, NIBBLES5 = 0, 1, 2, 3  # how a matrix's values are held (the kernels' weight_kind)
+# linear / matmul kernel variant of each (5-bit values: the 4-bit code, plus their fifth bits)
+_VARIANT = {FLOAT32: "f32", INT8: "int8", NIBBLES: "int4", NIBBLES5: "int4+int5"}
+FIVE_BIT = (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K)  # 32 levels per value, 32 values per scale
 # the linear kernel's input variant, by x_mode
 _INPUT = {0: "plain", 1: "norm", 2: "gated", 3: "gated", 4: "gated", 5: "merged", 6: "resnorm"}
 
@@ -224,21 +226,75 @@ def _linear_kernel(variant: str, source: str, cols: int, one_token: bool) -> str
 
 def _held(w: Tensor) -> int:
     """How a matrix is held on the GPU: float types as FLOAT32, 4-bit types of whole 64-value runs
-    as NIBBLES (4 bits still), every other block type repacked to INT8."""
+    as NIBBLES (4 bits still), 5-bit types of whole 128-value groups as NIBBLES5 (5 bits still),
+    every other block type repacked to INT8."""
     if w.type in _FLOAT:
         return FLOAT32
+    if w.type in FIVE_BIT and len(w.shape) == 2 and w.shape[1] % 128 == 0:
+        return NIBBLES5
     return NIBBLES if int4.fits(w.type, w.shape) else INT8
+
+
+def _five_bits(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q5_0 / Q5_1 / Q5_K matrix [rows, cols] -> (uint8 [rows, 5 cols / 8], scale, offset [rows,
+    cols / 32]). A row: its values' low four bits in kernels.int4's layout (cols / 2 bytes: runs of 64
+    values in 32 bytes, value j and 32 + j in byte j), then one 32-bit word for each 16 bytes of them
+    (cols / 8 bytes): bit k holds the fifth bit of the value in the low nibble of byte k of those 16,
+    bit 16 + k that of the value in its high nibble. Q5_0's -16..15 are held as 0..31, the shift
+    moved into the offset (16 times a float16 scale: exact)."""
+    rows, cols = w.shape
+    q, scale, offset = decompose(w.data, w.type)
+    scale = scale.reshape(rows, cols // 32).astype(np.float32)
+    offset = np.zeros_like(scale) if offset is None else offset.reshape(rows, cols // 32).astype(np.float32)
+    q = q.reshape(rows, cols // 64, 2, 2, 16).astype(np.int16)  # [row, run, nibble half, 16 bytes, byte]
+    if q.min(initial=0) < 0:
+        q = q + 16
+        offset = offset - 16 * scale
+    nibbles = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)  # [row, run, 16 bytes, byte]
+    bit = np.arange(16, dtype=np.uint32)
+    words = ((q[:, :, 0] >> 4).astype(np.uint32) << bit).sum(-1, dtype=np.uint32)
+    words |= ((q[:, :, 1] >> 4).astype(np.uint32) << (bit + 16)).sum(-1, dtype=np.uint32)
+    packed = np.concatenate(
+        [
+            nibbles.astype(np.uint8).reshape(rows, cols // 2),
+            words.astype("<u4").reshape(rows, -1).view(np.uint8),
+        ],
+        axis=1,
+    )
+    return packed, scale, offset
+
+
+def _as_half(scale: np.ndarray, offset: np.ndarray) -> bool:
+    """Whether a matrix's scales (and offsets) are held as float16: where each is one exactly (the
+    float16 fields of every 32-value block type, and Q4_0's and Q5_0's shifts of them) and a row
+    holds an even number (whole 32-bit words a row, for stacking by rows)."""
+
+    def exact(a: np.ndarray) -> bool:
+        with np.errstate(over="ignore"):
+            return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+
+    return scale.shape[1] % 2 == 0 and exact(scale) and (offset.shape[1] == 0 or exact(offset))
 
 
 class _Matrix:
     """An uploaded weight matrix: row chunks of (first row, rows, buffers [values, scale, offset] or
     [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's.
-    `storage`: FLOAT32, INT8 (one byte a value, `kernels.int8`'s repacking) or NIBBLES (4-bit types kept
-    in 4 bits, `kernels.int4`'s layout: runs of 64 values in 32 bytes, value j and 32 + j in byte j)."""
+    `storage`: FLOAT32, INT8 (one byte a value, `kernels.int8`'s repacking), NIBBLES (4-bit types kept
+    in 4 bits, `kernels.int4`'s layout: runs of 64 values in 32 bytes, value j and 32 + j in byte j) or
+    NIBBLES5 (5-bit types in 5 bits, `_five_bits`); `half`: scales and offsets held as float16."""
 
-    def __init__(self, shape, chunks, storage: int, sub: int = 0, has_offset: bool = False, row0: int = 0):
+    def __init__(
+        self,
+        shape,
+        chunks,
+        storage: int,
+        sub: int = 0,
+        has_offset: bool = False,
+        row0: int = 0,
+        half: bool = False,
+    ):
         self.shape, self.chunks, self.storage = shape, chunks, storage
-        self.sub, self.has_offset, self.row0 = sub, has_offset, row0
+        self.sub, self.has_offset, self.row0, self.half = sub, has_offset, row0, half
 
     @property
     def quantized(self) -> bool:
@@ -250,12 +306,9 @@ class _Matrix:
         cols = self.shape[1]
         if self.storage == FLOAT32:
             return [4 * cols]
-        n_sub = cols // self.sub
-        return [
-            cols // 2 if self.storage == NIBBLES else cols,
-            4 * n_sub,
-            4 * n_sub if self.has_offset else 0,
-        ]
+        n_sub, per_scale = cols // self.sub, 2 if self.half else 4
+        values = {NIBBLES: cols // 2, NIBBLES5: 5 * cols // 8}.get(self.storage, cols)
+        return [values, per_scale * n_sub, per_scale * n_sub if self.has_offset else 0]
 
 
 class WebGPUBackend:
@@ -357,9 +410,14 @@ class WebGPUBackend:
                 if storage == NIBBLES:
                     nib = int4.repack(w.data, w.type, w.shape)
                     values, scale, offset, sub = nib.packed, nib.scale, nib.offset, int4.SUB
+                elif storage == NIBBLES5:
+                    (values, scale, offset), sub = _five_bits(w), 32
                 else:
                     packed = int8.repack(w.data, w.type, w.shape)
                     values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
+                half = _as_half(scale, offset)
+                if half:
+                    scale, offset = scale.astype("<f2"), offset.astype("<f2")
                 per_chunk = max(1, self.device.max_binding // values.shape[1])
                 chunks = []
                 for r in range(0, rows, per_chunk):
@@ -368,7 +426,9 @@ class WebGPUBackend:
                     o = offset[part] if offset.shape[1] else np.zeros(1, np.float32)
                     bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, sc, o)]
                     chunks.append((r, len(q), bufs))
-                self._matrices[w.name] = _Matrix(w.shape, chunks, storage, sub, offset.shape[1] > 0)
+                self._matrices[w.name] = _Matrix(
+                    w.shape, chunks, storage, sub, offset.shape[1] > 0, half=half
+                )
         return self._matrices[w.name]
 
     def vector(self, w: Tensor | np.ndarray, name: str | None = None) -> Buffer:
@@ -398,12 +458,12 @@ class WebGPUBackend:
     def _stack(self, parts: list[_Matrix], weights: list[Tensor]) -> _Matrix | None:
         first = parts[0]
         rows, cols = sum(m.shape[0] for m in parts), first.shape[1]
-        layout = (first.storage, cols, first.sub, first.has_offset)
+        layout = (first.storage, cols, first.sub, first.has_offset, first.half)
         if (
             len(parts) < 2
             or len({id(m) for m in parts}) < len(parts)
             or any(
-                (m.storage, m.shape[1], m.sub, m.has_offset) != layout or len(m.chunks) > 1 or m.row0
+                (m.storage, m.shape[1], m.sub, m.has_offset, m.half) != layout or len(m.chunks) > 1 or m.row0
                 for m in parts
             )
         ):
@@ -421,11 +481,13 @@ class WebGPUBackend:
             if self.keep:
                 data = np.concatenate([np.ascontiguousarray(b.data).view(np.uint8).ravel() for b in olds])
             stacked.append(self.device.concatenate(olds, [m.shape[0] * row_bytes for m in parts], data))
-        whole = _Matrix((rows, cols), [(0, rows, stacked)], first.storage, first.sub, first.has_offset)
+        whole = _Matrix(
+            (rows, cols), [(0, rows, stacked)], first.storage, first.sub, first.has_offset, half=first.half
+        )
         start = 0
         for w, m in zip(weights, parts):
             self._matrices[w.name] = _Matrix(
-                m.shape, [(0, m.shape[0], stacked)], m.storage, m.sub, m.has_offset, row0=start
+                m.shape, [(0, m.shape[0], stacked)], m.storage, m.sub, m.has_offset, row0=start, half=m.half
             )
             start += m.shape[0]
         return whole
@@ -719,6 +781,7 @@ class WebGPUBackend:
             extra = [resnorm.args["residual"].buf, resnorm.out.buf]
         base = dict(cols=cols, sub=m.sub, n_tokens=T, x_off=x.offset, x_stride=cols, w_row0=m.row0)
         base.update(has_offset=int(m.has_offset), seg1=bounds[0], seg2=bounds[1], seg3=bounds[2])
+        base.update(half_scales=int(m.half))
         base.update(y_off0=offsets[0], y_off1=offsets[1], y_off2=offsets[2])
         base.update(has_bias=int(bias is not None), has_res=int(residual is not None))
         base.update(res_off=residual.offset if residual is not None else 0)
@@ -772,6 +835,7 @@ class WebGPUBackend:
                 params = dict(
                     n_tokens=T, cols=cols, sub=m.sub, has_offset=int(m.has_offset), weight_kind=m.storage
                 )
+                params["half_scales"] = int(m.half)
                 params.update(row_base=first, rows=n, y_off=0, id_mul=stride, id_add=offset, id_limit=limit)
                 self.device.dispatch(
                     "embed_q8", params, [self.device.step, *bufs, y.buf], grid(-(-T * cols // WORKGROUP))

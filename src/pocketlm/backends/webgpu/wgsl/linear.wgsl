@@ -2,7 +2,9 @@
 // (little-endian) with a float scale (and offset) per sub-block of `sub` columns (y = sum_g scale[r, g]
 // * (q[r, g] . x'[g]) + offset[r, g] * sum(x'[g])); +int4: the same as 4-bit values (kernels.int4's
 // layout, runs of 64 values in 32 bytes, byte j holding value j in its low nibble and 32 + j in its
-// high one; sub = 32); +f32: float32. Each variant carries only its own code (smaller to compile, and
+// high one; sub = 32); +int4+int5: 5-bit values, each row's nibbles as +int4 then one word of their
+// fifth bits per 16 bytes of them (backend._five_bits); +f32: float32. Scales and offsets are float32,
+// or float16 pairs where half_scales. Each variant carries only its own code (smaller to compile, and
 // on a CPU device such as SwiftShader, cheaper a workgroup).
 // x' in variants too: +plain: x as read; +norm: RMS-normed per token (times norm weight nw where
 // has_norm_w); +gated: act(x[x_off + ...]) * x[x2_off + ...] (x_mode 2 silu, 3 gelu_tanh, 4 gelu);
@@ -24,15 +26,15 @@ struct Params {
   row_base: u32, x_mode: u32, x2_off: u32, eps: f32,
   seg1: u32, seg2: u32, seg3: u32, y_off0: u32,
   y_off1: u32, y_off2: u32, has_bias: u32, has_res: u32,
-  res_off: u32, has_norm_w: u32, lanes: u32, pad2: u32,
+  res_off: u32, has_norm_w: u32, lanes: u32, half_scales: u32,
   m_splits: u32, m_dim: u32, pad0: u32, pad1: u32,
   r_off: u32, h_off: u32, post_off: u32, has_post_w: u32,
   eps_post: f32, pad3: u32, pad4: u32, pad5: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;  // int8 x 16, or float32 x 4
-@group(0) @binding(2) var<storage, read> scale: array<f32>;
-@group(0) @binding(3) var<storage, read> offs: array<f32>;
+@group(0) @binding(2) var<storage, read> scale: array<u32>;  // float32, or float16 pairs (half_scales)
+@group(0) @binding(3) var<storage, read> offs: array<u32>;
 @group(0) @binding(4) var<storage, read> x: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> nw: array<f32>;
@@ -61,6 +63,49 @@ fn word(i: u32) -> u32 { return q[i / 4u][i % 4u]; }
 
 fn nibbles(w: u32) -> vec4<f32> {  // the low nibbles of w's four bytes
   return vec4<f32>(f32(w & 15u), f32((w >> 8u) & 15u), f32((w >> 16u) & 15u), f32((w >> 24u) & 15u));
+}
+
+// scale and offset of sub-block g
+fn scale_at(g: u32) -> f32 {
+  if (p.half_scales == 1u) { return unpack2x16float(scale[g / 2u])[g % 2u]; }
+  return bitcast<f32>(scale[g]);
+}
+
+fn offset_at(g: u32) -> f32 {
+  if (p.half_scales == 1u) { return unpack2x16float(offs[g / 2u])[g % 2u]; }
+  return bitcast<f32>(offs[g]);
+}
+
+// 16-byte loads a row of a nibble matrix with `loads` loads of nibbles (+int5: and their fifth bits)
+fn row_loads(loads: u32) -> u32 {
+#if int5
+  return loads + loads / 4u;
+#else
+  return loads;
+#endif
+}
+
+// the fifth bits of the 32 values of nibble load j of the row starting at load `row` (+int5; else 0)
+fn high_word(row: u32, loads: u32, j: u32) -> u32 {
+#if int5
+  return q[row + loads + j / 4u][j % 4u];
+#else
+  return 0u;
+#endif
+}
+
+// the values in the low (high) nibbles of word i of a load, plus 16 times their fifth bits from hw
+fn lows(w: u32, hw: u32, i: u32) -> vec4<f32> {
+#if int5
+  let h = hw >> (4u * i);
+  return nibbles(w) + vec4<f32>(f32((h & 1u) << 4u), f32((h & 2u) << 3u), f32((h & 4u) << 2u), f32((h & 8u) << 1u));
+#else
+  return nibbles(w);
+#endif
+}
+
+fn highs(w: u32, hw: u32, i: u32) -> vec4<f32> {
+  return lows(w >> 4u, hw >> 16u, i);
 }
 
 fn int8x4(w: u32) -> vec4<f32> {
@@ -264,7 +309,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         let w = q[wr * per_row + j];
         let g = wr * n_sub + (j * 16u) / p.sub;
         var o = 0.0;
-        if (p.has_offset == 1u) { o = offs[g]; }
+        if (p.has_offset == 1u) { o = offset_at(g); }
         let w0 = int8x4(w.x);
         let w1 = int8x4(w.y);
         let w2 = int8x4(w.z);
@@ -276,13 +321,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
           let xc = x4(t0 + t, t, c + 8u);
           let xd = x4(t0 + t, t, c + 12u);
           let sum = dot(w0, xa) + dot(w1, xb) + dot(w2, xc) + dot(w3, xd);
-          acc[t] += scale[g] * sum + o * dot(xa + xb + xc + xd, vec4<f32>(1.0));
+          acc[t] += scale_at(g) * sum + o * dot(xa + xb + xc + xd, vec4<f32>(1.0));
         }
       }
 #elif int4
       let per_row = p.cols / 32u;  // 32 weights of 4 bits a load
+      let row = wr * row_loads(per_row);
       for (var j = lane; j < per_row; j += 16u) {
-        let w = q[wr * per_row + j];
+        let w = q[row + j];
+        let hw = high_word(row, per_row, j);
         let run = j / 2u;
         let g = wr * n_sub + 2u * run;
         let c = 64u * run + 16u * (j % 2u);  // the column of the first low nibble; the high ones 32 on
@@ -294,13 +341,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
           for (var i = 0u; i < 4u; i++) {
             let a = x4(t0 + t, t, c + 4u * i);
             let b = x4(t0 + t, t, c + 32u + 4u * i);
-            lo += dot(nibbles(w[i]), a);
-            hi += dot(nibbles(w[i] >> 4u), b);
+            lo += dot(lows(w[i], hw, i), a);
+            hi += dot(highs(w[i], hw, i), b);
             x_lo += a;
             x_hi += b;
           }
           let ones = vec4<f32>(1.0);
-          acc[t] += scale[g] * lo + offs[g] * dot(x_lo, ones) + scale[g + 1u] * hi + offs[g + 1u] * dot(x_hi, ones);
+          acc[t] += scale_at(g) * lo + offset_at(g) * dot(x_lo, ones) + scale_at(g + 1u) * hi + offset_at(g + 1u) * dot(x_hi, ones);
         }
       }
 #else
@@ -332,20 +379,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 
 #if one
 // W's values from 16-byte load j of a row whose sub-blocks start at g0, times the staged x'
-fn piece(w: vec4<u32>, g0: u32, j: u32) -> f32 {
+fn piece(w: vec4<u32>, hw: u32, g0: u32, j: u32) -> f32 {
 #if int4
   // 32 values of 4 bits: half of a run of 64
   let run = j / 2u;
   let b = 16u * run + 4u * (j % 2u);  // xs index of the values in the low nibbles; the high ones 8 on
   let g = g0 + 2u * run;
-  let lo = dot(nibbles(w.x), xs[b]) + dot(nibbles(w.y), xs[b + 1u]) + dot(nibbles(w.z), xs[b + 2u])
-         + dot(nibbles(w.w), xs[b + 3u]);
-  let hi = dot(nibbles(w.x >> 4u), xs[b + 8u]) + dot(nibbles(w.y >> 4u), xs[b + 9u])
-         + dot(nibbles(w.z >> 4u), xs[b + 10u]) + dot(nibbles(w.w >> 4u), xs[b + 11u]);
+  let lo = dot(lows(w.x, hw, 0u), xs[b]) + dot(lows(w.y, hw, 1u), xs[b + 1u]) + dot(lows(w.z, hw, 2u), xs[b + 2u])
+         + dot(lows(w.w, hw, 3u), xs[b + 3u]);
+  let hi = dot(highs(w.x, hw, 0u), xs[b + 8u]) + dot(highs(w.y, hw, 1u), xs[b + 9u])
+         + dot(highs(w.z, hw, 2u), xs[b + 10u]) + dot(highs(w.w, hw, 3u), xs[b + 11u]);
   let ones = vec4<f32>(1.0);
   let x_lo = dot(xs[b] + xs[b + 1u] + xs[b + 2u] + xs[b + 3u], ones);
   let x_hi = dot(xs[b + 8u] + xs[b + 9u] + xs[b + 10u] + xs[b + 11u], ones);
-  return scale[g] * lo + offs[g] * x_lo + scale[g + 1u] * hi + offs[g + 1u] * x_hi;
+  return scale_at(g) * lo + offset_at(g) * x_lo + scale_at(g + 1u) * hi + offset_at(g + 1u) * x_hi;
 #else
   // 16 int8 values (columns 16 j ..)
   let g = g0 + (j * 16u) / p.sub;
@@ -353,8 +400,8 @@ fn piece(w: vec4<u32>, g0: u32, j: u32) -> f32 {
   let b = xs[4u * j + 1u];
   let c = xs[4u * j + 2u];
   let d = xs[4u * j + 3u];
-  var sum = scale[g] * (dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d));
-  if (p.has_offset == 1u) { sum += offs[g] * dot(a + b + c + d, vec4<f32>(1.0)); }
+  var sum = scale_at(g) * (dot(int8x4(w.x), a) + dot(int8x4(w.y), b) + dot(int8x4(w.z), c) + dot(int8x4(w.w), d));
+  if (p.has_offset == 1u) { sum += offset_at(g) * dot(a + b + c + d, vec4<f32>(1.0)); }
   return sum;
 #endif
 }
@@ -376,17 +423,26 @@ fn one_token(r: u32, wr: u32, lane: u32, lid: u32, first: bool) {
     let per_row = p.cols / 16u;
 #endif
     let n_sub = p.cols / p.sub;
+    let row = wr * row_loads(per_row);
+    let g0 = wr * n_sub;
     // four loads in flight a thread before any is used, then the rest one at a time
     var j = lane;
     for (; j + 3u * p.lanes < per_row; j += 4u * p.lanes) {
-      let w0 = q[wr * per_row + j];
-      let w1 = q[wr * per_row + j + p.lanes];
-      let w2 = q[wr * per_row + j + 2u * p.lanes];
-      let w3 = q[wr * per_row + j + 3u * p.lanes];
-      acc += piece(w0, wr * n_sub, j) + piece(w1, wr * n_sub, j + p.lanes);
-      acc += piece(w2, wr * n_sub, j + 2u * p.lanes) + piece(w3, wr * n_sub, j + 3u * p.lanes);
+      let j1 = j + p.lanes;
+      let j2 = j + 2u * p.lanes;
+      let j3 = j + 3u * p.lanes;
+      let w0 = q[row + j];
+      let w1 = q[row + j1];
+      let w2 = q[row + j2];
+      let w3 = q[row + j3];
+      let h0 = high_word(row, per_row, j);
+      let h1 = high_word(row, per_row, j1);
+      let h2 = high_word(row, per_row, j2);
+      let h3 = high_word(row, per_row, j3);
+      acc += piece(w0, h0, g0, j) + piece(w1, h1, g0, j1);
+      acc += piece(w2, h2, g0, j2) + piece(w3, h3, g0, j3);
     }
-    for (; j < per_row; j += p.lanes) { acc += piece(q[wr * per_row + j], wr * n_sub, j); }
+    for (; j < per_row; j += p.lanes) { acc += piece(q[row + j], high_word(row, per_row, j), g0, j); }
   }
   part[lid] = acc;
   workgroupBarrier();

@@ -1,5 +1,5 @@
 // y = W x for many tokens (prefill): the same product, variants (+int8, +int4, +f32) and epilogue as
-// `linear` (x read as is), computed in tiles: a workgroup of 256 threads takes 64 rows x 32 tokens, steps over the
+// `linear` (x read as is; +int4+int5 too), computed in tiles: a workgroup of 256 threads takes 64 rows x 32 tokens, steps over the
 // columns 32 at a time with the weights (dequantized) and x staged in workgroup memory, and each
 // thread accumulates 4 rows x 2 tokens.
 struct Params {
@@ -7,12 +7,12 @@ struct Params {
   x_off: u32, x_stride: u32, w_row0: u32, has_offset: u32,
   row_base: u32, seg1: u32, seg2: u32, seg3: u32,
   y_off0: u32, y_off1: u32, y_off2: u32, has_bias: u32,
-  has_res: u32, res_off: u32, pad0: u32, pad1: u32,
+  has_res: u32, res_off: u32, half_scales: u32, pad1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<u32>>;  // int8 x 16, or float32 x 4
-@group(0) @binding(2) var<storage, read> scale: array<f32>;
-@group(0) @binding(3) var<storage, read> offs: array<f32>;
+@group(0) @binding(2) var<storage, read> scale: array<u32>;  // float32, or float16 pairs (half_scales)
+@group(0) @binding(3) var<storage, read> offs: array<u32>;
 @group(0) @binding(4) var<storage, read> x: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
@@ -20,6 +20,16 @@ struct Params {
 
 var<workgroup> ws: array<f32, 2048>;  // [k, row]: 32 columns of 64 rows
 var<workgroup> xs: array<f32, 1024>;  // [k, token]: 32 columns of 32 tokens
+
+fn scale_at(g: u32) -> f32 {
+  if (p.half_scales == 1u) { return unpack2x16float(scale[g / 2u])[g % 2u]; }
+  return bitcast<f32>(scale[g]);
+}
+
+fn offset_at(g: u32) -> f32 {
+  if (p.half_scales == 1u) { return unpack2x16float(offs[g / 2u])[g % 2u]; }
+  return bitcast<f32>(offs[g]);
+}
 
 fn int8_of(w: u32, k: u32) -> f32 {
   return f32(bitcast<i32>(w << (24u - 8u * k)) >> 24u);
@@ -47,9 +57,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let wr = p.w_row0 + row0 + r;
         let w = q[wr * per_row + c / 16u];
         let g = wr * (p.cols / p.sub) + c / p.sub;
-        let s = scale[g];
+        let s = scale_at(g);
         var o = 0.0;
-        if (p.has_offset == 1u) { o = offs[g]; }
+        if (p.has_offset == 1u) { o = offset_at(g); }
         for (var i = 0u; i < 4u; i++) {
           let word = w[i];
           for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * int8_of(word, b) + o; }
@@ -65,13 +75,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
       var vals = array<f32, 16>();
       if (row0 + r < p.rows) {
         let wr = p.w_row0 + row0 + r;
-        let w = q[wr * (p.cols / 32u) + (k0 / 64u) * 2u + half];
+        let loads = p.cols / 32u;
+        let j = (k0 / 64u) * 2u + half;
+#if int5
+        let row = wr * (loads + loads / 4u);
+        let hw = q[row + loads + j / 4u][j % 4u];  // the fifth bits (backend._five_bits)
+#else
+        let row = wr * loads;
+        let hw = 0u;
+#endif
+        let w = q[row + j];
         let g = wr * (p.cols / 32u) + k0 / 32u;
-        let s = scale[g];
-        let o = offs[g];
+        let s = scale_at(g);
+        let o = offset_at(g);
         let shift = 4u * ((k0 % 64u) / 32u);  // columns 32.. of the run are the high nibbles
         for (var i = 0u; i < 4u; i++) {
-          for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * f32((w[i] >> (8u * b + shift)) & 15u) + o; }
+          for (var b = 0u; b < 4u; b++) {
+            let v = ((w[i] >> (8u * b + shift)) & 15u) | (((hw >> (4u * i + b + 4u * shift)) & 1u) << 4u);
+            vals[i * 4u + b] = s * f32(v) + o;
+          }
         }
       }
       for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
