@@ -666,6 +666,19 @@ def cache_tensors(gpu, cache):
     return GpuTensor(gpu, cache.keys, cache.k_shape), GpuTensor(gpu, cache.values, cache.v_shape)
 
 
+def products_and_rows_match(gpu, w: Tensor, T: int) -> None:
+    """W x for T random tokens and three of W's rows as a table, against the numpy reference."""
+    x = np.random.default_rng(T).standard_normal((T, w.shape[1])).astype(np.float32)
+    expected = REFERENCE.linear(x, w)
+    ours = run(gpu, gpu.linear(gpu.upload(x), w))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    ids = np.array([36, 0, 5])
+    gpu.device.set_step(0, ids)
+    np.testing.assert_allclose(
+        run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("tensor_type", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K])
 @pytest.mark.parametrize("T", [1, 5, 11])
 def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, tensor_type, T):
@@ -677,15 +690,7 @@ def test_four_bit_weights_stay_four_bits_on_the_gpu(gpu, tensor_type, T):
     w = weight(tensor_type, 37, cols, seed=40 + T, name="nibbles")
     m = gpu.matrix(w)
     assert m.storage == NIBBLES and m.chunks[0][2][0].size == 37 * cols // 2
-    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
-    expected = REFERENCE.linear(x, w)
-    ours = run(gpu, gpu.linear(gpu.upload(x), w))
-    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    ids = np.array([36, 0, 5])
-    gpu.device.set_step(0, ids)
-    np.testing.assert_allclose(
-        run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
-    )
+    products_and_rows_match(gpu, w, T)
 
 
 @pytest.mark.parametrize("tensor_type", [GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q5_K])
@@ -703,15 +708,7 @@ def test_five_bit_weights_stay_five_bits_on_the_gpu(gpu, tensor_type, T):
     per_scale = 4 if tensor_type == GGMLType.Q5_K else 2  # K scales are float16 times 6-bit integers
     assert m.storage == NIBBLES5 and m.half == (per_scale == 2)
     assert m.row_bytes == [cols * 5 // 8, cols // 32 * per_scale, cols // 32 * per_scale]  # bytes a row
-    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
-    expected = REFERENCE.linear(x, w)
-    ours = run(gpu, gpu.linear(gpu.upload(x), w))
-    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    ids = np.array([36, 0, 5])
-    gpu.device.set_step(0, ids)
-    np.testing.assert_allclose(
-        run(gpu, gpu.embedding(w, ids)), REFERENCE.embedding(w, ids), rtol=1e-6, atol=1e-6
-    )
+    products_and_rows_match(gpu, w, T)
 
 
 @pytest.mark.parametrize("tensor_type", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1])

@@ -14,15 +14,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> scale: array<u32>;
 @group(0) @binding(4) var<storage, read> offs: array<u32>;
 
-fn scale_at(g: u32) -> f32 {
-  if (p.half_scales == 1u) { return unpack2x16float(scale[g / 2u])[g % 2u]; }
-  return bitcast<f32>(scale[g]);
-}
-
-fn offset_at(g: u32) -> f32 {
-  if (p.half_scales == 1u) { return unpack2x16float(offs[g / 2u])[g % 2u]; }
-  return bitcast<f32>(offs[g]);
-}
+#include scales
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
 @compute @workgroup_size(64)

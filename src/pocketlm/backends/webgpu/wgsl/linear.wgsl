@@ -65,16 +65,7 @@ fn nibbles(w: u32) -> vec4<f32> {  // the low nibbles of w's four bytes
   return vec4<f32>(f32(w & 15u), f32((w >> 8u) & 15u), f32((w >> 16u) & 15u), f32((w >> 24u) & 15u));
 }
 
-// scale and offset of sub-block g
-fn scale_at(g: u32) -> f32 {
-  if (p.half_scales == 1u) { return unpack2x16float(scale[g / 2u])[g % 2u]; }
-  return bitcast<f32>(scale[g]);
-}
-
-fn offset_at(g: u32) -> f32 {
-  if (p.half_scales == 1u) { return unpack2x16float(offs[g / 2u])[g % 2u]; }
-  return bitcast<f32>(offs[g]);
-}
+#include scales
 
 // 16-byte loads a row of a nibble matrix with `loads` loads of nibbles (+int5: and their fifth bits)
 fn row_loads(loads: u32) -> u32 {

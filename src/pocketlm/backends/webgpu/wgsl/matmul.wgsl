@@ -21,15 +21,7 @@ struct Params {
 var<workgroup> ws: array<f32, 2048>;  // [k, row]: 32 columns of 64 rows
 var<workgroup> xs: array<f32, 1024>;  // [k, token]: 32 columns of 32 tokens
 
-fn scale_at(g: u32) -> f32 {
-  if (p.half_scales == 1u) { return unpack2x16float(scale[g / 2u])[g % 2u]; }
-  return bitcast<f32>(scale[g]);
-}
-
-fn offset_at(g: u32) -> f32 {
-  if (p.half_scales == 1u) { return unpack2x16float(offs[g / 2u])[g % 2u]; }
-  return bitcast<f32>(offs[g]);
-}
+#include scales
 
 fn int8_of(w: u32, k: u32) -> f32 {
   return f32(bitcast<i32>(w << (24u - 8u * k)) >> 24u);
