@@ -463,21 +463,40 @@ def _vector(name: str, n: int, seed: int) -> Tensor:
     return f32_tensor(name, np.random.default_rng(seed).standard_normal(n) + 1.0)
 
 
-@pytest.mark.parametrize("tensor_type", [GGMLType.F32, GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q6_K])
+Q5_0, Q8_0 = GGMLType.Q5_0, GGMLType.Q8_0
+
+
+@pytest.mark.parametrize(
+    "types",
+    [
+        (GGMLType.F32,) * 3,
+        (Q8_0,) * 3,
+        (GGMLType.Q4_1,) * 3,
+        (GGMLType.Q6_K,) * 3,
+        (Q5_0,) * 3,
+        (Q5_0, Q5_0, Q8_0),
+    ],
+    ids=lambda types: "-".join(t.name for t in types),
+)
 @pytest.mark.parametrize("T", [1, 5])
-def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, tensor_type, T):
-    """RMSNorm read on the way by q/k/v stacked as one matrix (odd row counts), biases in the epilogue."""
+def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, types, T):
+    """RMSNorm read on the way by q/k/v stacked as one matrix (odd row counts), biases in the epilogue;
+    matrices held differently (Gemma 3's Q8_0 values beside Q5_0 queries and keys) stack as int8."""
     cols = 256
-    ws = [weight(tensor_type, rows, cols, seed=i, name=f"stack{T}") for i, rows in enumerate((37, 12, 12))]
-    biases = [_vector(f"b{i}-{tensor_type.name}-{T}", w.shape[0], i) for i, w in enumerate(ws)]
-    norm = _vector(f"n-{tensor_type.name}-{T}", cols, 9)
+    tag = "-".join(t.name for t in types)
+    ws = [
+        weight(t, rows, cols, seed=i, name=f"stack{T}-{tag}")
+        for i, (t, rows) in enumerate(zip(types, (37, 12, 12)))
+    ]
+    biases = [_vector(f"b{i}-{tag}-{T}", w.shape[0], i) for i, w in enumerate(ws)]
+    norm = _vector(f"n-{tag}-{T}", cols, 9)
     x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
     normed = REFERENCE.rms_norm(x, norm, 1e-6)
     gpu.device.trace = []
     outs = gpu.linears(gpu.rms_norm(gpu.upload(x), norm, 1e-6), ws, biases)
     kernels = [d[0] for d in gpu.device.trace]
     gpu.device.trace = None
-    variant = {GGMLType.F32: "f32", GGMLType.Q4_1: "int4"}.get(tensor_type, "int8")
+    variant = {GGMLType.F32: "f32", GGMLType.Q4_1: "int4", Q5_0: "int4+int5"}.get(types[-1], "int8")
     assert kernels == [f"linear+{variant}+norm" + ("+one" if T == 1 and variant != "f32" else "")]
     for out, w, b in zip(outs, ws, biases):
         expected = REFERENCE.linear(normed, w, b)

@@ -385,51 +385,57 @@ class WebGPUBackend:
 
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:
-            rows, cols = w.shape
-            storage = _held(w)
-            if storage == FLOAT32:
-                values = np.ascontiguousarray(w.dequantize(), np.float32)
-                per_chunk = max(1, self.device.max_binding // (4 * cols))
-                chunks = [
-                    (
-                        r,
-                        min(per_chunk, rows - r),
-                        [
-                            self.device.buffer(
-                                4 * cols * min(per_chunk, rows - r),
-                                "weight",
-                                values[r : r + per_chunk],
-                                self.keep,
-                            )
-                        ],
-                    )
-                    for r in range(0, rows, per_chunk)
-                ]
-                self._matrices[w.name] = _Matrix(w.shape, chunks, storage)
-            else:
-                if storage == NIBBLES:
-                    nib = int4.repack(w.data, w.type, w.shape)
-                    values, scale, offset, sub = nib.packed, nib.scale, nib.offset, int4.SUB
-                elif storage == NIBBLES5:
-                    (values, scale, offset), sub = _five_bits(w), 32
-                else:
-                    packed = int8.repack(w.data, w.type, w.shape)
-                    values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
-                half = _as_half(scale, offset)
-                if half:
-                    scale, offset = scale.astype("<f2"), offset.astype("<f2")
-                per_chunk = max(1, self.device.max_binding // values.shape[1])
-                chunks = []
-                for r in range(0, rows, per_chunk):
-                    part = slice(r, r + per_chunk)
-                    q, sc = values[part], scale[part]
-                    o = offset[part] if offset.shape[1] else np.zeros(1, np.float32)
-                    bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, sc, o)]
-                    chunks.append((r, len(q), bufs))
-                self._matrices[w.name] = _Matrix(
-                    w.shape, chunks, storage, sub, offset.shape[1] > 0, half=half
-                )
+            self._matrices[w.name] = self._upload(w, _held(w))
         return self._matrices[w.name]
+
+    def _upload(self, w: Tensor, storage: int, half_ok: bool = True) -> _Matrix:
+        """W in buffers of at most one binding's worth of rows each, held as `storage` (scales and
+        offsets as float16 where that is exact and `half_ok`)."""
+        rows, cols = w.shape
+        if storage == FLOAT32:
+            values = np.ascontiguousarray(w.dequantize(), np.float32)
+            per_chunk = max(1, self.device.max_binding // (4 * cols))
+            chunks = []
+            for r in range(0, rows, per_chunk):
+                part = values[r : r + per_chunk]
+                chunks.append((r, len(part), [self.device.buffer(part.nbytes, "weight", part, self.keep)]))
+            return _Matrix(w.shape, chunks, storage)
+        if storage == NIBBLES:
+            nib = int4.repack(w.data, w.type, w.shape)
+            values, scale, offset, sub = nib.packed, nib.scale, nib.offset, int4.SUB
+        elif storage == NIBBLES5:
+            (values, scale, offset), sub = _five_bits(w), 32
+        else:
+            packed = int8.repack(w.data, w.type, w.shape)
+            values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
+        half = half_ok and _as_half(scale, offset)
+        if half:
+            scale, offset = scale.astype("<f2"), offset.astype("<f2")
+        per_chunk = max(1, self.device.max_binding // values.shape[1])
+        chunks = []
+        for r in range(0, rows, per_chunk):
+            part = slice(r, r + per_chunk)
+            q, sc = values[part], scale[part]
+            o = offset[part] if offset.shape[1] else np.zeros(1, np.float32)
+            bufs = [self.device.buffer(a.nbytes, "weight", a, self.keep) for a in (q, sc, o)]
+            chunks.append((r, len(q), bufs))
+        return _Matrix(w.shape, chunks, storage, sub, offset.shape[1] > 0, half=half)
+
+    def _held_alike(self, parts: list[_Matrix], weights: list[Tensor]) -> list[_Matrix]:
+        """Matrices to stack that are held differently (Gemma 3's Q8_0 value matrix beside Q5_0 query
+        and key ones) uploaded again alike: as INT8, scales as float16 only where all can be. One
+        dispatch for the three costs a few more bytes than three dispatches."""
+        if any(not m.quantized or m.row0 for m in parts) or len({(m.storage, m.half) for m in parts}) < 2:
+            return parts
+        for half_ok in (True, False):
+            again = [m.storage != INT8 or (m.half and not half_ok) for m in parts]
+            for i, w in enumerate(weights):
+                if again[i]:
+                    self.device.free([b for _, _, bufs in parts[i].chunks for b in bufs])
+                    parts[i] = self._matrices[w.name] = self._upload(w, INT8, half_ok)
+            if len({m.half for m in parts}) == 1:
+                break
+        return parts
 
     def vector(self, w: Tensor | np.ndarray, name: str | None = None) -> Buffer:
         """A weight's (or host array's) float32 values in a buffer, made once per name (a host
@@ -452,7 +458,8 @@ class WebGPUBackend:
         stack (different layouts or widths, or more than one binding's worth)."""
         key = tuple(w.name for w in weights)
         if key not in self._stacks:
-            self._stacks[key] = self._stack([self.matrix(w) for w in weights], weights)
+            parts = self._held_alike([self.matrix(w) for w in weights], weights)
+            self._stacks[key] = self._stack(parts, weights)
         return self._stacks[key]
 
     def _stack(self, parts: list[_Matrix], weights: list[Tensor]) -> _Matrix | None:

@@ -469,12 +469,16 @@ class Device:
             encoder.copy_buffer_to_buffer(part.gpu, 0, whole.gpu, at, size)
             at += size
         self.device.queue.submit([encoder.finish()])
-        for part in parts:
-            part.gpu.destroy()
-            part.role, part.data = "freed", None
+        self.free(parts)
+        return whole
+
+    def free(self, buffers: list[Buffer]) -> None:
+        """Destroy buffers that something else replaces (recorded passes are recorded again)."""
+        for b in buffers:
+            b.gpu.destroy()
+            b.role, b.data = "freed", None
         self._bind_groups.clear()
         self.generation += 1
-        return whole
 
     def copy(self, src: Buffer, dst: Buffer) -> None:
         """Copy a whole buffer in a command buffer of its own (session clones)."""
