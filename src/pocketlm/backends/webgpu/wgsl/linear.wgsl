@@ -85,11 +85,12 @@ fn high_word(row: u32, loads: u32, j: u32) -> u32 {
 #endif
 }
 
-// the values in the low (high) nibbles of word i of a load, plus 16 times their fifth bits from hw
+// the values in the low (high) nibbles of word i of a load, plus 16 times their fifth bits from hw:
+// bits 4i .. 4i + 3 of hw spread to bit 4 of each byte (times 0x00204081 puts bit k at 8k, among others)
 fn lows(w: u32, hw: u32, i: u32) -> vec4<f32> {
 #if int5
-  let h = hw >> (4u * i);
-  return nibbles(w) + vec4<f32>(f32((h & 1u) << 4u), f32((h & 2u) << 3u), f32((h & 4u) << 2u), f32((h & 8u) << 1u));
+  let v = (w & 0x0F0F0F0Fu) | (((((hw >> (4u * i)) & 15u) * 0x00204081u) & 0x01010101u) << 4u);
+  return vec4<f32>(f32(v & 31u), f32((v >> 8u) & 31u), f32((v >> 16u) & 31u), f32(v >> 24u));
 #else
   return nibbles(w);
 #endif
@@ -338,7 +339,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             x_hi += b;
           }
           let ones = vec4<f32>(1.0);
-          acc[t] += scale_at(g) * lo + offset_at(g) * dot(x_lo, ones) + scale_at(g + 1u) * hi + offset_at(g + 1u) * dot(x_hi, ones);
+          let s = scale_pair(g);
+          let o = offset_pair(g);
+          acc[t] += s.x * lo + o.x * dot(x_lo, ones) + s.y * hi + o.y * dot(x_hi, ones);
         }
       }
 #else
@@ -383,7 +386,9 @@ fn piece(w: vec4<u32>, hw: u32, g0: u32, j: u32) -> f32 {
   let ones = vec4<f32>(1.0);
   let x_lo = dot(xs[b] + xs[b + 1u] + xs[b + 2u] + xs[b + 3u], ones);
   let x_hi = dot(xs[b + 8u] + xs[b + 9u] + xs[b + 10u] + xs[b + 11u], ones);
-  return scale_at(g) * lo + offset_at(g) * x_lo + scale_at(g + 1u) * hi + offset_at(g + 1u) * x_hi;
+  let s = scale_pair(g);
+  let o = offset_pair(g);
+  return s.x * lo + o.x * x_lo + s.y * hi + o.y * x_hi;
 #else
   // 16 int8 values (columns 16 j ..)
   let g = g0 + (j * 16u) / p.sub;

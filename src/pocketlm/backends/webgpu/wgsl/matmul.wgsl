@@ -74,7 +74,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let hw = q[row + loads + j / 4u][j % 4u];  // the fifth bits (backend._five_bits)
 #else
         let row = wr * loads;
-        let hw = 0u;
 #endif
         let w = q[row + j];
         let g = wr * (p.cols / 32u) + k0 / 32u;
@@ -82,10 +81,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let o = offset_at(g);
         let shift = 4u * ((k0 % 64u) / 32u);  // columns 32.. of the run are the high nibbles
         for (var i = 0u; i < 4u; i++) {
-          for (var b = 0u; b < 4u; b++) {
-            let v = ((w[i] >> (8u * b + shift)) & 15u) | (((hw >> (4u * i + b + 4u * shift)) & 1u) << 4u);
-            vals[i * 4u + b] = s * f32(v) + o;
-          }
+          var v = (w[i] >> shift) & 0x0F0F0F0Fu;  // a value a byte
+#if int5
+          // bits 4i .. 4i + 3 of hw (16 on for the high nibbles) to bit 4 of each byte
+          v |= ((((hw >> (4u * i + 4u * shift)) & 15u) * 0x00204081u) & 0x01010101u) << 4u;
+#endif
+          for (var b = 0u; b < 4u; b++) { vals[i * 4u + b] = s * f32((v >> (8u * b)) & 31u) + o; }
         }
       }
       for (var i = 0u; i < 16u; i++) { ws[(half * 16u + i) * 64u + r] = vals[i]; }
