@@ -507,6 +507,21 @@ def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, types, T
     )
 
 
+def test_a_layers_stack_held_unlike_is_uploaded_as_int8_at_load():
+    """prepare() holds q/k/v (and gate/up) alike where their types would be held differently, so that
+    the first prompt stacks them without uploading them again; stacks held alike keep their bits."""
+    from pocketlm.backends.webgpu.backend import INT8, _held_alike
+
+    from dataclasses import replace
+
+    def named(tensor_type, name):
+        return replace(weight(tensor_type, 64, 256), name=name)
+
+    mixed = [named(t, f"blk.0.attn_{r}.weight") for t, r in zip((Q5_0, Q5_0, Q8_0), "qkv")]
+    same = [named(Q5_0, f"blk.1.ffn_{r}.weight") for r in ("gate", "up")]
+    assert _held_alike(mixed + same) == {w.name: INT8 for w in mixed}
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
 @pytest.mark.parametrize("T", [1, 11])
 def test_gated_activation_read_by_the_down_projection_and_residual_added(gpu, act, T):

@@ -276,6 +276,28 @@ def _as_half(scale: np.ndarray, offset: np.ndarray) -> bool:
     return scale.shape[1] % 2 == 0 and exact(scale) and (offset.shape[1] == 0 or exact(offset))
 
 
+_STACKS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))  # a decoder's stacked matrices
+
+
+def _held_alike(tensors) -> dict[str, int]:
+    """Storage for the matrices of a layer's stacks (q/k/v, gate/up) that the stack's others are held
+    unlike (Gemma 3 Q4_K_M's Q8_0 value matrix beside its Q5_0 query and key ones): INT8 for all of
+    that stack, so that they stack (one dispatch for three costs a few more bytes than three)."""
+    stacks: dict[tuple, list[Tensor]] = {}
+    for w in tensors:
+        parts = w.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and len(w.shape) == 2:
+            for i, roles in enumerate(_STACKS):
+                if parts[2] in roles:
+                    stacks.setdefault((parts[1], i), []).append(w)
+    return {
+        w.name: INT8
+        for ws in stacks.values()
+        if len({_held(w) for w in ws}) > 1 and FLOAT32 not in {_held(w) for w in ws}
+        for w in ws
+    }
+
+
 class _Matrix:
     """An uploaded weight matrix: row chunks of (first row, rows, buffers [values, scale, offset] or
     [float32 values]); a matrix stacked with others reads its rows from `row0` of the stack's.
@@ -346,15 +368,16 @@ class WebGPUBackend:
         again). `copy_out` (host copies of the file's bytes, for the cpu backend) is not needed.
         Meanwhile the kernels that a model of these matrices runs in every pass are compiled."""
         tensors = list(tensors)
-        self.device.precompile(self._likely_kernels(tensors))
+        alike = _held_alike(tensors)
+        self.device.precompile(self._likely_kernels(tensors, alike))
         for w in tensors:
             if len(w.shape) == 2 and w.name not in self._matrices:
-                self.matrix(w)
+                self._matrices[w.name] = self._upload(w, alike.get(w.name, _held(w)))
                 if on_packed:
                     on_packed(w)
 
     @staticmethod
-    def _likely_kernels(tensors) -> list[str]:
+    def _likely_kernels(tensors, alike: dict[str, int] | None = None) -> list[str]:
         """The kernels a decoder of these matrices runs in every pass, in the order a first prompt
         needs them (they compile in that order while the weights upload): the tiled prefill of each
         weight variant of the layers' matrices, the norm, cache write and attention, the output
@@ -362,15 +385,19 @@ class WebGPUBackend:
         norm, a gated activation, the attention merge, a post-norm's sum), its attention, argmax."""
 
         matrices = [w for w in tensors if len(w.shape) == 2]
+        alike = alike or {}
+
+        def held(w: Tensor) -> int:  # as `prepare` holds it
+            return alike.get(w.name, _held(w))
 
         def one_token(w: Tensor, x: str) -> str:
             cols = w.shape[1]
-            return _linear_kernel(_VARIANT[_held(w)], x, cols, cols <= wgsl_constants("linear", "XS")["max"])
+            return _linear_kernel(_VARIANT[held(w)], x, cols, cols <= wgsl_constants("linear", "XS")["max"])
 
         layers = [w for w in matrices if w.name.startswith("blk.")]
-        kernels = [f"matmul+{v}" for v in sorted({_VARIANT[_held(w)] for w in layers})]
+        kernels = [f"matmul+{v}" for v in sorted({_VARIANT[held(w)] for w in layers})]
         kernels += ["rms_norm", "kv_write", "attention"]
-        quantized = [w for w in matrices if _held(w) != FLOAT32]
+        quantized = [w for w in matrices if held(w) != FLOAT32]
         kernels += sorted({one_token(w, "norm") for w in quantized if not w.name.startswith("blk.")})
         inputs = {"ffn_down": "gated", "attn_output": "merged"}  # what else reads a normed input
         roles = [
@@ -421,10 +448,10 @@ class WebGPUBackend:
             chunks.append((r, len(q), bufs))
         return _Matrix(w.shape, chunks, storage, sub, offset.shape[1] > 0, half=half)
 
-    def _held_alike(self, parts: list[_Matrix], weights: list[Tensor]) -> list[_Matrix]:
-        """Matrices to stack that are held differently (Gemma 3's Q8_0 value matrix beside Q5_0 query
-        and key ones) uploaded again alike: as INT8, scales as float16 only where all can be. One
-        dispatch for the three costs a few more bytes than three dispatches."""
+    def _alike(self, parts: list[_Matrix], weights: list[Tensor]) -> list[_Matrix]:
+        """Matrices to stack that are held differently uploaded again alike: as INT8, scales as
+        float16 only where all can be (`prepare` already holds a decoder's q/k/v and gate/up alike,
+        see `_held_alike`; this is for other stacks, and for scales)."""
         if any(not m.quantized or m.row0 for m in parts) or len({(m.storage, m.half) for m in parts}) < 2:
             return parts
         for half_ok in (True, False):
@@ -458,7 +485,7 @@ class WebGPUBackend:
         stack (different layouts or widths, or more than one binding's worth)."""
         key = tuple(w.name for w in weights)
         if key not in self._stacks:
-            parts = self._held_alike([self.matrix(w) for w in weights], weights)
+            parts = self._alike([self.matrix(w) for w in weights], weights)
             self._stacks[key] = self._stack(parts, weights)
         return self._stacks[key]
 
