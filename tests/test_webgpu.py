@@ -510,9 +510,9 @@ def test_norm_then_stacked_linears_with_biases_run_as_one_dispatch(gpu, types, T
 def test_a_layers_stack_held_unlike_is_uploaded_as_int8_at_load():
     """prepare() holds q/k/v (and gate/up) alike where their types would be held differently, so that
     the first prompt stacks them without uploading them again; stacks held alike keep their bits."""
-    from pocketlm.backends.webgpu.backend import INT8, _held_alike
-
     from dataclasses import replace
+
+    from pocketlm.backends.webgpu.backend import INT8, _held_alike
 
     def named(tensor_type, name):
         return replace(weight(tensor_type, 64, 256), name=name)
