@@ -243,6 +243,8 @@ def _five_bits(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bit 16 + k that of the value in its high nibble. Q5_0's -16..15 are held as 0..31, the shift
     moved into the offset (16 times a float16 scale: exact)."""
     rows, cols = w.shape
+    if w.type in (GGMLType.Q5_0, GGMLType.Q5_1):
+        return _five_bits_of_blocks(w)
     q, scale, offset = decompose(w.data, w.type)
     scale = scale.reshape(rows, cols // 32).astype(np.float32)
     offset = np.zeros_like(scale) if offset is None else offset.reshape(rows, cols // 32).astype(np.float32)
@@ -251,15 +253,35 @@ def _five_bits(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q = q + 16
         offset = offset - 16 * scale
     nibbles = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)  # [row, run, 16 bytes, byte]
-    bit = np.arange(16, dtype=np.uint32)
-    words = ((q[:, :, 0] >> 4).astype(np.uint32) << bit).sum(-1, dtype=np.uint32)
-    words |= ((q[:, :, 1] >> 4).astype(np.uint32) << (bit + 16)).sum(-1, dtype=np.uint32)
+    fifths = (q >> 4).astype(np.uint8).transpose(0, 1, 3, 2, 4)  # [row, run, 16 bytes, half, byte]: 32 bits
+    words = np.packbits(fifths.reshape(rows, -1, 32), axis=-1, bitorder="little")  # little-endian words
+    packed = np.concatenate([nibbles.astype(np.uint8).reshape(rows, -1), words.reshape(rows, -1)], axis=1)
+    return packed, scale, offset
+
+
+def _five_bits_of_blocks(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_five_bits` of a Q5_0 / Q5_1 matrix straight from its blocks (a run of 64 values is two blocks:
+    d, [m,] qh (bit j: value j's fifth bit), 16 bytes holding values j and 16 + j), without unpacking
+    every value: ~10x quicker, a second of Gemma 3 270M's start on the CPU that feeds the GPU."""
+    rows, cols = w.shape
+    size = 22 if w.type == GGMLType.Q5_0 else 24
+    blocks = np.asarray(w.data, np.uint8).reshape(rows, cols // 64, 2, size)
+    d = blocks[..., 0:2].copy().view("<f2")[..., 0].astype(np.float32).reshape(rows, -1)
+    if w.type == GGMLType.Q5_0:  # d (q - 16): the 0..31 kept, the shift moved into the offset
+        qh_at, scale, offset = 2, d, -16 * d
+    else:
+        qh_at, scale = 4, d
+        offset = blocks[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32).reshape(rows, -1)
+    qh = blocks[..., qh_at : qh_at + 4].copy().view("<u4")[..., 0]  # [row, run, block]
+    qs = blocks[..., qh_at + 4 :]  # [row, run, block, 16]
+    first, second = qs[:, :, 0], qs[:, :, 1]
+    # byte j of a run: value j (block 0) low, value 32 + j (block 1) high; j < 16 from the blocks'
+    # low nibbles, 16 + j from their high ones
+    nibbles = np.concatenate([(first & 15) | (second << 4), (first >> 4) | (second & 0xF0)], axis=2)
+    low, high = qh[:, :, 0], qh[:, :, 1]  # the words of bytes 0-15 and 16-31 of each run
+    words = np.stack([(low & 0xFFFF) | (high << 16), (low >> 16) | (high & 0xFFFF0000)], axis=2)
     packed = np.concatenate(
-        [
-            nibbles.astype(np.uint8).reshape(rows, cols // 2),
-            words.astype("<u4").reshape(rows, -1).view(np.uint8),
-        ],
-        axis=1,
+        [nibbles.reshape(rows, -1), words.astype("<u4").reshape(rows, -1).view(np.uint8)], axis=1
     )
     return packed, scale, offset
 

@@ -251,9 +251,9 @@ class Device:
         size = max(16, (size + 15) // 16 * 16)
         if data is not None:
             raw = np.ascontiguousarray(data).view(np.uint8).ravel()
-            padded = np.zeros(size, np.uint8)
-            padded[: raw.size] = raw
-            gpu = self.device.create_buffer_with_data(data=padded, usage=flags)
+            if raw.size != size:  # padded to whole 16 bytes (most weights already are: no copy)
+                raw = np.concatenate([raw, np.zeros(size - raw.size, np.uint8)])
+            gpu = self.device.create_buffer_with_data(data=raw, usage=flags)
         else:
             gpu = self.device.create_buffer(size=size, usage=flags)
         buf = Buffer(len(self.buffers), gpu, size, role, data if keep else None)
