@@ -5,9 +5,10 @@ architecture files do with activations besides calling ops (`+`, `*` by a tensor
 `reshape`, row slices, `len`), so the same model code records GPU work. Nothing is computed
 until `to_host` submits the pass and reads the logits back.
 
-Weights are uploaded once at load: quantized matrices as the same int8 + per-sub-block scales
-(and offsets) the CPU backend repacks them to (`kernels.int8.repack`, exact for every GGUF type),
-float ones as float32. Matrices larger than the device's binding limit are split by rows; matrices
+Weights are uploaded once at load, in their own bits: 4-bit types as nibbles (`kernels.int4`'s
+layout), 5-bit ones as nibbles and a plane of fifth bits (`_five_bits`), the others as int8
+(`kernels.int8`'s layout), each with per-sub-block scales (and offsets), float16 where exact; float
+types as float32. Matrices larger than the device's binding limit are split by rows; matrices
 multiplied by one input (q/k/v, gate/up) are stacked into one at first use, and run as one dispatch.
 The KV cache of every layer holds every position (sliding windows are applied by the mask).
 
@@ -16,7 +17,7 @@ reads it. The op that reads it may take the computation into its own kernel: an 
 next linear layer (a few tokens), an activation times a product into the down projection, a
 residual add into the linear layer or norm before it, per-head q/k norms and RoPE into the
 KV-cache write and the attention kernel; anything else computes it first (`_ready`). A llama
-layer's decode step is 6 dispatches.
+layer's decode step is 5 dispatches.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from ...errors import ModelFileError, UnsupportedError
 from ...formats.gguf import Tensor
 from ...formats.quants import GGMLType, decompose, dequantize
-from ...kernels import int4, int8
+from ...kernels import int4
 from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 
@@ -286,6 +287,24 @@ def _five_bits_of_blocks(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return packed, scale, offset
 
 
+def _int8_values(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A block-quantized matrix as int8 values with a scale (and offset) per sub-block of 16 or 32:
+    `kernels.int8`'s layout, unpacked with numpy (its numba unpacker would load a compiled kernel, half a
+    second of a GPU model's start)."""
+    rows, cols = w.shape
+    q, scale, offset = decompose(w.data, w.type)
+    scale = scale.reshape(rows, -1).astype(np.float32)
+    offset = (
+        np.zeros((rows, 0), np.float32) if offset is None else offset.reshape(rows, -1).astype(np.float32)
+    )
+    sub = cols // scale.shape[1]
+    if sub not in (16, 32):
+        raise UnsupportedError(
+            f"{w.name}: {w.type.name} has {sub} values a scale; the GPU kernels take 16 or 32"
+        )
+    return np.ascontiguousarray(q.reshape(rows, cols)), scale, offset, sub
+
+
 def _as_half(scale: np.ndarray, offset: np.ndarray) -> bool:
     """Whether a matrix's scales (and offsets) are held as float16: where each is one exactly (the
     float16 fields of every 32-value block type, and Q4_0's and Q5_0's shifts of them) and a row
@@ -455,8 +474,7 @@ class WebGPUBackend:
         elif storage == NIBBLES5:
             (values, scale, offset), sub = _five_bits(w), 32
         else:
-            packed = int8.repack(w.data, w.type, w.shape)
-            values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
+            values, scale, offset, sub = _int8_values(w)
         half = half_ok and _as_half(scale, offset)
         if half:
             scale, offset = scale.astype("<f2"), offset.astype("<f2")
