@@ -7,6 +7,13 @@ writes a GGUF of the same names, types and shapes with random blocks; `run` benc
     python benchmarks/gpu_bench.py skeleton smollm2-135m gemma3-270m --out .gpu/   # here
     python benchmarks/gpu_bench.py build .gpu/*.skeleton.json.gz --out /tmp/models   # there
     python benchmarks/gpu_bench.py run /tmp/models/*.gguf --backend webgpu cpu
+    python benchmarks/gpu_bench.py web /tmp/models/*.gguf   # the browser's plan, replayed in Python
+
+`web` exports each file as a web package and runs it the way the browser runtime does (the prefill
+pass over bands of 16 tokens, then the decode pass a token at a time, every token's logits read back
+and the next token chosen on the host), through `pocketlm.web.replay.PackageRunner`, beside the native
+backend stepping the same way (logits read back each token), alternating: where Chromium cannot be
+carried to the GPU machine, the plan's own speed there.
 """
 
 from __future__ import annotations
@@ -129,6 +136,63 @@ def run(files: list[str], backends: list[str], prompt_tokens: int, gen_tokens: i
             print(json.dumps(row), flush=True)
 
 
+def web(files: list[str], prompt_tokens: int, gen_tokens: int, rounds: int) -> None:
+    for path in files:
+        print(json.dumps(web_file(path, prompt_tokens, gen_tokens, rounds)), flush=True)
+
+
+def web_file(path: str, prompt_tokens: int, gen_tokens: int, rounds: int) -> dict:
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from pocketlm.engine import LoadedModel
+    from pocketlm.web import export
+    from pocketlm.web.replay import PackageRunner
+
+    lm = LoadedModel(path, backend="webgpu")
+    prompt = np.random.default_rng(0).integers(4, lm.model.vocab_size, prompt_tokens).tolist()
+    with tempfile.TemporaryDirectory() as folder:
+        package = export(
+            path, Path(folder) / "web", max_tokens=prompt_tokens + gen_tokens + 16, progress=False
+        )
+        runner = PackageRunner(package)
+        band = runner.passes["prefill"][0]
+        banded = prompt_tokens - prompt_tokens % band
+
+        def plan() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            for i in range(0, banded, band):
+                logits = runner.run("prefill", prompt[i : i + band], i)
+            for i in range(banded, prompt_tokens):
+                logits = runner.run("decode", [prompt[i]], i)
+            t1 = time.perf_counter()
+            for k in range(gen_tokens):
+                logits = runner.run("decode", [int(np.argmax(logits))], prompt_tokens + k)
+            return t1 - t0, time.perf_counter() - t1
+
+        def native() -> tuple[float, float]:
+            cache = lm.make_cache(prompt_tokens + gen_tokens + 16)
+            t0 = time.perf_counter()
+            logits = lm.ops.to_host(lm.model.forward(lm.ops, np.array(prompt), cache))[-1]
+            t1 = time.perf_counter()
+            for _ in range(gen_tokens):
+                logits = lm.ops.to_host(lm.step(np.array([int(np.argmax(logits))]), cache))[-1]
+            return t1 - t0, time.perf_counter() - t1
+
+        plan(), native()  # compile, record
+        rows = {"plan": [], "native": []}
+        for _ in range(rounds):
+            rows["plan"].append(plan())
+            rows["native"].append(native())
+    out = {"model": Path(path).name, "device": lm.ops.device.description}
+    for name, times in rows.items():
+        out[f"{name}_prefill_tokens_per_second"] = prompt_tokens / float(np.median([t[0] for t in times]))
+        out[f"{name}_decode_tokens_per_second"] = gen_tokens / float(np.median([t[1] for t in times]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,11 +209,18 @@ def main() -> None:
     p.add_argument("--backend", nargs="+", default=["webgpu"])
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
+    p = sub.add_parser("web")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.command == "skeleton":
         skeleton(args.models, args.out)
     elif args.command == "build":
         build(args.skeletons, args.out)
+    elif args.command == "web":
+        web(args.files, args.prompt_tokens, args.gen_tokens, args.rounds)
     else:
         run(args.files, args.backend, args.prompt_tokens, args.gen_tokens)
 
