@@ -10,7 +10,7 @@ writes a GGUF of the same names, types and shapes with random blocks; `run` benc
     python benchmarks/gpu_bench.py web /tmp/models/*.gguf   # the browser's plan, replayed in Python
 
 `web` exports each file as a web package and runs it the way the browser runtime does (the prefill
-pass over bands of 16 tokens, then the decode pass a token at a time, every token's logits read back
+passes over bands of 128 and 16 tokens, then the decode pass a token at a time, every token's logits read back
 and the next token chosen on the host), through `pocketlm.web.replay.PackageRunner`, beside the native
 backend stepping the same way (logits read back each token), alternating: where Chromium cannot be
 carried to the GPU machine, the plan's own speed there.
@@ -158,15 +158,10 @@ def web_file(path: str, prompt_tokens: int, gen_tokens: int, rounds: int) -> dic
             path, Path(folder) / "web", max_tokens=prompt_tokens + gen_tokens + 16, progress=False
         )
         runner = PackageRunner(package)
-        band = runner.passes["prefill"][0]
-        banded = prompt_tokens - prompt_tokens % band
 
         def plan() -> tuple[float, float]:
             t0 = time.perf_counter()
-            for i in range(0, banded, band):
-                logits = runner.run("prefill", prompt[i : i + band], i)
-            for i in range(banded, prompt_tokens):
-                logits = runner.run("decode", [prompt[i]], i)
+            logits = runner.feed(prompt, 0)
             t1 = time.perf_counter()
             for k in range(gen_tokens):
                 logits = runner.run("decode", [int(np.argmax(logits))], prompt_tokens + k)

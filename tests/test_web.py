@@ -95,6 +95,19 @@ def test_the_browsers_row_dequantizer_equals_numpys_for_every_type(tmp_path):
         assert ours.tobytes() == expected.tobytes(), tensor_type.name
 
 
+def test_a_long_prompt_is_fed_in_wide_bands_then_narrow_ones_then_singly(tiny, tmp_path):
+    """A package of a long enough context also holds a 128-token prefill pass; feeding a prompt uses
+    it, then the 16-token one, then single tokens, and ends at the native logits."""
+    model, _, path = tiny("llama")
+    package = export(path, tmp_path / "web", max_tokens=192, progress=False)
+    replay = PackageRunner(package)
+    assert replay.passes["prefill_wide"][0] == 128 and replay.passes["prefill"][0] == 16
+    ids = prompt_ids(model.config.vocab_size, 128 + 16 + 5)
+    expected = load(path, kv_cache="f32").logits([*ids, ids[0]])
+    assert np.abs(replay.feed(ids, 0) - expected[-2]).max() <= 1e-3
+    assert np.abs(replay.run("decode", [ids[0]], len(ids)) - expected[-1]).max() <= 1e-3  # the cache it left
+
+
 def test_the_package_vocab_forbids_json_the_tokens_that_no_utf8_text_holds(tiny, tmp_path):
     """XGrammar (web-xgrammar 0.1.27) lets a string take byte F6 as a character's lead; the page masks
     every token with a byte no UTF-8 text has (C0, C1, F5-FF) or a raw control character."""

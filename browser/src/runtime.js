@@ -108,13 +108,15 @@ export class PlanRunner {
     }
   }
 
-  // Feed tokens from `position` on (the prefill pass for each full band of its size, then the
-  // decode pass token by token); returns the logits after the last one.
+  // Feed tokens from `position` on (bands of the widest prefill pass that fits, then of the narrower
+  // ones, then the decode pass token by token); returns the logits after the last one.
   async feed(tokens, position) {
     let logits, i = 0;
-    const band = this.passes.prefill;
-    for (; band && i + band.tokens <= tokens.length; i += band.tokens) {
-      logits = await this.run(band, tokens.slice(i, i + band.tokens), position + i);
+    const bands = Object.values(this.passes).filter((p) => p.tokens > 1).sort((a, b) => b.tokens - a.tokens);
+    for (const band of bands) {
+      for (; i + band.tokens <= tokens.length; i += band.tokens) {
+        logits = await this.run(band, tokens.slice(i, i + band.tokens), position + i);
+      }
     }
     for (; i < tokens.length; i++) logits = await this.run(this.passes.decode, [tokens[i]], position + i);
     return logits;

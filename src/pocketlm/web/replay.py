@@ -68,6 +68,22 @@ class PackageRunner:
             ]
             self.passes[name] = (recorded["tokens"], commands, recorded["logits"])
 
+    def feed(self, tokens: list[int], position: int) -> np.ndarray:
+        """The logits after `tokens` fed from `position` as the runtime feeds a prompt: bands of the
+        widest prefill pass that fits, then of the narrower ones, then the decode pass a token at a time."""
+        bands = sorted(
+            (n for n, (size, _, _) in self.passes.items() if size > 1), key=lambda n: -self.passes[n][0]
+        )
+        at, logits = 0, None
+        for name in bands:
+            size = self.passes[name][0]
+            while at + size <= len(tokens):
+                logits = self.run(name, tokens[at : at + size], position + at)
+                at += size
+        for i in range(at, len(tokens)):
+            logits = self.run("decode", [tokens[i]], position + i)
+        return logits
+
     def run(self, name: str, tokens: list[int], position: int) -> np.ndarray:
         """The logits after pass `name` over `tokens` (exactly as many as it takes) at `position`."""
         n_tokens, commands, logits = self.passes[name]
