@@ -101,7 +101,7 @@ def test_a_long_prompt_is_fed_in_wide_bands_then_narrow_ones_then_singly(tiny, t
     model, _, path = tiny("llama")
     package = export(path, tmp_path / "web", max_tokens=192, progress=False)
     replay = PackageRunner(package)
-    assert replay.passes["prefill_wide"][0] == 128 and replay.passes["prefill"][0] == 16
+    assert replay.passes["prefill_128"][0] == 128 and replay.passes["prefill"][0] == 16
     ids = prompt_ids(model.config.vocab_size, 128 + 16 + 5)
     expected = load(path, kv_cache="f32").logits([*ids, ids[0]])
     assert np.abs(replay.feed(ids, 0) - expected[-2]).max() <= 1e-3

@@ -4,8 +4,9 @@
                                       out/tokenizer.json, out/vocab.json
 
 The WebGPU backend records two passes of the model's own forward pass, each reading its position
-and tokens from the step buffer: prefill over WIDE_PREFILL_TOKENS and over PREFILL_TOKENS tokens (a
-prompt is fed in bands of the widest that fit, then one token at a time), and decode (one token). The plan
+and tokens from the step buffer: prefill over 512, 128 and PREFILL_TOKENS tokens (those the context
+holds; a prompt is fed in bands of the widest that fit, then one token at a time), and decode (one
+token). The plan
 lists every buffer they touch (weights, cos/sin tables, parameter blocks, KV caches, scratch) and
 each pass's dispatches in order (kernel, parameter block, buffers, workgroups), with the WGSL
 source of each kernel. Tables a model reads a few rows of per token (Gemma 3n's and Gemma 4's
@@ -33,8 +34,10 @@ from ..engine import LoadedModel
 from ..errors import InvalidOptionError
 
 SHARD_BYTES = 256 * 1024 * 1024  # shards the browser fetches and caches one at a time
-WIDE_PREFILL_TOKENS = 128  # a long prompt's bands: 8x fewer passes, each with its logits read back
-PREFILL_TOKENS = 16  # the rest of a prompt's bands (the rest one by one)
+# prefill passes, widest first: a prompt is fed in bands of the widest that fits, then narrower ones,
+# then one token at a time (each pass's logits are read back: wide bands, few passes, on long prompts)
+WIDE_PREFILL = (("prefill_512", 512), ("prefill_128", 128))
+PREFILL_TOKENS = 16
 ALIGN = 256
 FORMAT = 3  # 2: each kernel's bind group layout written out (`bindings`); 3: tables read by rows
 
@@ -67,7 +70,7 @@ def export(
     device = lm.ops.device
     # The prefill pass first: its scratch buffers are the larger ones, which the decode pass reuses.
     passes, tables = {}, {}
-    for name, n_tokens in (("prefill_wide", WIDE_PREFILL_TOKENS), ("prefill", PREFILL_TOKENS), ("decode", 1)):
+    for name, n_tokens in (*WIDE_PREFILL, ("prefill", PREFILL_TOKENS), ("decode", 1)):
         if n_tokens > max_tokens:
             continue
         cache.clear()
