@@ -463,7 +463,7 @@ def _vector(name: str, n: int, seed: int) -> Tensor:
     return f32_tensor(name, np.random.default_rng(seed).standard_normal(n) + 1.0)
 
 
-Q5_0, Q8_0 = GGMLType.Q5_0, GGMLType.Q8_0
+Q5_0, Q8_0, Q4_K, Q6_K = GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K
 
 
 @pytest.mark.parametrize(
@@ -519,7 +519,22 @@ def test_a_layers_stack_held_unlike_is_uploaded_as_int8_at_load():
 
     mixed = [named(t, f"blk.0.attn_{r}.weight") for t, r in zip((Q5_0, Q5_0, Q8_0), "qkv")]
     same = [named(Q5_0, f"blk.1.ffn_{r}.weight") for r in ("gate", "up")]
-    assert _held_alike(mixed + same) == {w.name: INT8 for w in mixed}
+    # Q4_K_M's Q6_K values beside Q4_K queries and keys would not stack as int8 either (16 values a
+    # scale, no offsets): they keep their own bits
+    unstackable = [named(t, f"blk.2.attn_{r}.weight") for t, r in zip((Q4_K, Q4_K, Q6_K), "qkv")]
+    assert _held_alike(mixed + same + unstackable) == {w.name: INT8 for w in mixed}
+
+
+def test_float16_scales_only_where_exact_and_normal():
+    """A float16 subnormal scale (a Q8_0 block of values under 0.008) stays float32: drivers may flush
+    float16 subnormals to zero when unpacking."""
+    from pocketlm.backends.webgpu.backend import _as_half
+
+    none = np.zeros((1, 0), np.float32)
+    assert _as_half(np.array([[0.5, 0.0]], np.float32), none)
+    assert not _as_half(np.array([[0.5, 2.0**-20]], np.float32), none)  # subnormal in float16
+    assert not _as_half(np.array([[0.1, 0.5]], np.float32), none)  # 0.1 is no float16
+    assert not _as_half(np.array([[0.5]], np.float32), none)  # an odd number a row
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])

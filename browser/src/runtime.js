@@ -26,8 +26,9 @@ async function fetchCached(url, cacheName) {
     if (!response) {
       response = await fetch(url);
       if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+      const fetched = response.clone();
       await cache.put(url, response);
-      response = await cache.match(url);
+      response = (await cache.match(url)) || fetched;
     }
     return response;
   }

@@ -33,8 +33,6 @@ ALL_CAPABILITIES = frozenset({LAYER_NORM, EXACT_GELU, ALIBI})
 class Backend(Protocol):
     name: str  # for messages and reports only: nothing outside backends/ branches on it
     capabilities: frozenset[str]
-    # whether `embedding` reads a model's `streamed` tables row by row from the mapped file (else
-    # they are made resident like any weight); absent: True
 
     # -- weights, caches, the token loop ---------------------------------------------------------
 

@@ -310,9 +310,10 @@ def _as_half(scale: np.ndarray, offset: np.ndarray) -> bool:
     float16 fields of every 32-value block type, and Q4_0's and Q5_0's shifts of them) and a row
     holds an even number (whole 32-bit words a row, for stacking by rows)."""
 
-    def exact(a: np.ndarray) -> bool:
+    def exact(a: np.ndarray) -> bool:  # and normal: a driver may flush float16 subnormals to zero
         with np.errstate(over="ignore"):
-            return bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
+            normal = bool(np.all((a == 0) | (np.abs(a) >= 2.0**-14)))
+            return normal and bool(np.array_equal(a.astype(np.float16).astype(np.float32), a))
 
     return scale.shape[1] % 2 == 0 and exact(scale) and (offset.shape[1] == 0 or exact(offset))
 
@@ -334,9 +335,17 @@ def _held_alike(tensors) -> dict[str, int]:
     return {
         w.name: INT8
         for ws in stacks.values()
-        if len({_held(w) for w in ws}) > 1 and FLOAT32 not in {_held(w) for w in ws}
+        if len({_held(w) for w in ws}) > 1 and FLOAT32 not in {_held(w) for w in ws} and _stack_as_int8(ws)
         for w in ws
     }
+
+
+def _stack_as_int8(weights) -> bool:
+    """Whether these matrices, held as INT8, would stack: the same values per scale (Q6_K has 16, the
+    others 32) and all with offsets or none (Q4_K M's Q6_K value matrix beside Q4_K query and key ones
+    would not: those stay 4 bits, in three products)."""
+    with_offset = (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
+    return len({(w.type == GGMLType.Q6_K, w.type in with_offset) for w in weights}) == 1
 
 
 class _Matrix:
@@ -489,17 +498,21 @@ class WebGPUBackend:
         return _Matrix(w.shape, chunks, storage, sub, offset.shape[1] > 0, half=half)
 
     def _alike(self, parts: list[_Matrix], weights: list[Tensor]) -> list[_Matrix]:
-        """Matrices to stack that are held differently uploaded again alike: as INT8, scales as
-        float16 only where all can be (`prepare` already holds a decoder's q/k/v and gate/up alike,
-        see `_held_alike`; this is for other stacks, and for scales)."""
+        """Matrices to stack that are held differently uploaded again alike: as INT8 where their
+        storages differ (and INT8 copies would stack), scales as float16 only where all can be
+        (`prepare` already holds a decoder's q/k/v and gate/up alike, see `_held_alike`; this is for
+        other stacks, and for scales)."""
         if any(not m.quantized or m.row0 for m in parts) or len({(m.storage, m.half) for m in parts}) < 2:
             return parts
+        storage = parts[0].storage if len({m.storage for m in parts}) == 1 else INT8
+        if storage == INT8 and not _stack_as_int8(weights):
+            return parts
         for half_ok in (True, False):
-            again = [m.storage != INT8 or (m.half and not half_ok) for m in parts]
+            again = [m.storage != storage or (m.half and not half_ok) for m in parts]
             for i, w in enumerate(weights):
                 if again[i]:
                     self.device.free([b for _, _, bufs in parts[i].chunks for b in bufs])
-                    parts[i] = self._matrices[w.name] = self._upload(w, INT8, half_ok)
+                    parts[i] = self._matrices[w.name] = self._upload(w, storage, half_ok)
             if len({m.half for m in parts}) == 1:
                 break
         return parts
