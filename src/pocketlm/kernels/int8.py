@@ -64,13 +64,23 @@ class Int8Weight:
 
 def repack(data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> Int8Weight:
     """A quantized GGUF tensor [rows, cols] -> Int8Weight."""
-    rows, cols = shape
     if tensor_type == GGMLType.Q5_0:  # Gemma 3's commonest type: numba, 0.26 -> 0.03 s for its 63 M values
         blocks = np.asarray(data, dtype=np.uint8).reshape(-1, BLOCK_LAYOUT[tensor_type][1])
-        q, scale, offset = np.empty((len(blocks), 32), np.int8), np.empty(len(blocks), np.float32), None
+        q, scale = np.empty((len(blocks), 32), np.int8), np.empty(len(blocks), np.float32)
         _unpack_q5_0(blocks, q, scale)
-    else:
-        q, scale, offset = decompose(data, tensor_type)
+        return _weight(q, scale, None, tensor_type, shape)
+    return unpack(data, tensor_type, shape)
+
+
+def unpack(data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> Int8Weight:
+    """`repack` with numpy alone (`formats.quants.decompose`): no compiled kernel to load, for a
+    caller that runs none (the webgpu backend uploads these arrays)."""
+    q, scale, offset = decompose(data, tensor_type)
+    return _weight(q, scale, offset, tensor_type, shape)
+
+
+def _weight(q, scale, offset, tensor_type, shape: tuple[int, ...]) -> Int8Weight:
+    rows, cols = shape
     scale = np.ascontiguousarray(scale.reshape(rows, -1), dtype=np.float32)
     offset = (
         np.zeros((rows, 0), np.float32) if offset is None else np.ascontiguousarray(offset.reshape(rows, -1))

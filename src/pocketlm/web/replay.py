@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.webgpu.backend import table_rows
 from ..backends.webgpu.device import Device
-from ..errors import InvalidOptionError, ModelFileError
+from ..errors import InvalidOptionError
 from ..formats.quants import dequantize, ggml_type
 
 
@@ -100,15 +101,10 @@ class PackageRunner:
     def _rows(self, fill: dict, tokens: list[int]) -> np.ndarray:
         """The rows of a table that `fill` reads for `tokens`, as float32."""
         table, pieces = self.tables[fill["table"]]
-        out = np.empty((len(tokens), table["cols"]), np.float32)
-        row_bytes = table["row_bytes"]
-        for i, token in enumerate(tokens):
-            row = (token if token < fill["limit"] else 0) * fill["stride"] + fill["offset"]
-            if not 0 <= row < table["rows"]:
-                raise ModelFileError(
-                    f"table {fill['table']!r} has {table['rows']} rows but row {row} was asked for"
-                )
+        rows = table_rows(fill["table"], table["rows"], tokens, fill["stride"], fill["offset"], fill["limit"])
+        size = table["row_bytes"]
+        raw = np.empty((len(rows), size), np.uint8)
+        for i, row in enumerate(rows.tolist()):
             first, data = next((first, data) for first, data in reversed(pieces) if first <= row)
-            raw = data[(row - first) * row_bytes : (row - first + 1) * row_bytes]
-            out[i] = dequantize(raw, ggml_type(table["type"]), (table["cols"],))
-        return out
+            raw[i] = data[(row - first) * size : (row - first + 1) * size]
+        return dequantize(raw, ggml_type(table["type"]), (len(rows), table["cols"]))

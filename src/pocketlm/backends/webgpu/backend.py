@@ -33,7 +33,7 @@ import numpy as np
 from ...errors import ModelFileError, UnsupportedError
 from ...formats.gguf import Tensor
 from ...formats.quants import GGMLType, decompose, dequantize
-from ...kernels import int4
+from ...kernels import int4, int8
 from ..base import ALIBI, EXACT_GELU, LAYER_NORM
 from .device import WORKGROUP, Buffer, Device, grid, wgsl_constants
 
@@ -241,22 +241,18 @@ def _five_bits(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cols / 32]). A row: its values' low four bits in kernels.int4's layout (cols / 2 bytes: runs of 64
     values in 32 bytes, value j and 32 + j in byte j), then one 32-bit word for each 16 bytes of them
     (cols / 8 bytes): bit k holds the fifth bit of the value in the low nibble of byte k of those 16,
-    bit 16 + k that of the value in its high nibble. Q5_0's -16..15 are held as 0..31, the shift
-    moved into the offset (16 times a float16 scale: exact)."""
+    bit 16 + k that of the value in its high nibble. Q5_K's values are 0..31 with an offset each 32."""
     rows, cols = w.shape
     if w.type in (GGMLType.Q5_0, GGMLType.Q5_1):
         return _five_bits_of_blocks(w)
     q, scale, offset = decompose(w.data, w.type)
     scale = scale.reshape(rows, cols // 32).astype(np.float32)
-    offset = np.zeros_like(scale) if offset is None else offset.reshape(rows, cols // 32).astype(np.float32)
-    q = q.reshape(rows, cols // 64, 2, 2, 16).astype(np.int16)  # [row, run, nibble half, 16 bytes, byte]
-    if q.min(initial=0) < 0:
-        q = q + 16
-        offset = offset - 16 * scale
+    offset = offset.reshape(rows, cols // 32).astype(np.float32)
+    q = q.reshape(rows, cols // 64, 2, 2, 16).astype(np.uint8)  # [row, run, nibble half, 16 bytes, byte]
     nibbles = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)  # [row, run, 16 bytes, byte]
-    fifths = (q >> 4).astype(np.uint8).transpose(0, 1, 3, 2, 4)  # [row, run, 16 bytes, half, byte]: 32 bits
+    fifths = (q >> 4).transpose(0, 1, 3, 2, 4)  # [row, run, 16 bytes, half, byte]: 32 bits
     words = np.packbits(fifths.reshape(rows, -1, 32), axis=-1, bitorder="little")  # little-endian words
-    packed = np.concatenate([nibbles.astype(np.uint8).reshape(rows, -1), words.reshape(rows, -1)], axis=1)
+    packed = np.concatenate([nibbles.reshape(rows, -1), words.reshape(rows, -1)], axis=1)
     return packed, scale, offset
 
 
@@ -287,24 +283,6 @@ def _five_bits_of_blocks(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return packed, scale, offset
 
 
-def _int8_values(w: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A block-quantized matrix as int8 values with a scale (and offset) per sub-block of 16 or 32:
-    `kernels.int8`'s layout, unpacked with numpy (its numba unpacker would load a compiled kernel, half a
-    second of a GPU model's start)."""
-    rows, cols = w.shape
-    q, scale, offset = decompose(w.data, w.type)
-    scale = scale.reshape(rows, -1).astype(np.float32)
-    offset = (
-        np.zeros((rows, 0), np.float32) if offset is None else offset.reshape(rows, -1).astype(np.float32)
-    )
-    sub = cols // scale.shape[1]
-    if sub not in (16, 32):
-        raise UnsupportedError(
-            f"{w.name}: {w.type.name} has {sub} values a scale; the GPU kernels take 16 or 32"
-        )
-    return np.ascontiguousarray(q.reshape(rows, cols)), scale, offset, sub
-
-
 def _as_half(scale: np.ndarray, offset: np.ndarray) -> bool:
     """Whether a matrix's scales (and offsets) are held as float16: where each is one exactly (the
     float16 fields of every 32-value block type, and Q4_0's and Q5_0's shifts of them) and a row
@@ -332,12 +310,12 @@ def _held_alike(tensors) -> dict[str, int]:
             for i, roles in enumerate(_STACKS):
                 if parts[2] in roles:
                     stacks.setdefault((parts[1], i), []).append(w)
-    return {
-        w.name: INT8
-        for ws in stacks.values()
-        if len({_held(w) for w in ws}) > 1 and FLOAT32 not in {_held(w) for w in ws} and _stack_as_int8(ws)
-        for w in ws
-    }
+    alike = {}
+    for ws in stacks.values():
+        held = {_held(w) for w in ws}
+        if len(held) > 1 and FLOAT32 not in held and _stack_as_int8(ws):
+            alike.update((w.name, INT8) for w in ws)
+    return alike
 
 
 def _stack_as_int8(weights) -> bool:
@@ -346,6 +324,19 @@ def _stack_as_int8(weights) -> bool:
     would not: those stay 4 bits, in three products)."""
     with_offset = (GGMLType.Q4_1, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K)
     return len({(w.type == GGMLType.Q6_K, w.type in with_offset) for w in weights}) == 1
+
+
+def table_rows(name: str, n_rows: int, ids, stride: int, offset: int, limit: int) -> np.ndarray:
+    """The rows of a table read row by row that tokens `ids` read: id * stride + offset, id 0 for ids
+    at or past `limit` (the webgpu backend's streamed tables; a web package's fills)."""
+    ids = np.asarray(ids, np.int64)
+    rows = np.where(ids < limit, ids, 0) * stride + offset
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
+        raise ModelFileError(
+            f"tensor {name!r} has {n_rows} rows but row {int(rows.max())} was asked for: "
+            "the file's vocabulary and table disagree"
+        )
+    return rows
 
 
 class _Matrix:
@@ -482,8 +473,9 @@ class WebGPUBackend:
             values, scale, offset, sub = nib.packed, nib.scale, nib.offset, int4.SUB
         elif storage == NIBBLES5:
             (values, scale, offset), sub = _five_bits(w), 32
-        else:
-            values, scale, offset, sub = _int8_values(w)
+        else:  # numpy's unpacking: kernels.int8.repack's numba one would load a compiled kernel (0.5 s)
+            packed = int8.unpack(w.data, w.type, w.shape)
+            values, scale, offset, sub = packed.q, packed.scale, packed.offset, packed.sub
         half = half_ok and _as_half(scale, offset)
         if half:
             scale, offset = scale.astype("<f2"), offset.astype("<f2")
@@ -679,13 +671,7 @@ class WebGPUBackend:
         float32, where the pass's embedding reads them), before it is submitted."""
         for w, stride, offset, limit, y in fills:
             n_rows, cols = w.shape
-            ids = np.asarray(ids, np.int64)
-            rows = np.where(ids < limit, ids, 0) * stride + offset
-            if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n_rows):
-                raise ModelFileError(
-                    f"tensor {w.name!r} has {n_rows} rows but row {int(rows.max())} was asked for: "
-                    "the file's vocabulary and table disagree"
-                )
+            rows = table_rows(w.name, n_rows, ids, stride, offset, limit)
             raw = w.data.reshape(n_rows, w.nbytes // n_rows)[rows]
             values = np.ascontiguousarray(dequantize(raw, w.type, (len(rows), cols)), np.float32)
             self.device.device.queue.write_buffer(y.buf.gpu, 4 * y.offset, values)
