@@ -7,7 +7,9 @@
   step, replayed --repeat times in one pass and timed from submission to completion, less an empty
   pass (so launch gaps are included);
 - the cost of one dispatch of an empty-sized kernel, the floor that fusing removes;
-- the prompt's prefill, the first (which compiles what the load did not) and a second.
+- the prompt's prefill, the first (which compiles what the load did not) and two more, split into
+  encoding and submission to read-back;
+- sampled steps (temperature 0.8, top-k 40) with the top 40 chosen on the GPU, and with whole rows read.
 
     python benchmarks/gpu_profile.py MODEL.gguf [--context 512] [--repeat 20]
 """
@@ -22,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, "src")
 from pocketlm import load  # noqa: E402
-from pocketlm.engine import decode_step, prefill  # noqa: E402
+from pocketlm.engine import decode_step  # noqa: E402
 
 
 def median_ms(fn, n: int) -> float:
@@ -47,13 +49,17 @@ def main() -> None:
     device = lm.ops.device
     print(f"{args.model} on {device.description}", flush=True)
     prompt = [10 + i % 1000 for i in range(args.context)]
-    for run in ("first", "second"):  # the first compiles what the load did not
-        cache = lm.make_cache(args.context + 256)
+    for run in ("first", "second", "third"):  # the first compiles what the load did not
+        cache = lm.make_cache(args.context + 320)
         t0 = time.perf_counter()
-        prefill(lm, cache, prompt)
+        out = lm.model.forward(lm.ops, np.asarray(prompt, np.int64), cache)
+        lm.ops._complete(out)
+        t1 = time.perf_counter()
+        lm.ops.to_host(out)
         seconds = time.perf_counter() - t0
         print(
-            f"{run} prefill of {args.context} tokens: {1e3 * seconds:.1f} ms ({args.context / seconds:.0f} tok/s)"
+            f"{run} prefill of {args.context} tokens: {1e3 * seconds:.1f} ms ({args.context / seconds:.0f} tok/s;"
+            f" encoding {1e3 * (t1 - t0):.1f} ms, submit to read-back {1e3 * (seconds - t1 + t0):.1f})"
         )
     t0 = time.perf_counter()
     decode_step(lm, cache, 7)
@@ -71,6 +77,20 @@ def main() -> None:
             n += 1
         per = (time.perf_counter() - t0) / n
         print(f"greedy steps chained on the GPU: {1e3 * per:.2f} ms a token ({1 / per:.0f} tok/s)")
+
+    from pocketlm.sampling import make_sampler
+
+    for on_gpu in (True, False):  # temperature 0.8, top-k 40: the API's defaults
+        sampler, token = make_sampler(0.8, 40, 1.0, seed=1), 7
+        t0 = time.perf_counter()
+        for _ in range(48):
+            if on_gpu:
+                ids, logits = lm.ops.top_logits(lm.step, cache, token, 40)
+                token = int(ids[sampler(logits)])
+            else:
+                token = sampler(decode_step(lm, cache, token))
+        how = "the top 40 chosen on the GPU" if on_gpu else "whole rows read back and cut on the host"
+        print(f"sampled steps, {how}: {1e3 * (time.perf_counter() - t0) / 48:.2f} ms a token")
 
     encode, wait = [], []
     for _ in range(30):

@@ -441,7 +441,15 @@ def test_kernels_compiled_in_the_background_while_weights_upload_are_the_ones_di
     device = lm.ops.device
     guessed = set(device._compiling) | set(device._pipelines)
     one = {f"linear+int8+{x}+one" for x in ("norm", "gated", "merged")}
-    assert guessed == one | {"matmul+int8", "attention", "attention+fresh", "kv_write", "rms_norm", "argmax"}
+    assert guessed == one | {
+        "matmul+int8",
+        "attention",
+        "attention+fresh",
+        "kv_write",
+        "rms_norm",
+        "argmax",
+        "topk",
+    }
     compiling = dict(device._compiling)
     ids = prompt_ids(model.config.vocab_size, 3)
     cache = lm.make_cache(16)
@@ -835,3 +843,81 @@ def test_greedy_steps_chained_on_the_gpu_give_the_host_argmax_and_leave_the_cach
     assert host.offset == chained.offset
     other = (taken[-1] + 1) % model.config.vocab_size  # not the token the step run ahead fed
     np.testing.assert_allclose(decode_step(lm, chained, other), decode_step(lm, host, other), atol=1e-5)
+
+
+def _top_k_on_the_gpu(gpu, logits: np.ndarray, k: int, ties: int = 256) -> tuple[np.ndarray, int, int]:
+    """topk.wgsl over a row: (the ids it leaves once the host keeps k, pairs written, flag)."""
+    x = gpu.upload(logits)
+    out = gpu.device.buffer(16 + 8 * (k + ties), "data")
+    gpu.device.dispatch("topk", dict(n=len(logits), l_off=0, k=k, cap=k + ties), [x.buf, out], (1, 1, 1))
+    raw = gpu.device.finish(out, 0, 16 + 8 * (k + ties)).view(np.uint32)
+    written, bad = int(raw[0]), int(raw[1])
+    pairs = raw[4 : 4 + 2 * min(written, k + ties)].reshape(-1, 2)
+    ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
+    np.testing.assert_array_equal(values, logits[ids])  # each pair is a logit and its id
+    return np.sort(ids[np.lexsort((ids, -values))[:k]]), written, bad
+
+
+@pytest.mark.parametrize("n, k", [(77, 3), (300, 256), (1000, 1), (49_157, 40)])
+def test_the_top_k_logits_found_on_the_gpu_are_numpys_with_ties_taken_by_id(gpu, n, k):
+    rng = np.random.default_rng(n)
+    logits = rng.normal(0, 3, n).astype(np.float32)
+    logits[: n // 3] *= -1  # negatives and positives both near the top
+    top = np.sort(logits)[-k]
+    logits[rng.integers(0, n, 12)] = top  # several equal to the k-th largest
+    logits[rng.integers(0, n, 3)] = -0.0
+    expected = np.sort(np.lexsort((np.arange(n), -logits))[:k])  # by value, then the lower id
+    found, written, bad = _top_k_on_the_gpu(gpu, logits, k)
+    np.testing.assert_array_equal(found, expected)
+    assert bad == 0 and written == np.count_nonzero(logits >= logits[expected].min())
+
+
+def test_top_k_on_the_gpu_flags_non_finite_logits_and_too_many_ties(gpu):
+    logits = np.linspace(-1, 1, 5000).astype(np.float32)
+    for bad_value in (np.nan, np.inf, -np.inf):
+        row = logits.copy()
+        row[1234] = bad_value
+        assert _top_k_on_the_gpu(gpu, row, 10)[2] == 1
+    flat = np.zeros(5000, np.float32)  # every logit the k-th: more ties than the buffer holds
+    assert _top_k_on_the_gpu(gpu, flat, 10, ties=100)[1] == 5000
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (40, 0.8), (0, 1.0), (5000, 1.0)])
+def test_sampled_tokens_with_the_top_k_chosen_on_the_gpu_are_the_host_samplers_for_a_seed(
+    tiny, monkeypatch, top_k, top_p
+):
+    """generate_tokens with a top-k cut reads back only the top k logits (top_logits), and draws
+    the tokens the host's sampler draws from whole rows of the same steps with the same seed; without
+    a cut (0), or one wider than the vocabulary, whole rows are read."""
+    from pocketlm.backends.webgpu import WebGPUBackend
+    from pocketlm.engine import generate_tokens
+    from pocketlm.sampling import make_sampler
+
+    model, _, path = tiny("llama")
+    try:
+        lm = load(path, backend="webgpu")
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    lm.tokenizer.stop_ids = frozenset()
+    ids = prompt_ids(model.config.vocab_size, 20)
+    sampler = make_sampler(1.3, top_k, top_p, seed=11)  # hot: the draws land away from the best
+    cache = lm.make_cache(64)
+    expected = [int(sampler(prefill(lm, cache, ids)))]
+    for _ in range(15):
+        expected.append(int(sampler(decode_step(lm, cache, expected[-1]))))
+
+    narrowed = []
+    original = WebGPUBackend.top_logits
+
+    def counted(self, step, cache, token, k):
+        found = original(self, step, cache, token, k)
+        narrowed.append(found[0] is not None)
+        return found
+
+    monkeypatch.setattr(WebGPUBackend, "top_logits", counted)
+    sampler = make_sampler(1.3, top_k, top_p, seed=11)
+    tokens = list(generate_tokens(lm, lm.make_cache(64), ids, sampler, max_new_tokens=16))
+    assert tokens == expected
+    assert len(set(tokens)) > 3  # sampled, not one token over and over
+    cut = 0 < top_k < model.config.vocab_size
+    assert narrowed == ([cut] * 15 if top_k else [])

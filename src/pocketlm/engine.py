@@ -237,17 +237,24 @@ def _check_finite(lm: LoadedModel, logits: np.ndarray | None) -> None:
 def _sampled(lm, cache, logits, sampler, constraint, limit: int) -> Iterator[int]:
     """The token after the prompt, then one after each decode step, each computed only when the
     next is asked for. Greedy and unconstrained on a backend that chooses tokens itself
-    (`greedy_tokens`), the steps after the first are chained there."""
+    (`greedy_tokens`), the steps after the first are chained there; with a top-k cut on a backend
+    that finds the top k logits itself (`top_logits`), only those are read back and drawn from."""
+    top_logits = getattr(lm.ops, "top_logits", None) if constraint is None else None
+    top_k = getattr(sampler, "top_k", 0) if top_logits else 0
+    ids = None  # the token ids of `logits` where they are the top k only
     for sampled in range(limit):
         _check_finite(lm, logits)
         if constraint is not None:  # told how many tokens the reply may still have, to close in time
             logits = constraint.mask(logits, min(limit - sampled, cache.max_tokens - cache.offset))
-        token = sampler(logits)
+        token = sampler(logits) if ids is None else int(ids[sampler(logits)])
         yield token
         if sampler is greedy and constraint is None:
             yield from greedy_tokens(lm, cache, token, limit - 1)
             return
-        logits = decode_step(lm, cache, token)
+        if top_k:
+            ids, logits = top_logits(lm.step, cache, token, top_k)
+        else:
+            logits = decode_step(lm, cache, token)
 
 
 def greedy_tokens(lm: LoadedModel, cache: KVCache, token: int, limit: int) -> Iterator[int]:

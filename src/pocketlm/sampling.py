@@ -86,15 +86,24 @@ def draw(
     return int(kept[min(j, len(kept) - 1)])
 
 
+class RandomSampler:
+    """`draw` with these settings and one RNG: `sampler(logits)` is a token id. Its `top_k` tells a
+    backend that can choose the top k logits itself (`top_logits`) which to give it: drawn from the k
+    largest in id order, a token is the one drawn from the whole row (the same RNG draw, the same
+    weights), so the RNG need not leave the host."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, seed: int):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.random = mulberry32(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        return draw(logits, self.temperature, self.top_k, self.top_p, self.random)
+
+
 def make_sampler(
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
 ) -> Sampler:
     validate(temperature, top_k, top_p)
     if temperature == 0:
         return greedy
-    random = mulberry32(secrets.randbits(32) if seed is None else seed)
-
-    def sample(logits: np.ndarray) -> int:
-        return draw(logits, temperature, top_k, top_p, random)
-
-    return sample
+    return RandomSampler(temperature, top_k, top_p, secrets.randbits(32) if seed is None else seed)

@@ -42,6 +42,8 @@ FUSE_TOKENS = 8  # norms and gated activations are fused into linear layers for 
 ID_LIMIT = 0xFFFFFFFF  # the embed kernels' id_limit when every id is a row
 BIG_ROWS = 8192  # one-token products of at least this many rows: 4 threads a row (16 rows a workgroup)
 MAX_SPLITS = 256  # attention over a few tokens is split into key ranges of a multiple of 64 keys
+TOP_K = 256  # top_logits: the largest top-k cut chosen on the GPU
+TOP_TIES = 256  # ... and the most logits equal to the k-th it reads back
 _GATED = {"silu": 2, "gelu_tanh": 3, "gelu": 4}  # the linear kernel's x_mode for act(x) * x2
 
 
@@ -393,6 +395,7 @@ class WebGPUBackend:
         # cache writes them (attention+fresh); anything else that needs them first flushes them
         self._pending_kv: dict[int, tuple] = {}
         self._argmax_out: Buffer | None = None  # greedy_tokens: [token, non-finite flag]
+        self._top_out: Buffer | None = None  # top_logits: topk.wgsl's header and (id, logit) pairs
         self._readbacks: list[Buffer] = []
         self._matrices: dict[str, _Matrix] = {}
         self._vectors: dict[str, Buffer] = {}
@@ -423,7 +426,7 @@ class WebGPUBackend:
         needs them (they compile in that order while the weights upload): the tiled prefill of each
         weight variant of the layers' matrices, the norm, cache write and attention, the output
         matrix's one-token product after the final norm; then decode's one-token products (after a
-        norm, a gated activation, the attention merge, a post-norm's sum), its attention, argmax."""
+        norm, a gated activation, the attention merge, a post-norm's sum), its attention, argmax, top-k."""
 
         matrices = [w for w in tensors if len(w.shape) == 2]
         alike = alike or {}
@@ -449,7 +452,7 @@ class WebGPUBackend:
         if any(".post_" in n for n in names) and not any("altup" in n for n in names):
             # Gemma 2 / 3's post-norms: their sums read by q/k/v and gate/up on the way
             kernels += sorted({one_token(w, "resnorm") for w, x in roles if x == "norm"})
-        return [*kernels, "attention+fresh", "argmax"]
+        return [*kernels, "attention+fresh", "argmax", "topk"]
 
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:
@@ -642,12 +645,44 @@ class WebGPUBackend:
         """Submit the recorded pass and read x back (the logits)."""
         if not isinstance(x, GpuTensor):
             return x
+        self._complete(x)
+        raw = self.device.finish(x.buf, 4 * x.offset, 4 * x.size)
+        return raw.view(np.float32).reshape(x.shape)
+
+    def _complete(self, x: GpuTensor) -> None:
+        """Dispatch what x still waits for, and copy in the streamed rows the pass reads."""
         self._ready(x)
         self.flush_kv()
         fills, self._fills = self._fills, []
         self._fill(fills, self._ids)
-        raw = self.device.finish(x.buf, 4 * x.offset, 4 * x.size)
-        return raw.view(np.float32).reshape(x.shape)
+
+    def top_logits(
+        self, step: CapturedStep, cache, token: int, k: int
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Step `step` over `token`, and of its logits the `k` largest (ties at the k-th: the lowest
+        ids), as (ids, logits) in id order, chosen on the GPU (topk.wgsl): a sampler's top-k cut reads
+        back k ids and logits, not the vocabulary. (None, the whole row) where the GPU cannot choose
+        them: a logit NaN or infinite, more than TOP_TIES logits equal to the k-th, k not between 0
+        and the vocabulary's size or above TOP_K."""
+        out = step(np.array([token]), cache)
+        n = out.shape[-1]
+        if not 0 < k < min(n, TOP_K + 1):
+            return None, self.to_host(out)[-1]
+        self._complete(out)
+        cap = TOP_K + TOP_TIES
+        if self._top_out is None:
+            self._top_out = self.device.buffer(16 + 8 * cap, "data")
+        params = dict(n=n, l_off=out.offset + out.size - n, k=k, cap=k + TOP_TIES)
+        self.device.dispatch("topk", params, [out.buf, self._top_out], (1, 1, 1))
+        raw = self.device.finish(self._top_out, 0, 16 + 8 * (k + TOP_TIES)).view(np.uint32)
+        written, bad = int(raw[0]), int(raw[1])
+        if bad or written > k + TOP_TIES:
+            return None, self.to_host(out)[-1]
+        pairs = raw[4 : 4 + 2 * written].reshape(written, 2)
+        ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
+        best = np.lexsort((ids, -values))[:k]  # by value, then id: the k-th's ties beyond k dropped
+        kept = best[np.argsort(ids[best])]
+        return ids[kept], values[kept]
 
     def upload(self, x: np.ndarray) -> GpuTensor:
         """Host values as a tensor (tests)."""
