@@ -75,7 +75,9 @@ def skeleton(models: list[str], out: Path) -> None:
 
 
 def random_tensor(tensor_type: GGMLType, shape, rng) -> np.ndarray:
-    """Random bytes of a tensor, with finite, small float16 scale fields."""
+    """Random bytes of a tensor, with float16 scale fields as a real file's are: small, finite and
+    normal (0.001-0.01 in magnitude; a subnormal one would make the backend hold that matrix's scales
+    as float32, which no real file here does)."""
     n = int(np.prod(shape))
     if tensor_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         values = (rng.standard_normal(n) * 0.02).astype(np.float32)
@@ -91,7 +93,8 @@ def random_tensor(tensor_type: GGMLType, shape, rng) -> np.ndarray:
         [type_size - 2] if tensor_type == GGMLType.Q6_K else ([0, 2] if tensor_type in with_min else [0])
     )
     for at in offsets:
-        blocks[:, at : at + 2] = rng.uniform(-0.01, 0.01, (len(blocks), 1)).astype("<f2").view(np.uint8)
+        scale = rng.uniform(0.001, 0.01, (len(blocks), 1)) * rng.choice([-1.0, 1.0], (len(blocks), 1))
+        blocks[:, at : at + 2] = scale.astype("<f2").view(np.uint8)
     return blocks.reshape(-1)
 
 

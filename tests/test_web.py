@@ -11,6 +11,7 @@ import pytest
 from conftest import prompt_ids
 
 from pocketlm import LlmInference, load
+from pocketlm.errors import UnsupportedError
 from pocketlm.web import create_app, export, runtime_ready
 from pocketlm.web.replay import PackageRunner
 
@@ -364,3 +365,47 @@ def test_gemma3_270m_web_package_replays_to_the_native_logits(real_model, tmp_pa
     assert np.abs(replay.run("prefill", ids[:band], 0) - expected[band - 1]).max() <= 1e-3
     for position in (band, band + 1):
         assert np.abs(replay.run("decode", [ids[position]], position) - expected[position]).max() <= 1e-3
+
+
+def test_the_pages_top_k_pick_from_the_kernels_output_equals_numpys(tmp_path):
+    """runtime.js's topOf (run by Node.js) over topk.wgsl's output for a row with ties at the k-th:
+    the k largest logits, the lower ids among equals, in id order, as the Python backend keeps them."""
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed")
+    from pocketlm.backends.webgpu import WebGPUBackend
+
+    try:
+        gpu = WebGPUBackend()
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, 3001).astype(np.float32)
+    k = 17
+    logits[rng.integers(0, 3001, 9)] = np.sort(logits)[-k]
+    from pocketlm.backends.webgpu.device import wgsl_constants
+
+    raw = gpu._choose_top(gpu.upload(logits).buf, 0, len(logits), k, k + 256)
+    at = wgsl_constants("topk+gather", "TOP")["pairs"]
+    (tmp_path / "pairs.bin").write_bytes(raw[at : at + 2 * int(raw[0])].tobytes())
+    module = Path(__file__).resolve().parent.parent / "browser" / "src" / "runtime.js"
+    script = (
+        f"import {{ topOf }} from {json.dumps(module.as_uri())};\n"
+        "import { readFileSync } from 'node:fs';\n"
+        "const pairs = new Uint32Array(readFileSync(process.argv[1]).buffer.slice(0));\n"
+        f"const {{ ids, logits }} = topOf(pairs, {k});\n"
+        "console.log(JSON.stringify({ ids: Array.from(ids), logits: Array.from(logits) }));\n"
+    )
+    run = subprocess.run(
+        [node, "--input-type=module", "-e", script, str(tmp_path / "pairs.bin")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    found = json.loads(run.stdout)
+    expected = np.sort(np.lexsort((np.arange(len(logits)), -logits))[:k])
+    assert found["ids"] == expected.tolist()
+    assert np.array(found["logits"], np.float32).tobytes() == logits[expected].tobytes()

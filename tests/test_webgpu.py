@@ -448,7 +448,9 @@ def test_kernels_compiled_in_the_background_while_weights_upload_are_the_ones_di
         "kv_write",
         "rms_norm",
         "argmax",
-        "topk",
+        "topk+count",
+        "topk+gather",
+        "topk+pick",
     }
     compiling = dict(device._compiling)
     ids = prompt_ids(model.config.vocab_size, 3)
@@ -846,19 +848,20 @@ def test_greedy_steps_chained_on_the_gpu_give_the_host_argmax_and_leave_the_cach
 
 
 def _top_k_on_the_gpu(gpu, logits: np.ndarray, k: int, ties: int = 256) -> tuple[np.ndarray, int, int]:
-    """topk.wgsl over a row: (the ids it leaves once the host keeps k, pairs written, flag)."""
+    """topk.wgsl's dispatches over a row: (the ids the host keeps of its pairs, pairs written, flag)."""
+    from pocketlm.backends.webgpu.device import wgsl_constants
+
     x = gpu.upload(logits)
-    out = gpu.device.buffer(16 + 8 * (k + ties), "data")
-    gpu.device.dispatch("topk", dict(n=len(logits), l_off=0, k=k, cap=k + ties), [x.buf, out], (1, 1, 1))
-    raw = gpu.device.finish(out, 0, 16 + 8 * (k + ties)).view(np.uint32)
+    raw = gpu._choose_top(x.buf, 0, len(logits), k, k + ties)
     written, bad = int(raw[0]), int(raw[1])
-    pairs = raw[4 : 4 + 2 * min(written, k + ties)].reshape(-1, 2)
+    at = wgsl_constants("topk+gather", "TOP")["pairs"]
+    pairs = raw[at : at + 2 * min(written, k + ties)].reshape(-1, 2)
     ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
     np.testing.assert_array_equal(values, logits[ids])  # each pair is a logit and its id
     return np.sort(ids[np.lexsort((ids, -values))[:k]]), written, bad
 
 
-@pytest.mark.parametrize("n, k", [(77, 3), (300, 256), (1000, 1), (49_157, 40)])
+@pytest.mark.parametrize("n, k", [(77, 3), (300, 256), (1000, 1), (49_157, 40), (262_144, 64)])
 def test_the_top_k_logits_found_on_the_gpu_are_numpys_with_ties_taken_by_id(gpu, n, k):
     rng = np.random.default_rng(n)
     logits = rng.normal(0, 3, n).astype(np.float32)
@@ -921,3 +924,44 @@ def test_sampled_tokens_with_the_top_k_chosen_on_the_gpu_are_the_host_samplers_f
     assert len(set(tokens)) > 3  # sampled, not one token over and over
     cut = 0 < top_k < model.config.vocab_size
     assert narrowed == ([cut] * 15 if top_k else [])
+
+
+def test_a_sampled_step_encoded_ahead_is_used_only_where_nothing_changed_since(tiny, monkeypatch):
+    """top_logits encodes the cache's next step while the GPU runs the last (a pass of its own, not
+    submitted): the next call for that cache at that position submits it; a step of another cache in
+    between leaves it good, and one of the same cache (its position moved) has it dropped. The
+    logits are those of plain decode steps either way."""
+    model, _, path = tiny("llama")
+    try:
+        lm = load(path, backend="webgpu")
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    device = lm.ops.device
+    adopted = []
+    original = device.adopt
+    monkeypatch.setattr(device, "adopt", lambda ahead: adopted.append(original(ahead)) or adopted[-1])
+    ids = prompt_ids(model.config.vocab_size, 12)
+    a, b, reference = lm.make_cache(40), lm.make_cache(40), lm.make_cache(40)
+    for cache in (a, b, reference):
+        prefill(lm, cache, ids)
+    k = 7
+
+    def expected(token: int) -> np.ndarray:
+        row = decode_step(lm, reference, token)
+        return np.sort(np.lexsort((np.arange(len(row)), -row))[:k]), row
+
+    found = []
+    for i, token in enumerate([3, 50, 7, 90, 11, 4]):
+        top, row = expected(token)
+        got, values = lm.ops.top_logits(lm.step, a, token, k)
+        np.testing.assert_array_equal(got, top)
+        np.testing.assert_allclose(values, row[top], atol=1e-5)
+        found.append(len(adopted))
+        if i == 2:
+            decode_step(lm, b, token)  # another cache's step: a's step encoded ahead is still good
+        if i == 4:
+            decode_step(lm, a, 5)  # a's own step: the one encoded ahead is for the wrong position
+            expected(5)
+    assert a.offset == reference.offset
+    assert adopted == [True] * 4  # calls 2-5 took theirs; the 6th found a moved position (never asked)
+    assert found == [0, 1, 2, 3, 4, 4]

@@ -37,7 +37,7 @@ async function fetchCached(url, cacheName) {
   return response;
 }
 
-const PLAN_FORMAT = 3; // web/__init__.py's FORMAT
+const PLAN_FORMAT = 4; // web/__init__.py's FORMAT
 
 export class PlanRunner {
   static async load(device, base, manifest, onProgress = () => {}) {
@@ -87,6 +87,15 @@ export class PlanRunner {
     }
     const counts = Object.values(plan.passes).map((p) => p.logits.count);
     this.readback = device.createBuffer({ size: Math.max(...counts) * 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    // the top-k kernels' parameters (one block per shift of a round), their output (a header and a
+    // round's counts, then (id, logit) pairs from plan.top.pairs) and the copy read back
+    const topBytes = 4 * (plan.top.pairs + 2 * (plan.top.max_k + plan.top.ties));
+    this.topParams = new Map();
+    for (const [, shift] of plan.top.passes) {
+      if (!this.topParams.has(shift)) this.topParams.set(shift, device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }));
+    }
+    this.top = device.createBuffer({ size: topBytes, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+    this.topRead = device.createBuffer({ size: topBytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   }
 
   async compile() {
@@ -105,32 +114,47 @@ export class PlanRunner {
         const entries = [params, ...ids].map((id, binding) => ({ binding, resource: { buffer: this.buffers.get(id) } }));
         return { pipeline, group: this.device.createBindGroup({ layout, entries }), groups };
       });
-      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits, fills: pass.fills };
+      const top = this.plan.top.passes.map(([kernel, shift, size]) => {
+        const { layout, pipeline } = pipelines[kernel];
+        const entries = [this.topParams.get(shift), this.buffers.get(pass.logits.buffer), this.top].map((buffer, binding) => ({ binding, resource: { buffer } }));
+        const all = Math.ceil(pass.logits.count / this.plan.top.per_group);
+        return { pipeline, group: this.device.createBindGroup({ layout, entries }), groups: size === "one" ? 1 : all, shift };
+      });
+      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits, fills: pass.fills, top };
     }
   }
 
   // Feed tokens from `position` on (bands of the widest prefill pass that fits, then of the narrower
-  // ones, then the decode pass token by token); returns the logits after the last one.
-  async feed(tokens, position) {
-    let logits, i = 0;
+  // ones, then the decode pass token by token); returns {ids, logits} after the last one: with 0 < topK
+  // < the vocabulary (at most plan.top.max_k), the topK largest logits chosen on the GPU and their ids,
+  // in id order (ties at the k-th: the lower ids), else the whole row and ids null.
+  async feed(tokens, position, topK = 0) {
+    let found, i = 0;
     const bands = Object.values(this.passes).filter((p) => p.tokens > 1).sort((a, b) => b.tokens - a.tokens);
+    const last = (n) => (i + n === tokens.length ? topK : 0);
     for (const band of bands) {
       for (; i + band.tokens <= tokens.length; i += band.tokens) {
-        logits = await this.run(band, tokens.slice(i, i + band.tokens), position + i);
+        found = await this.run(band, tokens.slice(i, i + band.tokens), position + i, last(band.tokens));
       }
     }
-    for (; i < tokens.length; i++) logits = await this.run(this.passes.decode, [tokens[i]], position + i);
-    return logits;
+    for (; i < tokens.length; i++) found = await this.run(this.passes.decode, [tokens[i]], position + i, last(1));
+    return found;
   }
 
   // One pass over tokens at position..: writes the step buffer and the table rows it reads,
-  // replays the pass, returns the logits of its last token.
-  async run(pass, tokens, position) {
+  // replays the pass, returns its last token's logits as feed does.
+  async run(pass, tokens, position, topK = 0) {
     const { device, plan } = this;
     device.queue.writeBuffer(this.buffers.get(plan.step), 0, new Uint32Array([position, tokens.length, ...tokens]));
     for (const fill of pass.fills) {
       const rows = await this.tables.get(fill.table).read(fill, tokens);
       device.queue.writeBuffer(this.buffers.get(fill.buffer), fill.at * 4, rows);
+    }
+    const { buffer, offset, count } = pass.logits;
+    const cut = topK > 0 && topK < count && topK <= plan.top.max_k;
+    const cap = topK + plan.top.ties;
+    if (cut) {
+      for (const [shift, params] of this.topParams) device.queue.writeBuffer(params, 0, new Uint32Array([count, offset, topK, cap, shift, 0, 0, 0]));
     }
     const encoder = device.createCommandEncoder();
     const compute = encoder.beginComputePass();
@@ -139,15 +163,48 @@ export class PlanRunner {
       compute.setBindGroup(0, c.group);
       compute.dispatchWorkgroups(c.groups[0], c.groups[1], c.groups[2]);
     }
+    if (cut) {
+      for (const t of pass.top) {
+        compute.setPipeline(t.pipeline);
+        compute.setBindGroup(0, t.group);
+        compute.dispatchWorkgroups(t.groups);
+      }
+    }
     compute.end();
-    const { buffer, offset, count } = pass.logits;
-    encoder.copyBufferToBuffer(this.buffers.get(buffer), offset * 4, this.readback, 0, count * 4);
-    device.queue.submit([encoder.finish()]);
+    if (cut) {
+      const bytes = 4 * (plan.top.pairs + 2 * cap);
+      encoder.copyBufferToBuffer(this.top, 0, this.topRead, 0, bytes);
+      device.queue.submit([encoder.finish()]);
+      await this.topRead.mapAsync(GPUMapMode.READ, 0, bytes);
+      const raw = new Uint32Array(this.topRead.getMappedRange(0, bytes).slice(0));
+      this.topRead.unmap();
+      const [written, bad] = raw;
+      if (!bad && written <= cap) return topOf(raw.subarray(plan.top.pairs, plan.top.pairs + 2 * written), topK);
+      return { ids: null, logits: await this.read(this.device.createCommandEncoder(), buffer, offset, count) };
+    }
+    return { ids: null, logits: await this.read(encoder, buffer, offset, count) };
+  }
+
+  // Submits `encoder` with a copy of count floats from offset of buffer `id`, and reads them back.
+  async read(encoder, id, offset, count) {
+    encoder.copyBufferToBuffer(this.buffers.get(id), offset * 4, this.readback, 0, count * 4);
+    this.device.queue.submit([encoder.finish()]);
     await this.readback.mapAsync(GPUMapMode.READ, 0, count * 4);
     const logits = new Float32Array(this.readback.getMappedRange(0, count * 4).slice(0));
     this.readback.unmap();
     return logits;
   }
+}
+
+// The topK of topk.wgsl's (id, logit bits) pairs, every logit at or above the k-th: sorted by value
+// then id, the first topK, returned in id order.
+export function topOf(pairs, topK) {
+  const written = pairs.length / 2;
+  const values = new Float32Array(pairs.buffer, pairs.byteOffset, pairs.length);
+  const order = Array.from({ length: written }, (_, j) => j);
+  order.sort((a, b) => values[2 * b + 1] - values[2 * a + 1] || pairs[2 * a] - pairs[2 * b]);
+  const kept = order.slice(0, topK).sort((a, b) => pairs[2 * a] - pairs[2 * b]);
+  return { ids: Int32Array.from(kept, (j) => pairs[2 * j]), logits: Float32Array.from(kept, (j) => values[2 * j + 1]) };
 }
 
 // Sampling, as pocketlm.sampling does it (same order of operations, same RNG, so a seed gives the same

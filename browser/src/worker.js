@@ -47,17 +47,19 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
   stopRequested = false;
   const stop = new Set(manifest.stop_ids);
   const t0 = performance.now();
-  let logits;
+  // Unconstrained, the GPU chooses the candidates (argmax: the top 1) and only they are read back.
+  const cut = constraint ? 0 : temperature === 0 ? 1 : topK;
   if (pending !== null) ids.unshift(pending);
   pending = null;
-  logits = await runner.feed(ids, position);  // prefill: bands of the prefill pass, then single tokens
+  let found = await runner.feed(ids, position, cut);  // prefill: bands of the prefill pass, then single tokens
   position += ids.length;
   const t1 = performance.now();
   const out = [];
   let shown = "";
   while (out.length < maxNewTokens) {
-    if (constraint) await constraint.mask(logits);
-    const token = sample(logits);
+    if (constraint) await constraint.mask(found.logits);
+    const drawn = sample(found.logits);
+    const token = found.ids ? found.ids[drawn] : drawn;
     if (stop.has(token)) break;
     out.push(token);
     if (constraint) constraint.accept(token, tokenizer.decode([token], { skip_special_tokens: true }));
@@ -68,7 +70,7 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
     }
     if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens
         || (constraint && constraint.done)) { pending = token; break; }
-    logits = await runner.feed([token], position++);
+    found = await runner.feed([token], position++, cut);
   }
   if (constraint) constraint.dispose();
   const t2 = performance.now();

@@ -39,7 +39,8 @@ SHARD_BYTES = 256 * 1024 * 1024  # shards the browser fetches and caches one at 
 WIDE_PREFILL = (("prefill_512", 512), ("prefill_128", 128))
 PREFILL_TOKENS = 16
 ALIGN = 256
-FORMAT = 3  # 2: each kernel's bind group layout written out (`bindings`); 3: tables read by rows
+FORMAT = 4  # 2: each kernel's bind group layout written out (`bindings`); 3: tables read by rows;
+# 4: the top-k kernel (`top`), which the page runs after a pass to read back k logits, not the vocabulary
 
 
 DEFAULT_MAX_TOKENS = 1024
@@ -60,7 +61,8 @@ def export(
     """Write the web package of a GGUF model into folder `out` (replaced when complete);
     `max_tokens` is the browser's context (default: 1024 or the model's, if shorter)."""
     max_tokens = max_tokens or default_max_tokens(model)
-    from ..backends.webgpu.device import binding_types, wgsl_source
+    from ..backends.webgpu.backend import TOP_K, TOP_K_PASSES, TOP_TIES
+    from ..backends.webgpu.device import binding_types, wgsl_constants, wgsl_source
 
     out = Path(out)
     if out.exists() and not (out / "manifest.json").exists():
@@ -107,7 +109,8 @@ def export(
         name: _write_table(tmp, f"table-{i:03d}", name, w, progress)
         for i, (name, w) in enumerate(sorted(tables.items()))
     }
-    kernels = sorted({d[0] for p in passes.values() for d in p["dispatches"]})
+    top_kernels = {kernel for kernel, _, _ in TOP_K_PASSES}
+    kernels = sorted({d[0] for p in passes.values() for d in p["dispatches"]} | top_kernels)
     plan = {
         "format": FORMAT,
         "kernels": {k: wgsl_source(k) for k in kernels},
@@ -117,6 +120,12 @@ def export(
         "passes": passes,
         "step": device.step.id,
         "step_capacity": device.step.size // 4,
+        "top": {  # topk.wgsl's dispatches after a pass, see WebGPUBackend.top_logits
+            "passes": [list(p) for p in TOP_K_PASSES],
+            "max_k": TOP_K,
+            "ties": TOP_TIES,
+            **wgsl_constants("topk+gather", "TOP"),  # pairs: where they start; per_group: logits a workgroup
+        },
     }
     (tmp / "plan.json").write_text(json.dumps(plan))
     tok = lm.tokenizer

@@ -23,6 +23,7 @@ layer's decode step is 5 dispatches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -44,6 +45,16 @@ BIG_ROWS = 8192  # one-token products of at least this many rows: 4 threads a ro
 MAX_SPLITS = 256  # attention over a few tokens is split into key ranges of a multiple of 64 keys
 TOP_K = 256  # top_logits: the largest top-k cut chosen on the GPU
 TOP_TIES = 256  # ... and the most logits equal to the k-th it reads back
+# topk.wgsl's dispatches, in order: (variant, shift, workgroups: "one" or "all" of the row)
+TOP_K_PASSES = (
+    ("topk+pick", 32, "one"),
+    *(
+        (kernel, shift, size)
+        for shift in (24, 16, 8, 0)
+        for kernel, size in (("topk+count", "all"), ("topk+pick", "one"))
+    ),
+    ("topk+gather", 0, "all"),
+)
 _GATED = {"silu": 2, "gelu_tanh": 3, "gelu": 4}  # the linear kernel's x_mode for act(x) * x2
 
 
@@ -396,6 +407,8 @@ class WebGPUBackend:
         self._pending_kv: dict[int, tuple] = {}
         self._argmax_out: Buffer | None = None  # greedy_tokens: [token, non-finite flag]
         self._top_out: Buffer | None = None  # top_logits: topk.wgsl's header and (id, logit) pairs
+        self._top_read: Buffer | None = None
+        self._ahead: tuple | None = None  # top_logits: (recording, position, the pass encoded ahead)
         self._readbacks: list[Buffer] = []
         self._matrices: dict[str, _Matrix] = {}
         self._vectors: dict[str, Buffer] = {}
@@ -419,6 +432,13 @@ class WebGPUBackend:
                 self._matrices[w.name] = self._upload(w, alike.get(w.name, _held(w)))
                 if on_packed:
                     on_packed(w)
+        # a decoder's q/k/v and gate/up stacked now (copies on the GPU), not in the first prompt
+        names = {w.name: w for w in tensors if len(w.shape) == 2}
+        layers = sorted({n.split(".")[1] for n in names if n.startswith("blk.") and n.count(".") == 3})
+        for layer, roles in itertools.product(layers, _STACKS):
+            group = [names.get(f"blk.{layer}.{role}.weight") for role in roles]
+            if all(group):
+                self.stacked(group)
 
     @staticmethod
     def _likely_kernels(tensors, alike: dict[str, int] | None = None) -> list[str]:
@@ -452,7 +472,7 @@ class WebGPUBackend:
         if any(".post_" in n for n in names) and not any("altup" in n for n in names):
             # Gemma 2 / 3's post-norms: their sums read by q/k/v and gate/up on the way
             kernels += sorted({one_token(w, "resnorm") for w, x in roles if x == "norm"})
-        return [*kernels, "attention+fresh", "argmax", "topk"]
+        return [*kernels, "attention+fresh", "argmax", *sorted({kernel for kernel, _, _ in TOP_K_PASSES})]
 
     def matrix(self, w: Tensor) -> _Matrix:
         if w.name not in self._matrices:
@@ -528,7 +548,8 @@ class WebGPUBackend:
         return self._vectors[name]
 
     def stacked(self, weights: list[Tensor]) -> _Matrix | None:
-        """One matrix of `weights`' rows, in order, made at first use from their uploaded copies
+        """One matrix of `weights`' rows, in order, made from their uploaded copies (by `prepare` for
+        a decoder's q/k/v and gate/up, at first use for others)
         (which it replaces: each weight then reads its rows of the stack); None where they cannot
         stack (different layouts or widths, or more than one binding's worth)."""
         key = tuple(w.name for w in weights)
@@ -656,6 +677,25 @@ class WebGPUBackend:
         fills, self._fills = self._fills, []
         self._fill(fills, self._ids)
 
+    def _choose_top(self, logits: Buffer, l_off: int, n: int, k: int, cap: int, meanwhile=None) -> np.ndarray:
+        """topk.wgsl's output (as uint32) over n logits from l_off of `logits`: its header, then from
+        its constant TOP_PAIRS up to `cap` (id, logit) pairs, every logit at or above the k-th.
+        `meanwhile()` runs after the submission, while the GPU works."""
+        constants = wgsl_constants("topk+gather", "TOP")
+        if self._top_out is None:
+            size = 4 * (constants["pairs"] + 2 * (TOP_K + TOP_TIES))
+            self._top_out = self.device.buffer(size, "data")
+            self._top_read = self.device.readback_buffer(size)
+        groups = {"one": (1, 1, 1), "all": grid(-(-n // constants["per_group"]))}
+        for kernel, shift, size in TOP_K_PASSES:
+            params = dict(n=n, l_off=l_off, k=k, cap=cap, shift=shift)
+            self.device.dispatch(kernel, params, [logits, self._top_out], groups[size])
+        nbytes = 4 * (constants["pairs"] + 2 * cap)
+        self.device.submit([(self._top_out, 0, self._top_read, nbytes)])
+        if meanwhile is not None:
+            meanwhile()
+        return self.device.read(self._top_read, nbytes).view(np.uint32)
+
     def top_logits(
         self, step: CapturedStep, cache, token: int, k: int
     ) -> tuple[np.ndarray | None, np.ndarray]:
@@ -664,21 +704,36 @@ class WebGPUBackend:
         back k ids and logits, not the vocabulary. (None, the whole row) where the GPU cannot choose
         them: a logit NaN or infinite, more than TOP_TIES logits equal to the k-th, k not between 0
         and the vocabulary's size or above TOP_K."""
-        out = step(np.array([token]), cache)
+        recorded, ahead = step.recordings.get(cache), self._ahead
+        self._ahead = None
+        if (  # this step's commands were encoded while the last one ran (and nothing since changed)
+            ahead is not None
+            and ahead[:2] == (recorded, cache.offset)
+            and recorded.generation == self.device.generation
+            and self.device.adopt(ahead[2])
+        ):
+            self._step_inputs(recorded, np.array([token]), cache.offset)
+            cache.offset += 1
+            out = recorded.out
+        else:
+            out = step(np.array([token]), cache)
+            recorded = step.recordings.get(cache)
         n = out.shape[-1]
         if not 0 < k < min(n, TOP_K + 1):
             return None, self.to_host(out)[-1]
         self._complete(out)
-        cap = TOP_K + TOP_TIES
-        if self._top_out is None:
-            self._top_out = self.device.buffer(16 + 8 * cap, "data")
-        params = dict(n=n, l_off=out.offset + out.size - n, k=k, cap=k + TOP_TIES)
-        self.device.dispatch("topk", params, [out.buf, self._top_out], (1, 1, 1))
-        raw = self.device.finish(self._top_out, 0, 16 + 8 * (k + TOP_TIES)).view(np.uint32)
+
+        def encode_next() -> None:  # the next step of this cache, in case it is asked for
+            if recorded is not None and cache.offset < cache.max_tokens:
+                self._ahead = (recorded, cache.offset, self.device.encode_ahead(recorded.commands))
+
+        cap = k + TOP_TIES
+        raw = self._choose_top(out.buf, out.offset + out.size - n, n, k, cap, encode_next)
         written, bad = int(raw[0]), int(raw[1])
-        if bad or written > k + TOP_TIES:
+        if bad or written > cap:
             return None, self.to_host(out)[-1]
-        pairs = raw[4 : 4 + 2 * written].reshape(written, 2)
+        at = wgsl_constants("topk+gather", "TOP")["pairs"]
+        pairs = raw[at : at + 2 * written].reshape(written, 2)
         ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
         best = np.lexsort((ids, -values))[:k]  # by value, then id: the k-th's ties beyond k dropped
         kept = best[np.argsort(ids[best])]
@@ -726,9 +781,13 @@ class WebGPUBackend:
     def replay(self, recorded: Recording, ids: np.ndarray, position: int) -> None:
         """Encode a recorded pass again over tokens `ids` at `position` (the streamed rows it reads
         are copied in when it is submitted)."""
+        self.device.replay(recorded.commands)
+        self._step_inputs(recorded, ids, position)
+
+    def _step_inputs(self, recorded: Recording, ids: np.ndarray, position: int) -> None:
+        """The position, tokens and streamed rows of a replayed pass (written when it is submitted)."""
         self._ids = np.asarray(ids)
         self.device.set_step(position, self._ids)
-        self.device.replay(recorded.commands)
         self._fills = list(recorded.fills)
 
     def capture(self, forward) -> CapturedStep:

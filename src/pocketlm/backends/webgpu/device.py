@@ -40,12 +40,14 @@ class Buffer:
 
 
 def _native_calls():
-    """wgpu-native's C entry points through wgpu-py's own cffi binding, for the two things its
-    Python layer costs most on a decode step: encoding a replayed pass (a wrapper call per command,
-    several us each) and waiting for one submission (its map_sync polls until every queued
-    submission is done, so a read of step N also waits for step N + 1). None when this wgpu-py
-    has no such binding (the public calls are used instead)."""
+    """wgpu-native's C entry points through wgpu-py's own cffi binding, for the things its Python
+    layer costs most: encoding a replayed pass (a wrapper call per command, several us each),
+    waiting for one submission (its map_sync polls until every queued submission is done, so a
+    read of step N also waits for step N + 1), and making a bind group (a first prompt makes
+    hundreds; wgpu-py's structs cost about 0.3 ms each). None when this wgpu-py has no such binding
+    (the public calls are used instead)."""
     names = (
+        "wgpuDeviceCreateBindGroup",
         "wgpuQueueSubmitForIndex",
         "wgpuDevicePoll",
         "wgpuComputePassEncoderSetPipeline",
@@ -55,7 +57,12 @@ def _native_calls():
     try:
         from wgpu.backends.wgpu_native._api import ffi, libf
 
-        for c_type in ("WGPUSubmissionIndex *", "WGPUCommandBuffer[]"):
+        for c_type in (
+            "WGPUSubmissionIndex *",
+            "WGPUCommandBuffer[]",
+            "WGPUBindGroupEntry[]",
+            "WGPUBindGroupDescriptor *",
+        ):
             ffi.typeof(c_type)
         if not all(hasattr(libf, n) for n in names):
             return None
@@ -235,6 +242,10 @@ class Device:
         self._encoder = self._pass = None
         self._readback: Buffer | None = None
         self._native = _native_calls() if hasattr(self.device, "_internal") else None
+        if self._native is not None:  # wgpu-py's object for a bind group made through `_native`
+            from wgpu.backends.wgpu_native import GPUBindGroup as native_group
+
+            self._native_group = native_group
         self.step = self.buffer(4 * (STEP_HEADER + 4096), "step")
         self.step_values = np.zeros(STEP_HEADER, np.uint32)
 
@@ -336,7 +347,17 @@ class Device:
         """The bind group of `bound` (parameter block first) for a kernel, made once."""
         key = (kernel, *(b.id for b in bound))
         group = self._bind_groups.get(key)
-        if group is None:
+        if group is None and self._native is not None:
+            ffi, libf = self._native
+            entries = ffi.new("WGPUBindGroupEntry[]", len(bound))  # zeroed: no sampler, no texture
+            for i, b in enumerate(bound):
+                entries[i].binding, entries[i].buffer, entries[i].size = i, b.gpu._internal, b.size
+            descriptor = ffi.new("WGPUBindGroupDescriptor *")  # zeroed: no label
+            descriptor.layout = self._layouts[kernel]._internal
+            descriptor.entryCount, descriptor.entries = len(bound), entries
+            made = libf.wgpuDeviceCreateBindGroup(self.device._internal, descriptor)
+            group = self._bind_groups[key] = self._native_group("", made, self.device)
+        elif group is None:
             entries = [
                 {"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": b.size}}
                 for i, b in enumerate(bound)
@@ -385,6 +406,24 @@ class Device:
                 last = pipeline
             compute.set_bind_group(0, group)
             compute.dispatch_workgroups(*groups)
+
+    def encode_ahead(self, commands: list) -> tuple:
+        """Recorded commands encoded now into a pass of their own, for `adopt` to submit later (or
+        never: an encoder left unsubmitted does nothing), while the GPU runs what is submitted."""
+        held = self._encoder, self._pass
+        self._encoder = self._pass = None
+        try:
+            self.replay(commands)
+            return self._encoder, self._pass
+        finally:
+            self._encoder, self._pass = held
+
+    def adopt(self, ahead: tuple) -> bool:
+        """A pass from `encode_ahead` becomes the one being recorded, unless one is open already."""
+        if self._pass is not None:
+            return False
+        self._encoder, self._pass = ahead
+        return True
 
     def set_step(self, first_position: int, ids: np.ndarray) -> None:
         """The inputs of the pass being recorded (written to the step buffer at submission)."""
