@@ -10,10 +10,11 @@ writes a GGUF of the same names, types and shapes with random blocks; `run` benc
     python benchmarks/gpu_bench.py web /tmp/models/*.gguf   # the browser's plan, replayed in Python
 
 `web` exports each file as a web package and runs it the way the browser runtime does (the prefill
-passes over bands of 128 and 16 tokens, then the decode pass a token at a time, every token's logits read back
-and the next token chosen on the host), through `pocketlm.web.replay.PackageRunner`, beside the native
-backend stepping the same way (logits read back each token), alternating: where Chromium cannot be
-carried to the GPU machine, the plan's own speed there.
+passes over bands of 512, 128 and 16 tokens, then greedy steps chained on the GPU by the plan's argmax
+kernel, or where the host must copy table rows in, the top 1 chosen by its top-k kernels), through
+`pocketlm.web.replay.PackageRunner`, beside the native backend decoding as generate_tokens does (greedy
+steps chained on the GPU), alternating: where Chromium cannot be carried to the GPU machine, the plan's
+own speed there.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def web_file(path: str, prompt_tokens: int, gen_tokens: int, rounds: int) -> dic
 
     import numpy as np
 
-    from pocketlm.engine import LoadedModel
+    from pocketlm.engine import LoadedModel, greedy_tokens
     from pocketlm.web import export
     from pocketlm.web.replay import PackageRunner
 
@@ -166,8 +167,13 @@ def web_file(path: str, prompt_tokens: int, gen_tokens: int, rounds: int) -> dic
             t0 = time.perf_counter()
             logits = runner.feed(prompt, 0)
             t1 = time.perf_counter()
-            for k in range(gen_tokens):
-                logits = runner.run("decode", [int(np.argmax(logits))], prompt_tokens + k)
+            token = int(np.argmax(logits))
+            for k in range(gen_tokens):  # as the page decodes greedily
+                if runner.chains:  # steps chained on the GPU
+                    token = runner.greedy_next(token, prompt_tokens + k)
+                else:  # the top 1 chosen on the GPU, the next step fed from the host
+                    ids, logits = runner.run_top("decode", [token], prompt_tokens + k, 1)
+                    token = int(ids[0]) if ids is not None else int(np.argmax(logits))
             return t1 - t0, time.perf_counter() - t1
 
         def native() -> tuple[float, float]:
@@ -175,8 +181,8 @@ def web_file(path: str, prompt_tokens: int, gen_tokens: int, rounds: int) -> dic
             t0 = time.perf_counter()
             logits = lm.ops.to_host(lm.model.forward(lm.ops, np.array(prompt), cache))[-1]
             t1 = time.perf_counter()
-            for _ in range(gen_tokens):
-                logits = lm.ops.to_host(lm.step(np.array([int(np.argmax(logits))]), cache))[-1]
+            for _ in greedy_tokens(lm, cache, int(np.argmax(logits)), gen_tokens):  # as generate_tokens
+                pass
             return t1 - t0, time.perf_counter() - t1
 
         plan(), native()  # compile, record

@@ -386,11 +386,11 @@ def test_the_pages_top_k_pick_from_the_kernels_output_equals_numpys(tmp_path):
     logits = rng.normal(0, 2, 3001).astype(np.float32)
     k = 17
     logits[rng.integers(0, 3001, 9)] = np.sort(logits)[-k]
-    from pocketlm.backends.webgpu.device import wgsl_constants
+    from pocketlm.backends.webgpu.backend import TopK
 
-    raw = gpu._choose_top(gpu.upload(logits).buf, 0, len(logits), k, k + 256)
-    at = wgsl_constants("topk+gather", "TOP")["pairs"]
-    (tmp_path / "pairs.bin").write_bytes(raw[at : at + 2 * int(raw[0])].tobytes())
+    top = TopK(gpu.device)
+    raw = top.raw(gpu.upload(logits).buf, 0, len(logits), k)
+    (tmp_path / "pairs.bin").write_bytes(raw[top.pairs : top.pairs + 2 * int(raw[0])].tobytes())
     module = Path(__file__).resolve().parent.parent / "browser" / "src" / "runtime.js"
     script = (
         f"import {{ topOf }} from {json.dumps(module.as_uri())};\n"
@@ -409,3 +409,47 @@ def test_the_pages_top_k_pick_from_the_kernels_output_equals_numpys(tmp_path):
     expected = np.sort(np.lexsort((np.arange(len(logits)), -logits))[:k])
     assert found["ids"] == expected.tolist()
     assert np.array(found["logits"], np.float32).tobytes() == logits[expected].tobytes()
+
+
+def test_the_runner_reads_back_the_top_k_of_a_pass_as_the_page_does(tiny, tmp_path):
+    """PackageRunner.run_top: the plan's top-k kernels after the decode pass give the k largest of the
+    row `run` reads whole (k = 1: its argmax), ids in order; k beyond the plan's range: the whole row."""
+    model, _, path = tiny("llama")
+    replay = PackageRunner(export(path, tmp_path / "web", max_tokens=64, progress=False))
+    ids = prompt_ids(model.config.vocab_size, 8)
+    for position, token in enumerate(ids):
+        row = replay.run("decode", [token], position)
+        for k in (1, 9):
+            top, values = replay.run_top("decode", [token], position, k)
+            expected = np.sort(np.lexsort((np.arange(len(row)), -row))[:k])
+            np.testing.assert_array_equal(top, expected)
+            np.testing.assert_allclose(values, row[expected], atol=1e-6)
+    whole, row = replay.run_top("decode", [ids[0]], 0, model.config.vocab_size)
+    assert whole is None and row.shape == (model.config.vocab_size,)
+
+
+def test_the_runners_greedy_steps_chained_on_the_gpu_are_the_argmax_of_whole_rows(tiny, tmp_path):
+    """PackageRunner.greedy_next, as the page decodes greedily: each token is the argmax of the row
+    the same steps give when read whole; a step run ahead and then not taken (another token fed at
+    its position) leaves no trace."""
+    model, _, path = tiny("llama")
+    replay = PackageRunner(export(path, tmp_path / "web", max_tokens=64, progress=False))
+    assert replay.chains
+    ids = prompt_ids(model.config.vocab_size, 8)
+    replay.feed(ids, 0)
+    expected, token = [], ids[-1]
+    for position in range(len(ids) - 1, len(ids) + 9):  # the last prompt token fed again, then 9 more
+        token = int(np.argmax(replay.run("decode", [token], position)))
+        expected.append(token)
+    token, got = ids[-1], []
+    for position in range(len(ids) - 1, len(ids) + 4):
+        token = replay.greedy_next(token, position)
+        got.append(token)
+    assert got == expected[:5]
+    other = (token + 1) % model.config.vocab_size  # not the token the step run ahead was fed
+    row = replay.run("decode", [other], len(ids) + 4)
+    assert replay.greedy_next(int(np.argmax(row)), len(ids) + 5) >= 0
+    replay.feed(ids, 0)  # the same prompt again: the same steps
+    token = ids[-1]
+    again = [token := replay.greedy_next(token, p) for p in range(len(ids) - 1, len(ids) + 9)]
+    assert again == expected

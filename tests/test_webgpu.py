@@ -847,15 +847,14 @@ def test_greedy_steps_chained_on_the_gpu_give_the_host_argmax_and_leave_the_cach
     np.testing.assert_allclose(decode_step(lm, chained, other), decode_step(lm, host, other), atol=1e-5)
 
 
-def _top_k_on_the_gpu(gpu, logits: np.ndarray, k: int, ties: int = 256) -> tuple[np.ndarray, int, int]:
+def _top_k_on_the_gpu(gpu, logits: np.ndarray, k: int) -> tuple[np.ndarray, int, int]:
     """topk.wgsl's dispatches over a row: (the ids the host keeps of its pairs, pairs written, flag)."""
-    from pocketlm.backends.webgpu.device import wgsl_constants
+    from pocketlm.backends.webgpu.backend import TOP_TIES, TopK
 
-    x = gpu.upload(logits)
-    raw = gpu._choose_top(x.buf, 0, len(logits), k, k + ties)
+    top = TopK(gpu.device)
+    raw = top.raw(gpu.upload(logits).buf, 0, len(logits), k)
     written, bad = int(raw[0]), int(raw[1])
-    at = wgsl_constants("topk+gather", "TOP")["pairs"]
-    pairs = raw[at : at + 2 * min(written, k + ties)].reshape(-1, 2)
+    pairs = raw[top.pairs : top.pairs + 2 * min(written, k + TOP_TIES)].reshape(-1, 2)
     ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
     np.testing.assert_array_equal(values, logits[ids])  # each pair is a logit and its id
     return np.sort(ids[np.lexsort((ids, -values))[:k]]), written, bad
@@ -882,7 +881,7 @@ def test_top_k_on_the_gpu_flags_non_finite_logits_and_too_many_ties(gpu):
         row[1234] = bad_value
         assert _top_k_on_the_gpu(gpu, row, 10)[2] == 1
     flat = np.zeros(5000, np.float32)  # every logit the k-th: more ties than the buffer holds
-    assert _top_k_on_the_gpu(gpu, flat, 10, ties=100)[1] == 5000
+    assert _top_k_on_the_gpu(gpu, flat, 10)[1] == 5000
 
 
 @pytest.mark.parametrize("top_k, top_p", [(5, 1.0), (40, 0.8), (0, 1.0), (5000, 1.0)])

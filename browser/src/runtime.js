@@ -95,6 +95,11 @@ export class PlanRunner {
       if (!this.topParams.has(shift)) this.topParams.set(shift, device.createBuffer({ size: 32, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST }));
     }
     this.top = device.createBuffer({ size: topBytes, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+    // greedy steps chained on the GPU (nextGreedy): argmax's output, two read-back buffers in turn
+    this.greedyOut = device.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+    this.greedyReads = [0, 1].map(() => device.createBuffer({ size: 16, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST }));
+    this.flip = 0;
+    this.ahead = null;
     this.topRead = device.createBuffer({ size: topBytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   }
 
@@ -120,7 +125,13 @@ export class PlanRunner {
         const all = Math.ceil(pass.logits.count / this.plan.top.per_group);
         return { pipeline, group: this.device.createBindGroup({ layout, entries }), groups: size === "one" ? 1 : all, shift };
       });
-      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits, fills: pass.fills, top };
+      const argmax = pipelines.argmax;
+      const params = this.device.createBuffer({ size: 16, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+      this.device.queue.writeBuffer(params, 0, new Uint32Array([pass.logits.count, pass.logits.offset, 0, 0]));
+      const greedyEntries = [params, this.buffers.get(pass.logits.buffer), this.buffers.get(this.plan.step), this.greedyOut]
+        .map((buffer, binding) => ({ binding, resource: { buffer } }));
+      const greedy = { pipeline: argmax.pipeline, group: this.device.createBindGroup({ layout: argmax.layout, entries: greedyEntries }) };
+      this.passes[name] = { tokens: pass.tokens, commands, logits: pass.logits, fills: pass.fills, top, greedy };
     }
   }
 
@@ -183,6 +194,49 @@ export class PlanRunner {
       return { ids: null, logits: await this.read(this.device.createCommandEncoder(), buffer, offset, count) };
     }
     return { ids: null, logits: await this.read(encoder, buffer, offset, count) };
+  }
+
+  // Whether greedy steps can be chained on the GPU (the decode pass reads no table rows from the host).
+  get chains() {
+    return this.passes.decode.fills.length === 0;
+  }
+
+  // Greedy decoding as the native backend does it: the decode pass over `token` at `position`, then
+  // argmax.wgsl, which leaves the next token and position in the step buffer, so the step after it is
+  // submitted (fed on the GPU) before this one is read back. Returns the next token (-1: a logit was not
+  // finite). A step submitted ahead and not asked for is left behind: the next pass writes over what it did.
+  async nextGreedy(token, position) {
+    let current = this.ahead;
+    this.ahead = null;
+    if (!current || current.token !== token || current.position !== position) {
+      if (current) await current.value;  // its read-back buffer is free again once mapped and read
+      this.device.queue.writeBuffer(this.buffers.get(this.plan.step), 0, new Uint32Array([position, 1, token]));
+      current = { value: this.submitGreedy() };
+    }
+    const ahead = { value: this.submitGreedy(), position: position + 1 };
+    const next = await current.value;
+    this.ahead = { ...ahead, token: next };
+    return next;
+  }
+
+  submitGreedy() {
+    const pass = this.passes.decode;
+    const encoder = this.device.createCommandEncoder();
+    const compute = encoder.beginComputePass();
+    for (const c of [...pass.commands, { ...pass.greedy, groups: [1, 1, 1] }]) {
+      compute.setPipeline(c.pipeline);
+      compute.setBindGroup(0, c.group);
+      compute.dispatchWorkgroups(c.groups[0], c.groups[1], c.groups[2]);
+    }
+    compute.end();
+    const read = this.greedyReads[(this.flip ^= 1)];
+    encoder.copyBufferToBuffer(this.greedyOut, 0, read, 0, 8);
+    this.device.queue.submit([encoder.finish()]);
+    return read.mapAsync(GPUMapMode.READ, 0, 8).then(() => {
+      const [value, bad] = new Uint32Array(read.getMappedRange(0, 8).slice(0));
+      read.unmap();
+      return bad ? -1 : value;
+    });
   }
 
   // Submits `encoder` with a copy of count floats from offset of buffer `id`, and reads them back.

@@ -49,6 +49,7 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
   const t0 = performance.now();
   // Unconstrained, the GPU chooses the candidates (argmax: the top 1) and only they are read back.
   const cut = constraint ? 0 : temperature === 0 ? 1 : topK;
+  const chained = cut === 1 && runner.chains;  // greedy: steps chained on the GPU
   if (pending !== null) ids.unshift(pending);
   pending = null;
   let found = await runner.feed(ids, position, cut);  // prefill: bands of the prefill pass, then single tokens
@@ -70,7 +71,11 @@ async function generate({ prompt, raw = false, maxNewTokens = 256, temperature =
     }
     if (stopRequested || position + 1 >= manifest.max_tokens || out.length === maxNewTokens
         || (constraint && constraint.done)) { pending = token; break; }
-    found = await runner.feed([token], position++, cut);
+    if (chained) {  // the top 1, chosen on the GPU, which feeds it to the next step there
+      const next = await runner.nextGreedy(token, position++);
+      if (next < 0) throw new Error("the model computed NaN or infinite logits: its weights are corrupt");
+      found = { ids: [next], logits: Float32Array.of(0) };
+    } else found = await runner.feed([token], position++, cut);
   }
   if (constraint) constraint.dispose();
   const t2 = performance.now();

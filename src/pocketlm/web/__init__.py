@@ -40,7 +40,8 @@ WIDE_PREFILL = (("prefill_512", 512), ("prefill_128", 128))
 PREFILL_TOKENS = 16
 ALIGN = 256
 FORMAT = 4  # 2: each kernel's bind group layout written out (`bindings`); 3: tables read by rows;
-# 4: the top-k kernel (`top`), which the page runs after a pass to read back k logits, not the vocabulary
+# 4: the top-k kernels (`top`) and argmax, which the page runs after a pass to read back k logits, not
+# the vocabulary, and to chain greedy steps on the GPU
 
 
 DEFAULT_MAX_TOKENS = 1024
@@ -109,8 +110,8 @@ def export(
         name: _write_table(tmp, f"table-{i:03d}", name, w, progress)
         for i, (name, w) in enumerate(sorted(tables.items()))
     }
-    top_kernels = {kernel for kernel, _, _ in TOP_K_PASSES}
-    kernels = sorted({d[0] for p in passes.values() for d in p["dispatches"]} | top_kernels)
+    after = {kernel for kernel, _, _ in TOP_K_PASSES} | {"argmax"}  # run after a pass by the page
+    kernels = sorted({d[0] for p in passes.values() for d in p["dispatches"]} | after)
     plan = {
         "format": FORMAT,
         "kernels": {k: wgsl_source(k) for k in kernels},

@@ -56,6 +56,8 @@ class PackageRunner:
             name: (t, [(p["first_row"], np.memmap(package / p["file"], np.uint8, "r")) for p in t["pieces"]])
             for name, t in plan.get("tables", {}).items()
         }
+        self.top_k, self.top = plan["top"]["max_k"], None  # run_top's largest k; its kernels' buffers
+        self._greedy, self._flip, self._ahead = None, 0, None  # greedy_next's buffers and step run ahead
         self.passes, self.fills = {}, {}
         for name, recorded in plan["passes"].items():
             self.fills[name] = recorded.get("fills", [])
@@ -87,6 +89,66 @@ class PackageRunner:
 
     def run(self, name: str, tokens: list[int], position: int) -> np.ndarray:
         """The logits after pass `name` over `tokens` (exactly as many as it takes) at `position`."""
+        logits = self._encode(name, tokens, position)
+        out = self.buffers[logits["buffer"]]
+        return self.device.finish(out, 4 * logits["offset"], 4 * logits["count"]).view(np.float32)
+
+    def run_top(
+        self, name: str, tokens: list[int], position: int, k: int
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """As `run`, then as the page does to sample (greedy: k = 1): the k largest logits chosen on the
+        GPU by the plan's top-k kernels, (ids, logits) in id order; (None, the whole row) where k is
+        out of the plan's range or the GPU could not choose them."""
+        from ..backends.webgpu.backend import TopK
+
+        logits = self._encode(name, tokens, position)
+        out, count = self.buffers[logits["buffer"]], logits["count"]
+        if 0 < k < min(count, self.top_k + 1):
+            self.top = self.top or TopK(self.device)
+            found = self.top(out, logits["offset"], count, k)
+            if found is not None:
+                return found
+        return None, self.device.finish(out, 4 * logits["offset"], 4 * count).view(np.float32)
+
+    def greedy_next(self, token: int, position: int) -> int:
+        """As the page decodes greedily: the decode pass over `token` at `position`, then argmax.wgsl,
+        which leaves the next token and position in the step buffer, so the step after is submitted
+        (fed on the GPU) before this one is read back; the next token (-1: a logit not finite). A step
+        submitted ahead and not asked for is left behind: the next pass writes over what it did."""
+        current, self._ahead = self._ahead, None
+        if current is None or current[1:] != (token, position):
+            self.device.set_step(position, np.asarray([token]))
+            current = (self._submit_greedy(write_step=True), token, position)
+        ahead = self._submit_greedy(write_step=False)
+        value, bad = self.device.read(current[0], 8).view(np.uint32)
+        self._ahead = (ahead, int(value), position + 1)
+        return -1 if bad else int(value)
+
+    def _submit_greedy(self, write_step: bool):
+        """Submit the decode pass and argmax; the read-back buffer its token will be copied to."""
+        if self._greedy is None:
+            self._greedy = (
+                self.device.buffer(16, "data"),
+                [self.device.readback_buffer(16) for _ in range(2)],
+            )
+        out, reads = self._greedy
+        self._flip ^= 1
+        _, commands, logits = self.passes["decode"]
+        self.device.replay(commands)
+        params = dict(n=logits["count"], l_off=logits["offset"])
+        self.device.dispatch(
+            "argmax", params, [self.buffers[logits["buffer"]], self.device.step, out], (1, 1, 1)
+        )
+        self.device.submit([(out, 0, reads[self._flip], 8)], write_step=write_step)
+        return reads[self._flip]
+
+    @property
+    def chains(self) -> bool:
+        """Whether greedy steps can be chained on the GPU (no table rows for the host to copy in)."""
+        return not self.fills["decode"]
+
+    def _encode(self, name: str, tokens: list[int], position: int) -> dict:
+        """Encode pass `name` over `tokens` at `position` (with the table rows it reads); its logits."""
         n_tokens, commands, logits = self.passes[name]
         if len(tokens) != n_tokens:
             raise ValueError(f"the {name} pass takes {n_tokens} tokens, not {len(tokens)}")
@@ -95,8 +157,7 @@ class PackageRunner:
             values = self._rows(fill, tokens)
             self.device.device.queue.write_buffer(self.buffers[fill["buffer"]].gpu, 4 * fill["at"], values)
         self.device.replay(commands)
-        out = self.buffers[logits["buffer"]]
-        return self.device.finish(out, 4 * logits["offset"], 4 * logits["count"]).view(np.float32)
+        return logits
 
     def _rows(self, fill: dict, tokens: list[int]) -> np.ndarray:
         """The rows of a table that `fill` reads for `tokens`, as float32."""

@@ -387,6 +387,45 @@ class _Matrix:
         return [values, per_scale * n_sub, per_scale * n_sub if self.has_offset else 0]
 
 
+class TopK:
+    """A sampler's top-k cut on the GPU: topk.wgsl's dispatches (TOP_K_PASSES) over a row of logits
+    in one submission, then the host keeps k of the pairs read back (the webgpu backend's
+    `top_logits`; a web package's runner, as the page's runtime does)."""
+
+    def __init__(self, device: Device):
+        constants = wgsl_constants("topk+gather", "TOP")
+        self.device, self.pairs, self.per_group = device, constants["pairs"], constants["per_group"]
+        size = 4 * (self.pairs + 2 * (TOP_K + TOP_TIES))
+        self.out, self.read = device.buffer(size, "data"), device.readback_buffer(size)
+
+    def raw(self, logits: Buffer, l_off: int, n: int, k: int, meanwhile=None) -> np.ndarray:
+        """topk.wgsl's output (uint32) over n logits from l_off of `logits`, after the pass being
+        recorded: its header, then from `pairs` up to k + TOP_TIES (id, logit) pairs, every logit at
+        or above the k-th. `meanwhile()` runs after the submission, while the GPU works."""
+        groups = {"one": (1, 1, 1), "all": grid(-(-n // self.per_group))}
+        for kernel, shift, size in TOP_K_PASSES:
+            params = dict(n=n, l_off=l_off, k=k, cap=k + TOP_TIES, shift=shift)
+            self.device.dispatch(kernel, params, [logits, self.out], groups[size])
+        nbytes = 4 * (self.pairs + 2 * (k + TOP_TIES))
+        self.device.submit([(self.out, 0, self.read, nbytes)])
+        if meanwhile is not None:
+            meanwhile()
+        return self.device.read(self.read, nbytes).view(np.uint32)
+
+    def __call__(self, logits: Buffer, l_off: int, n: int, k: int, meanwhile=None):
+        """(ids, logits) of the k largest in id order (ties at the k-th: the lowest ids), or None where
+        the GPU could not choose them (a logit NaN or infinite, more than TOP_TIES equal to the k-th)."""
+        raw = self.raw(logits, l_off, n, k, meanwhile)
+        written, bad = int(raw[0]), int(raw[1])
+        if bad or written > k + TOP_TIES:
+            return None
+        pairs = raw[self.pairs : self.pairs + 2 * written].reshape(written, 2)
+        ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
+        best = np.lexsort((ids, -values))[:k]  # by value, then id: the k-th's ties beyond k dropped
+        kept = best[np.argsort(ids[best])]
+        return ids[kept], values[kept]
+
+
 class WebGPUBackend:
     """The op set (`backends.base.Backend`) in WGSL through wgpu-py; no numpy on activations."""
 
@@ -406,8 +445,7 @@ class WebGPUBackend:
         # cache writes them (attention+fresh); anything else that needs them first flushes them
         self._pending_kv: dict[int, tuple] = {}
         self._argmax_out: Buffer | None = None  # greedy_tokens: [token, non-finite flag]
-        self._top_out: Buffer | None = None  # top_logits: topk.wgsl's header and (id, logit) pairs
-        self._top_read: Buffer | None = None
+        self._top: TopK | None = None  # top_logits' kernels and buffers
         self._ahead: tuple | None = None  # top_logits: (recording, position, the pass encoded ahead)
         self._readbacks: list[Buffer] = []
         self._matrices: dict[str, _Matrix] = {}
@@ -677,25 +715,6 @@ class WebGPUBackend:
         fills, self._fills = self._fills, []
         self._fill(fills, self._ids)
 
-    def _choose_top(self, logits: Buffer, l_off: int, n: int, k: int, cap: int, meanwhile=None) -> np.ndarray:
-        """topk.wgsl's output (as uint32) over n logits from l_off of `logits`: its header, then from
-        its constant TOP_PAIRS up to `cap` (id, logit) pairs, every logit at or above the k-th.
-        `meanwhile()` runs after the submission, while the GPU works."""
-        constants = wgsl_constants("topk+gather", "TOP")
-        if self._top_out is None:
-            size = 4 * (constants["pairs"] + 2 * (TOP_K + TOP_TIES))
-            self._top_out = self.device.buffer(size, "data")
-            self._top_read = self.device.readback_buffer(size)
-        groups = {"one": (1, 1, 1), "all": grid(-(-n // constants["per_group"]))}
-        for kernel, shift, size in TOP_K_PASSES:
-            params = dict(n=n, l_off=l_off, k=k, cap=cap, shift=shift)
-            self.device.dispatch(kernel, params, [logits, self._top_out], groups[size])
-        nbytes = 4 * (constants["pairs"] + 2 * cap)
-        self.device.submit([(self._top_out, 0, self._top_read, nbytes)])
-        if meanwhile is not None:
-            meanwhile()
-        return self.device.read(self._top_read, nbytes).view(np.uint32)
-
     def top_logits(
         self, step: CapturedStep, cache, token: int, k: int
     ) -> tuple[np.ndarray | None, np.ndarray]:
@@ -727,17 +746,9 @@ class WebGPUBackend:
             if recorded is not None and cache.offset < cache.max_tokens:
                 self._ahead = (recorded, cache.offset, self.device.encode_ahead(recorded.commands))
 
-        cap = k + TOP_TIES
-        raw = self._choose_top(out.buf, out.offset + out.size - n, n, k, cap, encode_next)
-        written, bad = int(raw[0]), int(raw[1])
-        if bad or written > cap:
-            return None, self.to_host(out)[-1]
-        at = wgsl_constants("topk+gather", "TOP")["pairs"]
-        pairs = raw[at : at + 2 * written].reshape(written, 2)
-        ids, values = pairs[:, 0].astype(np.int64), pairs[:, 1].copy().view(np.float32)
-        best = np.lexsort((ids, -values))[:k]  # by value, then id: the k-th's ties beyond k dropped
-        kept = best[np.argsort(ids[best])]
-        return ids[kept], values[kept]
+        self._top = self._top or TopK(self.device)
+        found = self._top(out.buf, out.offset + out.size - n, n, k, encode_next)
+        return found if found is not None else (None, self.to_host(out)[-1])
 
     def upload(self, x: np.ndarray) -> GpuTensor:
         """Host values as a tensor (tests)."""
