@@ -874,6 +874,16 @@ def test_the_top_k_logits_found_on_the_gpu_are_numpys_with_ties_taken_by_id(gpu,
     assert bad == 0 and written == np.count_nonzero(logits >= logits[expected].min())
 
 
+def test_top_k_on_the_gpu_takes_minus_zero_as_zero(gpu):
+    """Zeros of either sign are equal on the host, so ties at a k-th of 0 go by id whatever the sign."""
+    logits = np.full(600, -1.0, np.float32)
+    logits[[5, 50, 500]] = [-0.0, 0.0, -0.0]
+    logits[[7, 70]] = 2.0
+    found, written, _ = _top_k_on_the_gpu(gpu, logits, 3)  # the k-th is a zero: the lowest id's, -0's
+    np.testing.assert_array_equal(found, [5, 7, 70])
+    assert written == 5
+
+
 def test_top_k_on_the_gpu_flags_non_finite_logits_and_too_many_ties(gpu):
     logits = np.linspace(-1, 1, 5000).astype(np.float32)
     for bad_value in (np.nan, np.inf, -np.inf):

@@ -18,8 +18,9 @@ const TOP_PER_GROUP: u32 = 4096u;  // logits a workgroup of +count and +gather r
 const HIST: u32 = 4u;  // where a round's 256 counts are
 const TOP_PAIRS: u32 = 260u;
 
-// larger floats give larger keys: negatives reversed below the positives
-fn key_of(bits: u32) -> u32 {
+// larger floats give larger keys: negatives reversed below the positives; -0 is 0 (equal, as on the host)
+fn key_of(raw: u32) -> u32 {
+  let bits = select(raw, 0u, raw == 0x80000000u);
   return select(bits | 0x80000000u, ~bits, (bits & 0x80000000u) != 0u);
 }
 
