@@ -430,8 +430,8 @@ def test_the_runner_reads_back_the_top_k_of_a_pass_as_the_page_does(tiny, tmp_pa
 
 def test_the_runners_greedy_steps_chained_on_the_gpu_are_the_argmax_of_whole_rows(tiny, tmp_path):
     """PackageRunner.greedy_next, as the page decodes greedily: each token is the argmax of the row
-    the same steps give when read whole; a step run ahead and then not taken (another token fed at
-    its position) leaves no trace."""
+    the same steps give when read whole; a step run ahead and then not taken (another prompt fed, then
+    the token that step was fed at its position) leaves no trace."""
     model, _, path = tiny("llama")
     replay = PackageRunner(export(path, tmp_path / "web", max_tokens=64, progress=False))
     assert replay.chains
@@ -446,10 +446,14 @@ def test_the_runners_greedy_steps_chained_on_the_gpu_are_the_argmax_of_whole_row
         token = replay.greedy_next(token, position)
         got.append(token)
     assert got == expected[:5]
-    other = (token + 1) % model.config.vocab_size  # not the token the step run ahead was fed
-    row = replay.run("decode", [other], len(ids) + 4)
-    assert replay.greedy_next(int(np.argmax(row)), len(ids) + 5) >= 0
-    replay.feed(ids, 0)  # the same prompt again: the same steps
+    # The step run ahead was fed `token` at len(ids) + 4. Another prompt of the same length, then that
+    # token at that position: computed again over the new prompt, not taken from the stale step.
+    others = [(i * 7 + 3) % model.config.vocab_size for i in range(len(ids) + 4)]
+    replay.feed(others, 0)
+    chained = replay.greedy_next(token, len(ids) + 4)
+    replay.feed(others, 0)
+    assert chained == int(np.argmax(replay.run("decode", [token], len(ids) + 4)))
+    replay.feed(ids, 0)  # the first prompt again: the same steps
     token = ids[-1]
     again = [token := replay.greedy_next(token, p) for p in range(len(ids) - 1, len(ids) + 9)]
     assert again == expected

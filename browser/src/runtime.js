@@ -156,6 +156,10 @@ export class PlanRunner {
   // replays the pass, returns its last token's logits as feed does.
   async run(pass, tokens, position, topK = 0) {
     const { device, plan } = this;
+    if (this.ahead) {  // the step buffer is the host's again: a greedy step run ahead is stale
+      await this.ahead.value;  // (its read-back buffer is free once read)
+      this.ahead = null;
+    }
     device.queue.writeBuffer(this.buffers.get(plan.step), 0, new Uint32Array([position, tokens.length, ...tokens]));
     for (const fill of pass.fills) {
       const rows = await this.tables.get(fill.table).read(fill, tokens);

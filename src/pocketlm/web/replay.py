@@ -58,6 +58,7 @@ class PackageRunner:
         }
         self.top_k, self.top = plan["top"]["max_k"], None  # run_top's largest k; its kernels' buffers
         self._greedy, self._flip, self._ahead = None, 0, None  # greedy_next's buffers and step run ahead
+        self.max_tokens = json.loads((package / "manifest.json").read_text())["max_tokens"]
         self.passes, self.fills = {}, {}
         for name, recorded in plan["passes"].items():
             self.fills[name] = recorded.get("fills", [])
@@ -119,9 +120,9 @@ class PackageRunner:
         if current is None or current[1:] != (token, position):
             self.device.set_step(position, np.asarray([token]))
             current = (self._submit_greedy(write_step=True), token, position)
-        ahead = self._submit_greedy(write_step=False)
+        ahead = self._submit_greedy(write_step=False) if position + 1 < self.max_tokens else None
         value, bad = self.device.read(current[0], 8).view(np.uint32)
-        self._ahead = (ahead, int(value), position + 1)
+        self._ahead = (ahead, int(value), position + 1) if ahead is not None else None
         return -1 if bad else int(value)
 
     def _submit_greedy(self, write_step: bool):
@@ -152,6 +153,7 @@ class PackageRunner:
         n_tokens, commands, logits = self.passes[name]
         if len(tokens) != n_tokens:
             raise ValueError(f"the {name} pass takes {n_tokens} tokens, not {len(tokens)}")
+        self._ahead = None  # the step buffer is the host's again: a greedy step run ahead is stale
         self.device.set_step(position, np.asarray(tokens))
         for fill in self.fills[name]:
             values = self._rows(fill, tokens)

@@ -727,7 +727,8 @@ class WebGPUBackend:
         self._ahead = None
         if (  # this step's commands were encoded while the last one ran (and nothing since changed)
             ahead is not None
-            and ahead[:2] == (recorded, cache.offset)
+            and ahead[0] is recorded
+            and ahead[1] == cache.offset
             and recorded.generation == self.device.generation
             and self.device.adopt(ahead[2])
         ):
