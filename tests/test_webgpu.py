@@ -974,3 +974,21 @@ def test_a_sampled_step_encoded_ahead_is_used_only_where_nothing_changed_since(t
     assert a.offset == reference.offset
     assert adopted == [True] * 4  # calls 2-5 took theirs; the 6th found a moved position (never asked)
     assert found == [0, 1, 2, 3, 4, 4]
+
+
+def test_the_tensors_of_a_pass_share_scratch_buffers(tiny, monkeypatch):
+    """A buffer no tensor of the pass holds any more is handed out again: a prompt's pass makes a few
+    scratch buffers, not one per tensor, and its logits are still the cpu backend's."""
+    model, _, path = tiny("llama")
+    try:
+        lm = load(path, backend="webgpu")
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+    device = lm.ops.device
+    taken = []
+    original = device.scratch
+    monkeypatch.setattr(device, "scratch", lambda *a, **k: taken.append(1) or original(*a, **k))
+    ids = prompt_ids(model.config.vocab_size, 32)
+    logits = prefill(lm, lm.make_cache(48), ids)
+    assert len(taken) >= 3 * len(device._arena)  # 42 tensors in 9 buffers here (one each before)
+    np.testing.assert_allclose(logits, load(path, kv_cache="f32").logits(ids)[-1], atol=1e-3)

@@ -89,6 +89,19 @@ class GpuTensor:
     ):
         self.ops, self.buf, self.shape, self.offset = ops, buf, tuple(int(s) for s in shape), offset
         self.lazy = lazy  # how it will be computed, while it is not yet
+        # a holder of a scratch buffer taken in this pass (Device.scratch hands it out again once none is)
+        self._held = buf.role == "scratch" and buf.pass_number == ops.device.pass_number
+        self._pass = buf.pass_number
+        if self._held:
+            buf.users += 1
+
+    def __del__(self):
+        buf, device = self.buf, self.ops.device
+        # held in the pass being recorded (a later pass has every buffer free, or handed it out again)
+        if self._held and buf.pass_number == self._pass == device.pass_number:
+            buf.users -= 1
+            if buf.users == 0:
+                device.release(buf)
 
     @property
     def size(self) -> int:
@@ -648,8 +661,13 @@ class WebGPUBackend:
 
     def _lazy(self, computation: str, shape, **args) -> GpuTensor:
         y = self.new(shape)
-        y.lazy = _Lazy(computation, y, **args)
-        return y
+        return self._pending(y, computation, **args)
+
+    @staticmethod
+    def _pending(y: GpuTensor, computation: str, **args) -> GpuTensor:
+        """y's values, to be computed by `computation`: a view of y holding the description (y itself
+        does not, so no reference cycle delays freeing its buffer: see Device.scratch)."""
+        return GpuTensor(y.ops, y.buf, y.shape, y.offset, _Lazy(computation, y, **args))
 
     def _ready(self, x):
         """x, computed: a lazy tensor's kernel is dispatched now."""
@@ -997,7 +1015,10 @@ class WebGPUBackend:
         if w.name in self._streamed:  # its rows are copied in when the pass is submitted
             self._ids = np.asarray(ids)
             self.device.set_step(self._first_position, self._ids)
-            y = self.new((len(ids), w.shape[1]))
+            # written before the pass runs: a buffer nothing earlier in the pass used
+            y = GpuTensor(
+                self, self.device.scratch(len(ids) * w.shape[1], fresh=True), (len(ids), w.shape[1])
+            )
             self._fills.append((w, stride, offset, limit, y))
             return y
         if w.name in self._pinned:  # uploaded from the resident copy, which is then let go
@@ -1361,5 +1382,5 @@ class WebGPUBackend:
         buffers = [self.device.step, src, k.buf, v.buf, out.buf, slopes, norm_w, rope["tables"] or src]
         self.device.dispatch(kernel, params, buffers, (n_heads, T, splits))
         if splits > 1:  # merged by attention_merge, or by the linear layer that reads one token's
-            y.lazy = _Lazy("merge", y, parts=out, splits=splits, dim=D)
+            return self._pending(y, "merge", parts=out, splits=splits, dim=D)
         return y
