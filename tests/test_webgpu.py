@@ -18,6 +18,15 @@ from pocketlm.formats.quants import BLOCK_LAYOUT, GGMLType
 wgpu = pytest.importorskip("wgpu")
 
 
+def tiny_on_gpu(tiny, arch: str):
+    """A tiny random model of `arch` loaded on the webgpu backend: (its config's model, path, lm)."""
+    model, _, path = tiny(arch)
+    try:
+        return model, path, load(path, backend="webgpu")
+    except UnsupportedError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="module")
 def gpu():
     from pocketlm.backends.webgpu import WebGPUBackend
@@ -625,11 +634,7 @@ def test_a_decode_step_is_five_dispatches_a_layer(tiny, arch):
     from pocketlm.backends.webgpu import WebGPUBackend  # noqa: F401 (skips with the module fixture)
     from pocketlm.engine import decode_step, prefill
 
-    model, _, path = tiny(arch)
-    try:
-        lm = load(path, backend="webgpu")
-    except UnsupportedError as e:
-        pytest.skip(str(e))
+    model, path, lm = tiny_on_gpu(tiny, arch)
     cache = lm.make_cache(128)
     prefill(lm, cache, prompt_ids(model.config.vocab_size, 20))
     decode_step(lm, cache, 5)
@@ -821,11 +826,7 @@ def test_greedy_steps_chained_on_the_gpu_give_the_host_argmax_and_leave_the_cach
     step run ahead left on the GPU)."""
     from pocketlm.engine import decode_step, greedy_tokens, prefill
 
-    model, _, path = tiny("llama")
-    try:
-        lm = load(path, backend="webgpu")
-    except UnsupportedError as e:
-        pytest.skip(str(e))
+    model, path, lm = tiny_on_gpu(tiny, "llama")
     ids = prompt_ids(model.config.vocab_size, 20)
     expected = greedy(lm, ids, 12)  # decode_step and numpy's argmax
     cache = lm.make_cache(len(ids) + 12)
@@ -905,11 +906,7 @@ def test_sampled_tokens_with_the_top_k_chosen_on_the_gpu_are_the_host_samplers_f
     from pocketlm.engine import generate_tokens
     from pocketlm.sampling import make_sampler
 
-    model, _, path = tiny("llama")
-    try:
-        lm = load(path, backend="webgpu")
-    except UnsupportedError as e:
-        pytest.skip(str(e))
+    model, path, lm = tiny_on_gpu(tiny, "llama")
     lm.tokenizer.stop_ids = frozenset()
     ids = prompt_ids(model.config.vocab_size, 20)
     sampler = make_sampler(1.3, top_k, top_p, seed=11)  # hot: the draws land away from the best
@@ -940,11 +937,7 @@ def test_a_sampled_step_encoded_ahead_is_used_only_where_nothing_changed_since(t
     submitted): the next call for that cache at that position submits it; a step of another cache in
     between leaves it good, and one of the same cache (its position moved) has it dropped. The
     logits are those of plain decode steps either way."""
-    model, _, path = tiny("llama")
-    try:
-        lm = load(path, backend="webgpu")
-    except UnsupportedError as e:
-        pytest.skip(str(e))
+    model, path, lm = tiny_on_gpu(tiny, "llama")
     device = lm.ops.device
     adopted = []
     original = device.adopt
@@ -979,11 +972,7 @@ def test_a_sampled_step_encoded_ahead_is_used_only_where_nothing_changed_since(t
 def test_the_tensors_of_a_pass_share_scratch_buffers(tiny, monkeypatch):
     """A buffer no tensor of the pass holds any more is handed out again: a prompt's pass makes a few
     scratch buffers, not one per tensor, and its logits are still the cpu backend's."""
-    model, _, path = tiny("llama")
-    try:
-        lm = load(path, backend="webgpu")
-    except UnsupportedError as e:
-        pytest.skip(str(e))
+    model, path, lm = tiny_on_gpu(tiny, "llama")
     device = lm.ops.device
     taken = []
     original = device.scratch

@@ -656,8 +656,9 @@ class WebGPUBackend:
 
     # -- tensors --------------------------------------------------------------------------------
 
-    def new(self, shape) -> GpuTensor:
-        return GpuTensor(self, self.device.scratch(math.prod(shape)), shape)
+    def new(self, shape, fresh: bool = False) -> GpuTensor:
+        """A scratch tensor (`fresh`: in a buffer nothing earlier in the pass used, see Device.scratch)."""
+        return GpuTensor(self, self.device.scratch(math.prod(shape), fresh), shape)
 
     def _lazy(self, computation: str, shape, **args) -> GpuTensor:
         y = self.new(shape)
@@ -1016,9 +1017,7 @@ class WebGPUBackend:
             self._ids = np.asarray(ids)
             self.device.set_step(self._first_position, self._ids)
             # written before the pass runs: a buffer nothing earlier in the pass used
-            y = GpuTensor(
-                self, self.device.scratch(len(ids) * w.shape[1], fresh=True), (len(ids), w.shape[1])
-            )
+            y = self.new((len(ids), w.shape[1]), fresh=True)
             self._fills.append((w, stride, offset, limit, y))
             return y
         if w.name in self._pinned:  # uploaded from the resident copy, which is then let go
