@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends.webgpu.backend import table_rows
+from ..backends.webgpu.backend import TopK, table_rows
 from ..backends.webgpu.device import Device
 from ..errors import InvalidOptionError
 from ..formats.quants import dequantize, ggml_type
@@ -100,8 +100,6 @@ class PackageRunner:
         """As `run`, then as the page does to sample (greedy: k = 1): the k largest logits chosen on the
         GPU by the plan's top-k kernels, (ids, logits) in id order; (None, the whole row) where k is
         out of the plan's range or the GPU could not choose them."""
-        from ..backends.webgpu.backend import TopK
-
         logits = self._encode(name, tokens, position)
         out, count = self.buffers[logits["buffer"]], logits["count"]
         if 0 < k < min(count, self.top_k + 1):

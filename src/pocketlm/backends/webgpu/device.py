@@ -286,7 +286,7 @@ class Device:
         while self._released:  # (a tensor's __del__ may run at any allocation: it only appends)
             buf = self._released.pop()
             self._free.setdefault(buf.size, []).append(buf)
-        for bucket in sorted(b for b in list(self._free) if b >= size):
+        for bucket in sorted(b for b in self._free if b >= size):
             free = self._free[bucket]
             for j in range(len(free) - 1, -1, -1):
                 if free[j].pass_number != self.pass_number or not fresh:
