@@ -656,6 +656,57 @@ def test_importing_pocketlm_shortens_the_idle_spin_of_openmp_and_openblas_thread
     assert run(env=env | {"OPENBLAS_THREAD_TIMEOUT": "28"}, check=True).stdout.split() == ["28", "20000"]
 
 
+BLAS_THREADS_IN_PROMPT_ATTENTION = """
+import sys
+if sys.argv[1] == "numpy first":
+    import numpy
+import pocketlm
+import numpy as np
+import threadpoolctl
+from pocketlm.backends.cpu import CpuBackend
+
+def blas_threads():
+    return max(i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas")
+
+seen, matmul = [], np.matmul
+def counted(*args, **kwargs):
+    seen.append(blas_threads())
+    return matmul(*args, **kwargs)
+
+np.matmul = counted
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((16, 2, 32)).astype(np.float32) for _ in range(3))
+positions = np.arange(16)
+CpuBackend().attention(q, k, v, positions, positions, 0.2)
+print(blas_threads(), min(seen), max(seen))
+"""
+
+
+def test_prompt_attention_holds_blas_to_one_thread_only_when_numpy_was_imported_before_pocketlm():
+    """With numpy first, OpenBLAS loaded before pocketlm could shorten its threads' idle spin, so
+    the CPU backend's prompt attention runs its products on one BLAS thread (and gives the
+    threads back after); imported first, pocketlm leaves BLAS its threads."""
+    import subprocess
+    import sys
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS")
+    }
+    env["OPENBLAS_NUM_THREADS"] = "2"  # the count whatever this machine's cores (BLAS's own default)
+    counts = {}
+    for order in ("numpy first", "pocketlm first"):
+        run = subprocess.run(
+            [sys.executable, "-c", BLAS_THREADS_IN_PROMPT_ATTENTION, order],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        counts[order] = [int(n) for n in run.stdout.split()]
+    assert counts["numpy first"] == [2, 1, 1]
+    assert counts["pocketlm first"] == [2, 2, 2]
+
+
 # -- prompt products in integers (kernels.intgemm) ------------------------------------------------
 
 
