@@ -13,6 +13,7 @@ interpreter with --litert-python.
 
     python benchmarks/compare_litertlm.py --litertlm gemma3-270m-int8.litertlm --rounds 3 \\
         [--litert-python /path/to/venv/bin/python] [--gguf other.gguf]
+    python benchmarks/compare_litertlm.py --litertlm gemma3-270m-int8.litertlm --greedy-text
 """
 
 from __future__ import annotations
@@ -45,6 +46,52 @@ print(json.dumps({"load_seconds": info.init_time_in_second, "ttft_seconds": info
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "wall_seconds": time.perf_counter() - start}))
 """
+
+# The issue's text check: greedy replies (32 tokens, no chat template) to these prompts, both runtimes
+GREEDY_PROMPTS = ("The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):")
+LITERT_GREEDY_CHILD = r"""
+import json, sys, tempfile
+import litert_lm
+litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+engine = litert_lm.Engine(sys.argv[1], backend=litert_lm.Backend.CPU(thread_count=2), max_num_tokens=256,
+                          cache_dir=tempfile.mkdtemp())
+texts = []
+for prompt in json.loads(sys.argv[2]):
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=int(sys.argv[3]),
+        sampler_config=litert_lm.SamplerConfig(top_k=1, top_p=1.0, temperature=1.0, seed=0))
+    session.run_prefill([prompt])
+    texts.append(session.run_decode().texts[0])
+print(json.dumps(texts))
+"""
+POCKETLM_GREEDY_CHILD = r"""
+import json, sys
+from pocketlm import LlmInference
+llm = LlmInference(sys.argv[1], max_tokens=256, temperature=0.0, use_chat_template=False)
+print(json.dumps([llm.generate_response(p, max_new_tokens=int(sys.argv[3])) for p in json.loads(sys.argv[2])]))
+"""
+
+
+def greedy_texts(python: str, child: str, path: str, tokens: int = 32) -> list[str]:
+    cmd = [python, "-c", child, path, json.dumps(GREEDY_PROMPTS), str(tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare_greedy_text(litert_python: str, litertlm: str, gguf: str) -> None:
+    """Print, per prompt, whether pocketlm's greedy reply starts with LiteRT-LM's (its texts, with
+    the first character where they part)."""
+    theirs = greedy_texts(litert_python, LITERT_GREEDY_CHILD, litertlm)
+    ours = greedy_texts(sys.executable, POCKETLM_GREEDY_CHILD, gguf)
+    same = 0
+    for prompt, a, b in zip(GREEDY_PROMPTS, theirs, ours):
+        b = b[: len(a)]
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same += a == b
+        print(f"{prompt!r}: {'same' if a == b else f'parts at character {at}'}")
+        if a != b:
+            print(f"  LiteRT-LM: {a!r}\n  pocketlm:  {b!r}")
+    print(f"greedy text (32 tokens) the same for {same} of {len(GREEDY_PROMPTS)} prompts")
+
 
 METRICS = [  # name, key, format
     ("prefill tok/s", "prefill_tokens_per_second", "{:.1f}"),
@@ -105,6 +152,11 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache", default="f16", choices=("f16", "f32"), help="pocketlm's KV cache (default f16)"
     )
+    parser.add_argument(
+        "--greedy-text",
+        action="store_true",
+        help="instead of timing: whether both give the same greedy text (32 tokens) for three prompts",
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -113,6 +165,9 @@ def main() -> None:
 
     print(f"CPU: {machine()}; pocketlm kernels: {isa.PATH}")
     gguf = args.gguf or str(runnable_model(args.litertlm))  # converted once, as `pocketlm run` does
+    if args.greedy_text:
+        compare_greedy_text(args.litert_python, args.litertlm, gguf)
+        return
     cache_dir = tempfile.mkdtemp(prefix="litert-lm-cache-")
     pocketlm(gguf, 16, 4, args.kv_cache)  # the numba cache and the page cache, warmed
     litert(args.litert_python, args.litertlm, 16, 4, cache_dir)  # LiteRT-LM's weight cache, warmed
