@@ -14,7 +14,6 @@ matrices are used in place. Embedding lookups dequantize only the rows they read
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -30,7 +29,6 @@ from ..kernels.memory import release_code_pages
 from ..kernels.norms import rms_norm_rows
 from ..kernels.rope import rope_rows
 from ..kvcache import DEFAULT_KV_CACHE, LayerCache, cache_dtype
-from ..threads import BLAS_SPIN_SHORT
 from .base import ALL_CAPABILITIES
 
 DECODE_ATTENTION_MAX_T = 4  # up to this many new tokens, attention runs in numba (no BLAS)
@@ -56,26 +54,6 @@ def _mismatch(w: Tensor, what: str) -> ModelFileError:
         f"tensor {w.name!r} {list(w.shape)} {what}: its shape does not match the model's "
         "hyper-parameters (a corrupt or hand-edited file)"
     )
-
-
-_BLAS_CONTROLLER = None
-
-
-def one_blas_thread():
-    """A context in which numpy's BLAS runs on one thread, where its idle threads would otherwise
-    spin for about 0.1 s after each product (OpenBLAS's default, which `pocketlm.threads`
-    shortens only when it is imported before numpy) and take the cores from the numba kernels
-    between a prompt's attention products: with numpy imported first, SmolLM2's prefill ran at
-    320-490 tok/s instead of 520-900 and the first decode step after it took 80-115 ms instead of
-    10-16 (benchmarks/RESULTS.md). One BLAS thread kept prefill within 5% of the short spin."""
-    global _BLAS_CONTROLLER
-    if BLAS_SPIN_SHORT:
-        return contextlib.nullcontext()
-    if _BLAS_CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _cache_array(a: np.ndarray) -> np.ndarray:
@@ -546,21 +524,20 @@ class CpuBackend:
         if k.dtype == np.float16:  # a float16 cache: BLAS multiplies float32
             k, v = widen_f16(k), widen_f16(v)
         out = np.empty((T, n_heads * v.shape[-1]), np.float32)
-        with one_blas_thread() if self.int8_prefill else contextlib.nullcontext():
-            for first in range(0, T, PROMPT_ATTENTION_CHUNK):
-                end = min(T, first + PROMPT_ATTENTION_CHUNK)
-                low, high = _visible_slots(q_pos[first:end], k_pos, window)
-                out[first:end] = self._prompt_attention(
-                    q[first:end],
-                    k[low:high],
-                    v[low:high],
-                    q_pos[first:end],
-                    k_pos[low:high],
-                    scale,
-                    window,
-                    softcap,
-                    alibi,
-                )
+        for first in range(0, T, PROMPT_ATTENTION_CHUNK):
+            end = min(T, first + PROMPT_ATTENTION_CHUNK)
+            low, high = _visible_slots(q_pos[first:end], k_pos, window)
+            out[first:end] = self._prompt_attention(
+                q[first:end],
+                k[low:high],
+                v[low:high],
+                q_pos[first:end],
+                k_pos[low:high],
+                scale,
+                window,
+                softcap,
+                alibi,
+            )
         return out
 
     def _prompt_attention(self, q, k, v, q_pos, k_pos, scale, window, softcap, alibi) -> np.ndarray:
