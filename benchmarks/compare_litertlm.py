@@ -47,7 +47,8 @@ print(json.dumps({"load_seconds": info.init_time_in_second, "ttft_seconds": info
                   "wall_seconds": time.perf_counter() - start}))
 """
 
-# The issue's text check: greedy replies (32 tokens, no chat template) to these prompts, both runtimes
+# The issue's text check: greedy replies (GREEDY_TOKENS long, no chat template) to these prompts, both runtimes
+GREEDY_TOKENS = 32
 GREEDY_PROMPTS = ("The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):")
 LITERT_GREEDY_CHILD = r"""
 import json, sys, tempfile
@@ -71,8 +72,8 @@ print(json.dumps([llm.generate_response(p, max_new_tokens=int(sys.argv[3])) for 
 """
 
 
-def greedy_texts(python: str, child: str, path: str, tokens: int = 32) -> list[str]:
-    cmd = [python, "-c", child, path, json.dumps(GREEDY_PROMPTS), str(tokens)]
+def greedy_texts(python: str, child: str, path: str) -> list[str]:
+    cmd = [python, "-c", child, path, json.dumps(GREEDY_PROMPTS), str(GREEDY_TOKENS)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -90,7 +91,7 @@ def compare_greedy_text(litert_python: str, litertlm: str, gguf: str) -> None:
         print(f"{prompt!r}: {'same' if a == b else f'parts at character {at}'}")
         if a != b:
             print(f"  LiteRT-LM: {a!r}\n  pocketlm:  {b!r}")
-    print(f"greedy text (32 tokens) the same for {same} of {len(GREEDY_PROMPTS)} prompts")
+    print(f"greedy text ({GREEDY_TOKENS} tokens) the same for {same} of {len(GREEDY_PROMPTS)} prompts")
 
 
 METRICS = [  # name, key, format
@@ -155,7 +156,7 @@ def main() -> None:
     parser.add_argument(
         "--greedy-text",
         action="store_true",
-        help="instead of timing: whether both give the same greedy text (32 tokens) for three prompts",
+        help=f"instead of timing: whether both give the same greedy text ({GREEDY_TOKENS} tokens) for three prompts",
     )
     args = parser.parse_args()
     import tempfile
